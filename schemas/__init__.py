@@ -1,0 +1,28 @@
+"""The contract shared by producers and workers: wire format, key names, errors, settings."""
+
+from schemas.errors import (
+    AgentFleetError,
+    BrokerError,
+    ErrorCode,
+    PromptTooLongError,
+    ResultTimeoutError,
+    UnknownModelError,
+    ValidationError,
+)
+from schemas.settings import ModelSpec, Settings
+from schemas.wire import (
+    SCHEMA_VERSION,
+    FollowUp,
+    Message,
+    Result,
+    Sampling,
+    Status,
+    Task,
+    Timings,
+)
+
+__all__ = [
+    "SCHEMA_VERSION", "AgentFleetError", "BrokerError", "ErrorCode", "FollowUp", "Message",
+    "ModelSpec", "PromptTooLongError", "Result", "ResultTimeoutError", "Sampling", "Settings",
+    "Status", "Task", "Timings", "UnknownModelError", "ValidationError",
+]

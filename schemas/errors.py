@@ -1,0 +1,94 @@
+"""Every error agentfleet raises, and the typed codes that failed results carry.
+
+One base class, `AgentFleetError`. Errors a caller can fix or retry are apart from the
+fatal ones (`EngineDeadError`, `FatalConfigError`), which mean the process should stop.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    """Typed error codes written into failed results (the wire value is the string)."""
+
+    INVALID_TASK = "invalid_task"  # a field out of range, or a payload of the wrong shape
+    DECODE_ERROR = "decode_error"  # the payload is not a task at all
+    UNSUPPORTED_VERSION = "unsupported_version"  # a schema version newer than this worker reads
+    UNKNOWN_MODEL = "unknown_model"  # the task names a model this fleet does not know
+    PROMPT_TOO_LONG = "prompt_too_long"  # more prompt tokens than the model's context allows
+    ENGINE_ERROR = "engine_error"  # the engine failed this request; others go on
+    ENGINE_DEAD = "engine_dead"  # the engine died; the worker stops
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the task's deadline passed before it ran
+    INTERNAL = "internal"  # a bug in agentfleet: the message says where
+
+
+class AgentFleetError(Exception):
+    """Base class of every error agentfleet raises on purpose."""
+
+
+class ValidationError(AgentFleetError, ValueError):
+    """Raised before anything is queued (producer) or run (worker) when a task breaks a limit.
+
+    `field` is the dotted path of the offending field, `limit` the bound it broke.
+    """
+
+    code = ErrorCode.INVALID_TASK
+
+    def __init__(self, field: str, message: str, *, limit: object = None, value: object = None):
+        self.field = field
+        self.limit = limit
+        self.value = value
+        super().__init__(f"{field}: {message}")
+
+
+class UnknownModelError(ValidationError):
+    """Raised when a task names a model that is not in the configured model registry."""
+
+    code = ErrorCode.UNKNOWN_MODEL
+
+
+class PromptTooLongError(ValidationError):
+    """Raised when a prompt is longer than the model's limit (characters or tokens)."""
+
+    code = ErrorCode.PROMPT_TOO_LONG
+
+
+class DecodeError(AgentFleetError):
+    """Raised by the worker when a stream entry cannot be decoded into a task."""
+
+    code = ErrorCode.DECODE_ERROR
+
+
+class UnsupportedVersionError(DecodeError):
+    """Raised when a payload's schema version is newer than this code understands."""
+
+    code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class ResultTimeoutError(AgentFleetError, TimeoutError):
+    """Raised by `Producer.wait*` when results do not arrive within `timeout_s`."""
+
+    def __init__(self, message: str, missing: list[str]):
+        self.missing = missing
+        super().__init__(message)
+
+
+class BrokerError(AgentFleetError):
+    """Raised when Redis cannot be reached or refuses a command; wraps the redis-py error."""
+
+
+class EngineError(AgentFleetError):
+    """Raised by an engine adapter when one request fails; the engine itself goes on."""
+
+    code = ErrorCode.ENGINE_ERROR
+
+
+class EngineDeadError(AgentFleetError):
+    """Raised when the engine process died: fatal, the worker stops and its tasks are reclaimed."""
+
+    code = ErrorCode.ENGINE_DEAD
+
+
+class FatalConfigError(AgentFleetError):
+    """Raised at start-up for settings that cannot work (bad URL, missing model files)."""

@@ -1,0 +1,54 @@
+"""Every Redis key and stream name agentfleet uses, built here and nowhere else.
+
+All keys of one model share the hash tag `{<model>}`, so a Redis Cluster keeps a model's
+stream, results, reply streams and traces in one slot and the worker's commit script touches
+one slot (a follow-up for another model is the one cross-slot write; see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "af"
+GROUP = "workers"  # one consumer group per model stream
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
+
+
+def valid_model_name(model: str) -> bool:
+    """Model names go into keys: letters, digits, '.', '_' and '-', 100 at most, no braces."""
+    return bool(_MODEL_NAME.match(model))
+
+
+def _tag(model: str) -> str:
+    return f"{PREFIX}:{{{model}}}"
+
+
+def task_stream(model: str) -> str:
+    """The stream producers add tasks to and the model's consumer group reads."""
+    return f"{_tag(model)}:tasks"
+
+
+def result_key(model: str, task_id: str) -> str:
+    """The stored result of one task (a string holding the msgpack Result, with a TTL)."""
+    return f"{_tag(model)}:result:{task_id}"
+
+
+def reply_stream(model: str, producer_id: str) -> str:
+    """Where workers push results of one producer's tasks, so it waits without polling."""
+    return f"{_tag(model)}:reply:{producer_id}"
+
+
+def trace_key(model: str, correlation_id: str) -> str:
+    """The trace events of one correlation id that happened on this model (a list)."""
+    return f"{_tag(model)}:trace:{correlation_id}"
+
+
+def stats_key(model: str) -> str:
+    """Counters of one model (a hash): written, duplicates."""
+    return f"{_tag(model)}:stats"
+
+
+def idempotency_key(model: str, key: str) -> str:
+    """Holds the id of the task first enqueued under a producer's idempotency key."""
+    return f"{_tag(model)}:idem:{key}"

@@ -1,0 +1,189 @@
+"""The wire format: what producers, workers and the trace store exchange, as msgspec Structs.
+
+Rules (msgspec's schema-evolution guide): every Struct derives from `Base`; new fields get
+defaults and go last; unknown fields are ignored on decode, so an older worker still reads a
+payload written by a newer producer of the same major `SCHEMA_VERSION`.  Encoders and decoders
+are built once, below, and reused.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from schemas.errors import DecodeError, ErrorCode, UnsupportedVersionError
+
+SCHEMA_VERSION = 1
+
+
+class Base(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Shared options: keyword-only construction, defaults left off the wire."""
+
+
+class Message(Base, kw_only=True):
+    role: str
+    content: str
+
+
+class Sampling(Base, kw_only=True):
+    """Sampling parameters; bounds are checked by `schemas.validate`, not here."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_tokens: int = 0
+    seed: int | None = None
+    stop: list[str] = []
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+class FollowUp(Base, kw_only=True):
+    """A step to enqueue when the parent succeeds.
+
+    `prompt` or the contents of `messages` may hold `{output}`, replaced by the parent's
+    output text.  An empty `model` means the parent's model; `sampling` None means the parent's.
+    """
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    sampling: Sampling | None = None
+    agent_id: str = ""
+    metadata: dict[str, str] = {}
+    followups: list[FollowUp] = []
+
+
+class Task(Base, kw_only=True):
+    """One unit of agent work, as it sits in a model's stream."""
+
+    v: int = SCHEMA_VERSION
+    id: str = ""
+    correlation_id: str = ""
+    parent_id: str = ""
+    tenant: str = "default"
+    agent_id: str = ""
+    model: str
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    priority: int = 0
+    deadline: float | None = None  # epoch seconds
+    idempotency_key: str | None = None
+    metadata: dict[str, str] = {}
+    followups: list[FollowUp] = []
+    depth: int = 0  # 0 for a task a producer submitted, parent's + 1 for a follow-up
+    reply_to: str = ""  # producer id whose reply stream gets the result; "" for none
+    enqueued_at: float = 0.0  # epoch seconds
+
+
+class Status(str, enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class Timings(Base, kw_only=True):
+    """Epoch seconds at each step; 0.0 where a step did not happen."""
+
+    enqueued: float = 0.0
+    read: float = 0.0
+    engine_start: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    written: float = 0.0
+
+
+class Result(Base, kw_only=True):
+    v: int = SCHEMA_VERSION
+    task_id: str
+    correlation_id: str = ""
+    parent_id: str = ""
+    model: str = ""
+    agent_id: str = ""
+    tenant: str = ""
+    status: Status
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    timings: Timings = msgspec.field(default_factory=Timings)
+    worker_id: str = ""
+    batch_id: str = ""
+    batch_size: int = 0
+    model_version: str = ""
+    error_code: ErrorCode | None = None
+    error_message: str = ""
+    followup_ids: list[str] = []
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.SUCCEEDED
+
+
+class Enqueued(Base, kw_only=True, tag="enq"):
+    """Trace event: a task entered a stream (by a producer, or as a follow-up by a worker)."""
+
+    task_id: str
+    parent_id: str = ""
+    model: str = ""
+    agent_id: str = ""
+    at: float = 0.0
+
+
+class Finished(Base, kw_only=True, tag="fin"):
+    """Trace event: a task reached a terminal state; the result without its text."""
+
+    result: Result
+
+
+TraceEvent = Enqueued | Finished
+
+# Built once: encoders and decoders are reused on the hot path (msgspec performance tips).
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+_task_decoder = msgspec.msgpack.Decoder(Task)
+_result_decoder = msgspec.msgpack.Decoder(Result)
+_event_decoder = msgspec.msgpack.Decoder(TraceEvent)
+
+
+class _Versioned(Base, kw_only=True):
+    v: int = SCHEMA_VERSION
+
+
+_peek_version = msgspec.msgpack.Decoder(_Versioned)
+
+
+def decode_task(data: bytes) -> Task:
+    """Decode a stream payload into a Task, raising a typed DecodeError for anything else."""
+    try:
+        return _task_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        # A newer major version may have changed shapes: say so rather than "bad payload".
+        try:
+            version = _peek_version.decode(data).v
+        except msgspec.DecodeError:
+            version = SCHEMA_VERSION
+        if version > SCHEMA_VERSION:
+            raise UnsupportedVersionError(
+                f"schema version {version} is newer than {SCHEMA_VERSION}"
+            ) from exc
+        raise DecodeError(str(exc)) from exc
+
+
+def check_version(task: Task) -> None:
+    if task.v > SCHEMA_VERSION:
+        raise UnsupportedVersionError(f"schema version {task.v} is newer than {SCHEMA_VERSION}")
+
+
+decode_result = _result_decoder.decode
+decode_event = _event_decoder.decode
+
+
+def result_to_dict(result: Result) -> dict:
+    return msgspec.to_builtins(result)

@@ -1,0 +1,55 @@
+"""What a worker needs from an inference engine, and what it gets back.
+
+The worker hands a whole read window to `submit` and is called back once per finished
+request, from the event loop thread.  The engine batches as it likes (vLLM continuously);
+the worker never waits for a whole window before reading more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import msgspec
+
+from schemas.errors import ErrorCode
+from schemas.wire import Task
+
+
+class EngineOutput(msgspec.Struct, kw_only=True):
+    """One finished request.  Times are epoch seconds; `error_code` None means success."""
+
+    request_id: str
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    engine_start: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    error_code: ErrorCode | None = None
+    error_message: str = ""
+
+
+OnDone = Callable[[EngineOutput], None]
+
+
+class Engine(Protocol):
+    """An engine serving one model."""
+
+    model_version: str
+
+    async def start(self) -> None:
+        """Load the model; raise `FatalConfigError` if it cannot be loaded."""
+
+    def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone) -> None:
+        """Start every (request_id, task); call `on_done` once per request when it ends.
+
+        Must not raise for one bad request: report it through `on_done` with an error code.
+        """
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Stop these requests; `on_done` is still called for each (finish_reason "abort")."""
+
+    async def stop(self) -> None:
+        """Release the engine (processes, memory)."""

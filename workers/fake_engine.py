@@ -1,0 +1,92 @@
+"""FakeEngine: a deterministic in-process test double for the inference engine.
+
+It exists for fast tests and for benchmarks of the queue layer, where the engine's own speed
+must not hide the queue's.  It never loads a model.  Its answer is a pure function of the
+task, so tests can predict it:
+
+    text          = "echo: " + the last 40 characters of the prompt (or last message)
+    prompt_tokens = number of whitespace-separated words in the input
+    output_tokens = min(max_tokens, words in text)
+
+Test hooks, set through a task's metadata:
+    fake_error = "<ErrorCode value>"  -> the request fails with that code
+    fake_delay_s = "0.05"             -> the request finishes after that many seconds
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from schemas.errors import ErrorCode
+from schemas.wire import Task
+from workers.engine import EngineOutput, OnDone
+
+
+class FakeEngine:
+    """Answers at once (or after `delay_s`), with no model: a test double, not an engine."""
+
+    def __init__(self, model_version: str = "fake-1", delay_s: float = 0.0):
+        self.model_version = model_version
+        self.delay_s = delay_s
+        self.submitted = 0
+        self._timers: dict[str, tuple[asyncio.TimerHandle, EngineOutput, OnDone]] = {}
+
+    async def start(self) -> None:
+        return None
+
+    def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone) -> None:
+        self.submitted += len(requests)
+        now = time.time()
+        loop = asyncio.get_running_loop() if self.delay_s else None
+        for request_id, task in requests:
+            out = answer(request_id, task, now)
+            delay = self.delay_s
+            if task.metadata:
+                delay = float(task.metadata.get("fake_delay_s", delay))
+            if delay <= 0:
+                on_done(out)
+                continue
+            loop = loop or asyncio.get_running_loop()
+            out.first_token = now + delay / 2
+            out.finished = now + delay
+            handle = loop.call_later(delay, self._finish, request_id)
+            self._timers[request_id] = (handle, out, on_done)
+
+    def _finish(self, request_id: str) -> None:
+        _, out, on_done = self._timers.pop(request_id)
+        on_done(out)
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        for request_id in request_ids:
+            entry = self._timers.pop(request_id, None)
+            if entry is not None:
+                handle, out, on_done = entry
+                handle.cancel()
+                out.finish_reason = "abort"
+                out.finished = time.time()
+                on_done(out)
+
+    async def stop(self) -> None:
+        self.abort(list(self._timers))
+
+
+def answer(request_id: str, task: Task, now: float) -> EngineOutput:
+    source = task.prompt if task.prompt is not None else (task.messages or [])[-1].content
+    if task.metadata and "fake_error" in task.metadata:
+        return EngineOutput(request_id=request_id, engine_start=now, finished=now,
+                            error_code=ErrorCode(task.metadata["fake_error"]),
+                            error_message="fake engine failed this request on purpose")
+    text = "echo: " + source[-40:]
+    words = len(text.split())
+    return EngineOutput(
+        request_id=request_id,
+        text=text,
+        finish_reason="length" if words >= task.sampling.max_tokens else "stop",
+        prompt_tokens=len(source.split()),
+        output_tokens=min(task.sampling.max_tokens, words),
+        engine_start=now,
+        first_token=now,
+        finished=now,
+    )
