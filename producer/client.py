@@ -23,16 +23,28 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from producer.connection import connect
 from producer.enqueue import ENQUEUE_LUA, enqueue_args
 from schemas import keys
 from schemas.errors import BrokerError, FatalConfigError, ResultTimeoutError, ValidationError
 from schemas.settings import Settings
 from schemas.validate import validate_task
-from schemas.wire import Enqueued, Result, Task, decode_result, encode
+from schemas.wire import Result, Task, decode_result, encode
 
 log = logging.getLogger("agentfleet.producer")
 
 _POLL_S = 1.0  # how long a wait trusts the reply stream before it also reads result keys
+
+
+class _Waiting:
+    """One wait call's state: results ready to hand out, and how many are still due."""
+
+    __slots__ = ("ready", "left", "event")
+
+    def __init__(self) -> None:
+        self.ready: list[Result] = []
+        self.left = 0
+        self.event = asyncio.Event()
 
 
 class Producer:
@@ -47,7 +59,7 @@ class Producer:
         self._id_prefix = self.id + "-"
         self._seq = itertools.count(1)
         self._enqueue = redis.register_script(ENQUEUE_LUA)
-        self._waiters: dict[str, asyncio.Future[Result]] = {}
+        self._waiters: dict[str, _Waiting] = {}
         self._arrived: dict[str, Result] = {}
         self._listener: asyncio.Task | None = None
         self._last_arrival = 0.0
@@ -59,7 +71,7 @@ class Producer:
         if not url:
             raise FatalConfigError("no Redis URL: set REDIS_URL or pass url= "
                                    "(`agentfleet server` starts a local one)")
-        return cls(aioredis.from_url(url), settings=settings, **kwargs)
+        return cls(connect(url), settings=settings, **kwargs)
 
     async def __aenter__(self) -> Producer:
         return self
@@ -89,8 +101,7 @@ class Producer:
         """
         s = self.settings
         now = time.time()
-        trace_on = s.trace_enabled
-        by_model: dict[str, list[tuple[int, tuple]]] = {}
+        by_model: dict[str, list[tuple[str, str | None, bytes, int]]] = {}
         ids: list[str] = []
         for i, task in enumerate(tasks):
             self._fill(task, reply, now)
@@ -100,28 +111,39 @@ class Producer:
                 if i or not isinstance(tasks, Sequence) or len(tasks) > 1:
                     exc.args = (f"tasks[{i}].{exc.args[0]}",)
                 raise
-            event = encode(Enqueued(task_id=task.id, parent_id=task.parent_id, model=task.model,
-                                    agent_id=task.agent_id, at=now)) if trace_on else b""
-            item = (task.id, keys.trace_key(task.model, task.correlation_id),
-                    keys.idempotency_key(task.model, task.idempotency_key)
-                    if task.idempotency_key else None, encode(task), event)
-            by_model.setdefault(task.model, []).append((i, item))
+            idem = task.idempotency_key
+            by_model.setdefault(task.model, []).append(
+                (task.id, keys.idempotency_key(task.model, idem) if idem else None, encode(task), i))
             ids.append(task.id)
         if reply and ids:
             self._ensure_listener()
-        for model, items in by_model.items():
-            stream = keys.task_stream(model)
-            for start in range(0, len(items), self.chunk_size):
-                chunk = items[start:start + self.chunk_size]
-                keys_, args = enqueue_args(stream, s.trace_ttl_s, s.result_ttl_s,
-                                           [item for _, item in chunk])
-                try:
-                    dups = await self._enqueue(keys=keys_, args=args)
-                except RedisError as exc:
-                    raise BrokerError(f"enqueue to {stream} failed: {exc}") from exc
-                for j in range(0, len(dups), 2):
-                    ids[chunk[int(dups[j])][0]] = dups[j + 1].decode()
+        calls: list[tuple[asyncio.Future, list]] = []
+        try:
+            for model, items in by_model.items():
+                # Overlap: the next chunk is built while Redis runs the previous one.
+                for start in range(0, len(items), self.chunk_size):
+                    chunk = items[start:start + self.chunk_size]
+                    keys_, args = enqueue_args(keys.task_stream(model), s.result_ttl_s, chunk)
+                    calls.append((asyncio.ensure_future(self._enqueue(keys=keys_, args=args)),
+                                  chunk))
+                    await asyncio.sleep(0)
+                    if len(calls) >= 2:
+                        await self._settle(*calls.pop(0), ids)
+                while calls:
+                    await self._settle(*calls.pop(0), ids)
+        finally:
+            for fut, _ in calls:  # after a failure: nothing left unawaited
+                fut.cancel()
         return ids
+
+    @staticmethod
+    async def _settle(fut: asyncio.Future, chunk: list, ids: list[str]) -> None:
+        try:
+            dups = await fut
+        except RedisError as exc:
+            raise BrokerError(f"enqueue failed: {exc}") from exc
+        for j in range(0, len(dups), 2):
+            ids[chunk[int(dups[j])][3]] = dups[j + 1].decode()
 
     def _fill(self, task: Task, reply: bool, now: float) -> None:
         if not task.id:
@@ -160,54 +182,53 @@ class Producer:
                            timeout_s: float = 60.0) -> AsyncIterator[Result]:
         """Yield results as they arrive; `ResultTimeoutError` names the ones still missing."""
         self._ensure_listener()
-        done: asyncio.Queue[asyncio.Future[Result]] = asyncio.Queue()
-        missing: dict[str, asyncio.Future[Result]] = {}
-        for task_id in task_ids:
-            fut = self._future(task_id)
-            missing[task_id] = fut
-            fut.add_done_callback(done.put_nowait)
+        w = _Waiting()
+        ids = list(task_ids)
+        for task_id in ids:
+            result = self._arrived.pop(task_id, None)
+            if result is not None:
+                w.ready.append(result)
+            elif self._waiters.setdefault(task_id, w) is w:
+                w.left += 1
         deadline = time.monotonic() + timeout_s
         try:
-            while missing:
+            while True:
+                if w.ready:
+                    ready, w.ready = w.ready, []
+                    for result in ready:
+                        yield result
+                    continue
+                if not w.left:
+                    return
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    missing = [i for i in ids if self._waiters.get(i) is w]
                     raise ResultTimeoutError(
-                        f"{len(missing)} results missing after {timeout_s}s", list(missing))
+                        f"{len(missing)} results missing after {timeout_s}s", missing)
+                w.event.clear()
                 try:
-                    fut = await asyncio.wait_for(done.get(), min(left, _POLL_S))
+                    await asyncio.wait_for(w.event.wait(), min(left, _POLL_S))
                 except TimeoutError:
                     if time.monotonic() - self._last_arrival >= _POLL_S:
-                        await self._read_stored(list(missing)[:1000])
-                    continue
-                result = fut.result()
-                if missing.pop(result.task_id, None) is not None:
-                    yield result
+                        stalled = [i for i in ids if self._waiters.get(i) is w]
+                        await self._read_stored(stalled[:1000])
         finally:
-            for task_id, fut in missing.items():
-                if self._waiters.get(task_id) is fut:
-                    del self._waiters[task_id]
+            if w.left:
+                for task_id in ids:
+                    if self._waiters.get(task_id) is w:
+                        del self._waiters[task_id]
 
     async def get_result(self, task_id: str, model: str | None = None) -> Result | None:
         """The stored result of any task (this producer's or not), or None."""
         found = await self._stored([task_id], [model] if model else list(self.settings.models))
         return found[0] if found else None
 
-    def _future(self, task_id: str) -> asyncio.Future[Result]:
-        fut = self._waiters.get(task_id)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            result = self._arrived.pop(task_id, None)
-            if result is not None:
-                fut.set_result(result)
-            else:
-                self._waiters[task_id] = fut
-        return fut
-
     def _deliver(self, result: Result) -> None:
-        fut = self._waiters.pop(result.task_id, None)
-        if fut is not None:
-            if not fut.done():
-                fut.set_result(result)
+        w = self._waiters.pop(result.task_id, None)
+        if w is not None:
+            w.ready.append(result)
+            w.left -= 1
+            w.event.set()
             return
         arrived = self._arrived
         arrived[result.task_id] = result

@@ -6,7 +6,6 @@ Each failure raises a `ValidationError` naming the field (dotted path) and the l
 from __future__ import annotations
 
 from schemas.errors import PromptTooLongError, UnknownModelError, ValidationError
-from schemas.keys import valid_model_name
 from schemas.settings import ModelSpec, Settings
 from schemas.wire import SCHEMA_VERSION, FollowUp, Message, Sampling, Task
 
@@ -21,11 +20,10 @@ def validate_task(task: Task, settings: Settings) -> ModelSpec:
         raise ValidationError("v", f"schema version {task.v} is not {SCHEMA_VERSION}",
                               limit=SCHEMA_VERSION, value=task.v)
     spec = _model(task.model, "model", settings)
-    for name in ("id", "correlation_id", "parent_id", "agent_id", "tenant"):
-        value = getattr(task, name)
-        if len(value) > MAX_ID_CHARS:
-            raise ValidationError(name, f"{len(value)} characters, more than {MAX_ID_CHARS}",
-                                  limit=MAX_ID_CHARS, value=len(value))
+    if (len(task.id) > MAX_ID_CHARS or len(task.correlation_id) > MAX_ID_CHARS
+            or len(task.parent_id) > MAX_ID_CHARS or len(task.agent_id) > MAX_ID_CHARS
+            or len(task.tenant) > MAX_ID_CHARS):
+        _too_long_id(task)
     _check_input(task.prompt, task.messages, "", spec, settings, required=True)
     _check_sampling(task.sampling, "sampling.", spec)
     if not 0 <= task.priority <= 9:
@@ -46,8 +44,16 @@ def validate_task(task: Task, settings: Settings) -> ModelSpec:
     return spec
 
 
+def _too_long_id(task: Task) -> None:
+    for name in ("id", "correlation_id", "parent_id", "agent_id", "tenant"):
+        value = getattr(task, name)
+        if len(value) > MAX_ID_CHARS:
+            raise ValidationError(name, f"{len(value)} characters, more than {MAX_ID_CHARS}",
+                                  limit=MAX_ID_CHARS, value=len(value))
+
+
 def _model(name: str, field: str, settings: Settings) -> ModelSpec:
-    spec = settings.models.get(name) if valid_model_name(name) else None
+    spec = settings.models.get(name)  # registry names are checked when settings load
     if spec is None:
         raise UnknownModelError(field, f"unknown model {name!r}; known: {sorted(settings.models)}",
                                 limit=sorted(settings.models), value=name)

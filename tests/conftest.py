@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 
 import pytest
-import redis.asyncio as aioredis
 
+from producer.connection import connect
 from ops.embedded import ServerProcess, redis_binary, valkey_binary
 from schemas.settings import ModelSpec, Settings
 from workers.fake_engine import FakeEngine
@@ -32,7 +32,7 @@ def server(request, tmp_path_factory):
 
 @pytest.fixture
 async def redis(server):
-    client = aioredis.from_url(server.url)
+    client = connect(server.url)
     await client.flushall()
     yield client
     await client.aclose()
@@ -77,6 +77,6 @@ async def start_worker(redis, settings):
 async def producer(server, redis, settings):
     from producer.client import Producer
 
-    p = Producer(aioredis.from_url(server.url), settings=settings)
+    p = Producer(connect(server.url), settings=settings)
     yield p
     await p.close()

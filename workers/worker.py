@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 
 import msgspec
 import redis.asyncio as aioredis
@@ -78,6 +77,9 @@ class ModelLane:
         self.model = spec.name
         self.engine = engine
         self.redis = redis
+        # A client of our own on the same pool: stream replies stay raw lists, not dicts.
+        self._reader = aioredis.Redis(connection_pool=redis.connection_pool)
+        self._reader.set_response_callback("XREADGROUP", _raw)
         self.settings = settings
         self.worker_id = worker_id
         self.stream = keys.task_stream(self.model)
@@ -91,6 +93,7 @@ class ModelLane:
         self._outbox_ready = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._batch_seq = 0
+        self._reply_keys: dict[str, str] = {}
 
     async def ensure_group(self) -> None:
         """Create the model's consumer group, reading from the start of the stream."""
@@ -123,12 +126,12 @@ class ModelLane:
                 continue
             want = min(free, s.read_count)
             try:
-                reply = await self.redis.xreadgroup(keys.GROUP, self.worker_id, streams,
-                                                    count=want, block=s.block_ms)
+                reply = await self._reader.xreadgroup(keys.GROUP, self.worker_id, streams,
+                                                      count=want, block=s.block_ms)
                 if reply and s.window_ms and len(reply[0][1]) < want:
                     # Gather a fuller window: the latency/throughput knob.
                     await asyncio.sleep(s.window_ms / 1000)
-                    more = await self.redis.xreadgroup(
+                    more = await self._reader.xreadgroup(
                         keys.GROUP, self.worker_id, streams, count=want - len(reply[0][1]))
                     if more:
                         reply[0][1].extend(more[0][1])
@@ -227,7 +230,9 @@ class ModelLane:
         code = out.error_code
         status = Status.SUCCEEDED if code is None else _STATUS_BY_CODE.get(code, Status.FAILED)
         followups: list[tuple[str, bytes, bytes]] = []
-        trace_on = self.settings.trace_enabled
+        # A lone task's result is its whole trace; chains also get a list per correlation id.
+        trace_on = self.settings.trace_enabled and bool(
+            task.followups or task.parent_id or task.correlation_id != task.id)
         if status is Status.SUCCEEDED and task.followups:
             for i, spec in enumerate(task.followups, 1):
                 child = _child(task, i, spec, out.text, now)
@@ -255,13 +260,22 @@ class ModelLane:
         return CommitRecord(
             entry_id=rec.entry_id,
             result_key=keys.result_key(self.model, task.id),
-            reply_key=keys.reply_stream(self.model, task.reply_to) if task.reply_to
-            else self.stream,
+            reply_key=self._reply_key(task.reply_to),
             trace_key=keys.trace_key(self.model, task.correlation_id or task.id),
             result=encode(result),
             trace=trace,
             followups=followups,
         )
+
+    def _reply_key(self, producer_id: str) -> str:
+        if not producer_id:
+            return self.stream
+        key = self._reply_keys.get(producer_id)
+        if key is None:
+            if len(self._reply_keys) > 10_000:
+                self._reply_keys.clear()
+            key = self._reply_keys[producer_id] = keys.reply_stream(self.model, producer_id)
+        return key
 
     async def _write(self, records: list[CommitRecord]) -> None:
         s = self.settings
@@ -285,11 +299,15 @@ class ModelLane:
         self.stats.commits += 1
 
 
-def _decode(fields: Mapping[bytes, bytes]) -> Task:
-    payload = fields.get(b"d")
-    if payload is None:
-        raise DecodeError("stream entry has no 'd' field")
-    return decode_task(payload)
+def _raw(response, **options):
+    return response
+
+
+def _decode(fields: list[bytes]) -> Task:
+    """A raw entry's fields are [name, value, ...]; the task is the value of 'd'."""
+    if len(fields) != 2 or fields[0] != b"d":
+        raise DecodeError("stream entry is not a single 'd' field")
+    return decode_task(fields[1])
 
 
 def _child(task: Task, index: int, spec: FollowUp, output: str, now: float) -> Task:
