@@ -52,3 +52,8 @@ def stats_key(model: str) -> str:
 def idempotency_key(model: str, key: str) -> str:
     """Holds the id of the task first enqueued under a producer's idempotency key."""
     return f"{_tag(model)}:idem:{key}"
+
+
+def workers_key(model: str) -> str:
+    """Live workers of a model (a hash: worker id -> epoch seconds of its last heartbeat)."""
+    return f"{_tag(model)}:workers"

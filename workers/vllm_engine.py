@@ -1,0 +1,307 @@
+"""The vLLM engine behind the `Engine` protocol: one `AsyncLLM`, one asyncio task per request.
+
+Written against vLLM 0.32 (CPU wheel) and 0.26 (GPU); both accept pre-tokenised
+`tokens_input` prompts, report `first_token_latency` in `RequestOutput.metrics` and raise
+`EngineDeadError` from `vllm.v1.engine.exceptions`.  Prompts are tokenised here, once: that
+gives the exact prompt length to refuse over-long prompts with a typed error, and spares vLLM
+a second tokenisation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from jinja2 import TemplateError
+from vllm import AsyncEngineArgs, SamplingParams
+from vllm.outputs import RequestOutput
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+from schemas.errors import ErrorCode, FatalConfigError
+from schemas.settings import ModelSpec
+from schemas.wire import Sampling, Task
+from workers.engine import EngineOutput, OnDone
+from workers.models import model_version
+
+try:  # vLLM >= 0.2x: an already-rendered input, which skips the deprecated raw-prompt path
+    from vllm.inputs import tokens_input as _token_prompt
+except ImportError:  # older releases take a TokensPrompt dict
+    from vllm.inputs import TokensPrompt
+
+    def _token_prompt(prompt_token_ids: list[int]) -> TokensPrompt:
+        return TokensPrompt(prompt_token_ids=prompt_token_ids)
+
+
+try:  # 0.32 moved request errors off ValueError onto their own base class
+    from vllm.exceptions import VLLMClientError
+
+    _REQUEST_ERRORS: tuple[type[BaseException], ...] = (ValueError, TemplateError, VLLMClientError)
+except ImportError:
+    _REQUEST_ERRORS = (ValueError, TemplateError)
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+_STOP_TIMEOUT_S = 10.0
+
+
+class VllmEngine:
+    """Serves one model through vLLM's `AsyncLLM`; see `workers.engine.Engine`."""
+
+    def __init__(self, spec: ModelSpec, model_path: Path):
+        self.spec = spec
+        self.model_path = model_path
+        self.model_version = spec.version or model_version(model_path)
+        self._llm: AsyncLLM | None = None
+        self._tokenizer = None
+        self._chat_template: str | None = None
+        self._max_prompt_tokens = spec.max_model_len - 1  # room for at least one output token
+        self._inflight: dict[str, asyncio.Task] = {}
+
+    async def start(self) -> None:
+        """Start the engine (about 100 s on CPU the first time: torch.compile, then cached)."""
+        _prepare_environment(self.spec)
+        started_s = time.monotonic()
+        try:
+            # Blocks the event loop while the engine core loads: nothing else runs yet.
+            self._llm = AsyncLLM.from_engine_args(self._engine_args())
+        except Exception as exc:
+            raise FatalConfigError(
+                f"model {self.spec.name}: vLLM could not start on {self.model_path}: {exc}"
+            ) from exc
+        self._tokenizer = self._llm.get_tokenizer()
+        self._chat_template = getattr(self._tokenizer, "chat_template", None)
+        if not self._chat_template:
+            logger.warning(
+                "model %s has no chat template: tasks with messages will fail", self.spec.name
+            )
+        logger.info(
+            "vLLM %s engine for %s (%s) started in %.1f s",
+            current_platform.device_name,
+            self.spec.name,
+            self.model_version,
+            time.monotonic() - started_s,
+        )
+
+    def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone) -> None:
+        engine_start = time.time()
+        for request_id, task in requests:
+            failure = self._refusal(request_id)
+            if failure is None:
+                try:
+                    prompt_ids = self._tokenize(task)
+                    params = _sampling_params(task.sampling)
+                    failure = self._check_prompt(prompt_ids)
+                except Exception as exc:  # a bad task must not stop the rest of the window
+                    failure = _classify(exc)
+            if failure is not None:
+                _report(on_done, _failed(request_id, engine_start, *failure))
+                continue
+            request = asyncio.create_task(self._run(request_id, prompt_ids, params, engine_start))
+            request.add_done_callback(
+                functools.partial(self._request_done, request_id, on_done, engine_start)
+            )
+            self._inflight[request_id] = request
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Cancel each request's task; vLLM's `generate` then aborts it in the engine."""
+        for request_id in request_ids:
+            request = self._inflight.get(request_id)
+            if request is not None:
+                request.cancel()
+
+    async def stop(self) -> None:
+        """Abort what is in flight (each gets `on_done`), then shut the engine down."""
+        pending = list(self._inflight.values())
+        for request in pending:
+            request.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=_STOP_TIMEOUT_S)
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def _engine_args(self) -> AsyncEngineArgs:
+        spec = self.spec
+        return AsyncEngineArgs(
+            model=str(self.model_path),
+            served_model_name=spec.name,
+            max_model_len=spec.max_model_len,
+            max_num_seqs=spec.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            enable_prefix_caching=spec.enable_prefix_caching,
+            enforce_eager=spec.enforce_eager,
+            dtype=spec.dtype,
+            load_format=spec.load_format,
+            seed=spec.seed,
+            # Stats on: they carry each request's first-token time (RequestOutput.metrics).
+            disable_log_stats=False,
+            enable_log_requests=False,
+        )
+
+    def _refusal(self, request_id: str) -> tuple[ErrorCode, str] | None:
+        if self._llm is None:
+            return ErrorCode.INTERNAL, "VllmEngine.submit called before start() or after stop()"
+        if self._llm.errored:
+            return ErrorCode.ENGINE_DEAD, "the vLLM engine is dead"
+        if request_id in self._inflight:
+            return ErrorCode.INTERNAL, f"request id {request_id} submitted twice while in flight"
+        return None
+
+    def _tokenize(self, task: Task) -> list[int]:
+        if task.messages is None:
+            return self._tokenizer.encode(task.prompt or "")
+        if not self._chat_template:
+            raise ValueError(f"model {self.spec.name} has no chat template; send a prompt")
+        text = self._tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in task.messages],
+            chat_template=self._chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        # The template already holds the special tokens (ChatML's <|im_start|> etc.).
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_prompt(self, prompt_ids: list[int]) -> tuple[ErrorCode, str] | None:
+        if not prompt_ids:
+            return ErrorCode.INVALID_TASK, "prompt: empty after tokenisation"
+        if len(prompt_ids) > self._max_prompt_tokens:
+            return ErrorCode.PROMPT_TOO_LONG, (
+                f"prompt: {len(prompt_ids)} tokens, more than the {self._max_prompt_tokens} "
+                f"that max_model_len={self.spec.max_model_len} of {self.spec.name} leaves"
+            )
+        return None
+
+    async def _run(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine_start: float
+    ) -> EngineOutput:
+        """Drive one request to its end; a cancel (abort) propagates to `_request_done`."""
+        final: RequestOutput | None = None
+        try:
+            async for output in self._llm.generate(_token_prompt(prompt_ids), params, request_id):
+                final = output
+        except Exception as exc:
+            return _failed(request_id, engine_start, *_classify(exc))
+        return _finished(request_id, final, len(prompt_ids), engine_start)
+
+    def _request_done(
+        self, request_id: str, on_done: OnDone, engine_start: float, request: asyncio.Task
+    ) -> None:
+        # A done callback, not a finally in _run: a task cancelled before its first step never
+        # enters _run's body, and must still be reported.
+        self._inflight.pop(request_id, None)
+        if request.cancelled():
+            # abort() or stop(): vLLM's generate() has already aborted it in the engine.
+            output = EngineOutput(
+                request_id=request_id,
+                finish_reason="abort",
+                engine_start=engine_start,
+                finished=time.time(),
+            )
+        elif request.exception() is not None:
+            exc = request.exception()
+            output = _failed(request_id, engine_start, ErrorCode.INTERNAL, repr(exc))
+        else:
+            output = request.result()
+        _report(on_done, output)
+
+
+def _prepare_environment(spec: ModelSpec) -> None:
+    """Set what vLLM reads from the environment; the engine core process inherits it."""
+    # Model directories are local: never reach for the Hub, nor send usage statistics.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    if current_platform.is_cpu():
+        # An operator's own setting wins over the models file.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_space_gib))
+
+
+def _sampling_params(sampling: Sampling) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,  # 0 is "off" for vLLM too (it also takes -1)
+        min_tokens=sampling.min_tokens,
+        seed=sampling.seed,
+        stop=list(sampling.stop) or None,
+        ignore_eos=sampling.ignore_eos,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        # One output per request; the first-token time comes from the request metrics.
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def _finished(
+    request_id: str, final: RequestOutput | None, prompt_tokens: int, engine_start: float
+) -> EngineOutput:
+    finished = time.time()
+    if final is None or not final.outputs:
+        return _failed(request_id, engine_start, ErrorCode.ENGINE_ERROR, "vLLM returned no output")
+    completion = final.outputs[0]
+    return EngineOutput(
+        request_id=request_id,
+        text=completion.text,
+        finish_reason=completion.finish_reason or "",
+        prompt_tokens=len(final.prompt_token_ids or ()) or prompt_tokens,
+        output_tokens=len(completion.token_ids),
+        engine_start=engine_start,
+        first_token=_first_token_time(final, engine_start, finished),
+        finished=finished,
+    )
+
+
+def _first_token_time(output: RequestOutput, engine_start: float, finished: float) -> float:
+    """Epoch seconds of the first token, from vLLM's per-request stats (RequestStateStats)."""
+    stats = output.metrics
+    arrival = getattr(stats, "arrival_time", 0.0)
+    latency = getattr(stats, "first_token_latency", 0.0)
+    # Without stats, FINAL_ONLY hides the first token: the finish time is its latest bound.
+    first = arrival + latency if arrival and latency > 0 else finished
+    return min(max(first, engine_start), finished)
+
+
+def _classify(exc: BaseException) -> tuple[ErrorCode, str]:
+    """The error code and message for a request that failed with `exc`."""
+    if isinstance(exc, EngineDeadError):
+        return ErrorCode.ENGINE_DEAD, f"the vLLM engine died: {exc}"
+    if isinstance(exc, EngineGenerateError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # generate() wraps unexpected errors; the cause says what happened
+    message = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, _REQUEST_ERRORS):
+        if "maximum model length" in str(exc):
+            return ErrorCode.PROMPT_TOO_LONG, message
+        return ErrorCode.INVALID_TASK, message
+    return ErrorCode.ENGINE_ERROR, message
+
+
+def _failed(request_id: str, engine_start: float, code: ErrorCode, message: str) -> EngineOutput:
+    return EngineOutput(
+        request_id=request_id,
+        engine_start=engine_start,
+        finished=time.time(),
+        error_code=code,
+        error_message=message,
+    )
+
+
+def _report(on_done: OnDone, output: EngineOutput) -> None:
+    try:
+        on_done(output)
+    except Exception:  # the worker's bug; the engine and the other requests go on
+        logger.exception("on_done failed for request %s", output.request_id)
