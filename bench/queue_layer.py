@@ -315,6 +315,7 @@ async def latency_producer(report: Report, url: str, rate: int, duration_s: floa
             steps["written_to_delivered"][i] = now - t.written
 
         fired: list[asyncio.Task] = []
+        cpu0 = time.process_time()
         start = time.monotonic() + 0.01
         i = 0
         while i < n:
@@ -326,8 +327,9 @@ async def latency_producer(report: Report, url: str, rate: int, duration_s: floa
                 await asyncio.sleep(max(start + i / rate - time.monotonic(), 0.0))
         fired_s = time.monotonic() - start
         await asyncio.gather(*fired)
+        cpu_s = time.process_time() - cpu0
     report(("done", {
-        "tasks": n, "fired_per_s": n / fired_s,
+        "tasks": n, "fired_per_s": n / fired_s, "cpu_s": cpu_s,
         "submit_to_done_ms": _percentiles(submit_to_done),
         "enqueued_to_done_ms": _percentiles(enqueued_to_done),
         "steps_p50_ms": {k: _percentiles(v)["p50"] for k, v in steps.items()},
@@ -355,6 +357,35 @@ def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a live process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _all_cpu_s() -> dict[int, float]:
+    """CPU seconds of every process on the machine, by pid."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                found[int(entry.name)] = _cpu_s(int(entry.name))
+    return found
+
+
+class _Background:
+    """CPU used by other processes on the machine during a measurement, in cores.
+
+    Processes alive at both ends of the window count, except ours; short-lived ones escape.
+    """
+
+    def __init__(self, ours: set[int]):
+        self.ours = ours | {os.getpid()}
+        self.before = _all_cpu_s()
+        self.started = time.monotonic()
+
+    def cores(self) -> float:
+        after = _all_cpu_s()
+        wall_s = time.monotonic() - self.started
+        used = sum(after[pid] - cpu for pid, cpu in self.before.items()
+                   if pid in after and pid not in self.ours)
+        return round(used / wall_s, 2)
 
 
 def _memory_kib(pid: int) -> dict[str, int]:
@@ -425,59 +456,77 @@ class Bench:
     def fresh(self) -> None:
         self.redis.flushall()
 
+    def _background(self, *pids: int) -> _Background:
+        return _Background({self.server.proc.pid, *pids})
+
     def _server_cpu_s(self) -> float:
         return _cpu_s(self.server.proc.pid)
 
     def fleet(self) -> dict:
         n = self.args.tasks
         with _Children() as kids:
-            worker = kids.start("fleet_worker", self.server.url, None,
-                                0.0)
+            worker = kids.start("fleet_worker", self.server.url, None, 0.0)
             kids.expect("ready", READY_TIMEOUT_S)
             worker_cpu0, server_cpu0 = _cpu_s(worker.pid), self._server_cpu_s()
+            background = self._background(worker.pid)
             kids.start("fleet_producer", self.server.url, n)
             got = kids.expect("done", 900)
+            background_cores = background.cores()
             cpu = {"producer": got["cpu_s"], "worker": _cpu_s(worker.pid) - worker_cpu0,
                    "server": self._server_cpu_s() - server_cpu0}
         return {"tasks": n, "tasks_per_s": n / (got["end"] - got["t0"]),
+                "background_cores": background_cores,
                 "submit_per_s": n / (got["submitted"] - got["t0"]),
                 "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
 
     def bare(self) -> dict:
         n = self.args.tasks
         with _Children() as kids:
-            kids.start("bare_consumer", self.server.url, n)
+            consumer = kids.start("bare_consumer", self.server.url, n)
             kids.expect("ready", READY_TIMEOUT_S)
             server_cpu0 = self._server_cpu_s()
+            background = self._background(consumer.pid)
             kids.start("bare_producer", self.server.url, n)
             sent, got = _by_role(kids.expect("done", 900), kids.expect("done", 900))
+            background_cores = background.cores()
             cpu = {"producer": sent["cpu_s"], "consumer": got["cpu_s"],
                    "server": self._server_cpu_s() - server_cpu0}
         return {"tasks": n, "tasks_per_s": n / (got["end"] - sent["t0"]),
                 "submit_per_s": n / (sent["submitted"] - sent["t0"]),
+                "background_cores": background_cores,
                 "payload_bytes": sent["payload_bytes"],
                 "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
 
     def arq(self) -> dict:
         n = self.args.arq_jobs
         with _Children() as kids:
-            kids.start("arq_worker", self.server.url, n)
+            worker = kids.start("arq_worker", self.server.url, n)
             kids.expect("ready", READY_TIMEOUT_S)
             server_cpu0 = self._server_cpu_s()
+            background = self._background(worker.pid)
             kids.start("arq_producer", self.server.url, n)
             sent, got = _by_role(kids.expect("done", 900), kids.expect("done", 900))
+            background_cores = background.cores()
             cpu = {"producer": sent["cpu_s"], "worker": got["cpu_s"],
                    "server": self._server_cpu_s() - server_cpu0}
         return {"tasks": n, "tasks_per_s": n / (got["end"] - sent["t0"]),
                 "submit_per_s": n / (sent["submitted"] - sent["t0"]),
+                "background_cores": background_cores,
                 "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
 
     def latency(self) -> dict:
         with _Children() as kids:
-            kids.start("fleet_worker", self.server.url, None, 0.0)
+            worker = kids.start("fleet_worker", self.server.url, None, 0.0)
             kids.expect("ready", READY_TIMEOUT_S)
+            worker_cpu0, server_cpu0 = _cpu_s(worker.pid), self._server_cpu_s()
+            background = self._background(worker.pid)
             kids.start("latency_producer", self.server.url, LATENCY_RATE, LATENCY_DURATION_S)
-            return kids.expect("done", LATENCY_DURATION_S + 300)
+            got = kids.expect("done", LATENCY_DURATION_S + 300)
+            background_cores = background.cores()
+            cpu = {"producer": got.pop("cpu_s"), "worker": _cpu_s(worker.pid) - worker_cpu0,
+                   "server": self._server_cpu_s() - server_cpu0}
+        return {**got, "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+                "background_cores": background_cores}
 
     def memory(self, queued: int) -> dict:
         from schemas import keys
@@ -526,9 +575,12 @@ def _run_rounds(bench: Bench, rounds: int) -> dict[str, list[dict]]:
 def _one_line(figures: dict) -> str:
     if "tasks_per_s" in figures:
         return (f"{figures['tasks_per_s']:>9,.0f} tasks/s end to end, "
-                f"{figures['submit_per_s']:>9,.0f}/s submit; cpu us/task {figures['cpu_us_per_task']}")
+                f"{figures['submit_per_s']:>9,.0f}/s submit; cpu us/task {figures['cpu_us_per_task']}; "
+                f"background {figures['background_cores']} cores")
     if "submit_to_done_ms" in figures:
-        return f"submit->done ms {figures['submit_to_done_ms']} fired {figures['fired_per_s']:,.0f}/s"
+        return (f"submit->done ms {figures['submit_to_done_ms']} fired "
+                f"{figures['fired_per_s']:,.0f}/s; cpu s {figures['cpu_s']}; "
+                f"background {figures['background_cores']} cores")
     return f"RSS {figures['rss_kib'] / 1024:.1f} MiB, read {figures['read_by_worker']}"
 
 

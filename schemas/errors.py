@@ -20,6 +20,10 @@ class ErrorCode(str, enum.Enum):
     ENGINE_ERROR = "engine_error"  # the engine failed this request; others go on
     ENGINE_DEAD = "engine_dead"  # the engine died; the worker stops
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the task's deadline passed before it ran
+    CANCELLED = "cancelled"  # its producer cancelled it, queued or running
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"  # transient errors on every allowed attempt
+    DELIVERY_LIMIT = "delivery_limit"  # delivered again and again: it keeps killing workers
+    LOST = "lost"  # its stream entry vanished while pending (trimmed or deleted by hand)
     INTERNAL = "internal"  # a bug in agentfleet: the message says where
 
 
@@ -78,6 +82,10 @@ class BrokerError(AgentFleetError):
     """Raised when Redis cannot be reached or refuses a command; wraps the redis-py error."""
 
 
+class ServerOutOfMemoryError(BrokerError):
+    """Raised on enqueue when the server is at maxmemory: nothing of that chunk was queued."""
+
+
 class EngineError(AgentFleetError):
     """Raised by an engine adapter when one request fails; the engine itself goes on."""
 
@@ -92,3 +100,7 @@ class EngineDeadError(AgentFleetError):
 
 class FatalConfigError(AgentFleetError):
     """Raised at start-up for settings that cannot work (bad URL, missing model files)."""
+
+
+class EvictingServerError(FatalConfigError):
+    """Raised at start-up against a server whose maxmemory-policy may evict our keys."""

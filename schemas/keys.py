@@ -57,3 +57,23 @@ def idempotency_key(model: str, key: str) -> str:
 def workers_key(model: str) -> str:
     """Live workers of a model (a hash: worker id -> epoch seconds of its last heartbeat)."""
     return f"{_tag(model)}:workers"
+
+
+def delayed_key(model: str) -> str:
+    """Tasks waiting for a retry (a sorted set: payload scored by the epoch second it is due)."""
+    return f"{_tag(model)}:delayed"
+
+
+def dead_stream(model: str) -> str:
+    """Dead letters of a model (a stream of msgpack DeadLetter under field 'd')."""
+    return f"{_tag(model)}:dead"
+
+
+def cancelled_key(model: str) -> str:
+    """Cancelled task ids (a sorted set scored by when the mark expires)."""
+    return f"{_tag(model)}:cancelled"
+
+
+def cancel_channel(model: str) -> str:
+    """Pub/sub channel telling workers to abort a running task."""
+    return f"{_tag(model)}:cancel"

@@ -64,6 +64,15 @@ class Settings(msgspec.Struct, kw_only=True):
     block_ms: int = 100  # how long an idle read waits for the first task
     window_ms: float = 0.0  # after the first task, wait this long to gather more
     max_inflight: int = 512  # tasks read but not yet committed, per model
+    # delivery guarantees
+    claim_idle_ms: int = 30_000  # a pending task idle this long on its consumer is reclaimed
+    max_attempts: int = 3  # engine attempts of a task failing with transient errors
+    retry_base_s: float = 0.5  # first retry delay; doubles per attempt, with jitter
+    retry_max_s: float = 30.0
+    max_deliveries: int = 3  # deliveries before a task that keeps killing workers is dead
+    dead_maxlen: int = 100_000  # cap of a model's dead-letter stream
+    trim_interval_s: float = 10.0  # how often a worker trims acknowledged entries
+    cancel_ttl_s: int = 86_400  # how long a cancellation mark is kept
     # retention
     result_ttl_s: int = 86_400
     trace_ttl_s: int = 86_400

@@ -79,6 +79,8 @@ class Task(Base, kw_only=True):
     depth: int = 0  # 0 for a task a producer submitted, parent's + 1 for a follow-up
     reply_to: str = ""  # producer id whose reply stream gets the result; "" for none
     enqueued_at: float = 0.0  # epoch seconds
+    attempt: int = 0  # engine attempts already made (retries of transient errors)
+    history: list[str] = []  # one line per failed attempt: "<code>: <message>"
 
 
 class Status(str, enum.Enum):
@@ -86,6 +88,7 @@ class Status(str, enum.Enum):
     FAILED = "failed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    DEAD_LETTERED = "dead_lettered"
 
 
 class Timings(Base, kw_only=True):
@@ -120,6 +123,7 @@ class Result(Base, kw_only=True):
     error_code: ErrorCode | None = None
     error_message: str = ""
     followup_ids: list[str] = []
+    attempts: int = 1
 
     @property
     def ok(self) -> bool:
@@ -142,7 +146,32 @@ class Finished(Base, kw_only=True, tag="fin"):
     result: Result
 
 
-TraceEvent = Enqueued | Finished
+class Retried(Base, kw_only=True, tag="retry"):
+    """Trace event: an attempt failed with a transient error; the task runs again at `due`."""
+
+    task_id: str
+    attempt: int
+    error: str
+    at: float
+    due: float
+
+
+TraceEvent = Enqueued | Finished | Retried
+
+
+class DeadLetter(Base, kw_only=True):
+    """An entry of a model's dead-letter stream: the task as it was queued, and why it died."""
+
+    task_id: str
+    model: str
+    reason: str
+    error_code: ErrorCode
+    payload: bytes  # the original stream payload (a Task, or whatever could not be decoded)
+    attempts: int = 0
+    deliveries: int = 0
+    history: list[str] = []
+    worker_id: str = ""
+    at: float = 0.0
 
 # Built once: encoders and decoders are reused on the hot path (msgspec performance tips).
 _encoder = msgspec.msgpack.Encoder()
@@ -183,6 +212,7 @@ def check_version(task: Task) -> None:
 
 decode_result = _result_decoder.decode
 decode_event = _event_decoder.decode
+decode_dead_letter = msgspec.msgpack.Decoder(DeadLetter).decode
 
 
 def result_to_dict(result: Result) -> dict:

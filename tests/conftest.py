@@ -48,6 +48,7 @@ def settings() -> Settings:
         default_model="m1",
         engine="fake",
         block_ms=20,
+        retry_base_s=0.05,
     )
 
 

@@ -101,10 +101,10 @@ async def test_follow_up_chain_across_models(producer, start_worker, redis):
 async def test_failed_parent_enqueues_no_follow_up(producer, start_worker, redis):
     await start_worker()
     root_id = await producer.submit(Task(model="m1", prompt="x",
-                                         metadata={"fake_error": "engine_error"},
+                                         metadata={"fake_error": "prompt_too_long"},
                                          followups=[FollowUp(prompt="never")]))
     result = await producer.wait(root_id, timeout_s=5)
-    assert result.status is Status.FAILED and result.error_code is ErrorCode.ENGINE_ERROR
+    assert result.status is Status.FAILED and result.error_code is ErrorCode.PROMPT_TOO_LONG
     assert result.followup_ids == []
     assert await redis.xlen(keys.task_stream("m1")) == 1
 

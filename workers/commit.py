@@ -1,10 +1,14 @@
-"""The commit: results, follow-ups, trace events and acknowledgements of a group, in one step.
+"""The worker's scripts: every state change of a task is one atomic step with its XACK.
 
-One EVALSHA per group of completions (not one round trip per task).  Redis runs a script
-atomically, so a crash of the worker before it leaves the follow-ups unwritten and the tasks
-pending (they are redelivered), and a crash after it leaves everything written and
-acknowledged.  The first result written for a task wins (SET NX); a later duplicate writes no
-effects and is only acknowledged.
+COMMIT_LUA, one EVALSHA per group of completions (never one round trip per task), applies
+per task one of three outcomes:
+  r  result: the result (first write wins: SET NX), reply, follow-ups, trace events
+  d  dead letter: the result (status dead_lettered) and the dead-letter entry
+  y  retry: the task, one attempt further, into the delayed set with its due time
+then acknowledges it.  Every outcome is fenced by the claim: a task no longer pending on
+this consumer (reclaimed by another worker while this one stalled) changes nothing, is not
+acknowledged, and is counted as fenced.  A crash before the script leaves the task pending
+(it is redelivered); after it, everything is written and acknowledged.
 """
 
 from __future__ import annotations
@@ -13,78 +17,161 @@ from collections.abc import Sequence
 
 import msgspec
 
-# KEYS: 1 task stream, 2 stats hash, then per record: result key, reply stream (the task
-#       stream itself when the task wants no reply), trace list, one task stream per follow-up.
-# ARGV: 1 group, 2 result ttl, 3 trace ttl, 4 reply maxlen, then per record: entry id,
-#       result, trace event ('' when tracing is off), follow-up count n, n x (task, trace event).
+# KEYS: 1 task stream, 2 stats hash, 3 delayed set, 4 dead-letter stream, then per record:
+#       result key, reply stream (the task stream when none), trace list, one task stream
+#       per follow-up.
+# ARGV: 1 group, 2 consumer, 3 result ttl, 4 trace ttl, 5 reply maxlen, 6 dead maxlen, then
+#       per record: entry id, outcome, v1, v2, trace event(s) ('' for none), follow-up
+#       count n, n x (task, trace event).  v1/v2: r = result/'', d = result/dead letter,
+#       y = retry payload/due epoch seconds.
 COMMIT_LUA = """
-local group, result_ttl, trace_ttl, reply_maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local a, k = 5, 3
+local group, me = ARGV[1], ARGV[2]
+local result_ttl, trace_ttl, reply_maxlen, dead_maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local a, k, n = 7, 5, #ARGV
 local acks, n_acks = {}, 0
-local written, dups, followups = 0, 0, 0
+local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
 local replies = {}
-while a <= #ARGV do
-  local eid, result, trace, nf = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+while a <= n do
+  local eid, outcome, v1, v2 = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local trace, nf = ARGV[a + 4], tonumber(ARGV[a + 5])
   local rkey, reply, tkey = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  a = a + 4
+  a = a + 6
   k = k + 3
-  if redis.call('SET', rkey, result, 'NX', 'EX', result_ttl) then
-    written = written + 1
-    if reply ~= KEYS[1] then
-      redis.call('XADD', reply, 'MAXLEN', '~', reply_maxlen, '*', 'r', result)
-      replies[reply] = true
-    end
+  local owner = redis.call('XPENDING', KEYS[1], group, eid, eid, 1)[1]
+  if owner == nil or owner[2] ~= me then
+    fenced = fenced + 1
+  else
     local events = {}
     if trace ~= '' then events[1] = trace end
-    for j = 0, nf - 1 do
-      redis.call('XADD', KEYS[k + j], '*', 'd', ARGV[a + 2 * j])
-      if trace ~= '' then events[#events + 1] = ARGV[a + 2 * j + 1] end
+    if outcome == 'y' then
+      redis.call('ZADD', KEYS[3], v2, v1)
+      retried = retried + 1
+    elseif redis.call('SET', rkey, v1, 'NX', 'EX', result_ttl) then
+      written = written + 1
+      if reply ~= KEYS[1] then
+        redis.call('XADD', reply, 'MAXLEN', '~', reply_maxlen, '*', 'r', v1)
+        replies[reply] = true
+      end
+      if outcome == 'd' then
+        redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'd', v2)
+        dead = dead + 1
+      end
+      for j = 0, nf - 1 do
+        redis.call('XADD', KEYS[k + j], '*', 'd', ARGV[a + 2 * j])
+        if trace ~= '' then events[#events + 1] = ARGV[a + 2 * j + 1] end
+      end
+      followups = followups + nf
+    else
+      dups = dups + 1
+      events = {}
     end
-    followups = followups + nf
     if #events > 0 and redis.call('RPUSH', tkey, unpack(events)) == #events then
       redis.call('EXPIRE', tkey, trace_ttl)
     end
-  else
-    dups = dups + 1
+    n_acks = n_acks + 1
+    acks[n_acks] = eid
+    if n_acks == 1000 then
+      redis.call('XACK', KEYS[1], group, unpack(acks))
+      acks, n_acks = {}, 0
+    end
   end
   a = a + 2 * nf
   k = k + nf
-  n_acks = n_acks + 1
-  acks[n_acks] = eid
-  if n_acks == 1000 then
-    redis.call('XACK', KEYS[1], group, unpack(acks))
-    acks, n_acks = {}, 0
-  end
 end
 if n_acks > 0 then redis.call('XACK', KEYS[1], group, unpack(acks)) end
-for reply in pairs(replies) do redis.call('EXPIRE', reply, result_ttl) end
+for r in pairs(replies) do redis.call('EXPIRE', r, result_ttl) end
 redis.call('HINCRBY', KEYS[2], 'written', written)
 if dups > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dups) end
 if followups > 0 then redis.call('HINCRBY', KEYS[2], 'followups', followups) end
-return {written, dups}
+if fenced > 0 then redis.call('HINCRBY', KEYS[2], 'fenced', fenced) end
+if retried > 0 then redis.call('HINCRBY', KEYS[2], 'retried', retried) end
+if dead > 0 then redis.call('HINCRBY', KEYS[2], 'dead_lettered', dead) end
+return {written, dups, fenced, retried, dead}
+"""
+
+# Reclaim what stalled: tasks idle on any consumer for ARGV[3] ms move to us (XCLAIM
+# counts a delivery).  KEYS: 1 task stream, 2 stats hash.  ARGV: 1 group, 2 consumer,
+# 3 min idle ms, 4 count.  Returns {{id, fields, deliveries before this claim}...}, {ids of entries that
+# vanished while pending: lost}.
+RECLAIM_LUA = """
+local pend = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4])
+if #pend == 0 then return {{}, {}} end
+local ids, deliveries = {}, {}
+for i, p in ipairs(pend) do
+  ids[i] = p[1]
+  deliveries[p[1]] = p[4]
+end
+local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids))
+local out, got = {}, {}
+for _, e in ipairs(claimed) do
+  if e and e[2] then
+    got[e[1]] = true
+    out[#out + 1] = {e[1], e[2], deliveries[e[1]]}
+  end
+end
+local lost = {}
+for _, id in ipairs(ids) do
+  if not got[id] then lost[#lost + 1] = id end
+end
+if #lost > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(lost))
+  redis.call('HINCRBY', KEYS[2], 'lost', #lost)
+end
+return {out, lost}
+"""
+
+# Renew our claim on tasks still in the engine, so that nobody reclaims work in progress;
+# only where we still own them (a task reclaimed meanwhile stays with its new owner).
+# KEYS: 1 task stream.  ARGV: 1 group, 2 consumer, then entry ids.  Returns renewed count.
+RENEW_LUA = """
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if p and p[2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Move retries that are due back into the task stream.  KEYS: 1 task stream, 2 delayed set.
+# ARGV: 1 now (epoch seconds), 2 most to move.  Returns how many moved.
+PROMOTE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, payload in ipairs(due) do
+  redis.call('XADD', KEYS[1], '*', 'd', payload)
+end
+if #due > 0 then redis.call('ZREM', KEYS[2], unpack(due)) end
+return #due
 """
 
 
 class CommitRecord(msgspec.Struct, array_like=True):
-    """One completed task, encoded and ready for the commit script."""
+    """One task's outcome, encoded and ready for COMMIT_LUA."""
 
     entry_id: bytes
+    outcome: bytes  # b"r", b"d" or b"y"
+    v1: bytes
+    v2: bytes | str
     result_key: str
     reply_key: str  # the task stream when there is no reply stream
     trace_key: str
-    result: bytes
-    trace: bytes  # b"" when tracing is off
+    trace: bytes  # b"" when not traced
     followups: Sequence[tuple[str, bytes, bytes]]  # (stream, task payload, trace event)
 
 
-def commit_args(stream: str, stats: str, group: str, result_ttl_s: int, trace_ttl_s: int,
-                reply_maxlen: int, records: Sequence[CommitRecord]) -> tuple[list, list]:
-    """Flatten records into the KEYS and ARGV of COMMIT_LUA."""
-    keys: list = [stream, stats]
-    args: list = [group, result_ttl_s, trace_ttl_s, reply_maxlen]
+def commit_args(head: list, records: Sequence[CommitRecord]) -> tuple[list, list]:
+    """Flatten records into the KEYS and ARGV of COMMIT_LUA.
+
+    `head` is [stream, stats, delayed, dead, group, consumer, result ttl, trace ttl,
+    reply maxlen, dead maxlen].
+    """
+    keys: list = head[:4]
+    args: list = head[4:]
     for r in records:
         keys += (r.result_key, r.reply_key, r.trace_key)
-        args += (r.entry_id, r.result, r.trace, len(r.followups))
+        args += (r.entry_id, r.outcome, r.v1, r.v2, r.trace, len(r.followups))
         for f_stream, payload, event in r.followups:
             keys.append(f_stream)
             args += (payload, event)

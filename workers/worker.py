@@ -1,18 +1,21 @@
 """The worker: read a window, hand it to the engine, write results, acknowledge.
 
-One `ModelLane` per served model runs two loops:
-  read loop    XREADGROUP up to `read_count` tasks (never more than the free in-flight slots),
-               decode and check them, hand the valid ones to the engine at once.  It does not
-               wait for a window to finish: slots free up as commits land.
-  commit loop  takes every completion gathered since its last write and commits them with
-               one script call (results, follow-ups, traces, XACK), then frees their slots.
-The engine batches continuously; the lane only keeps it fed and writes behind it.
+One `ModelLane` per served model runs these loops:
+  read loop     XREADGROUP up to `read_count` tasks (never more than the free in-flight
+                slots), decode and check them, hand the valid ones to the engine at once.  It
+                does not wait for a window to finish: slots free up as commits land.
+  commit loop   takes every completion gathered since its last write and commits them with
+                one script call (results, follow-ups, retries, dead letters, traces, XACK).
+and the bookkeeping beside the hot path: reclaiming tasks stalled on dead workers, renewing
+our claim on tasks still in the engine, moving due retries back into the stream, trimming
+acknowledged entries, and listening for cancellations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 import msgspec
@@ -22,34 +25,58 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import keys
-from schemas.errors import AgentFleetError, DecodeError, ErrorCode, ValidationError
+from schemas.errors import (
+    AgentFleetError,
+    DecodeError,
+    ErrorCode,
+    EvictingServerError,
+    ValidationError,
+)
 from schemas.settings import ModelSpec, Settings
 from schemas.validate import validate_task
 from schemas.wire import (
+    DeadLetter,
     Enqueued,
     Finished,
     FollowUp,
     Message,
     Result,
+    Retried,
     Status,
     Task,
     Timings,
     decode_task,
     encode,
 )
-from workers.commit import COMMIT_LUA, CommitRecord, commit_args
+from workers.commit import (
+    COMMIT_LUA,
+    PROMOTE_LUA,
+    RECLAIM_LUA,
+    RENEW_LUA,
+    CommitRecord,
+    commit_args,
+)
 from workers.engine import Engine, EngineOutput
 
 log = logging.getLogger("agentfleet.worker")
 
-_STATUS_BY_CODE = {ErrorCode.DEADLINE_EXCEEDED: Status.EXPIRED}
+_STATUS_BY_CODE = {
+    ErrorCode.DEADLINE_EXCEEDED: Status.EXPIRED,
+    ErrorCode.CANCELLED: Status.CANCELLED,
+    ErrorCode.ATTEMPTS_EXHAUSTED: Status.DEAD_LETTERED,
+    ErrorCode.DELIVERY_LIMIT: Status.DEAD_LETTERED,
+    ErrorCode.DECODE_ERROR: Status.DEAD_LETTERED,
+    ErrorCode.UNSUPPORTED_VERSION: Status.DEAD_LETTERED,
+}
+_RETRYABLE = frozenset((ErrorCode.ENGINE_ERROR, ErrorCode.ENGINE_DEAD))
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
 class _InFlight:
     """A task between its read and its commit."""
 
-    __slots__ = ("entry_id", "task", "read_at", "batch_id", "batch_size", "output")
+    __slots__ = ("entry_id", "task", "read_at", "batch_id", "batch_size", "output",
+                 "payload", "deliveries", "cancelled")
 
     def __init__(self, entry_id: bytes, read_at: float, batch_id: str, batch_size: int):
         self.entry_id = entry_id
@@ -58,6 +85,9 @@ class _InFlight:
         self.batch_id = batch_id
         self.batch_size = batch_size
         self.output: EngineOutput | None = None
+        self.payload = b""  # kept only where a dead letter may need it
+        self.deliveries = 1
+        self.cancelled = False
 
 
 class LaneStats(msgspec.Struct):
@@ -67,6 +97,12 @@ class LaneStats(msgspec.Struct):
     duplicates: int = 0
     batches: int = 0
     commits: int = 0
+    fenced: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    reclaimed: int = 0
+    lost: int = 0
+    cancelled: int = 0
 
 
 class ModelLane:
@@ -85,8 +121,16 @@ class ModelLane:
         self.stream = keys.task_stream(self.model)
         self.stats = LaneStats()
         self.stopping = False
-        self._stats_key = keys.stats_key(self.model)
+        self.engine_dead = asyncio.Event()
+        s = settings
+        self._commit_head = [self.stream, keys.stats_key(self.model),
+                             keys.delayed_key(self.model), keys.dead_stream(self.model),
+                             keys.GROUP, worker_id, s.result_ttl_s, s.trace_ttl_s,
+                             s.reply_maxlen, s.dead_maxlen]
         self._commit = redis.register_script(COMMIT_LUA)
+        self._reclaim = redis.register_script(RECLAIM_LUA)
+        self._renew = redis.register_script(RENEW_LUA)
+        self._promote = redis.register_script(PROMOTE_LUA)
         self._inflight: dict[str, _InFlight] = {}  # request id -> task, while in the engine
         self._outbox: list[_InFlight] = []  # finished, waiting for the next commit
         self._uncommitted = 0  # read and not yet committed: what max_inflight bounds
@@ -94,6 +138,7 @@ class ModelLane:
         self._slot_free = asyncio.Event()
         self._batch_seq = 0
         self._reply_keys: dict[str, str] = {}
+        self._cancelled: dict[str, float] = {}  # task id -> when the mark expires
 
     async def ensure_group(self) -> None:
         """Create the model's consumer group, reading from the start of the stream."""
@@ -141,11 +186,16 @@ class ModelLane:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):  # the stream was deleted: make it again
+                    raise
+                await self.ensure_group()
+                continue
             backoff_s = 0.05
             if reply:
                 self.dispatch(reply[0][1])
 
-    def dispatch(self, entries: list) -> None:
+    def dispatch(self, entries: list, deliveries: dict[bytes, int] | None = None) -> None:
         """Decode and check a window of stream entries and start the valid ones."""
         now = time.time()
         self._batch_seq += 1
@@ -157,15 +207,27 @@ class ModelLane:
         start: list[tuple[str, Task]] = []
         for entry_id, fields in entries:
             rec = _InFlight(entry_id, now, batch_id, size)
+            if deliveries is not None:
+                rec.deliveries = deliveries[entry_id]
             try:
                 rec.task = task = _decode(fields)
                 self._check(task)
             except AgentFleetError as exc:
+                rec.payload = fields[1] if len(fields) > 1 else b""
                 self._finish_now(rec, exc.code, str(exc), now)
+                continue
+            if rec.deliveries > self.settings.max_deliveries:
+                rec.payload = fields[1]
+                self._finish_now(rec, ErrorCode.DELIVERY_LIMIT,
+                                 f"delivered {rec.deliveries - 1} times without finishing: "
+                                 f"it may be killing workers", now)
                 continue
             if task.deadline is not None and task.deadline < now:
                 self._finish_now(rec, ErrorCode.DEADLINE_EXCEEDED,
                                  f"deadline {task.deadline:.3f} passed before the task ran", now)
+                continue
+            if self._cancelled and task.id in self._cancelled:
+                self._finish_now(rec, ErrorCode.CANCELLED, "cancelled before it ran", now)
                 continue
             request_id = entry_id.decode()
             self._inflight[request_id] = rec
@@ -198,11 +260,22 @@ class ModelLane:
         if rec is None:
             return
         rec.output = out
+        if out.error_code is ErrorCode.ENGINE_DEAD:
+            self.engine_dead.set()
         self._queue_commit(rec)
 
     def _queue_commit(self, rec: _InFlight) -> None:
         self._outbox.append(rec)
         self._outbox_ready.set()
+
+    def cancel(self, task_id: str, until: float) -> None:
+        """Mark a task cancelled: never started if queued, aborted if running here."""
+        self._cancelled[task_id] = until
+        for request_id, rec in self._inflight.items():
+            if rec.task is not None and rec.task.id == task_id:
+                rec.cancelled = True
+                self.engine.abort([request_id])
+                break
 
     # ---- write side ------------------------------------------------------------------
 
@@ -228,6 +301,15 @@ class ModelLane:
         if task is None:  # undecodable: keyed by its entry id, nobody to reply to
             task = Task(id="entry-" + rec.entry_id.decode(), model=self.model)
         code = out.error_code
+        if rec.cancelled and code is None:
+            code = ErrorCode.CANCELLED
+            out.error_message = "cancelled while running"
+        if code in _RETRYABLE:
+            if task.attempt + 1 < self.settings.max_attempts:
+                return self._retry_record(rec, task, code, out.error_message, now)
+            out.error_message = (f"{task.attempt + 1} attempts failed; last: {code.value}: "
+                                 f"{out.error_message}")
+            code = ErrorCode.ATTEMPTS_EXHAUSTED
         status = Status.SUCCEEDED if code is None else _STATUS_BY_CODE.get(code, Status.FAILED)
         followups: list[tuple[str, bytes, bytes]] = []
         # A lone task's result is its whole trace; chains also get a list per correlation id.
@@ -239,8 +321,8 @@ class ModelLane:
                 event = encode(Enqueued(task_id=child.id, parent_id=task.id, model=child.model,
                                         agent_id=child.agent_id, at=now)) if trace_on else b""
                 followups.append((keys.task_stream(child.model), encode(child), event))
-        else:
-            self.stats.failed += status is not Status.SUCCEEDED
+        elif status is not Status.SUCCEEDED:
+            self.stats.failed += 1
         result = Result(
             task_id=task.id, correlation_id=task.correlation_id, parent_id=task.parent_id,
             model=self.model, agent_id=task.agent_id, tenant=task.tenant, status=status,
@@ -253,18 +335,46 @@ class ModelLane:
             model_version=self.engine.model_version, error_code=code,
             error_message=out.error_message,
             followup_ids=[f"{task.id}.{i}" for i in range(1, len(followups) + 1)],
+            attempts=task.attempt + 1,
         )
         trace = b""
         if trace_on:
             trace = encode(Finished(result=msgspec.structs.replace(result, text="")))
+        outcome, dead = b"r", b""
+        if status is Status.DEAD_LETTERED:
+            outcome = b"d"
+            dead = encode(DeadLetter(
+                task_id=task.id, model=self.model, reason=out.error_message, error_code=code,
+                payload=rec.payload or encode(task), attempts=task.attempt + 1,
+                deliveries=rec.deliveries, history=task.history, worker_id=self.worker_id,
+                at=now))
         return CommitRecord(
-            entry_id=rec.entry_id,
+            entry_id=rec.entry_id, outcome=outcome, v1=encode(result), v2=dead,
             result_key=keys.result_key(self.model, task.id),
             reply_key=self._reply_key(task.reply_to),
             trace_key=keys.trace_key(self.model, task.correlation_id or task.id),
-            result=encode(result),
-            trace=trace,
-            followups=followups,
+            trace=trace, followups=followups,
+        )
+
+    def _retry_record(self, rec: _InFlight, task: Task, code: ErrorCode, message: str,
+                      now: float) -> CommitRecord:
+        """The task again, one attempt further, due after exponential backoff with jitter."""
+        s = self.settings
+        delay_s = min(s.retry_max_s, s.retry_base_s * 2 ** task.attempt)
+        due = now + delay_s * (0.5 + random.random() / 2)
+        line = f"attempt {task.attempt + 1} on {self.worker_id}: {code.value}: {message}"
+        again = msgspec.structs.replace(task, attempt=task.attempt + 1,
+                                        history=[*task.history, line][-10:])
+        traced = s.trace_enabled and bool(task.followups or task.parent_id
+                                          or task.correlation_id != task.id)
+        self.stats.retried += 1
+        return CommitRecord(
+            entry_id=rec.entry_id, outcome=b"y", v1=encode(again), v2=repr(due),
+            result_key=self.stream, reply_key=self.stream,
+            trace_key=keys.trace_key(self.model, task.correlation_id or task.id),
+            trace=encode(Retried(task_id=task.id, attempt=task.attempt + 1, error=line,
+                                 at=now, due=due)) if traced else b"",
+            followups=(),
         )
 
     def _reply_key(self, producer_id: str) -> str:
@@ -278,13 +388,11 @@ class ModelLane:
         return key
 
     async def _write(self, records: list[CommitRecord]) -> None:
-        s = self.settings
-        keys_, args = commit_args(self.stream, self._stats_key, keys.GROUP, s.result_ttl_s,
-                                  s.trace_ttl_s, s.reply_maxlen, records)
+        keys_, args = commit_args(self._commit_head, records)
         backoff_s = 0.05
         while True:
             try:
-                written, dups = await self._commit(keys=keys_, args=args)
+                written, dups, fenced, _, dead = await self._commit(keys=keys_, args=args)
                 break
             except _TRANSIENT as exc:
                 log.warning("model %s: commit of %d failed (%s); retrying in %.2fs",
@@ -296,7 +404,108 @@ class ModelLane:
             backoff_s = min(backoff_s * 2, 5.0)
         self.stats.committed += written
         self.stats.duplicates += dups
+        self.stats.fenced += fenced
+        self.stats.dead_lettered += dead
         self.stats.commits += 1
+        if fenced:
+            log.warning("model %s: %d results dropped: their tasks were reclaimed by another "
+                        "worker while this one stalled", self.model, fenced)
+
+    # ---- bookkeeping -----------------------------------------------------------------
+
+    async def reclaim_loop(self) -> None:
+        """Take over tasks idle longer than claim_idle_ms on any consumer (dead workers)."""
+        s = self.settings
+        every_s = min(s.claim_idle_ms / 4000, 1.0)
+        while not self.stopping:
+            await asyncio.sleep(every_s)
+            free = s.max_inflight - self._uncommitted
+            if free <= 0 or self.stopping:
+                continue
+            try:
+                claimed, lost = await self._reclaim(
+                    keys=[self.stream, self._commit_head[1]],
+                    args=[keys.GROUP, self.worker_id, s.claim_idle_ms, min(free, 100)])
+            except _TRANSIENT as exc:
+                log.warning("model %s: reclaim failed (%s)", self.model, exc)
+                continue
+            if lost:
+                self.stats.lost += len(lost)
+                log.error("model %s: %d pending tasks vanished from the stream before they "
+                          "finished (trimmed or deleted by hand): %s", self.model, len(lost),
+                          [i.decode() for i in lost[:10]])
+            if claimed and not self.stopping:
+                mine = {rec.entry_id for rec in self._inflight.values()}
+                fresh = [(eid, fields) for eid, fields, _ in claimed if eid not in mine]
+                self.stats.reclaimed += len(fresh)
+                log.info("model %s: reclaimed %d stalled tasks", self.model, len(fresh))
+                if fresh:
+                    self.dispatch(fresh, {eid: n + 1 for eid, _, n in claimed})
+
+    async def renew_loop(self) -> None:
+        """Keep our claim on tasks still running, so a slow worker is not mistaken for dead."""
+        every_s = self.settings.claim_idle_ms / 3000
+        while True:
+            await asyncio.sleep(every_s)
+            ids = [rec.entry_id for rec in self._inflight.values()]
+            ids += [rec.entry_id for rec in self._outbox]
+            if not ids:
+                if self.stopping:
+                    return
+                continue
+            try:
+                await self._renew(keys=[self.stream], args=[keys.GROUP, self.worker_id, *ids])
+            except _TRANSIENT as exc:
+                log.warning("model %s: renewing claims failed (%s)", self.model, exc)
+
+    async def promote_loop(self, every_s: float = 0.25) -> None:
+        """Move retries that are due back into the stream (a timer, not a busy loop)."""
+        keys_ = [self.stream, keys.delayed_key(self.model)]
+        while not self.stopping:
+            await asyncio.sleep(every_s)
+            try:
+                await self._promote(keys=keys_, args=[time.time(), 500])
+            except _TRANSIENT as exc:
+                log.warning("model %s: moving due retries failed (%s)", self.model, exc)
+
+    async def trim_loop(self) -> None:
+        """Drop acknowledged entries, never one that is pending or not yet delivered."""
+        while not self.stopping:
+            await asyncio.sleep(self.settings.trim_interval_s)
+            try:
+                await trim_stream(self.redis, self.model)
+            except _TRANSIENT as exc:
+                log.warning("model %s: trimming failed (%s)", self.model, exc)
+            now = time.time()
+            for task_id in [t for t, until in self._cancelled.items() if until < now]:
+                del self._cancelled[task_id]
+
+
+async def trim_stream(redis: aioredis.Redis, model: str) -> int:
+    """XTRIM below the oldest entry still pending or undelivered in the model's group."""
+    stream = keys.task_stream(model)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xinfo_groups(stream)
+        pipe.xpending(stream, keys.GROUP)
+        groups, pending = await pipe.execute(raise_on_error=False)
+    if isinstance(groups, Exception) or isinstance(pending, Exception):
+        return 0
+    group = next((g for g in groups if g["name"] in (keys.GROUP, keys.GROUP.encode())), None)
+    if group is None:
+        return 0
+    last = group["last-delivered-id"]
+    last = last.decode() if isinstance(last, bytes) else last
+    ms, seq = last.split("-")
+    floor = f"{ms}-{int(seq) + 1}"  # everything after the last delivery is still unread
+    if pending["pending"]:
+        oldest = pending["min"].decode() if isinstance(pending["min"], bytes) else pending["min"]
+        floor = min(floor, oldest, key=_id_key)
+    return await redis.xtrim(stream, minid=floor, approximate=False)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
 
 
 def _raw(response, **options):
@@ -356,31 +565,69 @@ class Worker:
         self._stop.set()
 
     async def run(self, drain_timeout_s: float = 30.0) -> None:
-        """Serve until `request_stop`; then stop reading and finish what is in flight."""
+        """Serve until `request_stop`; then stop reading and finish what is in flight.
+
+        What does not finish within `drain_timeout_s` stays pending in Redis, where another
+        worker reclaims it after claim_idle_ms.
+        """
+        await check_server(self.redis)
         for lane in self.lanes:
             await lane.engine.start()
             await lane.ensure_group()
         async with asyncio.TaskGroup() as tg:
             commits = [tg.create_task(lane.commit_loop()) for lane in self.lanes]
-            reads = [tg.create_task(lane.read_loop()) for lane in self.lanes]
-            beat = tg.create_task(self._heartbeat())
+            renews = [tg.create_task(lane.renew_loop()) for lane in self.lanes]
+            side = [tg.create_task(loop()) for lane in self.lanes
+                    for loop in (lane.read_loop, lane.reclaim_loop, lane.promote_loop,
+                                 lane.trim_loop)]
+            side.append(tg.create_task(self._heartbeat()))
+            side.append(tg.create_task(self._listen_cancellations()))
+            for lane in self.lanes:
+                side.append(tg.create_task(self._stop_when_dead(lane)))
             self.ready.set()
             log.info("worker %s serving %s", self.worker_id, [lane.model for lane in self.lanes])
             await self._stop.wait()
             log.info("worker %s draining", self.worker_id)
             for lane in self.lanes:
                 lane.stop_reading()
-            await asyncio.gather(*reads)
-            beat.cancel()
             _, pending = await asyncio.wait(commits, timeout=drain_timeout_s)
             if pending:  # what is left stays pending in Redis, claimable by another worker
                 log.warning("worker %s: drain deadline passed with %d tasks in flight",
                             self.worker_id, sum(lane.busy for lane in self.lanes))
-                for task in pending:
-                    task.cancel()
+            for task in [*pending, *renews, *side]:
+                task.cancel()
         for lane in self.lanes:
             await lane.engine.stop()
         await self._beat(alive=False)
+
+    async def _stop_when_dead(self, lane: ModelLane) -> None:
+        await lane.engine_dead.wait()
+        log.error("worker %s: the engine of %s died; stopping (its tasks will be retried)",
+                  self.worker_id, lane.model)
+        self.request_stop()
+
+    async def _listen_cancellations(self) -> None:
+        """Cancellation marks: loaded at start, then pushed over pub/sub."""
+        lanes = {keys.cancel_channel(lane.model).encode(): lane for lane in self.lanes}
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(*lanes)
+            for lane in self.lanes:  # after subscribing: no mark falls between the two
+                marks = await self.redis.zrangebyscore(keys.cancelled_key(lane.model),
+                                                       time.time(), "+inf", withscores=True)
+                for task_id, until in marks:
+                    lane.cancel(task_id.decode(), until)
+            while True:
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg is not None:
+                    lane = lanes.get(msg["channel"])
+                    if lane is not None:
+                        lane.cancel(msg["data"].decode(), time.time() + self.settings.cancel_ttl_s)
+        except _TRANSIENT as exc:
+            log.warning("worker %s: cancellation listener lost its connection (%s)",
+                        self.worker_id, exc)
+        finally:
+            await pubsub.aclose()
 
     async def _heartbeat(self, every_s: float = 2.0) -> None:
         """Tell SREs and `agentfleet status` which workers serve which model."""
@@ -399,6 +646,16 @@ class Worker:
                 await pipe.execute()
         except RedisError as exc:
             log.warning("worker %s: heartbeat failed (%s)", self.worker_id, exc)
+
+
+async def check_server(redis: aioredis.Redis) -> None:
+    """Refuse a server that may evict keys: an evicted task or result is a lost one."""
+    info = await redis.info("memory")
+    policy = info.get("maxmemory_policy", "noeviction")
+    if policy != "noeviction":
+        raise EvictingServerError(
+            f"the server's maxmemory-policy is {policy!r}: it may evict queued tasks and "
+            f"results; set it to 'noeviction'")
 
 
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
