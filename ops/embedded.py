@@ -44,11 +44,13 @@ class ServerProcess:
     """One Redis-compatible server process, started and stopped by us."""
 
     def __init__(self, data_dir: Path, *, binary: Path | None = None, port: int = 0,
-                 appendonly: bool = True, start_timeout_s: float = 10.0):
+                 appendonly: bool = True, appendfsync: str = "everysec",
+                 start_timeout_s: float = 10.0):
         self.binary = binary or valkey_binary()
         self.data_dir = Path(data_dir)
         self.port = port
         self.appendonly = appendonly
+        self.appendfsync = appendfsync  # "always": no acknowledged write is lost on a crash
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
 
@@ -77,7 +79,7 @@ class ServerProcess:
         return [
             str(self.binary), "--port", str(port), "--bind", "127.0.0.1",
             "--dir", str(self.data_dir), "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
+            "--appendfsync", self.appendfsync, "--save", "", "--maxmemory-policy", "noeviction",
             "--logfile", str(self.data_dir / "server.log"), "--daemonize", "no",
         ]
 

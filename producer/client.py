@@ -21,12 +21,18 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from producer.connection import connect
 from producer.enqueue import ENQUEUE_LUA, enqueue_args
 from schemas import keys
-from schemas.errors import BrokerError, FatalConfigError, ResultTimeoutError, ValidationError
+from schemas.errors import (
+    BrokerError,
+    FatalConfigError,
+    ResultTimeoutError,
+    ServerOutOfMemoryError,
+    ValidationError,
+)
 from schemas.settings import Settings
 from schemas.validate import validate_task
 from schemas.wire import Result, Task, decode_result, encode
@@ -140,10 +146,30 @@ class Producer:
     async def _settle(fut: asyncio.Future, chunk: list, ids: list[str]) -> None:
         try:
             dups = await fut
+        except ResponseError as exc:
+            if "OOM" in str(exc):
+                raise ServerOutOfMemoryError(
+                    f"the server is out of memory (maxmemory reached): {len(chunk)} tasks "
+                    f"were not queued; drain the queues or raise maxmemory") from exc
+            raise BrokerError(f"enqueue failed: {exc}") from exc
         except RedisError as exc:
             raise BrokerError(f"enqueue failed: {exc}") from exc
         for j in range(0, len(dups), 2):
             ids[chunk[int(dups[j])][3]] = dups[j + 1].decode()
+
+    async def cancel(self, task_id: str, model: str) -> None:
+        """Cancel a task: if still queued it never runs; if running, the engine aborts it.
+
+        Its result says `cancelled`, unless it finished first.
+        """
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(keys.cancelled_key(model),
+                          {task_id: time.time() + self.settings.cancel_ttl_s})
+                pipe.publish(keys.cancel_channel(model), task_id)
+                await pipe.execute()
+        except RedisError as exc:
+            raise BrokerError(f"cancel of {task_id} failed: {exc}") from exc
 
     def _fill(self, task: Task, reply: bool, now: float) -> None:
         if not task.id:

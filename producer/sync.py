@@ -59,6 +59,9 @@ class SyncProducer:
     def wait_chain(self, task_id: str, timeout_s: float = 60.0) -> list[Result]:
         return self._run(self._producer.wait_chain(task_id, timeout_s))
 
+    def cancel(self, task_id: str, model: str) -> None:
+        self._run(self._producer.cancel(task_id, model))
+
     def get_result(self, task_id: str, model: str | None = None) -> Result | None:
         return self._run(self._producer.get_result(task_id, model))
 

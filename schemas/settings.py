@@ -73,6 +73,7 @@ class Settings(msgspec.Struct, kw_only=True):
     dead_maxlen: int = 100_000  # cap of a model's dead-letter stream
     trim_interval_s: float = 10.0  # how often a worker trims acknowledged entries
     cancel_ttl_s: int = 86_400  # how long a cancellation mark is kept
+    crash_at: str = ""  # fault injection for the fault suite: before_commit | after_commit
     # retention
     result_ttl_s: int = 86_400
     trace_ttl_s: int = 86_400
@@ -83,6 +84,11 @@ class Settings(msgspec.Struct, kw_only=True):
     max_chain_depth: int = 8  # follow-up nesting
     max_messages: int = 256
     max_metadata_items: int = 64
+    # observability (docs/observability.md)
+    metrics_port: int = 9464  # `agentfleet worker` serves /metrics here; 0: metrics off
+    log_format: str = "auto"  # auto (text on a terminal, else JSON lines), json or text
+    sentry_dsn: str = ""  # SENTRY_DSN; "" sends nothing
+    sentry_include_text: bool = False  # prompts and outputs go to Sentry only when true
 
     @property
     def home_path(self) -> Path:
@@ -104,6 +110,8 @@ class Settings(msgspec.Struct, kw_only=True):
             raw = env.get(ENV_PREFIX + field.name.upper())
             if field.name == "redis_url":
                 raw = env.get("REDIS_URL", raw)
+            elif field.name == "sentry_dsn":  # the name every Sentry SDK knows
+                raw = env.get("SENTRY_DSN", raw)
             if raw is not None:
                 values[field.name] = _parse(field.name, field.type, raw)
         models_file = env.get(ENV_PREFIX + "MODELS_FILE")

@@ -90,17 +90,25 @@ return {written, dups, fenced, retried, dead}
 """
 
 # Reclaim what stalled: tasks idle on any consumer for ARGV[3] ms move to us (XCLAIM
-# counts a delivery).  KEYS: 1 task stream, 2 stats hash.  ARGV: 1 group, 2 consumer,
-# 3 min idle ms, 4 count.  Returns {{id, fields, deliveries before this claim}...}, {ids of entries that
-# vanished while pending: lost}.
+# counts a delivery).  A task delivered twice already is a suspect (it may be what killed
+# the workers): suspects are claimed one at a time, and only when ARGV[5] is 1 (we run no
+# other suspect), so a poison task cannot drag its batch-mates to their delivery limit.
+# KEYS: 1 task stream, 2 stats hash.  ARGV: 1 group, 2 consumer, 3 min idle ms, 4 count,
+# 5 suspect allowed.  Returns {{id, fields, deliveries before this claim}...}, {ids of
+# entries that vanished while pending: lost}.
 RECLAIM_LUA = """
 local pend = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4])
 if #pend == 0 then return {{}, {}} end
 local ids, deliveries = {}, {}
-for i, p in ipairs(pend) do
-  ids[i] = p[1]
-  deliveries[p[1]] = p[4]
+local suspect_taken = ARGV[5] ~= '1'
+for _, p in ipairs(pend) do
+  if p[4] < 2 or not suspect_taken then
+    if p[4] >= 2 then suspect_taken = true end
+    ids[#ids + 1] = p[1]
+    deliveries[p[1]] = p[4]
+  end
 end
+if #ids == 0 then return {{}, {}} end
 local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids))
 local out, got = {}, {}
 for _, e in ipairs(claimed) do

@@ -11,11 +11,13 @@ task, so tests can predict it:
 Test hooks, set through a task's metadata:
     fake_error = "<ErrorCode value>"  -> the request fails with that code
     fake_delay_s = "0.05"             -> the request finishes after that many seconds
+    fake_crash = "1"                  -> the whole process dies at once (a poison task)
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Sequence
 
@@ -44,6 +46,8 @@ class FakeEngine:
             out = answer(request_id, task, now)
             delay = self.delay_s
             if task.metadata:
+                if "fake_crash" in task.metadata:
+                    os._exit(3)  # what a segfault in a real engine looks like to the queue
                 delay = float(task.metadata.get("fake_delay_s", delay))
             if delay <= 0:
                 on_done(out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 
@@ -57,6 +58,7 @@ from workers.commit import (
     commit_args,
 )
 from workers.engine import Engine, EngineOutput
+from workers.metrics import NULL_LANE_METRICS, WorkerMetrics
 
 log = logging.getLogger("agentfleet.worker")
 
@@ -139,6 +141,7 @@ class ModelLane:
         self._batch_seq = 0
         self._reply_keys: dict[str, str] = {}
         self._cancelled: dict[str, float] = {}  # task id -> when the mark expires
+        self.metrics = NULL_LANE_METRICS  # the Worker attaches real ones (workers/metrics.py)
 
     async def ensure_group(self) -> None:
         """Create the model's consumer group, reading from the start of the stream."""
@@ -204,6 +207,7 @@ class ModelLane:
         self.stats.read += size
         self.stats.batches += 1
         self._uncommitted += size
+        self.metrics.observe_read(size)
         start: list[tuple[str, Task]] = []
         for entry_id, fields in entries:
             rec = _InFlight(entry_id, now, batch_id, size)
@@ -289,8 +293,13 @@ class ModelLane:
                 continue
             done, self._outbox = self._outbox, []
             records = [self._record(rec) for rec in done]
+            if self.settings.crash_at == "before_commit":
+                os._exit(137)  # fault suite: the engine ran, the results were never written
             # Shielded: a cancelled worker still finishes the write it started.
             await asyncio.shield(self._write(records))
+            self.metrics.observe_commit(done, records)
+            if self.settings.crash_at == "after_commit":
+                os._exit(137)  # fault suite: written and acknowledged, then gone
             self._uncommitted -= len(done)
             self._slot_free.set()
 
@@ -422,18 +431,17 @@ class ModelLane:
             free = s.max_inflight - self._uncommitted
             if free <= 0 or self.stopping:
                 continue
+            suspect_running = any(rec.deliveries > 2 for rec in self._inflight.values())
             try:
                 claimed, lost = await self._reclaim(
                     keys=[self.stream, self._commit_head[1]],
-                    args=[keys.GROUP, self.worker_id, s.claim_idle_ms, min(free, 100)])
+                    args=[keys.GROUP, self.worker_id, s.claim_idle_ms, min(free, 100),
+                          0 if suspect_running else 1])
+                if lost:
+                    await self._report_lost(lost)
             except _TRANSIENT as exc:
                 log.warning("model %s: reclaim failed (%s)", self.model, exc)
                 continue
-            if lost:
-                self.stats.lost += len(lost)
-                log.error("model %s: %d pending tasks vanished from the stream before they "
-                          "finished (trimmed or deleted by hand): %s", self.model, len(lost),
-                          [i.decode() for i in lost[:10]])
             if claimed and not self.stopping:
                 mine = {rec.entry_id for rec in self._inflight.values()}
                 fresh = [(eid, fields) for eid, fields, _ in claimed if eid not in mine]
@@ -441,6 +449,22 @@ class ModelLane:
                 log.info("model %s: reclaimed %d stalled tasks", self.model, len(fresh))
                 if fresh:
                     self.dispatch(fresh, {eid: n + 1 for eid, _, n in claimed})
+
+    async def _report_lost(self, lost: list[bytes]) -> None:
+        """An entry that vanished while pending is dead-lettered as lost, never skipped."""
+        self.stats.lost += len(lost)
+        log.error("model %s: %d pending tasks vanished from the stream before they finished "
+                  "(trimmed or deleted by hand): %s", self.model, len(lost),
+                  [i.decode() for i in lost[:10]])
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in lost:
+                pipe.xadd(keys.dead_stream(self.model), {"d": encode(DeadLetter(
+                    task_id="entry-" + entry_id.decode(), model=self.model,
+                    reason="its stream entry vanished while pending: the task is unknown",
+                    error_code=ErrorCode.LOST, payload=b"", worker_id=self.worker_id,
+                    at=now))}, maxlen=self.settings.dead_maxlen, approximate=True)
+            await pipe.execute()
 
     async def renew_loop(self) -> None:
         """Keep our claim on tasks still running, so a slow worker is not mistaken for dead."""
@@ -560,6 +584,7 @@ class Worker:
         ]
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
+        self.metrics = WorkerMetrics.attach(self)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -570,10 +595,10 @@ class Worker:
         What does not finish within `drain_timeout_s` stays pending in Redis, where another
         worker reclaims it after claim_idle_ms.
         """
-        await check_server(self.redis)
+        await _with_retries(lambda: check_server(self.redis), "checking the server")
         for lane in self.lanes:
             await lane.engine.start()
-            await lane.ensure_group()
+            await _with_retries(lane.ensure_group, f"creating the group of {lane.model}")
         async with asyncio.TaskGroup() as tg:
             commits = [tg.create_task(lane.commit_loop()) for lane in self.lanes]
             renews = [tg.create_task(lane.renew_loop()) for lane in self.lanes]
@@ -607,27 +632,31 @@ class Worker:
         self.request_stop()
 
     async def _listen_cancellations(self) -> None:
-        """Cancellation marks: loaded at start, then pushed over pub/sub."""
+        """Cancellation marks: loaded at (re)connect, then pushed over pub/sub."""
         lanes = {keys.cancel_channel(lane.model).encode(): lane for lane in self.lanes}
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(*lanes)
-            for lane in self.lanes:  # after subscribing: no mark falls between the two
-                marks = await self.redis.zrangebyscore(keys.cancelled_key(lane.model),
-                                                       time.time(), "+inf", withscores=True)
-                for task_id, until in marks:
-                    lane.cancel(task_id.decode(), until)
-            while True:
-                msg = await pubsub.get_message(timeout=1.0)
-                if msg is not None:
-                    lane = lanes.get(msg["channel"])
-                    if lane is not None:
-                        lane.cancel(msg["data"].decode(), time.time() + self.settings.cancel_ttl_s)
-        except _TRANSIENT as exc:
-            log.warning("worker %s: cancellation listener lost its connection (%s)",
-                        self.worker_id, exc)
-        finally:
-            await pubsub.aclose()
+        backoff_s = 0.1
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*lanes)
+                for lane in self.lanes:  # after subscribing: no mark falls between the two
+                    marks = await self.redis.zrangebyscore(
+                        keys.cancelled_key(lane.model), time.time(), "+inf", withscores=True)
+                    for task_id, until in marks:
+                        lane.cancel(task_id.decode(), until)
+                backoff_s = 0.1
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None and msg["channel"] in lanes:
+                        lanes[msg["channel"]].cancel(
+                            msg["data"].decode(), time.time() + self.settings.cancel_ttl_s)
+            except _TRANSIENT as exc:
+                log.warning("worker %s: cancellation listener lost its connection (%s)",
+                            self.worker_id, exc)
+            finally:
+                await pubsub.aclose()
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
 
     async def _heartbeat(self, every_s: float = 2.0) -> None:
         """Tell SREs and `agentfleet status` which workers serve which model."""
@@ -646,6 +675,18 @@ class Worker:
                 await pipe.execute()
         except RedisError as exc:
             log.warning("worker %s: heartbeat failed (%s)", self.worker_id, exc)
+
+
+async def _with_retries(step, what: str) -> None:
+    """Start-up steps wait out a server that is down or still loading, with backoff."""
+    backoff_s = 0.1
+    while True:
+        try:
+            return await step()
+        except _TRANSIENT as exc:
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc, backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
 
 
 async def check_server(redis: aioredis.Redis) -> None:

@@ -1,0 +1,79 @@
+"""`agentfleet dlq list | show | replay | purge`: the dead-letter streams, for SREs.
+
+A dead letter holds the task as it was queued, the reason, the error code, the attempts and
+deliveries, and one history line per failed attempt.  Replaying puts the task back in its
+model's stream with its attempts reset, and removes its dead-lettered result so that the new
+outcome can be written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import msgspec
+import redis.asyncio as aioredis
+
+from schemas import keys
+from schemas.errors import DecodeError
+from schemas.wire import DeadLetter, decode_dead_letter, decode_task, encode
+
+
+async def entries(redis: aioredis.Redis, model: str, count: int = 100,
+                  ids: list[str] | None = None) -> list[tuple[str, DeadLetter]]:
+    """The newest `count` dead letters of a model (or those with the given entry ids)."""
+    stream = keys.dead_stream(model)
+    if ids:
+        raw = []
+        for entry_id in ids:
+            raw += await redis.xrange(stream, entry_id, entry_id)
+    else:
+        raw = await redis.xrevrange(stream, count=count)
+    return [(eid.decode(), decode_dead_letter(fields[b"d"])) for eid, fields in raw]
+
+
+def render_list(model: str, rows: list[tuple[str, DeadLetter]]) -> str:
+    if not rows:
+        return f"no dead letters for {model}"
+    lines = [f"{'entry':<17} {'task':<24} {'code':<19} {'tries':>5}  when (UTC)           reason"]
+    for eid, d in rows:
+        when = dt.datetime.fromtimestamp(d.at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"{eid:<17} {d.task_id:<24} {d.error_code.value:<19} {d.attempts:>5}  "
+                     f"{when}  {d.reason[:80]}")
+    return "\n".join(lines)
+
+
+def render_one(eid: str, d: DeadLetter) -> str:
+    shown = msgspec.to_builtins(msgspec.structs.replace(d, payload=b""))
+    shown.pop("payload", None)
+    try:
+        shown["task"] = msgspec.to_builtins(decode_task(d.payload))
+    except DecodeError:
+        shown["payload_hex"] = d.payload[:256].hex()
+    return f"dead letter {eid}\n" + json.dumps(shown, indent=2, default=str)
+
+
+async def replay(redis: aioredis.Redis, model: str, ids: list[str] | None) -> int:
+    """Queue dead letters again (all when `ids` is None); returns how many."""
+    rows = await entries(redis, model, count=10_000, ids=ids)
+    async with redis.pipeline(transaction=True) as pipe:
+        for eid, d in rows:
+            try:
+                payload = encode(msgspec.structs.replace(decode_task(d.payload), attempt=0))
+            except DecodeError:
+                payload = d.payload  # it will die again, with the same reason
+            pipe.delete(keys.result_key(model, d.task_id))
+            pipe.xadd(keys.task_stream(model), {"d": payload})
+            pipe.xdel(keys.dead_stream(model), eid)
+        await pipe.execute()
+    return len(rows)
+
+
+async def purge(redis: aioredis.Redis, model: str, ids: list[str] | None) -> int:
+    """Delete dead letters (all when `ids` is None); returns how many."""
+    stream = keys.dead_stream(model)
+    if ids:
+        return await redis.xdel(stream, *ids)
+    count = await redis.xlen(stream)
+    await redis.delete(stream)
+    return count
