@@ -6,13 +6,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench install redis-server fleet clean
+.PHONY: demo test bench install redis-server prometheus fleet clean
 
 demo: $(STAMP)
 	$(BIN)/agentfleet prepare-model
 	$(BIN)/agentfleet demo
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server prometheus
 	$(BIN)/agentfleet prepare-model
 	$(BIN)/python -m pytest
 
@@ -35,6 +35,11 @@ $(STAMP): pyproject.toml
 # Debian's redis-server 7.0: the tests run against it as well as against Valkey 9.
 redis-server:
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
+
+# Debian's prometheus (and promtool): the tests check ops/prometheus/alerts.yml with promtool
+# and scrape a running worker with a real Prometheus server.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 # A local fleet from the Procfile: `make fleet`, or `honcho start -c worker=3`.
 fleet: $(STAMP)

@@ -269,8 +269,7 @@ async def arq_worker(report: Report, url: str, n: int) -> None:
         run.result()
         raise RuntimeError("arq worker stopped early")
     report(("done", {"end": time.monotonic(), "cpu_s": time.process_time() - cpu["start"]}))
-    run.cancel()
-    await worker.close()
+    await run  # until the parent terminates the process (a cancel mid-job warns)
 
 
 async def arq_producer(report: Report, url: str, n: int) -> None:
@@ -712,6 +711,24 @@ def _server(kind: str) -> Iterator:
             server.stop()
 
 
+def _calibrate(bench: Bench, pings: int = 2000) -> dict:
+    """What one round trip and one system call cost here: the unit every figure above pays."""
+    r = bench.redis
+    r.ping()
+    cpu0, server0, t0 = time.process_time(), bench._server_cpu_s(), time.perf_counter()
+    for _ in range(pings):
+        r.ping()
+    wall_s = time.perf_counter() - t0
+    client_s, server_s = time.process_time() - cpu0, bench._server_cpu_s() - server0
+    t0 = time.perf_counter()
+    for _ in range(100_000):
+        os.getppid()
+    return {"ping_round_trip_us": round(wall_s / pings * 1e6, 1),
+            "ping_client_cpu_us": round(client_s / pings * 1e6, 1),
+            "ping_server_cpu_us": round(server_s / pings * 1e6, 1),
+            "syscall_ns": round((time.perf_counter() - t0) / 100_000 * 1e9)}
+
+
 def _server_version(bench: Bench) -> str:
     info = bench.redis.info("server")
     return f"{info.get('server_name', 'redis')} {info.get('valkey_version') or info['redis_version']}"
@@ -733,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     with _server(args.server) as server:
         bench = Bench(server, args)
         machine["server"] = _server_version(bench)
+        machine["calibration"] = _calibrate(bench)
         print(f"{machine}; tasks {args.tasks:,}, arq jobs {args.arq_jobs:,}, rounds {args.rounds}",
               flush=True)
         try:

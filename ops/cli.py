@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterator
 
 from ops.logs import setup_logging
-from ops.sentry import init_sentry
+from ops.sentry import init_sentry, report_error
 from schemas.errors import AgentFleetError
 from schemas.settings import Settings
 
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, settings)
     except AgentFleetError as exc:
         print(f"agentfleet: {exc}", file=sys.stderr)
+        report_error(exc)
         return 2
 
 

@@ -9,7 +9,8 @@ search and group by them, and removes prompt and output text unless
   - values under keys that hold text (prompt, text, content, messages, output ...), anywhere
     in the event: extra, contexts, breadcrumbs, local variables of stack frames;
   - text fields inside the repr of our Structs in local variables (`Task(... prompt='...')`),
-    and every bytes literal (msgpack payloads carry the text too).
+    and every bytes literal (msgpack payloads carry the text too);
+  - the value of `--prompt` in the command line (`agentfleet submit`).
 
 A backend that imports `producer` and has its own Sentry set-up can pass `before_send` to
 its own `sentry_sdk.init`.
@@ -29,6 +30,7 @@ TAG_FIELDS = ("correlation_id", "task_id", "model", "worker", "batch_id", "error
 TEXT_KEYS = frozenset(("prompt", "text", "content", "messages", "output", "completion",
                        "payload", "result", "v1", "v2"))
 SCRUBBED = "[scrubbed]"
+ARGV_TEXT_FLAGS = ("--prompt",)  # command-line options whose value is prompt text
 # field='...' / field="..." inside a repr (a quote escaped inside is skipped; a value Sentry
 # cut short, with no closing quote, is scrubbed to the end)
 _REPR_FIELD = re.compile(
@@ -101,7 +103,7 @@ def scrub(value: Any) -> Any:
     """`value` with text under text keys and inside reprs replaced by SCRUBBED."""
     if isinstance(value, dict):
         return {k: SCRUBBED if isinstance(k, str) and k.lower() in TEXT_KEYS and v
-                else scrub(v) for k, v in value.items()}
+                else _scrub_argv(v) if k == "sys.argv" else scrub(v) for k, v in value.items()}
     if isinstance(value, list):
         return [scrub(v) for v in value]
     if isinstance(value, tuple):
@@ -110,3 +112,31 @@ def scrub(value: Any) -> Any:
         value = _REPR_FIELD.sub(lambda m: f"{m.group(1)}={m.group(2)}'{SCRUBBED}'", value)
         return _BYTES.sub(f"b'{SCRUBBED}'", value)
     return value
+
+
+def report_error(exc: BaseException) -> None:
+    """Send an error the CLI caught and printed; bad input (a ValidationError) is not sent."""
+    from schemas.errors import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return
+    import sentry_sdk
+
+    if sentry_sdk.is_initialized():
+        sentry_sdk.capture_exception(exc)
+
+
+def _scrub_argv(argv: Any) -> Any:
+    """The command line (the argv integration's extra) without the text of `--prompt`."""
+    if not isinstance(argv, list):
+        return scrub(argv)
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append(SCRUBBED)
+        elif isinstance(arg, str) and arg.startswith(ARGV_TEXT_FLAGS) and "=" in arg:
+            out.append(arg.split("=", 1)[0] + "=" + SCRUBBED)
+        else:
+            out.append(arg)
+        hide = arg in ARGV_TEXT_FLAGS
+    return out

@@ -147,7 +147,7 @@ class Producer:
         try:
             dups = await fut
         except ResponseError as exc:
-            if "OOM" in str(exc):
+            if "OOM" in str(exc) or "maxmemory" in str(exc):  # Valkey words it apart
                 raise ServerOutOfMemoryError(
                     f"the server is out of memory (maxmemory reached): {len(chunk)} tasks "
                     f"were not queued; drain the queues or raise maxmemory") from exc

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from bisect import bisect_right
 
 import pytest
@@ -83,7 +84,7 @@ async def test_worker_counts_outcomes_latencies_tokens_and_windows(producer, sta
     assert value(found, "agentfleet_queue_wait_seconds_count", **m1) == 64
     assert value(found, "agentfleet_read_window_tasks_sum", **m1) == 64
     assert value(found, "agentfleet_end_to_end_seconds_count", **m1, priority="5") == 20
-    assert value(found, "agentfleet_engine_seconds_count", **m1) == 63  # not the invalid one
+    assert value(found, "agentfleet_engine_seconds_count", **m1) == 64  # the engine ran all
     assert value(found, "agentfleet_time_to_first_token_seconds_count", **m1) == 60
     m1_ok = [r for r in ok if r.model == "m1"]
     assert value(found, "agentfleet_task_prompt_tokens_sum", **m1) == sum(
@@ -178,10 +179,30 @@ class _ReportingEngine(FakeEngine):
         self.sink = sink
 
 
-async def test_engine_stats_hook_and_the_vllm_stat_logger(start_worker):
-    from vllm.v1.metrics.stats import IterationStats, PrefixCacheStats, SchedulerStats
+async def test_engine_stats_hook_reaches_metrics(start_worker):
+    engine = _ReportingEngine()
+    worker = await start_worker(engines={"m1": engine})
+    engine.sink(kv_cache_usage=0.5, running=1, waiting=0, prefix_cache_queries=10,
+                prefix_cache_hits=4)
+    engine.sink(kv_cache_usage=0.75, prefix_cache_queries=10, prefix_cache_hits=6)
+    found = samples(worker.metrics.render())
+    lv = {"model": "m1", "version": "fake-1"}
+    assert value(found, "agentfleet_engine_kv_cache_usage_ratio", **lv) == 0.75
+    assert value(found, "agentfleet_engine_requests", **lv, state="running") == 1
+    assert value(found, "agentfleet_engine_prefix_cache_queries_total", **lv) == 20
+    assert value(found, "agentfleet_engine_prefix_cache_hits_total", **lv) == 10
+    # a lane whose engine reports nothing has no engine series at all
+    assert not any(n.startswith("agentfleet_engine_") and ("model", "m2") in lv_
+                   for n, lv_ in found)
 
-    from workers.vllm_stats import stat_logger_factory
+
+@pytest.mark.engine  # imports vLLM (about 15 s), though it runs no engine
+async def test_vllm_stat_logger_forwards_scheduler_stats(start_worker):
+    with warnings.catch_warnings():  # torch's own deprecations at import time are not ours
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from vllm.v1.metrics.stats import IterationStats, PrefixCacheStats, SchedulerStats
+
+        from workers.vllm_stats import stat_logger_factory
 
     engine = _ReportingEngine()
     worker = await start_worker(engines={"m1": engine})
@@ -202,8 +223,6 @@ async def test_engine_stats_hook_and_the_vllm_stat_logger(start_worker):
     assert value(found, "agentfleet_engine_prefix_cache_queries_total", **lv) == 200
     assert value(found, "agentfleet_engine_prefix_cache_hits_total", **lv) == 80
     assert value(found, "agentfleet_engine_preemptions_total", **lv) == 2
-    # a lane whose engine reports nothing has no engine series at all
-    assert value(found, "agentfleet_engine_kv_cache_usage_ratio", model="m2") == 0
 
 
 # ---- the exporter ----------------------------------------------------------------------

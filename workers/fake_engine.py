@@ -12,6 +12,7 @@ Test hooks, set through a task's metadata:
     fake_error = "<ErrorCode value>"  -> the request fails with that code
     fake_delay_s = "0.05"             -> the request finishes after that many seconds
     fake_crash = "1"                  -> the whole process dies at once (a poison task)
+    fake_fail_attempts = "2"          -> engine_error on attempts before the 3rd (transient)
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ class FakeEngine:
 
 def answer(request_id: str, task: Task, now: float) -> EngineOutput:
     source = task.prompt if task.prompt is not None else (task.messages or [])[-1].content
-    if task.metadata and "fake_error" in task.metadata:
+    meta = task.metadata
+    if meta and ("fake_error" in meta or int(meta.get("fake_fail_attempts", 0)) > task.attempt):
         return EngineOutput(request_id=request_id, engine_start=now, finished=now,
-                            error_code=ErrorCode(task.metadata["fake_error"]),
+                            error_code=ErrorCode(meta.get("fake_error", "engine_error")),
                             error_message="fake engine failed this request on purpose")
     text = "echo: " + source[-40:]
     words = len(text.split())

@@ -599,6 +599,7 @@ class Worker:
         for lane in self.lanes:
             await lane.engine.start()
             await _with_retries(lane.ensure_group, f"creating the group of {lane.model}")
+        await _with_retries(self._load_cancellations, "loading cancellation marks")
         async with asyncio.TaskGroup() as tg:
             commits = [tg.create_task(lane.commit_loop()) for lane in self.lanes]
             renews = [tg.create_task(lane.renew_loop()) for lane in self.lanes]
@@ -639,11 +640,7 @@ class Worker:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(*lanes)
-                for lane in self.lanes:  # after subscribing: no mark falls between the two
-                    marks = await self.redis.zrangebyscore(
-                        keys.cancelled_key(lane.model), time.time(), "+inf", withscores=True)
-                    for task_id, until in marks:
-                        lane.cancel(task_id.decode(), until)
+                await self._load_cancellations()  # again: no mark falls between the two
                 backoff_s = 0.1
                 while True:
                     msg = await pubsub.get_message(timeout=1.0)
@@ -657,6 +654,13 @@ class Worker:
                 await pubsub.aclose()
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
+
+    async def _load_cancellations(self) -> None:
+        for lane in self.lanes:
+            marks = await self.redis.zrangebyscore(keys.cancelled_key(lane.model), time.time(),
+                                                   "+inf", withscores=True)
+            for task_id, until in marks:
+                lane.cancel(task_id.decode(), until)
 
     async def _heartbeat(self, every_s: float = 2.0) -> None:
         """Tell SREs and `agentfleet status` which workers serve which model."""
