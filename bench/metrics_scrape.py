@@ -6,7 +6,7 @@
             observed tasks (two priorities, a few failures) and engine statistics; timed over
             HTTP as Prometheus does it (fresh connection, whole body read).  Twice: with every
             value folded, and with each histogram holding the most unfolded values it can
-            (4,096: a scrape then also sorts them).
+            (2,048: a scrape then also sorts them).
   exporter  `agentfleet exporter`'s /metrics with `--models` models on an embedded Valkey:
             10,000 entries per stream, 500 pending, heartbeats, counters, retries, dead letters.
   hot path  microseconds per task of `observe_commit` (all succeeded; a group with failures)
@@ -45,18 +45,39 @@ def _scrape_ms(url: str, n: int) -> dict:
             "max_ms": times[-1], "bytes": size, "scrapes": n}
 
 
+class _Done:
+    """What observe_commit reads of the lane's in-flight record (workers.worker._InFlight)."""
+
+    __slots__ = ("entry_id", "task", "read_at", "batch_id", "output", "cancelled")
+
+    def __init__(self, entry_id: bytes, read_at: float):
+        self.entry_id = entry_id
+        self.read_at = read_at
+        self.batch_id = "w/m/1"
+        self.task = self.output = None
+        self.cancelled = False
+
+
+class _Record:
+    """What observe_commit reads of a CommitRecord: the outcome and the encoded result."""
+
+    __slots__ = ("outcome", "v1")
+
+    def __init__(self, outcome: bytes, v1: bytes):
+        self.outcome = outcome
+        self.v1 = v1
+
+
 def _records(n: int, model: str, *, failures: int = 0):
     """n in-flight records as a lane holds them after the engine finished them."""
     from schemas.errors import ErrorCode
     from schemas.wire import Result, Status, Task, encode
-    from workers.commit import CommitRecord
     from workers.engine import EngineOutput
-    from workers.worker import _InFlight
 
     now = time.time()
     done, records = [], []
     for i in range(n):
-        rec = _InFlight(b"%d-0" % i, now - 0.002, "w/m/1", n)
+        rec = _Done(b"%d-0" % i, now - 0.002)
         rec.task = Task(id=f"t{i}", model=model, prompt="p", priority=i % 2 if failures else 0,
                         enqueued_at=now - 0.01 - (i % 50) / 1000)
         failed = i < failures
@@ -68,9 +89,7 @@ def _records(n: int, model: str, *, failures: int = 0):
         result = Result(task_id=f"t{i}", status=Status.FAILED if failed else Status.SUCCEEDED,
                         error_code=ErrorCode.INVALID_TASK if failed else None)
         done.append(rec)
-        records.append(CommitRecord(entry_id=rec.entry_id, outcome=b"r", v1=encode(result),
-                                    v2=b"", result_key="", reply_key="", trace_key="",
-                                    trace=b"", followups=()))
+        records.append(_Record(b"r", encode(result)))
     return done, records
 
 
@@ -90,6 +109,7 @@ def _worker(models: int):
 
 def bench_worker(models: int, scrapes: int) -> dict:
     from ops.embedded import free_port
+    from workers.metrics import _FOLD_AT
 
     worker = _worker(models)
     for lane in worker.lanes:
@@ -109,17 +129,18 @@ def bench_worker(models: int, scrapes: int) -> dict:
             for lane in worker.lanes:
                 lm = lane.metrics
                 for hist in lm._histograms():
-                    hist.raw.extend([0.01] * (4096 - len(hist.raw)))
+                    hist.raw.extend([0.01] * (_FOLD_AT - len(hist.raw)))
             unfolded.append(_scrape_ms(server.url, 1)["max_ms"])
         unfolded.sort()
     finally:
         worker.metrics.close()
-    return {"folded": folded, "unfolded_4096": {
+    return {"folded": folded, "unfolded": {
         "p50_ms": statistics.median(unfolded), "max_ms": unfolded[-1], "scrapes": len(unfolded)}}
 
 
 def bench_exporter(models: int, scrapes: int) -> dict:
     import redis
+    from prometheus_client import generate_latest
 
     from ops.embedded import ServerProcess, free_port
     from ops.exporter import exporter_registry
@@ -145,7 +166,8 @@ def bench_exporter(models: int, scrapes: int) -> dict:
                 client.hset(keys.stats_key(model), mapping={"written": 123456, "retried": 7})
                 client.zadd(keys.delayed_key(model), {b"r%d" % i: now + 60 for i in range(20)})
                 client.xadd(keys.dead_stream(model), {"d": b"dead"})
-            metrics = MetricsServer(exporter_registry(client, names), free_port(), "127.0.0.1")
+            registry = exporter_registry(client, names)
+            metrics = MetricsServer(lambda: generate_latest(registry), free_port(), "127.0.0.1")
             try:
                 _scrape_ms(metrics.url, 5)
                 return _scrape_ms(metrics.url, scrapes)
@@ -190,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
+    from workers.metrics import _FOLD_AT
+
     logging.disable(logging.ERROR)  # the failures we feed in would log one line per group
     worker = bench_worker(args.models, args.scrapes)
     exporter = bench_exporter(args.models, args.scrapes)
@@ -198,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"worker /metrics, {args.models} models, {TASKS_PER_LANE:,} tasks each, "
           f"{f['bytes']:,} bytes: p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms, "
           f"max {f['max_ms']:.1f} ms ({f['scrapes']} scrapes)")
-    u = worker["unfolded_4096"]
-    print(f"  with 4,096 unfolded values per histogram: p50 {u['p50_ms']:.1f} ms, "
+    u = worker["unfolded"]
+    print(f"  with {_FOLD_AT:,} unfolded values per histogram: p50 {u['p50_ms']:.1f} ms, "
           f"max {u['max_ms']:.1f} ms ({u['scrapes']} scrapes)")
     e = exporter
     print(f"exporter /metrics, {args.models} models on Valkey, {e['bytes']:,} bytes: "

@@ -331,7 +331,9 @@ async def latency_producer(report: Report, url: str, rate: int, duration_s: floa
                 fired.append(asyncio.ensure_future(one(i)))
                 i += 1
             if i < n:
-                await asyncio.sleep(max(start + i / rate - time.monotonic(), 0.0))
+                # At least 1 ms: uvloop's timers count whole milliseconds, so a shorter sleep
+                # returns at once and the loop would spin, stealing the CPU it measures.
+                await asyncio.sleep(max(start + i / rate - time.monotonic(), 0.001))
         fired_s = time.monotonic() - start
         await asyncio.gather(*fired)
         cpu_s = time.process_time() - cpu0

@@ -4,9 +4,11 @@ Workers export what they did (workers/metrics.py); what the queue holds is one f
 and N workers exporting it would count it N times.  So one exporter per fleet reads, on each
 scrape and in one pipeline per scrape, for every configured model:
 
-    XLEN tasks         entries kept in the stream (acknowledged ones stay until trimmed)
+  for each lane's stream (interactive `tasks`, and `bulk` for bulk jobs):
+    XLEN               entries kept in the stream (acknowledged ones stay until trimmed)
     XINFO GROUPS       the group's lag (never delivered) and pending (delivered, not acked)
     XPENDING summary   the oldest pending id: its millisecond part is when it was enqueued
+  and once per model:
     HGETALL workers    heartbeats: a worker is live if it beat within `live_within_s`
     HGETALL stats      the fleet's counters kept by the commit script (written, retried ...)
     ZCARD delayed      retries waiting for their due time
@@ -33,7 +35,7 @@ from schemas import keys
 log = logging.getLogger("agentfleet.exporter")
 
 LIVE_WITHIN_S = 10.0  # heartbeats come every 2 s: five missed beats and a worker is gone
-_COMMANDS_PER_MODEL = 7
+_COMMANDS_PER_MODEL = 10  # 3 per lane stream, 4 per model
 
 # stats hash field -> counter name and meaning (fields the commit and reclaim scripts write)
 FLEET_COUNTERS = {
@@ -52,19 +54,33 @@ FLEET_COUNTERS = {
 }
 
 
+class StreamStats(msgspec.Struct, kw_only=True):
+    """One of a model's task streams (its interactive or its bulk lane) at one moment."""
+
+    entries: int = 0
+    lag: float = 0.0  # NaN when the server cannot tell (entries deleted past the group)
+    pending: int = 0
+    oldest_pending_age_s: float = 0.0  # 0 when nothing is pending
+    exists: bool = False  # False before a task or a worker created the stream
+
+
 class QueueStats(msgspec.Struct, kw_only=True):
     """One model's queue as Redis holds it at one moment."""
 
     model: str
-    stream_entries: int = 0
-    lag: float = 0.0  # NaN when the server cannot tell (entries deleted past the group)
-    pending: int = 0
-    oldest_pending_age_s: float = 0.0  # 0 when nothing is pending
+    interactive: StreamStats = msgspec.field(default_factory=StreamStats)
+    bulk: StreamStats = msgspec.field(default_factory=StreamStats)
     live_workers: int = 0
     delayed: int = 0
     dead_letters: int = 0
     counters: dict[str, int] = {}
-    exists: bool = True  # False before the first task or worker created the stream
+
+
+LANES = ("interactive", "bulk")
+
+
+def _lane_streams(model: str) -> tuple[str, str]:
+    return keys.task_stream(model), keys.bulk_stream(model)
 
 
 def read_queues(client: redis.Redis, models: Sequence[str], *,
@@ -72,10 +88,10 @@ def read_queues(client: redis.Redis, models: Sequence[str], *,
     """Every model's queue figures, in one pipeline (raises RedisError if Redis is down)."""
     with client.pipeline(transaction=False) as pipe:
         for model in models:
-            stream = keys.task_stream(model)
-            pipe.xlen(stream)
-            pipe.xinfo_groups(stream)
-            pipe.xpending(stream, keys.GROUP)
+            for stream in _lane_streams(model):
+                pipe.xlen(stream)
+                pipe.xinfo_groups(stream)
+                pipe.xpending(stream, keys.GROUP)
             pipe.hgetall(keys.workers_key(model))
             pipe.hgetall(keys.stats_key(model))
             pipe.zcard(keys.delayed_key(model))
@@ -84,30 +100,34 @@ def read_queues(client: redis.Redis, models: Sequence[str], *,
     now = time.time()
     out = []
     for i, model in enumerate(models):
-        xlen, groups, pending, beats, stats, delayed, dead = (
-            replies[i * _COMMANDS_PER_MODEL:(i + 1) * _COMMANDS_PER_MODEL])
-        for reply in (xlen, beats, stats, delayed, dead):
+        r = replies[i * _COMMANDS_PER_MODEL:(i + 1) * _COMMANDS_PER_MODEL]
+        beats, stats, delayed, dead = r[6:]
+        for reply in (r[0], r[3], beats, stats, delayed, dead):
             if isinstance(reply, Exception):  # a wrong type under our key: not ours to hide
                 raise reply
-        q = QueueStats(model=model, stream_entries=xlen, delayed=delayed, dead_letters=dead,
-                       counters={k.decode(): int(v) for k, v in stats.items()},
-                       live_workers=sum(now - float(at) <= live_within_s
-                                        for at in beats.values()))
-        group = None
-        if not isinstance(groups, Exception):  # "no such key": no stream yet
-            group = next((g for g in groups if _text(g["name"]) == keys.GROUP), None)
-        if group is None:
-            q.exists = not isinstance(groups, Exception)
-            q.lag = float(xlen)  # no group yet: nothing was ever delivered
-        else:
-            lag = group.get("lag")
-            q.lag = float(lag) if lag is not None else math.nan
-            q.pending = int(group["pending"])
-        if not isinstance(pending, Exception) and pending["pending"]:
-            q.pending = int(pending["pending"])
-            q.oldest_pending_age_s = max(now - _id_ms(pending["min"]) / 1000, 0.0)
-        out.append(q)
+        out.append(QueueStats(
+            model=model, interactive=_stream_stats(*r[0:3], now), bulk=_stream_stats(*r[3:6], now),
+            delayed=delayed, dead_letters=dead,
+            counters={k.decode(): int(v) for k, v in stats.items()},
+            live_workers=sum(now - float(at) <= live_within_s for at in beats.values())))
     return out
+
+
+def _stream_stats(xlen: int, groups, pending, now: float) -> StreamStats:
+    q = StreamStats(entries=xlen, exists=not isinstance(groups, Exception) or xlen > 0)
+    group = None
+    if not isinstance(groups, Exception):  # "no such key": no stream yet
+        group = next((g for g in groups if _text(g["name"]) == keys.GROUP), None)
+    if group is None:
+        q.lag = float(xlen)  # no group yet: nothing was ever delivered
+    else:
+        lag = group.get("lag")
+        q.lag = float(lag) if lag is not None else math.nan
+        q.pending = int(group["pending"])
+    if not isinstance(pending, Exception) and pending["pending"]:
+        q.pending = int(pending["pending"])
+        q.oldest_pending_age_s = max(now - _id_ms(pending["min"]) / 1000, 0.0)
+    return q
 
 
 def _text(value: bytes | str) -> str:
@@ -148,22 +168,31 @@ class QueueCollector:
 
 
 def queue_families(queues: list[QueueStats]) -> Iterator[Metric]:
-    gauges = (
-        ("agentfleet_queue_stream_entries", "Entries in the model's task stream (acknowledged "
-         "ones stay until a worker trims them).", "stream_entries"),
+    per_lane = (
+        ("agentfleet_queue_stream_entries", "Entries in the lane's task stream (acknowledged "
+         "ones stay until a worker trims them).", "entries"),
         ("agentfleet_queue_lag_tasks", "Tasks never delivered to a worker (consumer-group "
          "lag); NaN when the server cannot tell.", "lag"),
         ("agentfleet_queue_pending_tasks", "Tasks delivered to a worker and not yet "
          "acknowledged.", "pending"),
         ("agentfleet_queue_oldest_pending_age_seconds", "Age of the oldest pending task, from "
          "its enqueue (its stream id); 0 when none is pending.", "oldest_pending_age_s"),
+    )
+    for name, doc, attr in per_lane:
+        family = GaugeMetricFamily(name, doc + " lane: interactive, or bulk (bulk jobs).",
+                                   labels=["model", "lane"])
+        for q in queues:
+            for lane in LANES:
+                family.add_metric([q.model, lane], getattr(getattr(q, lane), attr))
+        yield family
+    per_model = (
         ("agentfleet_queue_delayed_tasks", "Retries waiting for their due time.", "delayed"),
         ("agentfleet_queue_dead_letter_entries", "Entries in the model's dead-letter stream.",
          "dead_letters"),
         ("agentfleet_live_workers", "Workers serving the model whose last heartbeat is "
          "recent.", "live_workers"),
     )
-    for name, doc, attr in gauges:
+    for name, doc, attr in per_model:
         family = GaugeMetricFamily(name, doc, labels=["model"])
         for q in queues:
             family.add_metric([q.model], getattr(q, attr))
@@ -200,7 +229,7 @@ def run_exporter(url: str, models: Sequence[str], *, port: int, addr: str = "0.0
             print(generate_latest(registry).decode(), end="", flush=True)
             return 0
         try:
-            server = MetricsServer(registry, port, addr)
+            server = MetricsServer(lambda: generate_latest(registry), port, addr)
         except OSError as exc:  # the exporter's only job: failing to listen is fatal
             raise FatalConfigError(f"exporter: cannot listen on {addr}:{port} ({exc}); "
                                    f"pass --port") from exc

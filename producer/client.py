@@ -107,7 +107,7 @@ class Producer:
         """
         s = self.settings
         now = time.time()
-        by_model: dict[str, list[tuple[str, str | None, bytes, int]]] = {}
+        by_stream: dict[str, list[tuple[str, str | None, bytes, int]]] = {}
         ids: list[str] = []
         for i, task in enumerate(tasks):
             self._fill(task, reply, now)
@@ -118,18 +118,21 @@ class Producer:
                     exc.args = (f"tasks[{i}].{exc.args[0]}",)
                 raise
             idem = task.idempotency_key
-            by_model.setdefault(task.model, []).append(
+            # Tasks of a bulk job go to the model's bulk lane, served after interactive ones.
+            stream = (keys.bulk_stream(task.model) if task.batch_id
+                      else keys.task_stream(task.model))
+            by_stream.setdefault(stream, []).append(
                 (task.id, keys.idempotency_key(task.model, idem) if idem else None, encode(task), i))
             ids.append(task.id)
         if reply and ids:
             self._ensure_listener()
         calls: list[tuple[asyncio.Future, list]] = []
         try:
-            for model, items in by_model.items():
+            for stream, items in by_stream.items():
                 # Overlap: the next chunk is built while Redis runs the previous one.
                 for start in range(0, len(items), self.chunk_size):
                     chunk = items[start:start + self.chunk_size]
-                    keys_, args = enqueue_args(keys.task_stream(model), s.result_ttl_s, chunk)
+                    keys_, args = enqueue_args(stream, s.result_ttl_s, chunk)
                     calls.append((asyncio.ensure_future(self._enqueue(keys=keys_, args=args)),
                                   chunk))
                     await asyncio.sleep(0)

@@ -77,3 +77,18 @@ def cancelled_key(model: str) -> str:
 def cancel_channel(model: str) -> str:
     """Pub/sub channel telling workers to abort a running task."""
     return f"{_tag(model)}:cancel"
+
+
+def bulk_stream(model: str) -> str:
+    """The model's bulk lane: tasks of bulk jobs, read only when interactive work leaves room."""
+    return f"{_tag(model)}:bulk"
+
+
+def batch_output(model: str, batch_id: str) -> str:
+    """Results of one bulk job's tasks on this model, in completion order (a stream)."""
+    return f"{_tag(model)}:batch:{batch_id}:out"
+
+
+def batch_counts(model: str, batch_id: str) -> str:
+    """Counts of one bulk job's finished tasks on this model, by status (a hash)."""
+    return f"{_tag(model)}:batch:{batch_id}:counts"

@@ -81,6 +81,7 @@ class Task(Base, kw_only=True):
     enqueued_at: float = 0.0  # epoch seconds
     attempt: int = 0  # engine attempts already made (retries of transient errors)
     history: list[str] = []  # one line per failed attempt: "<code>: <message>"
+    batch_id: str = ""  # set for tasks of a bulk job: they run in the model's bulk lane
 
 
 class Status(str, enum.Enum):

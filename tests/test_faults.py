@@ -260,7 +260,7 @@ async def test_trimming_keeps_pending_entries_and_reports_lost_ones(fleet, produ
     await asyncio.sleep(0.3)
     a.send_signal(signal.SIGSTOP)
     before = await redis.xlen(keys.task_stream(MODEL))
-    await trim_stream(redis, MODEL)
+    await trim_stream(redis, keys.task_stream(MODEL))
     pend = await redis.xpending_range(keys.task_stream(MODEL), keys.GROUP, "-", "+", 100)
     kept = {e["message_id"] for e in pend}
     in_stream = {eid for eid, _ in await redis.xrange(keys.task_stream(MODEL))}

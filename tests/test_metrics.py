@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ops.embedded import free_port
 from ops.exporter import exporter_registry, read_queues
 from schemas import keys
-from schemas.wire import Task
+from schemas.wire import Task, encode
 from workers.fake_engine import FakeEngine
 from workers.metrics import NULL_LANE_METRICS, LATENCY_BUCKETS_S, _Histogram
 
@@ -99,6 +99,24 @@ async def test_worker_counts_outcomes_latencies_tokens_and_windows(producer, sta
     label_names = {name for (_, lv) in found for name, _ in lv}
     assert label_names <= {"model", "version", "status", "error_code", "priority", "le",
                            "state"}
+
+
+async def test_bulk_job_tasks_are_their_own_priority_class(start_worker, redis):
+    worker = await start_worker()
+    now = time.time()
+    for i in range(5):  # as a bulk job's tasks sit in the model's bulk lane
+        task = Task(id=f"job-1.{i}", correlation_id=f"job-1.{i}", model="m1", prompt="x",
+                    batch_id="job-1", priority=3, enqueued_at=now)
+        await redis.xadd(keys.bulk_stream("m1"), {"d": encode(task)})
+
+    def bulk_counted():
+        found = samples(worker.metrics.render())
+        return found if value(found, "agentfleet_tasks_total", priority="bulk") == 5 else None
+
+    found = await eventually(bulk_counted)
+    assert found, worker.metrics.render().decode()
+    assert value(found, "agentfleet_end_to_end_seconds_count", model="m1", priority="bulk") == 5
+    assert value(found, "agentfleet_tasks_total", priority="3") == 0
 
 
 async def test_failures_are_logged_once_per_group_with_their_context(producer, start_worker,
@@ -249,6 +267,8 @@ async def test_exporter_reads_every_queue_gauge_in_one_pipeline(server, redis, s
     await redis.hset(keys.stats_key("m1"), mapping={"written": 5, "dead_lettered": 2})
     await redis.zadd(keys.delayed_key("m1"), {b"retry": now + 10})
     await redis.xadd(keys.dead_stream("m1"), {"d": b"dead"})
+    for i in range(2):
+        await redis.xadd(keys.bulk_stream("m1"), {"d": b"bulk%d" % i})
     client = _CountingRedis.from_url(server.url)
     try:
         _CountingRedis.single_commands = 0
@@ -258,11 +278,15 @@ async def test_exporter_reads_every_queue_gauge_in_one_pipeline(server, redis, s
         client.close()
     found = samples(text)
     assert value(found, "agentfleet_exporter_redis_up") == 1
-    assert value(found, "agentfleet_queue_stream_entries", model="m1") == 10
-    assert value(found, "agentfleet_queue_lag_tasks", model="m1") == 7
-    assert value(found, "agentfleet_queue_pending_tasks", model="m1") == 3
-    age = value(found, "agentfleet_queue_oldest_pending_age_seconds", model="m1")
+    m1 = {"model": "m1", "lane": "interactive"}
+    assert value(found, "agentfleet_queue_stream_entries", **m1) == 10
+    assert value(found, "agentfleet_queue_lag_tasks", **m1) == 7
+    assert value(found, "agentfleet_queue_pending_tasks", **m1) == 3
+    age = value(found, "agentfleet_queue_oldest_pending_age_seconds", **m1)
     assert 0 <= age < 5
+    bulk = {"model": "m1", "lane": "bulk"}
+    assert value(found, "agentfleet_queue_stream_entries", **bulk) == 2
+    assert value(found, "agentfleet_queue_lag_tasks", **bulk) == 2  # no group yet: all undelivered
     assert value(found, "agentfleet_live_workers", model="m1") == 1
     assert value(found, "agentfleet_queue_delayed_tasks", model="m1") == 1
     assert value(found, "agentfleet_queue_dead_letter_entries", model="m1") == 1
@@ -291,8 +315,9 @@ async def test_exporter_age_of_the_oldest_pending_task(server, redis):
         (q,) = await asyncio.to_thread(read_queues, client, ["m1"])
     finally:
         client.close()
-    assert q.pending == 2 and q.lag == 0
-    assert 119 < q.oldest_pending_age_s < 130
+    assert q.interactive.pending == 2 and q.interactive.lag == 0
+    assert 119 < q.interactive.oldest_pending_age_s < 130
+    assert q.bulk.pending == 0 and q.bulk.oldest_pending_age_s == 0 and not q.bulk.exists
 
 
 def test_exporter_reports_redis_down():
@@ -314,6 +339,6 @@ async def test_exporter_command_once(server, redis, producer, tmp_path):
     assert out.returncode == 0, out.stderr
     found = samples(out.stdout)
     assert value(found, "agentfleet_exporter_redis_up") == 1
-    assert value(found, "agentfleet_queue_stream_entries", model="m1") == 4
-    assert value(found, "agentfleet_queue_lag_tasks", model="m1") == 4
+    assert value(found, "agentfleet_queue_stream_entries", model="m1", lane="interactive") == 4
+    assert value(found, "agentfleet_queue_lag_tasks", model="m1", lane="interactive") == 4
     assert value(found, "agentfleet_live_workers", model="m1") == 0

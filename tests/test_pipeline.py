@@ -8,7 +8,16 @@ import pytest
 
 from schemas import keys
 from schemas.errors import ErrorCode, ResultTimeoutError, UnknownModelError, ValidationError
-from schemas.wire import FollowUp, Message, Sampling, Status, Task, decode_event, encode
+from schemas.wire import (
+    FollowUp,
+    Message,
+    Sampling,
+    Status,
+    Task,
+    decode_event,
+    decode_result,
+    encode,
+)
 from workers.fake_engine import FakeEngine
 
 
@@ -216,3 +225,29 @@ async def test_inflight_limit_bounds_reads(producer, start_worker, redis, settin
     results = await producer.wait_many(ids, timeout_s=20)
     assert all(r.ok for r in results)
     assert max(r.batch_size for r in results) <= 4
+
+
+async def test_bulk_lane_is_served_after_interactive_work(producer, start_worker, redis):
+    """Bulk-job tasks wait in their own lane; interactive tasks read later still go first."""
+    bulk = await producer.submit_many(
+        [Task(model="m1", prompt=f"bulk {i}", batch_id="job-1") for i in range(300)],
+        reply=False)
+    interactive = await producer.submit_many([Task(model="m1", prompt=f"now {i}")
+                                              for i in range(20)])
+    assert await redis.xlen(keys.bulk_stream("m1")) == 300
+    assert await redis.xlen(keys.task_stream("m1")) == 20
+    worker = await start_worker(engines={"m1": FakeEngine(delay_s=0.01), "m2": FakeEngine()})
+    done = await producer.wait_many(interactive, timeout_s=10)
+    assert all(r.ok for r in done)
+    for _ in range(200):
+        counts = await redis.hgetall(keys.batch_counts("m1", "job-1"))
+        if counts.get(b"succeeded") == b"300":
+            break
+        await asyncio.sleep(0.05)
+    assert counts == {b"succeeded": b"300"}
+    out = await redis.xrange(keys.batch_output("m1", "job-1"))
+    results = [decode_result(f[b"r"]) for _, f in out]
+    assert sorted(r.task_id for r in results) == sorted(bulk)
+    first_bulk_read = min(r.timings.read for r in results)
+    assert max(r.timings.read for r in done) <= first_bulk_read
+    assert worker.lanes[0].stats.read == 320

@@ -17,43 +17,49 @@ from collections.abc import Sequence
 
 import msgspec
 
-# KEYS: 1 task stream, 2 stats hash, 3 delayed set, 4 dead-letter stream, then per record:
-#       result key, reply stream (the task stream when none), trace list, one task stream
-#       per follow-up.
+# KEYS: 1 stats hash, 2 delayed set, 3 dead-letter stream, then per record: the stream it
+#       came from (interactive or bulk lane), result key, reply stream, trace list, bulk-job
+#       output stream, bulk-job counts hash (unused ones are the source stream), then one
+#       task stream per follow-up.
 # ARGV: 1 group, 2 consumer, 3 result ttl, 4 trace ttl, 5 reply maxlen, 6 dead maxlen, then
-#       per record: entry id, outcome, v1, v2, trace event(s) ('' for none), follow-up
-#       count n, n x (task, trace event).  v1/v2: r = result/'', d = result/dead letter,
-#       y = retry payload/due epoch seconds.
+#       per record: entry id, outcome, v1, v2, trace event(s) ('' for none), bulk-job status
+#       field ('' for none), follow-up count n, n x (task, trace event).  v1/v2: r =
+#       result/'', d = result/dead letter, y = retry member (lane byte + task)/due seconds.
 COMMIT_LUA = """
 local group, me = ARGV[1], ARGV[2]
 local result_ttl, trace_ttl, reply_maxlen, dead_maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local a, k, n = 7, 5, #ARGV
-local acks, n_acks = {}, 0
+local a, k, n = 7, 4, #ARGV
+local acks = {}
 local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
 local replies = {}
 while a <= n do
   local eid, outcome, v1, v2 = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local trace, nf = ARGV[a + 4], tonumber(ARGV[a + 5])
-  local rkey, reply, tkey = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  a = a + 6
-  k = k + 3
-  local owner = redis.call('XPENDING', KEYS[1], group, eid, eid, 1)[1]
+  local trace, bstatus, nf = ARGV[a + 4], ARGV[a + 5], tonumber(ARGV[a + 6])
+  local src, rkey, reply, tkey, bout, bcounts =
+    KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
+  a = a + 7
+  k = k + 6
+  local owner = redis.call('XPENDING', src, group, eid, eid, 1)[1]
   if owner == nil or owner[2] ~= me then
     fenced = fenced + 1
   else
     local events = {}
     if trace ~= '' then events[1] = trace end
     if outcome == 'y' then
-      redis.call('ZADD', KEYS[3], v2, v1)
+      redis.call('ZADD', KEYS[2], v2, v1)
       retried = retried + 1
     elseif redis.call('SET', rkey, v1, 'NX', 'EX', result_ttl) then
       written = written + 1
-      if reply ~= KEYS[1] then
+      if reply ~= src then
         redis.call('XADD', reply, 'MAXLEN', '~', reply_maxlen, '*', 'r', v1)
         replies[reply] = true
       end
+      if bstatus ~= '' then
+        redis.call('XADD', bout, '*', 'r', v1)
+        redis.call('HINCRBY', bcounts, bstatus, 1)
+      end
       if outcome == 'd' then
-        redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'd', v2)
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_maxlen, '*', 'd', v2)
         dead = dead + 1
       end
       for j = 0, nf - 1 do
@@ -68,24 +74,30 @@ while a <= n do
     if #events > 0 and redis.call('RPUSH', tkey, unpack(events)) == #events then
       redis.call('EXPIRE', tkey, trace_ttl)
     end
-    n_acks = n_acks + 1
-    acks[n_acks] = eid
-    if n_acks == 1000 then
-      redis.call('XACK', KEYS[1], group, unpack(acks))
-      acks, n_acks = {}, 0
+    local list = acks[src]
+    if list == nil then
+      list = {}
+      acks[src] = list
+    end
+    list[#list + 1] = eid
+    if #list == 1000 then
+      redis.call('XACK', src, group, unpack(list))
+      acks[src] = {}
     end
   end
   a = a + 2 * nf
   k = k + nf
 end
-if n_acks > 0 then redis.call('XACK', KEYS[1], group, unpack(acks)) end
+for src, list in pairs(acks) do
+  if #list > 0 then redis.call('XACK', src, group, unpack(list)) end
+end
 for r in pairs(replies) do redis.call('EXPIRE', r, result_ttl) end
-redis.call('HINCRBY', KEYS[2], 'written', written)
-if dups > 0 then redis.call('HINCRBY', KEYS[2], 'duplicates', dups) end
-if followups > 0 then redis.call('HINCRBY', KEYS[2], 'followups', followups) end
-if fenced > 0 then redis.call('HINCRBY', KEYS[2], 'fenced', fenced) end
-if retried > 0 then redis.call('HINCRBY', KEYS[2], 'retried', retried) end
-if dead > 0 then redis.call('HINCRBY', KEYS[2], 'dead_lettered', dead) end
+redis.call('HINCRBY', KEYS[1], 'written', written)
+if dups > 0 then redis.call('HINCRBY', KEYS[1], 'duplicates', dups) end
+if followups > 0 then redis.call('HINCRBY', KEYS[1], 'followups', followups) end
+if fenced > 0 then redis.call('HINCRBY', KEYS[1], 'fenced', fenced) end
+if retried > 0 then redis.call('HINCRBY', KEYS[1], 'retried', retried) end
+if dead > 0 then redis.call('HINCRBY', KEYS[1], 'dead_lettered', dead) end
 return {written, dups, fenced, retried, dead}
 """
 
@@ -143,12 +155,15 @@ end
 return n
 """
 
-# Move retries that are due back into the task stream.  KEYS: 1 task stream, 2 delayed set.
+# Move retries that are due back into their lane: a member is a lane byte ('i'
+# interactive, 'b' bulk) and the task.  KEYS: 1 task stream, 2 delayed set, 3 bulk stream.
 # ARGV: 1 now (epoch seconds), 2 most to move.  Returns how many moved.
 PROMOTE_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, payload in ipairs(due) do
-  redis.call('XADD', KEYS[1], '*', 'd', payload)
+for _, member in ipairs(due) do
+  local lane = KEYS[1]
+  if string.sub(member, 1, 1) == 'b' then lane = KEYS[3] end
+  redis.call('XADD', lane, '*', 'd', string.sub(member, 2))
 end
 if #due > 0 then redis.call('ZREM', KEYS[2], unpack(due)) end
 return #due
@@ -158,28 +173,34 @@ return #due
 class CommitRecord(msgspec.Struct, array_like=True):
     """One task's outcome, encoded and ready for COMMIT_LUA."""
 
+    source: str  # the stream the task was read from
     entry_id: bytes
     outcome: bytes  # b"r", b"d" or b"y"
     v1: bytes
     v2: bytes | str
     result_key: str
-    reply_key: str  # the task stream when there is no reply stream
+    reply_key: str  # "" when nobody waits on a reply stream
     trace_key: str
     trace: bytes  # b"" when not traced
     followups: Sequence[tuple[str, bytes, bytes]]  # (stream, task payload, trace event)
+    batch_out: str = ""  # bulk job's output stream; "" when not part of one
+    batch_counts: str = ""
+    batch_status: str = ""
 
 
 def commit_args(head: list, records: Sequence[CommitRecord]) -> tuple[list, list]:
     """Flatten records into the KEYS and ARGV of COMMIT_LUA.
 
-    `head` is [stream, stats, delayed, dead, group, consumer, result ttl, trace ttl,
-    reply maxlen, dead maxlen].
+    `head` is [stats, delayed, dead, group, consumer, result ttl, trace ttl, reply maxlen,
+    dead maxlen].
     """
-    keys: list = head[:4]
-    args: list = head[4:]
+    keys: list = head[:3]
+    args: list = head[3:]
     for r in records:
-        keys += (r.result_key, r.reply_key, r.trace_key)
-        args += (r.entry_id, r.outcome, r.v1, r.v2, r.trace, len(r.followups))
+        src = r.source
+        keys += (src, r.result_key, r.reply_key or src, r.trace_key, r.batch_out or src,
+                 r.batch_counts or src)
+        args += (r.entry_id, r.outcome, r.v1, r.v2, r.trace, r.batch_status, len(r.followups))
         for f_stream, payload, event in r.followups:
             keys.append(f_stream)
             args += (payload, event)

@@ -77,10 +77,12 @@ _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 class _InFlight:
     """A task between its read and its commit."""
 
-    __slots__ = ("entry_id", "task", "read_at", "batch_id", "batch_size", "output",
+    __slots__ = ("source", "entry_id", "task", "read_at", "batch_id", "batch_size", "output",
                  "payload", "deliveries", "cancelled")
 
-    def __init__(self, entry_id: bytes, read_at: float, batch_id: str, batch_size: int):
+    def __init__(self, source: str, entry_id: bytes, read_at: float, batch_id: str,
+                 batch_size: int):
+        self.source = source  # the lane's stream it was read from
         self.entry_id = entry_id
         self.task: Task | None = None
         self.read_at = read_at
@@ -121,14 +123,14 @@ class ModelLane:
         self.settings = settings
         self.worker_id = worker_id
         self.stream = keys.task_stream(self.model)
+        self.bulk = keys.bulk_stream(self.model)  # read only when interactive work leaves room
         self.stats = LaneStats()
         self.stopping = False
         self.engine_dead = asyncio.Event()
         s = settings
-        self._commit_head = [self.stream, keys.stats_key(self.model),
-                             keys.delayed_key(self.model), keys.dead_stream(self.model),
-                             keys.GROUP, worker_id, s.result_ttl_s, s.trace_ttl_s,
-                             s.reply_maxlen, s.dead_maxlen]
+        self._commit_head = [keys.stats_key(self.model), keys.delayed_key(self.model),
+                             keys.dead_stream(self.model), keys.GROUP, worker_id,
+                             s.result_ttl_s, s.trace_ttl_s, s.reply_maxlen, s.dead_maxlen]
         self._commit = redis.register_script(COMMIT_LUA)
         self._reclaim = redis.register_script(RECLAIM_LUA)
         self._renew = redis.register_script(RENEW_LUA)
@@ -141,12 +143,18 @@ class ModelLane:
         self._batch_seq = 0
         self._reply_keys: dict[str, str] = {}
         self._cancelled: dict[str, float] = {}  # task id -> when the mark expires
+        self._bulk_check_at = 0.0  # monotonic time the bulk lane is worth reading again
         self.metrics = NULL_LANE_METRICS  # the Worker attaches real ones (workers/metrics.py)
 
     async def ensure_group(self) -> None:
         """Create the model's consumer group, reading from the start of the stream."""
         try:
             await self.redis.xgroup_create(self.stream, keys.GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        try:
+            await self.redis.xgroup_create(self.bulk, keys.GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -164,7 +172,6 @@ class ModelLane:
 
     async def read_loop(self) -> None:
         s = self.settings
-        streams = {self.stream: ">"}
         backoff_s = 0.05
         while not self.stopping:
             free = s.max_inflight - self._uncommitted
@@ -172,17 +179,8 @@ class ModelLane:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
-            want = min(free, s.read_count)
             try:
-                reply = await self._reader.xreadgroup(keys.GROUP, self.worker_id, streams,
-                                                      count=want, block=s.block_ms)
-                if reply and s.window_ms and len(reply[0][1]) < want:
-                    # Gather a fuller window: the latency/throughput knob.
-                    await asyncio.sleep(s.window_ms / 1000)
-                    more = await self._reader.xreadgroup(
-                        keys.GROUP, self.worker_id, streams, count=want - len(reply[0][1]))
-                    if more:
-                        reply[0][1].extend(more[0][1])
+                windows = await self._read_window(min(free, s.read_count))
             except _TRANSIENT as exc:
                 log.warning("model %s: read failed (%s); retrying in %.2fs", self.model, exc,
                             backoff_s)
@@ -195,10 +193,38 @@ class ModelLane:
                 await self.ensure_group()
                 continue
             backoff_s = 0.05
-            if reply:
-                self.dispatch(reply[0][1])
+            for source, entries in windows:
+                self.dispatch(entries, source=source)
 
-    def dispatch(self, entries: list, deliveries: dict[bytes, int] | None = None) -> None:
+    async def _read_window(self, want: int) -> list:
+        """Interactive tasks first; the bulk lane fills what they leave; block when idle."""
+        s = self.settings
+        read = self._reader.xreadgroup
+        me = self.worker_id
+        got = await read(keys.GROUP, me, {self.stream: ">"}, count=want)
+        if got and s.window_ms and len(got[0][1]) < want:
+            # Gather a fuller window: the latency/throughput knob.
+            await asyncio.sleep(s.window_ms / 1000)
+            more = await read(keys.GROUP, me, {self.stream: ">"}, count=want - len(got[0][1]))
+            if more:
+                got[0][1].extend(more[0][1])
+        windows = [(self.stream, got[0][1])] if got else []
+        room = want - (len(got[0][1]) if got else 0)
+        now = time.monotonic()
+        if room and (now >= self._bulk_check_at or not got):
+            bulk = await read(keys.GROUP, me, {self.bulk: ">"}, count=room)
+            if bulk:
+                windows.append((self.bulk, bulk[0][1]))
+            else:  # an idle bulk lane is looked at again in 50 ms, or when all is idle
+                self._bulk_check_at = now + 0.05
+        if windows:
+            return windows
+        got = await read(keys.GROUP, me, {self.stream: ">", self.bulk: ">"},
+                         count=max(1, want // 2), block=s.block_ms)
+        return [(stream.decode(), entries) for stream, entries in got or ()]
+
+    def dispatch(self, entries: list, deliveries: dict[bytes, int] | None = None,
+                 source: str = "") -> None:
         """Decode and check a window of stream entries and start the valid ones."""
         now = time.time()
         self._batch_seq += 1
@@ -209,8 +235,10 @@ class ModelLane:
         self._uncommitted += size
         self.metrics.observe_read(size)
         start: list[tuple[str, Task]] = []
+        source = source or self.stream
+        prefix = "" if source == self.stream else "b"  # entry ids repeat across streams
         for entry_id, fields in entries:
-            rec = _InFlight(entry_id, now, batch_id, size)
+            rec = _InFlight(source, entry_id, now, batch_id, size)
             if deliveries is not None:
                 rec.deliveries = deliveries[entry_id]
             try:
@@ -230,10 +258,11 @@ class ModelLane:
                 self._finish_now(rec, ErrorCode.DEADLINE_EXCEEDED,
                                  f"deadline {task.deadline:.3f} passed before the task ran", now)
                 continue
-            if self._cancelled and task.id in self._cancelled:
+            if self._cancelled and (task.id in self._cancelled or (
+                    task.batch_id and "batch:" + task.batch_id in self._cancelled)):
                 self._finish_now(rec, ErrorCode.CANCELLED, "cancelled before it ran", now)
                 continue
-            request_id = entry_id.decode()
+            request_id = prefix + entry_id.decode()
             self._inflight[request_id] = rec
             start.append((request_id, task))
         if not start:
@@ -357,13 +386,18 @@ class ModelLane:
                 payload=rec.payload or encode(task), attempts=task.attempt + 1,
                 deliveries=rec.deliveries, history=task.history, worker_id=self.worker_id,
                 at=now))
-        return CommitRecord(
-            entry_id=rec.entry_id, outcome=outcome, v1=encode(result), v2=dead,
-            result_key=keys.result_key(self.model, task.id),
+        record = CommitRecord(
+            source=rec.source, entry_id=rec.entry_id, outcome=outcome, v1=encode(result),
+            v2=dead, result_key=keys.result_key(self.model, task.id),
             reply_key=self._reply_key(task.reply_to),
             trace_key=keys.trace_key(self.model, task.correlation_id or task.id),
             trace=trace, followups=followups,
         )
+        if task.batch_id:
+            record.batch_out = keys.batch_output(self.model, task.batch_id)
+            record.batch_counts = keys.batch_counts(self.model, task.batch_id)
+            record.batch_status = status.value
+        return record
 
     def _retry_record(self, rec: _InFlight, task: Task, code: ErrorCode, message: str,
                       now: float) -> CommitRecord:
@@ -377,9 +411,10 @@ class ModelLane:
         traced = s.trace_enabled and bool(task.followups or task.parent_id
                                           or task.correlation_id != task.id)
         self.stats.retried += 1
+        lane = b"b" if rec.source == self.bulk else b"i"
         return CommitRecord(
-            entry_id=rec.entry_id, outcome=b"y", v1=encode(again), v2=repr(due),
-            result_key=self.stream, reply_key=self.stream,
+            source=rec.source, entry_id=rec.entry_id, outcome=b"y", v1=lane + encode(again),
+            v2=repr(due), result_key=rec.source, reply_key="",
             trace_key=keys.trace_key(self.model, task.correlation_id or task.id),
             trace=encode(Retried(task_id=task.id, attempt=task.attempt + 1, error=line,
                                  at=now, due=due)) if traced else b"",
@@ -388,7 +423,7 @@ class ModelLane:
 
     def _reply_key(self, producer_id: str) -> str:
         if not producer_id:
-            return self.stream
+            return ""
         key = self._reply_keys.get(producer_id)
         if key is None:
             if len(self._reply_keys) > 10_000:
@@ -431,24 +466,27 @@ class ModelLane:
             free = s.max_inflight - self._uncommitted
             if free <= 0 or self.stopping:
                 continue
-            suspect_running = any(rec.deliveries > 2 for rec in self._inflight.values())
-            try:
-                claimed, lost = await self._reclaim(
-                    keys=[self.stream, self._commit_head[1]],
-                    args=[keys.GROUP, self.worker_id, s.claim_idle_ms, min(free, 100),
-                          0 if suspect_running else 1])
-                if lost:
-                    await self._report_lost(lost)
-            except _TRANSIENT as exc:
-                log.warning("model %s: reclaim failed (%s)", self.model, exc)
-                continue
-            if claimed and not self.stopping:
-                mine = {rec.entry_id for rec in self._inflight.values()}
-                fresh = [(eid, fields) for eid, fields, _ in claimed if eid not in mine]
-                self.stats.reclaimed += len(fresh)
-                log.info("model %s: reclaimed %d stalled tasks", self.model, len(fresh))
-                if fresh:
-                    self.dispatch(fresh, {eid: n + 1 for eid, _, n in claimed})
+            for source in (self.stream, self.bulk):
+                try:
+                    await self._reclaim_from(source, free)
+                except _TRANSIENT as exc:
+                    log.warning("model %s: reclaim failed (%s)", self.model, exc)
+
+    async def _reclaim_from(self, source: str, free: int) -> None:
+        suspect_running = any(rec.deliveries > 2 for rec in self._inflight.values())
+        claimed, lost = await self._reclaim(
+            keys=[source, self._commit_head[0]],
+            args=[keys.GROUP, self.worker_id, self.settings.claim_idle_ms, min(free, 100),
+                  0 if suspect_running else 1])
+        if lost:
+            await self._report_lost(lost)
+        if claimed and not self.stopping:
+            mine = {rec.entry_id for rec in self._inflight.values() if rec.source == source}
+            fresh = [(eid, fields) for eid, fields, _ in claimed if eid not in mine]
+            self.stats.reclaimed += len(fresh)
+            log.info("model %s: reclaimed %d stalled tasks", self.model, len(fresh))
+            if fresh:
+                self.dispatch(fresh, {eid: n + 1 for eid, _, n in claimed}, source=source)
 
     async def _report_lost(self, lost: list[bytes]) -> None:
         """An entry that vanished while pending is dead-lettered as lost, never skipped."""
@@ -471,20 +509,20 @@ class ModelLane:
         every_s = self.settings.claim_idle_ms / 3000
         while True:
             await asyncio.sleep(every_s)
-            ids = [rec.entry_id for rec in self._inflight.values()]
-            ids += [rec.entry_id for rec in self._outbox]
-            if not ids:
-                if self.stopping:
-                    return
-                continue
-            try:
-                await self._renew(keys=[self.stream], args=[keys.GROUP, self.worker_id, *ids])
-            except _TRANSIENT as exc:
-                log.warning("model %s: renewing claims failed (%s)", self.model, exc)
+            by_source: dict[str, list[bytes]] = {}
+            for rec in [*self._inflight.values(), *self._outbox]:
+                by_source.setdefault(rec.source, []).append(rec.entry_id)
+            if not by_source and self.stopping:
+                return
+            for source, ids in by_source.items():
+                try:
+                    await self._renew(keys=[source], args=[keys.GROUP, self.worker_id, *ids])
+                except _TRANSIENT as exc:
+                    log.warning("model %s: renewing claims failed (%s)", self.model, exc)
 
     async def promote_loop(self, every_s: float = 0.25) -> None:
         """Move retries that are due back into the stream (a timer, not a busy loop)."""
-        keys_ = [self.stream, keys.delayed_key(self.model)]
+        keys_ = [self.stream, keys.delayed_key(self.model), self.bulk]
         while not self.stopping:
             await asyncio.sleep(every_s)
             try:
@@ -497,7 +535,8 @@ class ModelLane:
         while not self.stopping:
             await asyncio.sleep(self.settings.trim_interval_s)
             try:
-                await trim_stream(self.redis, self.model)
+                await trim_stream(self.redis, self.stream)
+                await trim_stream(self.redis, self.bulk)
             except _TRANSIENT as exc:
                 log.warning("model %s: trimming failed (%s)", self.model, exc)
             now = time.time()
@@ -505,9 +544,8 @@ class ModelLane:
                 del self._cancelled[task_id]
 
 
-async def trim_stream(redis: aioredis.Redis, model: str) -> int:
-    """XTRIM below the oldest entry still pending or undelivered in the model's group."""
-    stream = keys.task_stream(model)
+async def trim_stream(redis: aioredis.Redis, stream: str) -> int:
+    """XTRIM below the oldest entry still pending or undelivered in the stream's group."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xinfo_groups(stream)
         pipe.xpending(stream, keys.GROUP)
