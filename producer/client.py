@@ -18,7 +18,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -35,22 +35,31 @@ from schemas.errors import (
 )
 from schemas.settings import Settings
 from schemas.validate import validate_task
-from schemas.wire import Result, Task, decode_result, encode
+from schemas.wire import Result, Task, decode_result, decode_results, encode
 
 log = logging.getLogger("agentfleet.producer")
 
 _POLL_S = 1.0  # how long a wait trusts the reply stream before it also reads result keys
 
 
+def _broker_error(exc: RedisError, count: int) -> BrokerError:
+    text = str(exc)
+    if isinstance(exc, ResponseError) and ("OOM" in text or "maxmemory" in text):
+        return ServerOutOfMemoryError(
+            f"the server is out of memory (maxmemory reached): {count} tasks were not "
+            f"queued; drain the queues or raise maxmemory")
+    return BrokerError(f"enqueue failed: {text}")
+
+
 class _Waiting:
     """One wait call's state: results ready to hand out, and how many are still due."""
 
-    __slots__ = ("ready", "left", "event")
+    __slots__ = ("ready", "left", "waker")
 
     def __init__(self) -> None:
         self.ready: list[Result] = []
         self.left = 0
-        self.event = asyncio.Event()
+        self.waker: asyncio.Future | None = None  # set when a result arrives
 
 
 class Producer:
@@ -69,6 +78,9 @@ class Producer:
         self._arrived: dict[str, Result] = {}
         self._listener: asyncio.Task | None = None
         self._last_arrival = 0.0
+        self._polling = False
+        self._queued: list[tuple[str, tuple, asyncio.Future]] = []  # single submits to write
+        self._flusher: asyncio.Task | None = None
 
     @classmethod
     def from_url(cls, url: str | None = None, **kwargs) -> Producer:
@@ -86,6 +98,8 @@ class Producer:
         await self.close()
 
     async def close(self) -> None:
+        if self._flusher is not None:  # single submits still on their way out
+            await asyncio.gather(self._flusher, return_exceptions=True)
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -95,9 +109,57 @@ class Producer:
     # ---- submitting ------------------------------------------------------------------
 
     async def submit(self, task: Task | None = None, /, *, reply: bool = True, **fields) -> str:
-        """Queue one task (a Task, or its fields as keywords); return its id."""
-        return (await self.submit_many([task if task is not None else Task(**fields)],
-                                       reply=reply))[0]
+        """Queue one task (a Task, or its fields as keywords); return its id.
+
+        Concurrent calls are coalesced: every task submitted in one pass of the event loop
+        (and while the previous write is in flight) goes out in one script call.
+        """
+        task = task if task is not None else Task(**fields)
+        self._fill(task, reply, time.time())
+        validate_task(task, self.settings)
+        if reply:
+            self._ensure_listener()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queued.append((self._lane(task), self._item(task, -1), fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        """Write queued single submits, one script call per lane, until none are left."""
+        await asyncio.sleep(0)  # let the rest of this loop pass queue theirs
+        while self._queued:
+            queued, self._queued = self._queued, []
+            by_stream: dict[str, list] = {}
+            for stream, item, fut in queued:
+                by_stream.setdefault(stream, []).append((item, fut))
+            for stream, entries in by_stream.items():
+                keys_, args = enqueue_args(stream, self.settings.result_ttl_s,
+                                           [item for item, _ in entries])
+                try:
+                    dups = await self._enqueue(keys=keys_, args=args)
+                except RedisError as exc:
+                    error = _broker_error(exc, len(entries))
+                    for _, fut in entries:
+                        if not fut.done():
+                            fut.set_exception(error)
+                    continue
+                accepted = {int(dups[j]): dups[j + 1].decode() for j in range(0, len(dups), 2)}
+                for i, (item, fut) in enumerate(entries):
+                    if not fut.done():
+                        fut.set_result(accepted.get(i, item[0]))
+
+    @staticmethod
+    def _lane(task: Task) -> str:
+        # Tasks of a bulk job go to the model's bulk lane, served after interactive ones.
+        return keys.bulk_stream(task.model) if task.batch_id else keys.task_stream(task.model)
+
+    @staticmethod
+    def _item(task: Task, index: int) -> tuple[str, str | None, bytes, int]:
+        idem = task.idempotency_key
+        return (task.id, keys.idempotency_key(task.model, idem) if idem else None,
+                encode(task), index)
 
     async def submit_many(self, tasks: Iterable[Task], *, reply: bool = True) -> list[str]:
         """Check every task, then queue them in chunks of `chunk_size`, one round trip each.
@@ -117,12 +179,7 @@ class Producer:
                 if i or not isinstance(tasks, Sequence) or len(tasks) > 1:
                     exc.args = (f"tasks[{i}].{exc.args[0]}",)
                 raise
-            idem = task.idempotency_key
-            # Tasks of a bulk job go to the model's bulk lane, served after interactive ones.
-            stream = (keys.bulk_stream(task.model) if task.batch_id
-                      else keys.task_stream(task.model))
-            by_stream.setdefault(stream, []).append(
-                (task.id, keys.idempotency_key(task.model, idem) if idem else None, encode(task), i))
+            by_stream.setdefault(self._lane(task), []).append(self._item(task, i))
             ids.append(task.id)
         if reply and ids:
             self._ensure_listener()
@@ -133,6 +190,9 @@ class Producer:
                 for start in range(0, len(items), self.chunk_size):
                     chunk = items[start:start + self.chunk_size]
                     keys_, args = enqueue_args(stream, s.result_ttl_s, chunk)
+                    if len(items) <= self.chunk_size:  # one chunk: nothing to overlap
+                        await self._settle(self._enqueue(keys=keys_, args=args), chunk, ids)
+                        continue
                     calls.append((asyncio.ensure_future(self._enqueue(keys=keys_, args=args)),
                                   chunk))
                     await asyncio.sleep(0)
@@ -146,17 +206,11 @@ class Producer:
         return ids
 
     @staticmethod
-    async def _settle(fut: asyncio.Future, chunk: list, ids: list[str]) -> None:
+    async def _settle(fut: Awaitable, chunk: list, ids: list[str]) -> None:
         try:
             dups = await fut
-        except ResponseError as exc:
-            if "OOM" in str(exc) or "maxmemory" in str(exc):  # Valkey words it apart
-                raise ServerOutOfMemoryError(
-                    f"the server is out of memory (maxmemory reached): {len(chunk)} tasks "
-                    f"were not queued; drain the queues or raise maxmemory") from exc
-            raise BrokerError(f"enqueue failed: {exc}") from exc
         except RedisError as exc:
-            raise BrokerError(f"enqueue failed: {exc}") from exc
+            raise _broker_error(exc, len(chunk)) from exc
         for j in range(0, len(dups), 2):
             ids[chunk[int(dups[j])][3]] = dups[j + 1].decode()
 
@@ -234,11 +288,12 @@ class Producer:
                     missing = [i for i in ids if self._waiters.get(i) is w]
                     raise ResultTimeoutError(
                         f"{len(missing)} results missing after {timeout_s}s", missing)
-                w.event.clear()
+                w.waker = asyncio.get_running_loop().create_future()
                 try:
-                    await asyncio.wait_for(w.event.wait(), min(left, _POLL_S))
+                    await asyncio.wait_for(w.waker, min(left, _POLL_S))
                 except TimeoutError:
-                    if time.monotonic() - self._last_arrival >= _POLL_S:
+                    if (time.monotonic() - self._last_arrival >= _POLL_S
+                            and not self._polling):  # one poll at a time, for all waiters
                         stalled = [i for i in ids if self._waiters.get(i) is w]
                         await self._read_stored(stalled[:1000])
         finally:
@@ -257,7 +312,8 @@ class Producer:
         if w is not None:
             w.ready.append(result)
             w.left -= 1
-            w.event.set()
+            if w.waker is not None and not w.waker.done():
+                w.waker.set_result(None)
             return
         arrived = self._arrived
         arrived[result.task_id] = result
@@ -265,8 +321,13 @@ class Producer:
             del arrived[next(iter(arrived))]
 
     async def _read_stored(self, task_ids: list[str]) -> None:
-        for result in await self._stored(task_ids, list(self.settings.models)):
-            self._deliver(result)
+        """The reply stream is late (or was trimmed before we read it): read result keys."""
+        self._polling = True
+        try:
+            for result in await self._stored(task_ids, list(self.settings.models)):
+                self._deliver(result)
+        finally:
+            self._polling = False
 
     async def _stored(self, task_ids: list[str], models: list[str]) -> list[Result]:
         try:
@@ -287,23 +348,38 @@ class Producer:
     async def _listen(self) -> None:
         """Read this producer's reply streams and hand results to their waiters."""
         streams = {keys.reply_stream(m, self.id): "0-0" for m in self.settings.models}
+        unread = {stream: 0 for stream in streams}  # read since the last trim
+        trimmed_at = time.monotonic()
         backoff_s = 0.05
         while True:
             try:
                 reply = await self.redis.xread(streams, count=1000, block=1000)
                 for stream, entries in reply or ():
                     for _, fields in entries:
-                        self._deliver(decode_result(fields[b"r"]))
-                    last = entries[-1][0]
-                    streams[stream.decode()] = last
+                        for result in decode_results(fields[b"rs"]):
+                            self._deliver(result)
+                    name = stream.decode()
+                    streams[name] = entries[-1][0]
+                    unread[name] += len(entries)
                     self._last_arrival = time.monotonic()
-                    # Entries read are done with: drop them so the stream stays short.
-                    ms, seq = last.split(b"-")
-                    await self.redis.xtrim(stream, minid=f"{ms.decode()}-{int(seq) + 1}",
-                                           approximate=False)
+                # Entries read are done with: drop them so the streams stay short, in one
+                # round trip per 1000 results or per second, not one per read.
+                if sum(unread.values()) >= 1000 or time.monotonic() - trimmed_at > 1.0:
+                    await self._trim_replies(streams, unread)
+                    trimmed_at = time.monotonic()
                 backoff_s = 0.05
             except RedisError as exc:
                 log.warning("producer %s: reading replies failed (%s); retrying in %.2fs",
                             self.id, exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
+
+    async def _trim_replies(self, streams: dict[str, bytes | str], unread: dict[str, int]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, count in unread.items():
+                if count:
+                    last = streams[stream]
+                    ms, seq = (last.decode() if isinstance(last, bytes) else last).split("-")
+                    pipe.xtrim(stream, minid=f"{ms}-{int(seq) + 1}", approximate=False)
+                    unread[stream] = 0
+            await pipe.execute()

@@ -104,3 +104,20 @@ class FatalConfigError(AgentFleetError):
 
 class EvictingServerError(FatalConfigError):
     """Raised at start-up against a server whose maxmemory-policy may evict our keys."""
+
+
+class BatchError(AgentFleetError):
+    """Raised by the bulk-job client (producer/batch.py) for a job it cannot submit or find:
+    an unknown batch id, a batch id that already holds another file or a finished job."""
+
+
+class InvalidBatchFileError(BatchError, ValueError):
+    """Raised before anything is queued when lines of a batch input file are invalid.
+
+    `errors` holds the first invalid lines as (line number, reason), `invalid` their count.
+    """
+
+    def __init__(self, message: str, errors: list[tuple[int, str]], invalid: int):
+        self.errors = errors
+        self.invalid = invalid
+        super().__init__(message)

@@ -92,3 +92,28 @@ def batch_output(model: str, batch_id: str) -> str:
 def batch_counts(model: str, batch_id: str) -> str:
     """Counts of one bulk job's finished tasks on this model, by status (a hash)."""
     return f"{_tag(model)}:batch:{batch_id}:counts"
+
+
+def kpi_key(model: str, minute: int) -> str:
+    """Per-minute aggregates of finished tasks by tenant (a hash; `minute` is epoch seconds of
+    the minute's start), for `agentfleet report` and `status`.  Fields: workers/kpi.py."""
+    return f"{_tag(model)}:kpi:{minute}"
+
+
+# Bulk jobs in the OpenAI Batch format (producer/batch.py).  A job can span models, so its
+# own keys are global, outside every model's slot: their hash tag is the batch id.  Its tasks'
+# results and counts stay per model (batch_output, batch_counts above).
+
+def batch_meta(batch_id: str) -> str:
+    """The record of one bulk job (a hash: status, created_at, totals per model, ...)."""
+    return f"{PREFIX}:batch:{{{batch_id}}}:meta"
+
+
+def batch_seen(batch_id: str, pass_id: str) -> str:
+    """The custom ids one validation pass has seen (a hash: custom id -> line number)."""
+    return f"{PREFIX}:batch:{{{batch_id}}}:seen:{pass_id}"
+
+
+def batch_index() -> str:
+    """Every bulk job's id (a sorted set scored by its creation time, epoch seconds)."""
+    return f"{PREFIX}:batches"

@@ -54,7 +54,10 @@ class Settings(msgspec.Struct, kw_only=True):
     redis_url: str = ""  # "" starts the embedded server
     home: str = ""  # cache and data folder; "" is ~/.cache/agentfleet
     models: dict[str, ModelSpec] = msgspec.field(
-        default_factory=lambda: {DEFAULT_MODEL: ModelSpec(name=DEFAULT_MODEL)}
+        # Eager: on a small CPU torch.compile costs minutes per start and its bf16 kernels
+        # flip this tiny model's greedy answers; a GPU models file turns compilation on.
+        default_factory=lambda: {DEFAULT_MODEL: ModelSpec(name=DEFAULT_MODEL, enforce_eager=True,
+                                                          max_num_seqs=64)}
     )
     default_model: str = DEFAULT_MODEL
     # worker
@@ -89,6 +92,7 @@ class Settings(msgspec.Struct, kw_only=True):
     log_format: str = "auto"  # auto (text on a terminal, else JSON lines), json or text
     sentry_dsn: str = ""  # SENTRY_DSN; "" sends nothing
     sentry_include_text: bool = False  # prompts and outputs go to Sentry only when true
+    kpi_ttl_s: int = 8 * 86_400  # per-minute aggregates for `agentfleet report`; 0: not kept
 
     @property
     def home_path(self) -> Path:

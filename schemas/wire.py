@@ -212,6 +212,7 @@ def check_version(task: Task) -> None:
 
 
 decode_result = _result_decoder.decode
+decode_results = msgspec.msgpack.Decoder(list[Result]).decode  # a reply-stream entry
 decode_event = _event_decoder.decode
 decode_dead_letter = msgspec.msgpack.Decoder(DeadLetter).decode
 

@@ -9,6 +9,7 @@ enough to flip this tiny model's greedy first token for the France question (HF 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Sequence
 
@@ -20,7 +21,14 @@ from schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
 from schemas.wire import Message, Sampling, Task
 from workers.engine import EngineOutput
 
-pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [
+    pytest.mark.engine,
+    pytest.mark.asyncio(loop_scope="module"),
+    # Third-party, not ours: torch's inductor imports a deprecated torch.jit API, and vLLM
+    # leaves its ZeroMQ context to the garbage collector after shutdown.
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Unclosed context:ResourceWarning"),
+]
 
 SPEC = ModelSpec(
     name=DEFAULT_MODEL,
@@ -34,7 +42,6 @@ WAIT_S = 300
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine():
-    pytest.importorskip("vllm")
     # Imported here so that collecting this module (say, with -m "not engine") skips vLLM.
     from workers.models import prepare_default_model
     from workers.vllm_engine import VllmEngine
@@ -44,6 +51,7 @@ async def engine():
     await engine.start()
     yield engine
     await engine.stop()
+    gc.collect()  # collect vLLM's ZeroMQ context here, under this module's warning filters
 
 
 async def run(engine, requests: Sequence[tuple[str, Task]]) -> dict[str, EngineOutput]:

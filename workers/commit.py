@@ -2,7 +2,8 @@
 
 COMMIT_LUA, one EVALSHA per group of completions (never one round trip per task), applies
 per task one of three outcomes:
-  r  result: the result (first write wins: SET NX), reply, follow-ups, trace events
+  r  result: the result (first write wins: SET NX), follow-ups, trace events; the results
+     for one producer go to its reply stream as one entry per commit (a msgpack array)
   d  dead letter: the result (status dead_lettered) and the dead-letter entry
   y  retry: the task, one attempt further, into the delayed set with its due time
 then acknowledges it.  Every outcome is fenced by the claim: a task no longer pending on
@@ -32,6 +33,7 @@ local a, k, n = 7, 4, #ARGV
 local acks = {}
 local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
 local replies = {}
+local owned = {}  -- per source stream: the entries pending on this consumer, read once
 while a <= n do
   local eid, outcome, v1, v2 = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local trace, bstatus, nf = ARGV[a + 4], ARGV[a + 5], tonumber(ARGV[a + 6])
@@ -39,8 +41,15 @@ while a <= n do
     KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
   a = a + 7
   k = k + 6
-  local owner = redis.call('XPENDING', src, group, eid, eid, 1)[1]
-  if owner == nil or owner[2] ~= me then
+  local mine = owned[src]
+  if mine == nil then
+    mine = {}
+    for _, p in ipairs(redis.call('XPENDING', src, group, '-', '+', 10000000, me)) do
+      mine[p[1]] = true
+    end
+    owned[src] = mine
+  end
+  if not mine[eid] then
     fenced = fenced + 1
   else
     local events = {}
@@ -51,8 +60,12 @@ while a <= n do
     elseif redis.call('SET', rkey, v1, 'NX', 'EX', result_ttl) then
       written = written + 1
       if reply ~= src then
-        redis.call('XADD', reply, 'MAXLEN', '~', reply_maxlen, '*', 'r', v1)
-        replies[reply] = true
+        local list = replies[reply]
+        if list == nil then
+          list = {}
+          replies[reply] = list
+        end
+        list[#list + 1] = v1
       end
       if bstatus ~= '' then
         redis.call('XADD', bout, '*', 'r', v1)
@@ -91,7 +104,14 @@ end
 for src, list in pairs(acks) do
   if #list > 0 then redis.call('XACK', src, group, unpack(list)) end
 end
-for r in pairs(replies) do redis.call('EXPIRE', r, result_ttl) end
+-- One reply entry per producer per commit: a msgpack array of the results (array 32 header).
+for r, list in pairs(replies) do
+  local count = #list
+  local header = string.char(0xdd, math.floor(count / 16777216) % 256,
+    math.floor(count / 65536) % 256, math.floor(count / 256) % 256, count % 256)
+  redis.call('XADD', r, 'MAXLEN', '~', reply_maxlen, '*', 'rs', header .. table.concat(list))
+  redis.call('EXPIRE', r, result_ttl)
+end
 redis.call('HINCRBY', KEYS[1], 'written', written)
 if dups > 0 then redis.call('HINCRBY', KEYS[1], 'duplicates', dups) end
 if followups > 0 then redis.call('HINCRBY', KEYS[1], 'followups', followups) end

@@ -6,7 +6,8 @@ that appends six floats to plain lists.  prometheus_client's own `Histogram.obse
 lock and walks the bucket bounds in Python (about 1.5 us); six of them per task would cost the
 queue-layer benchmark more than its 10% budget.  The raw values are folded into cumulative
 bucket counts (one sort, then a C bisect per bound) when a scrape comes or a buffer fills, and
-a custom collector turns the counts into metric families at scrape time.
+/metrics is written straight from the counts.  The same lists, by reference, feed the
+per-minute aggregates kept in Redis for `agentfleet report` (workers/kpi.py).
 
 Gauges that the lane already knows (tasks in flight) and its `LaneStats` counters (retries,
 reclaims, dead letters, duplicates, fenced) are read at scrape time, for free.  Queue-wide
@@ -28,15 +29,15 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
-
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 import msgspec
 from prometheus_client.utils import floatToGoString
 
 from schemas.errors import ErrorCode
 from schemas.wire import Status
+from workers.kpi import KpiBuffer
 
 if TYPE_CHECKING:
     from workers.worker import ModelLane, Worker
@@ -117,9 +118,10 @@ class _Histogram:
 class LaneMetrics:
     """One lane's figures; the lane calls `observe_read` and `observe_commit`."""
 
-    def __init__(self, lane: ModelLane):
+    def __init__(self, lane: ModelLane, kpi: KpiBuffer | None = None):
         self.model = lane.model
         self._lane = lane
+        self.kpi = kpi  # per-minute aggregates in Redis (workers/kpi.py), None when off
         self._lock = threading.Lock()  # the event loop appends, a scrape thread folds
         self.queue_wait = _Histogram(LATENCY_BUCKETS_S)
         self.first_token = _Histogram(LATENCY_BUCKETS_S)
@@ -186,8 +188,9 @@ class LaneMetrics:
         eng: list[float] = []
         ptok: list[int] = []
         otok: list[int] = []
+        tenants: list[str] = []
         a_wait, a_e2e, a_ttft, a_eng = wait.append, e2e.append, ttft.append, eng.append
-        a_ptok, a_otok = ptok.append, otok.append
+        a_ptok, a_otok, a_tenant = ptok.append, otok.append, tenants.append
         first = done[0].task if n else None
         priority = first.priority if first is not None else 0
         batch = first.batch_id if first is not None else ""
@@ -205,6 +208,11 @@ class LaneMetrics:
             a_eng(out.finished - started)
             a_ptok(out.prompt_tokens)
             a_otok(out.output_tokens)
+            a_tenant(task.tenant)
+        if self.kpi is not None:  # by reference: the per-task work waits for the flush
+            self.kpi.groups.append((self.model, int(now // 60) * 60,
+                                    "bulk" if batch else "interactive", tenants, e2e, ptok,
+                                    otok))
         with self._lock:
             klass = "bulk" if batch else _PRIORITY[priority]
             key = (Status.SUCCEEDED.value, "", klass)
@@ -222,6 +230,8 @@ class LaneMetrics:
     def _observe_mixed(self, done: Sequence, records: Sequence, now: float) -> None:
         """A group with failures, retries, cancellations or several priorities."""
         alarms: dict[tuple[str, str], list] = {}  # (level, code) -> [count, first record]
+        kpi = self.kpi.tasks if self.kpi is not None else None
+        minute = int(now // 60) * 60
         with self._lock:
             for rec, record in zip(done, records):
                 out, task = rec.output, rec.task
@@ -235,8 +245,10 @@ class LaneMetrics:
                     code = out.error_code.value if out.error_code else "retry"
                     _count_alarm(alarms, "warning", code, rec)
                     continue
+                ptok = otok = 0
                 if out.error_code is None and not rec.cancelled:
                     status, code = _SUCCEEDED
+                    ptok, otok = out.prompt_tokens, out.output_tokens
                     if out.first_token and out.engine_start:
                         self.first_token.raw.append(out.first_token - out.engine_start)
                     self.prompt_tokens.raw.append(out.prompt_tokens)
@@ -247,10 +259,15 @@ class LaneMetrics:
                     code = outcome.error_code.value if outcome.error_code else ""
                     if outcome.error_code in _ALARMING:
                         _count_alarm(alarms, "error", code, rec)
-                if enqueued:
-                    self._e2e(klass).raw.append(now - enqueued)
+                latency = now - enqueued if enqueued else None
+                if latency is not None:
+                    self._e2e(klass).raw.append(latency)
                 key = (status, code, klass)
                 self.outcomes[key] = self.outcomes.get(key, 0) + 1
+                if kpi is not None:
+                    kpi.append((self.model, minute, "bulk" if klass == "bulk" else "interactive",
+                                task.tenant if task is not None else "", status, code, latency,
+                                ptok, otok))
             self.commit_group.raw.append(len(done))
             if len(self.queue_wait.raw) > _FOLD_AT:
                 self._fold()
@@ -383,18 +400,21 @@ class WorkerMetrics:
     and vLLM unregisters its own collectors from the global one at each engine start.
     """
 
-    def __init__(self, worker_id: str, *, enabled: bool = True):
+    def __init__(self, worker_id: str, *, metrics_on: bool = True, kpi_ttl_s: int = 0):
         self.worker_id = worker_id
-        self.enabled = enabled
+        self.metrics_on = metrics_on  # metrics_port != 0
+        self.kpi = KpiBuffer(kpi_ttl_s, LATENCY_BUCKETS_S) if kpi_ttl_s > 0 else None
+        self.enabled = metrics_on or self.kpi is not None  # lanes observe at all
         self.lanes: list[LaneMetrics] = []
         self.started_at = time.time()
         self.server: MetricsServer | None = None
 
     @classmethod
     def attach(cls, worker: Worker) -> WorkerMetrics:
-        """Give every lane of `worker` its metrics (null ones when metrics_port is 0), and
-        hand engines that take one a sink for their own statistics."""
-        metrics = cls(worker.worker_id, enabled=worker.settings.metrics_port != 0)
+        """Give every lane of `worker` its metrics (null ones when metrics_port and kpi_ttl_s
+        are both 0), and hand engines that take one a sink for their own statistics."""
+        s = worker.settings
+        metrics = cls(worker.worker_id, metrics_on=s.metrics_port != 0, kpi_ttl_s=s.kpi_ttl_s)
         for lane in worker.lanes:
             lane.metrics = metrics.add_lane(lane)
         return metrics
@@ -402,7 +422,7 @@ class WorkerMetrics:
     def add_lane(self, lane: ModelLane) -> LaneMetrics | NullLaneMetrics:
         if not self.enabled:
             return NULL_LANE_METRICS
-        lane_metrics = LaneMetrics(lane)
+        lane_metrics = LaneMetrics(lane, self.kpi)
         self.lanes.append(lane_metrics)
         # An engine that reports its scheduler's figures takes a sink before it starts (the
         # vLLM engine passes it to AsyncLLM as a stat logger: workers/vllm_stats.py).
@@ -417,7 +437,7 @@ class WorkerMetrics:
         A port already taken is logged as an error and the worker goes on without serving:
         tasks matter more than their metrics, and Prometheus shows the target down.
         """
-        if not port or not self.enabled:
+        if not port or not self.metrics_on:
             return None
         try:
             self.server = MetricsServer(self.render, port, addr)
@@ -435,6 +455,11 @@ class WorkerMetrics:
             self.server.close()
             self.server = None
 
+    async def kpi_loop(self, redis) -> None:
+        """Write the per-minute aggregates once a second (workers/kpi.py); nothing when off."""
+        if self.kpi is not None:
+            await self.kpi.flush_loop(redis)
+
     def render(self) -> bytes:
         """The text a scrape of /metrics returns (Prometheus text format 0.0.4).
 
@@ -445,18 +470,18 @@ class WorkerMetrics:
         out: list[str] = []
         lanes = [(lm, lm.labels(), lm.snapshot()) for lm in self.lanes]
         out.append(_HEADERS["agentfleet_tasks_total"])
-        for lm, lv, snap in lanes:
+        for _, lv, snap in lanes:
             for (status, code, priority), count in snap.outcomes:
                 out.append(f'agentfleet_tasks_total{{{lv},status="{status}",'
                            f'error_code="{code}",priority="{priority}"}} {count}\n')
         out.append(_HEADERS["agentfleet_end_to_end_seconds"])
-        for lm, lv, snap in lanes:
+        for lm, _, snap in lanes:
             for priority, hist in snap.end_to_end.items():
                 _histogram_lines(out, lm.prefixes("agentfleet_end_to_end_seconds",
                                                   priority=priority), hist)
         for name, _, attr in _HISTOGRAMS:
             out.append(_HEADERS[name])
-            for lm, lv, snap in lanes:
+            for lm, _, snap in lanes:
                 _histogram_lines(out, lm.prefixes(name, getattr(lm, attr).bounds),
                                  snap.hists[attr])
         out.append(_HEADERS["agentfleet_inflight_tasks"])

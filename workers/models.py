@@ -173,7 +173,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(**source)
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
-    loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.bfloat16)
+    # float32: the dequantised blocks are exact there; load_state_dict rounds them to bf16.
+    loaded = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
     # The loaded model counts as "GGUF-quantized" and refuses save_pretrained, though its
     # weights are already plain tensors: move them into a model built without that config.
     config_dict = loaded.config.to_dict()

@@ -31,7 +31,7 @@ from schemas.wire import Sampling, Task
 from workers.engine import EngineOutput, OnDone
 from workers.models import model_version
 
-try:  # vLLM >= 0.2x: an already-rendered input, which skips the deprecated raw-prompt path
+try:  # vLLM 0.26 and later: an already-rendered input, skipping the deprecated raw-prompt path
     from vllm.inputs import tokens_input as _token_prompt
 except ImportError:  # older releases take a TokensPrompt dict
     from vllm.inputs import TokensPrompt
@@ -49,7 +49,6 @@ except ImportError:
 
 logger = logging.getLogger(__name__)
 
-_GIB = 1 << 30
 _STOP_TIMEOUT_S = 10.0
 
 
@@ -67,16 +66,23 @@ class VllmEngine:
         self._inflight: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
-        """Start the engine (about 100 s on CPU the first time: torch.compile, then cached)."""
+        """Start the engine: about 30 s on a small CPU with enforce_eager; with torch.compile,
+        minutes the first time for each configuration, then cached under ~/.cache/vllm."""
         _prepare_environment(self.spec)
         started_s = time.monotonic()
         try:
-            # Blocks the event loop while the engine core loads: nothing else runs yet.
-            self._llm = AsyncLLM.from_engine_args(self._engine_args())
+            # In a thread: loading takes from seconds to minutes (torch.compile), and the
+            # worker's other tasks (signals, metrics) must go on.  AsyncLLM supports being
+            # built outside the loop: it starts its output handler on the first request.
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
         except Exception as exc:
             raise FatalConfigError(
                 f"model {self.spec.name}: vLLM could not start on {self.model_path}: {exc}"
             ) from exc
+        # Back on the loop: this first call also starts the client's output task, which
+        # notices an engine death before any request is sent.
+        if "generate" not in await self._llm.get_supported_tasks():
+            raise FatalConfigError(f"model {self.spec.name}: {self.model_path} cannot generate")
         self._tokenizer = self._llm.get_tokenizer()
         self._chat_template = getattr(self._tokenizer, "chat_template", None)
         if not self._chat_template:
@@ -126,7 +132,8 @@ class VllmEngine:
         if pending:
             await asyncio.wait(pending, timeout=_STOP_TIMEOUT_S)
         if self._llm is not None:
-            self._llm.shutdown()
+            # In a thread: shutdown waits seconds for the engine processes to exit.
+            await asyncio.to_thread(self._llm.shutdown)
             self._llm = None
 
     @property

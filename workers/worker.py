@@ -312,25 +312,41 @@ class ModelLane:
 
     # ---- write side ------------------------------------------------------------------
 
-    async def commit_loop(self) -> None:
+    async def commit_loop(self, max_writes: int = 2) -> None:
+        """Commit what finished; up to `max_writes` commits in flight, so that building the
+        next group's records overlaps the server running the previous script."""
+        writes: set[asyncio.Task] = set()
         while True:
             if not self._outbox:
                 if self.stopping and not self._inflight:
-                    return
+                    if writes:
+                        await asyncio.wait(writes)
+                    if not self._outbox:
+                        return
+                    continue
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
                 continue
+            if len(writes) >= max_writes:
+                await asyncio.wait(writes, return_when=asyncio.FIRST_COMPLETED)
+                continue  # more finished meanwhile: a bigger group
             done, self._outbox = self._outbox, []
             records = [self._record(rec) for rec in done]
             if self.settings.crash_at == "before_commit":
                 os._exit(137)  # fault suite: the engine ran, the results were never written
-            # Shielded: a cancelled worker still finishes the write it started.
-            await asyncio.shield(self._write(records))
-            self.metrics.observe_commit(done, records)
-            if self.settings.crash_at == "after_commit":
-                os._exit(137)  # fault suite: written and acknowledged, then gone
-            self._uncommitted -= len(done)
-            self._slot_free.set()
+            # A task of its own: a cancelled worker still finishes the write it started.
+            write = asyncio.ensure_future(self._commit_group(done, records))
+            writes.add(write)
+            write.add_done_callback(writes.discard)
+            await asyncio.sleep(0)  # let it go out before the next group is built
+
+    async def _commit_group(self, done: list[_InFlight], records: list[CommitRecord]) -> None:
+        await self._write(records)
+        self.metrics.observe_commit(done, records)
+        if self.settings.crash_at == "after_commit":
+            os._exit(137)  # fault suite: written and acknowledged, then gone
+        self._uncommitted -= len(done)
+        self._slot_free.set()
 
     def _record(self, rec: _InFlight) -> CommitRecord:
         out = rec.output
@@ -562,7 +578,8 @@ async def trim_stream(redis: aioredis.Redis, stream: str) -> int:
     if pending["pending"]:
         oldest = pending["min"].decode() if isinstance(pending["min"], bytes) else pending["min"]
         floor = min(floor, oldest, key=_id_key)
-    return await redis.xtrim(stream, minid=floor, approximate=False)
+    # Approximate: whole macro nodes only, so a large trim does not stall the server.
+    return await redis.xtrim(stream, minid=floor, approximate=True)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -645,6 +662,7 @@ class Worker:
                     for loop in (lane.read_loop, lane.reclaim_loop, lane.promote_loop,
                                  lane.trim_loop)]
             side.append(tg.create_task(self._heartbeat()))
+            side.append(tg.create_task(self.metrics.kpi_loop(self.redis)))
             side.append(tg.create_task(self._listen_cancellations()))
             for lane in self.lanes:
                 side.append(tg.create_task(self._stop_when_dead(lane)))
