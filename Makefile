@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench install redis-server prometheus fleet clean
+.PHONY: demo test bench bench-batch install redis-server prometheus fleet clean
 
 demo: $(STAMP)
 	$(BIN)/agentfleet prepare-model
@@ -18,6 +18,10 @@ test: $(STAMP) redis-server prometheus
 
 bench: $(STAMP) redis-server
 	$(BIN)/python -m bench.queue_layer
+
+# Bulk jobs in the OpenAI Batch format: submit rate, memory, no lost lines, interactive p99.
+bench-batch: $(STAMP)
+	$(BIN)/python -m bench.bulk_batch
 
 install: $(STAMP)
 

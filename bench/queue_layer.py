@@ -586,7 +586,8 @@ def _run_rounds(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict]]
 def _one_line(figures: dict) -> str:
     if "tasks_per_s" in figures:
         return (f"{figures['tasks_per_s']:>9,.0f} tasks/s end to end, "
-                f"{figures['submit_per_s']:>9,.0f}/s submit; cpu us/task {figures['cpu_us_per_task']}; "
+                f"{figures['submit_per_s']:>9,.0f}/s submit; "
+                f"cpu us/task {figures['cpu_us_per_task']}; "
                 f"background {figures['background_cores']} cores")
     if "submit_to_done_ms" in figures:
         return (f"submit->done ms {figures['submit_to_done_ms']} fired "
@@ -685,8 +686,9 @@ def print_report(summary: dict, runs: dict[str, list[dict]], args: argparse.Name
         rs = [f["rss_kib"] / 1024 for f in runs[f"memory_{q}"]]
         hw = [f["hwm_kib"] / 1024 for f in runs[f"memory_{q}"]]
         read = runs[f"memory_{q}"][0]["read_by_worker"]
-        print(f"  {q:>6,} queued: RSS {_median(rs):6.1f} MiB (runs {', '.join(f'{v:.1f}' for v in rs)}),"
-              f" peak {_median(hw):6.1f} MiB, tasks read {read}")
+        each = ", ".join(f"{v:.1f}" for v in rs)
+        print(f"  {q:>6,} queued: RSS {_median(rs):6.1f} MiB (runs {each}), "
+              f"peak {_median(hw):6.1f} MiB, tasks read {read}")
     print()
     for c in summary["checks"]:
         print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']}")
@@ -764,7 +766,8 @@ def _calibrate(bench: Bench, pings: int = 2000) -> dict:
 
 def _server_version(bench: Bench) -> str:
     info = bench.redis.info("server")
-    return f"{info.get('server_name', 'redis')} {info.get('valkey_version') or info['redis_version']}"
+    version = info.get("valkey_version") or info["redis_version"]
+    return f"{info.get('server_name', 'redis')} {version}"
 
 
 def main(argv: list[str] | None = None) -> int:

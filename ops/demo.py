@@ -61,7 +61,8 @@ def run_demo(settings: Settings, *, agents: int, max_tokens: int, engine: str | 
 
 def _start_worker(url: str, settings: Settings) -> subprocess.Popen:
     env = {**os.environ, "REDIS_URL": url, "AGENTFLEET_ENGINE": settings.engine,
-           "AGENTFLEET_WORKER_ID": "demo-worker"}
+           "AGENTFLEET_WORKER_ID": "demo-worker",
+           "AGENTFLEET_METRICS_PORT": os.environ.get("AGENTFLEET_METRICS_PORT", "0")}
     return subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "--models",
                              settings.default_model], env=env)
 

@@ -40,7 +40,7 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kv_cache_space_gib: int = 4  # CPU engine only (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # bfloat16, or float32 on CPUs without native bfloat16
     load_format: str = "auto"  # "dummy" for throughput runs with random weights
     max_prompt_chars: int = 0  # 0: 8 characters per token of max_model_len
     seed: int = 0
@@ -67,6 +67,8 @@ class Settings(msgspec.Struct, kw_only=True):
     block_ms: int = 100  # how long an idle read waits for the first task
     window_ms: float = 0.0  # after the first task, wait this long to gather more
     max_inflight: int = 512  # tasks read but not yet committed, per model
+    bulk_max_share: float = 0.875  # of max_inflight bulk-job tasks may hold: the rest waits
+                                   # for interactive tasks
     # delivery guarantees
     claim_idle_ms: int = 30_000  # a pending task idle this long on its consumer is reclaimed
     max_attempts: int = 3  # engine attempts of a task failing with transient errors

@@ -14,6 +14,7 @@ import urllib.request
 import warnings
 from bisect import bisect_right
 
+import msgspec
 import pytest
 import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,7 +24,7 @@ from ops.exporter import exporter_registry, read_queues
 from schemas import keys
 from schemas.wire import Task, encode
 from workers.fake_engine import FakeEngine
-from workers.metrics import NULL_LANE_METRICS, LATENCY_BUCKETS_S, _Histogram
+from workers.metrics import LATENCY_BUCKETS_S, NULL_LANE_METRICS, _Histogram
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,9 +138,8 @@ async def test_failures_are_logged_once_per_group_with_their_context(producer, s
     assert first.task_id in ids and first.batch_id.startswith("w1/m1/")
 
 
-async def test_metrics_off_when_port_is_zero(start_worker, settings):
-    off = settings.__class__(**{**{f: getattr(settings, f) for f in settings.__struct_fields__},
-                                "metrics_port": 0})
+async def test_metrics_off_when_port_and_kpis_are_zero(start_worker, settings):
+    off = msgspec.structs.replace(settings, metrics_port=0, kpi_ttl_s=0)
     worker = await start_worker(worker_settings=off)
     assert not worker.metrics.enabled
     assert all(lane.metrics is NULL_LANE_METRICS for lane in worker.lanes)
@@ -342,3 +342,43 @@ async def test_exporter_command_once(server, redis, producer, tmp_path):
     assert value(found, "agentfleet_queue_stream_entries", model="m1", lane="interactive") == 4
     assert value(found, "agentfleet_queue_lag_tasks", model="m1", lane="interactive") == 4
     assert value(found, "agentfleet_live_workers", model="m1") == 0
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Unclosed context:ResourceWarning")
+async def test_real_vllm_engine_reports_kv_cache_and_prefix_hits_to_our_logger():
+    """What VllmEngine does once it passes the sink on: AsyncLLM(stat_loggers=[...])."""
+    import gc
+
+    from vllm import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
+    from workers.models import prepare_default_model
+    from workers.vllm_engine import VllmEngine
+    from workers.vllm_stats import stat_logger_factory
+
+    calls: list[dict] = []
+    spec = ModelSpec(name=DEFAULT_MODEL, max_model_len=512, max_num_seqs=4,
+                     kv_cache_space_gib=1, enforce_eager=True)
+    engine = VllmEngine(spec, prepare_default_model(Settings.from_env().home_path))
+    llm = await asyncio.to_thread(AsyncLLM.from_engine_args, engine._engine_args(),
+                                  stat_loggers=[stat_logger_factory(lambda **f: calls.append(f))])
+    try:
+        prompt = "You are a careful assistant. " * 30 + "Name a colour."
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        for i in range(2):  # the second run of the same prompt finds it in the prefix cache
+            async for _ in llm.generate(prompt, params, request_id=f"stats-{i}"):
+                pass
+        await asyncio.sleep(0.5)  # stats of the last step arrive after its output
+    finally:
+        llm.shutdown()
+        gc.collect()
+    assert calls, "vLLM never called the stat logger"
+    assert all(0.0 <= c["kv_cache_usage"] <= 1.0 for c in calls)
+    assert any(c["kv_cache_usage"] > 0 for c in calls)
+    assert any(c["running"] for c in calls)
+    assert sum(c["prefix_cache_queries"] for c in calls) > 0
+    assert sum(c["prefix_cache_hits"] for c in calls) > 0

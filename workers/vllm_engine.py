@@ -64,6 +64,11 @@ class VllmEngine:
         self._chat_template: str | None = None
         self._max_prompt_tokens = spec.max_model_len - 1  # room for at least one output token
         self._inflight: dict[str, asyncio.Task] = {}
+        self._stats_sink = None
+
+    def set_stats_sink(self, sink) -> None:
+        """Where vLLM's own statistics go (KV-cache use, prefix-cache hits); before start()."""
+        self._stats_sink = sink
 
     async def start(self) -> None:
         """Start the engine: about 30 s on a small CPU with enforce_eager; with torch.compile,
@@ -74,7 +79,13 @@ class VllmEngine:
             # In a thread: loading takes from seconds to minutes (torch.compile), and the
             # worker's other tasks (signals, metrics) must go on.  AsyncLLM supports being
             # built outside the loop: it starts its output handler on the first request.
-            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args())
+            stat_loggers = None
+            if self._stats_sink is not None:
+                from workers.vllm_stats import stat_logger_factory
+
+                stat_loggers = [stat_logger_factory(self._stats_sink)]
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args(),
+                                                stat_loggers=stat_loggers)
         except Exception as exc:
             raise FatalConfigError(
                 f"model {self.spec.name}: vLLM could not start on {self.model_path}: {exc}"
@@ -151,7 +162,7 @@ class VllmEngine:
             gpu_memory_utilization=spec.gpu_memory_utilization,
             enable_prefix_caching=spec.enable_prefix_caching,
             enforce_eager=spec.enforce_eager,
-            dtype=spec.dtype,
+            dtype=resolve_dtype(spec.dtype),
             load_format=spec.load_format,
             seed=spec.seed,
             # Stats on: they carry each request's first-token time (RequestOutput.metrics).
@@ -312,3 +323,20 @@ def _report(on_done: OnDone, output: EngineOutput) -> None:
         on_done(output)
     except Exception:  # the worker's bug; the engine and the other requests go on
         logger.exception("on_done failed for request %s", output.request_id)
+
+
+def resolve_dtype(dtype: str) -> str:
+    """"auto": bfloat16 where the hardware computes it, float32 on CPUs that only emulate it.
+
+    Measured on a 2-core AVX2 EPYC (no AVX-512): SmolLM2-135M at batch 64 ran 148 tokens/s
+    in float32 and 9 in bfloat16.
+    """
+    if dtype != "auto":
+        return dtype
+    if not current_platform.is_cpu():
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"

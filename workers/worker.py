@@ -144,6 +144,8 @@ class ModelLane:
         self._reply_keys: dict[str, str] = {}
         self._cancelled: dict[str, float] = {}  # task id -> when the mark expires
         self._bulk_check_at = 0.0  # monotonic time the bulk lane is worth reading again
+        self._bulk_uncommitted = 0  # the part of _uncommitted read from the bulk lane
+        self._bulk_cap = max(1, int(settings.max_inflight * settings.bulk_max_share))
         self.metrics = NULL_LANE_METRICS  # the Worker attaches real ones (workers/metrics.py)
 
     async def ensure_group(self) -> None:
@@ -209,7 +211,8 @@ class ModelLane:
             if more:
                 got[0][1].extend(more[0][1])
         windows = [(self.stream, got[0][1])] if got else []
-        room = want - (len(got[0][1]) if got else 0)
+        room = min(want - (len(got[0][1]) if got else 0),
+                   self._bulk_cap - self._bulk_uncommitted)
         now = time.monotonic()
         if room and (now >= self._bulk_check_at or not got):
             bulk = await read(keys.GROUP, me, {self.bulk: ">"}, count=room)
@@ -219,8 +222,8 @@ class ModelLane:
                 self._bulk_check_at = now + 0.05
         if windows:
             return windows
-        got = await read(keys.GROUP, me, {self.stream: ">", self.bulk: ">"},
-                         count=max(1, want // 2), block=s.block_ms)
+        lanes = {self.stream: ">", self.bulk: ">"} if room > 0 else {self.stream: ">"}
+        got = await read(keys.GROUP, me, lanes, count=max(1, want // 2), block=s.block_ms)
         return [(stream.decode(), entries) for stream, entries in got or ()]
 
     def dispatch(self, entries: list, deliveries: dict[bytes, int] | None = None,
@@ -237,6 +240,8 @@ class ModelLane:
         start: list[tuple[str, Task]] = []
         source = source or self.stream
         prefix = "" if source == self.stream else "b"  # entry ids repeat across streams
+        if prefix:
+            self._bulk_uncommitted += size
         for entry_id, fields in entries:
             rec = _InFlight(source, entry_id, now, batch_id, size)
             if deliveries is not None:
@@ -346,6 +351,7 @@ class ModelLane:
         if self.settings.crash_at == "after_commit":
             os._exit(137)  # fault suite: written and acknowledged, then gone
         self._uncommitted -= len(done)
+        self._bulk_uncommitted -= sum(rec.source == self.bulk for rec in done)
         self._slot_free.set()
 
     def _record(self, rec: _InFlight) -> CommitRecord:

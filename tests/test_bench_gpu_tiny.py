@@ -1,0 +1,98 @@
+"""bench/gpu/run.py keeps working: its plan, workloads and target checks (fast), and the fleet
+path end to end on the CPU with the tiny sizes (marked `engine`: one vLLM start, about two
+minutes on a 2-core machine).  The whole tiny run (offline, serve and fleet) takes four
+minutes or more on such a machine, too long for the suite:
+`python -m bench.gpu.run --tiny --phase bulk` runs it by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.gpu.engines import GPU_CONFIGS, TINY_CONFIGS, models_toml, serve_flags
+from bench.gpu.run import DEFAULT_RUNS, add_ratios, check_targets, parse_phases
+from schemas.settings import load_models_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_default_plan_parses_and_names_known_configs():
+    runs = parse_phases(list(DEFAULT_RUNS))
+    assert {r.phase for r in runs} == set(DEFAULT_RUNS)
+    assert all(r.config in GPU_CONFIGS and r.config in TINY_CONFIGS for r in runs)
+    [two] = [r for r in runs if r.workers == 2]
+    assert (two.path, two.config, two.label) == ("fleet", "t1024", "fleet@t1024x2")
+    [prio] = [r for r in runs if r.priority]
+    assert prio.label == "fleet@t1024+prio"
+
+
+@pytest.mark.parametrize("bad", ["bulk=offline@nope", "bulk=serve@same+prio", "nope",
+                                 "bulk=fleet@same x2"])
+def test_bad_plans_are_refused(bad):
+    with pytest.raises(SystemExit):
+        parse_phases([bad])
+
+
+def test_models_file_is_one_the_fleet_loads(tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_text(models_toml(GPU_CONFIGS["t1024"], name="bench", path="/m"))
+    spec = load_models_file(path)["bench"]
+    assert (spec.max_num_seqs, spec.max_num_batched_tokens, spec.load_format) == (
+        1024, 16384, "dummy")
+    assert spec.gpu_memory_utilization == 0.45
+
+
+def test_serve_flags_leave_unset_settings_to_vllm():
+    assert serve_flags(GPU_CONFIGS["defaults"]) == [
+        "--gpu-memory-utilization", "0.45", "--load-format", "dummy"]
+    flags = serve_flags(GPU_CONFIGS["same"])
+    assert flags[flags.index("--max-num-seqs") + 1] == "256"
+    assert "--enable-prefix-caching" in flags
+
+
+def test_targets_pass_and_fail_on_ratios():
+    def row(phase, label, tps, **extra):
+        path = label.split("@")[0]
+        return {"phase": phase, "label": label, "path": path, "tokens_per_s": tps,
+                "workers": extra.pop("workers", 1), **extra}
+
+    results = [row("bulk", "offline@same", 1000.0), row("bulk", "serve@same", 980.0),
+               row("bulk", "fleet@same", 960.0), row("tuned", "fleet@t1024", 1400.0),
+               row("tuned", "serve@defaults", 1000.0)]
+    add_ratios(results)
+    assert results[2]["vs_offline"] == 0.96 and results[2]["vs_serve"] == 0.98
+    status = {c["target"]: c["status"] for c in check_targets(results)}
+    assert status["bulk: fleet >= 0.97 x offline (same settings)"] == "FAIL"
+    assert status["bulk: fleet >= 1.0 x serve (same settings)"] == "FAIL"
+    assert status["tuned: fleet >= 1.3 x serve defaults (bulk)"] == "PASS"
+    assert status["two GPUs: 2 workers >= 1.9 x 1"] == "n/a"
+
+
+def test_dry_run_builds_every_workload(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu.run", "--tiny", "--dry-run", "--out", str(tmp_path),
+         *(f"--phase={p}" for p in DEFAULT_RUNS)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fleet@t1024x2" in proc.stdout
+    assert "workload prefix: 12 prompts" in proc.stderr
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_tiny_fleet_run_on_the_cpu(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu.run", "--tiny", "--phase", "bulk=fleet@same",
+         "--out", str(tmp_path), "--deadline-s", "540"],
+        cwd=ROOT, capture_output=True, text=True, timeout=580)
+    report = json.loads((tmp_path / "results.json").read_text())
+    [row] = report["results"]
+    assert proc.returncode == 0, row.get("error") or proc.stderr[-3000:]
+    assert row["ok"] == row["tasks"] == 16
+    assert row["output_tokens"] == 16 * 8
+    assert row["lanes"][0]["bench"]["committed"] >= 16
