@@ -370,7 +370,7 @@ async def test_chaos_random_kills_and_a_server_restart(fleet, producer, request)
             fleet.restart_server()
             restarted = True
         await asyncio.sleep(0.1)
-    stats = await audit(producer, roots, timeout_s=60)
+    stats = await audit(producer, roots, timeout_s=90)
     assert kills >= 5 and restarted
     assert len(set(roots)) == len(roots)
     print(f"chaos: {len(roots)} chains, {kills} worker kills, 1 server restart, "

@@ -145,6 +145,7 @@ class ModelLane:
         self._cancelled: dict[str, float] = {}  # task id -> when the mark expires
         self._bulk_check_at = 0.0  # monotonic time the bulk lane is worth reading again
         self._bulk_uncommitted = 0  # the part of _uncommitted read from the bulk lane
+        self._suspect_done = asyncio.Event()  # a task delivered 3+ times was committed
         self._bulk_cap = max(1, int(settings.max_inflight * settings.bulk_max_share))
         self.metrics = NULL_LANE_METRICS  # the Worker attaches real ones (workers/metrics.py)
 
@@ -353,6 +354,8 @@ class ModelLane:
         self._uncommitted -= len(done)
         self._bulk_uncommitted -= sum(rec.source == self.bulk for rec in done)
         self._slot_free.set()
+        if any(rec.deliveries > 2 for rec in done):
+            self._suspect_done.set()
 
     def _record(self, rec: _InFlight) -> CommitRecord:
         out = rec.output
@@ -484,7 +487,11 @@ class ModelLane:
         s = self.settings
         every_s = min(s.claim_idle_ms / 4000, 1.0)
         while not self.stopping:
-            await asyncio.sleep(every_s)
+            try:  # woken early when a suspect finished: the next one need not wait
+                await asyncio.wait_for(self._suspect_done.wait(), every_s)
+            except TimeoutError:
+                pass
+            self._suspect_done.clear()
             free = s.max_inflight - self._uncommitted
             if free <= 0 or self.stopping:
                 continue
