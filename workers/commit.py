@@ -18,29 +18,45 @@ from collections.abc import Sequence
 
 import msgspec
 
-# KEYS: 1 stats hash, 2 delayed set, 3 dead-letter stream, then per record: the stream it
-#       came from (interactive or bulk lane), result key, reply stream, trace list, bulk-job
-#       output stream, bulk-job counts hash (unused ones are the source stream), then one
-#       task stream per follow-up.
+# KEYS: 1 stats hash, 2 delayed set, 3 dead-letter stream, then per record only the keys it
+#       uses, in this order: its source stream (when it differs from the previous record's),
+#       result key (not for y), reply stream, trace list, bulk-job output and counts, one task
+#       stream per follow-up.
 # ARGV: 1 group, 2 consumer, 3 result ttl, 4 trace ttl, 5 reply maxlen, 6 dead maxlen, then
-#       per record: entry id, outcome, v1, v2, trace event(s) ('' for none), bulk-job status
-#       field ('' for none), follow-up count n, n x (task, trace event).  v1/v2: r =
-#       result/'', d = result/dead letter, y = retry member (lane byte + task)/due seconds.
+#       per record: entry id, flags, v1, v2 (not for r), trace events, bulk-job status,
+#       follow-up count n and n x (task, trace event) -- the last three only where flagged.
+#       flags: 1 outcome (r result, d dead letter, y retry), 2 S new source, 3 P reply,
+#       4 T trace, 5 B bulk job, 6 F follow-ups; '-' where absent.  v1/v2: r = result,
+#       d = result/dead letter, y = retry member (lane byte + task)/due epoch seconds.
+# Only the fields a record has travel: a lone task with a reply costs 2 keys and 3 arguments.
 COMMIT_LUA = """
 local group, me = ARGV[1], ARGV[2]
 local result_ttl, trace_ttl, reply_maxlen, dead_maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local a, k, n = 7, 4, #ARGV
+local sub = string.sub
 local acks = {}
 local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
 local replies = {}
 local owned = {}  -- per source stream: the entries pending on this consumer, read once
+local src
 while a <= n do
-  local eid, outcome, v1, v2 = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local trace, bstatus, nf = ARGV[a + 4], ARGV[a + 5], tonumber(ARGV[a + 6])
-  local src, rkey, reply, tkey, bout, bcounts =
-    KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
-  a = a + 7
-  k = k + 6
+  local eid, flags, v1 = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  a = a + 3
+  local outcome = sub(flags, 1, 1)
+  local v2, rkey, reply, tkey, trace, bout, bcounts, bstatus
+  local nf = 0
+  if outcome ~= 'r' then v2 = ARGV[a]; a = a + 1 end
+  if sub(flags, 2, 2) == 'S' then src = KEYS[k]; k = k + 1 end
+  if outcome ~= 'y' then rkey = KEYS[k]; k = k + 1 end
+  if sub(flags, 3, 3) == 'P' then reply = KEYS[k]; k = k + 1 end
+  if sub(flags, 4, 4) == 'T' then tkey = KEYS[k]; k = k + 1; trace = ARGV[a]; a = a + 1 end
+  if sub(flags, 5, 5) == 'B' then
+    bout, bcounts = KEYS[k], KEYS[k + 1]
+    k = k + 2
+    bstatus = ARGV[a]
+    a = a + 1
+  end
+  if sub(flags, 6, 6) == 'F' then nf = tonumber(ARGV[a]); a = a + 1 end
   local mine = owned[src]
   if mine == nil then
     mine = {}
@@ -53,13 +69,13 @@ while a <= n do
     fenced = fenced + 1
   else
     local events = {}
-    if trace ~= '' then events[1] = trace end
+    if trace then events[1] = trace end
     if outcome == 'y' then
       redis.call('ZADD', KEYS[2], v2, v1)
       retried = retried + 1
     elseif redis.call('SET', rkey, v1, 'NX', 'EX', result_ttl) then
       written = written + 1
-      if reply ~= src then
+      if reply then
         local list = replies[reply]
         if list == nil then
           list = {}
@@ -67,7 +83,7 @@ while a <= n do
         end
         list[#list + 1] = v1
       end
-      if bstatus ~= '' then
+      if bstatus then
         redis.call('XADD', bout, '*', 'r', v1)
         redis.call('HINCRBY', bcounts, bstatus, 1)
       end
@@ -77,7 +93,7 @@ while a <= n do
       end
       for j = 0, nf - 1 do
         redis.call('XADD', KEYS[k + j], '*', 'd', ARGV[a + 2 * j])
-        if trace ~= '' then events[#events + 1] = ARGV[a + 2 * j + 1] end
+        if trace then events[#events + 1] = ARGV[a + 2 * j + 1] end
       end
       followups = followups + nf
     else
@@ -216,12 +232,36 @@ def commit_args(head: list, records: Sequence[CommitRecord]) -> tuple[list, list
     """
     keys: list = head[:3]
     args: list = head[3:]
+    source = None
     for r in records:
-        src = r.source
-        keys += (src, r.result_key, r.reply_key or src, r.trace_key, r.batch_out or src,
-                 r.batch_counts or src)
-        args += (r.entry_id, r.outcome, r.v1, r.v2, r.trace, r.batch_status, len(r.followups))
-        for f_stream, payload, event in r.followups:
-            keys.append(f_stream)
-            args += (payload, event)
+        outcome = r.outcome
+        flags = [outcome.decode(), "-", "-", "-", "-", "-"]
+        args += (r.entry_id, "", r.v1)
+        at = len(args) - 2
+        if outcome != b"r":
+            args.append(r.v2)
+        if r.source != source:
+            source = r.source
+            flags[1] = "S"
+            keys.append(source)
+        if outcome != b"y":
+            keys.append(r.result_key)
+        if r.reply_key:
+            flags[2] = "P"
+            keys.append(r.reply_key)
+        if r.trace:
+            flags[3] = "T"
+            keys.append(r.trace_key)
+            args.append(r.trace)
+        if r.batch_status:
+            flags[4] = "B"
+            keys += (r.batch_out, r.batch_counts)
+            args.append(r.batch_status)
+        if r.followups:
+            flags[5] = "F"
+            args.append(len(r.followups))
+            for f_stream, payload, event in r.followups:
+                keys.append(f_stream)
+                args += (payload, event)
+        args[at] = "".join(flags)
     return keys, args

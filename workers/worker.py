@@ -415,7 +415,7 @@ class ModelLane:
             source=rec.source, entry_id=rec.entry_id, outcome=outcome, v1=encode(result),
             v2=dead, result_key=keys.result_key(self.model, task.id),
             reply_key=self._reply_key(task.reply_to),
-            trace_key=keys.trace_key(self.model, task.correlation_id or task.id),
+            trace_key=keys.trace_key(self.model, task.correlation_id) if trace else "",
             trace=trace, followups=followups,
         )
         if task.batch_id:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+PHASES = ["bulk", "tuned", "prefix", "mixed", "twogpu"]
 PATH_COLOURS = {"offline": "#7f7f7f", "serve": "#1f77b4", "fleet": "#2ca02c"}
 
 
@@ -20,6 +21,8 @@ def load(paths: list[str]) -> tuple[list[dict], dict]:
         report = json.load(open(path))
         machine = machine or report.get("machine", {})
         rows += [r for r in report["results"] if "tokens_per_s" in r]
+    rows.sort(key=lambda r: (PHASES.index(r["phase"]) if r["phase"] in PHASES else 99,
+                             r.get("call", 0)))
     return rows, machine
 
 
@@ -39,7 +42,8 @@ def main() -> None:
                              gridspec_kw={"width_ratios": [3, 1]} if mixed else None,
                              squeeze=False)
     ax = axes[0][0]
-    labels = [f"{r['phase']}\n{r['label']}" for r in rows]
+    labels = [f"{r['phase']}\n{r['label']}" + (f" (call {r['call']})" if "call" in r else "")
+              for r in rows]
     values = [r["tokens_per_s"] for r in rows]
     bars = ax.bar(range(len(rows)), values, color=[PATH_COLOURS[r["path"]] for r in rows])
     for bar, r in zip(bars, rows):
@@ -55,6 +59,7 @@ def main() -> None:
     if mixed:
         ax2 = axes[0][1]
         names = [r["label"] for r in mixed]
+        names = [f"{n} (call {r['call']})" if "call" in r else n for n, r in zip(names, mixed)]
         p50 = [r["interactive"]["latency_s"].get("p50", 0) for r in mixed]
         p99 = [r["interactive"]["latency_s"].get("p99", 0) for r in mixed]
         xs = range(len(mixed))
