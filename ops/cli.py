@@ -87,6 +87,11 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if unknown:
         raise AgentFleetError(f"--models: unknown {unknown}; known {sorted(settings.models)}")
 
+    if settings.otel_enabled:
+        from workers.otel import configure_from_env
+
+        configure_from_env("agentfleet-worker")
+
     async def run(url: str) -> None:
         redis = connect(url)
         engines = {m: make_engine(settings.models[m], settings) for m in models}

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from producer.connection import connect
 from producer.enqueue import ENQUEUE_LUA, enqueue_args
+from producer.tracing import current_traceparent
 from schemas import keys
 from schemas.errors import (
     BrokerError,
@@ -115,7 +116,7 @@ class Producer:
         (and while the previous write is in flight) goes out in one script call.
         """
         task = task if task is not None else Task(**fields)
-        self._fill(task, reply, time.time())
+        self._fill(task, reply, time.time(), current_traceparent())
         validate_task(task, self.settings)
         if reply:
             self._ensure_listener()
@@ -171,8 +172,9 @@ class Producer:
         now = time.time()
         by_stream: dict[str, list[tuple[str, str | None, bytes, int]]] = {}
         ids: list[str] = []
+        traceparent = current_traceparent()
         for i, task in enumerate(tasks):
-            self._fill(task, reply, now)
+            self._fill(task, reply, now, traceparent)
             try:
                 validate_task(task, s)
             except ValidationError as exc:
@@ -228,13 +230,15 @@ class Producer:
         except RedisError as exc:
             raise BrokerError(f"cancel of {task_id} failed: {exc}") from exc
 
-    def _fill(self, task: Task, reply: bool, now: float) -> None:
+    def _fill(self, task: Task, reply: bool, now: float, traceparent: str) -> None:
         if not task.id:
             task.id = self._id_prefix + format(next(self._seq), "x")
         if not task.correlation_id:
             task.correlation_id = task.id
         if reply and not task.reply_to:
             task.reply_to = self.id
+        if traceparent and not task.traceparent:
+            task.traceparent = traceparent
         task.enqueued_at = now
 
     # ---- results ---------------------------------------------------------------------

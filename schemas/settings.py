@@ -34,8 +34,10 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     path: str = ""  # a local model directory; "" for the default model's prepared cache
     version: str = ""  # written into every result; "" derives it from the model directory
     max_model_len: int = 2048
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
+    # Bulk-tuned on an H100 (docs/benchmarks.md): 512 sequences, 8192 tokens a step.  Keep
+    # KV blocks x block size >= max_num_seqs x (prompt + max_tokens), or vLLM preempts.
+    max_num_seqs: int = 512
+    max_num_batched_tokens: int | None = 8192
     gpu_memory_utilization: float = 0.45
     kv_cache_space_gib: int = 4  # CPU engine only (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True
@@ -44,6 +46,7 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     load_format: str = "auto"  # "dummy" for throughput runs with random weights
     max_prompt_chars: int = 0  # 0: 8 characters per token of max_model_len
     seed: int = 0
+    scheduling_policy: str = "priority"  # "priority": interactive before bulk inside vLLM
 
     @property
     def prompt_chars_limit(self) -> int:
@@ -63,10 +66,10 @@ class Settings(msgspec.Struct, kw_only=True):
     # worker
     worker_id: str = ""  # "" is <host>-<pid>
     engine: str = "vllm"  # "vllm", or "fake" (the test double, for queue-layer runs)
-    read_count: int = 256  # at most this many tasks per XREADGROUP
+    read_count: int = 512  # at most this many tasks per XREADGROUP
     block_ms: int = 100  # how long an idle read waits for the first task
     window_ms: float = 0.0  # after the first task, wait this long to gather more
-    max_inflight: int = 512  # tasks read but not yet committed, per model
+    max_inflight: int = 1024  # tasks read but not yet committed, per model (2 x max_num_seqs)
     bulk_max_share: float = 0.875  # of max_inflight bulk-job tasks may hold: the rest waits
                                    # for interactive tasks
     # delivery guarantees
@@ -84,6 +87,7 @@ class Settings(msgspec.Struct, kw_only=True):
     trace_ttl_s: int = 86_400
     reply_maxlen: int = 1_000_000
     trace_enabled: bool = True
+    otel_enabled: bool = False  # OpenTelemetry spans per task (workers/otel.py)
     # limits checked before anything is queued
     max_fanout: int = 8  # follow-ups one task may declare
     max_chain_depth: int = 8  # follow-up nesting

@@ -82,6 +82,7 @@ class Task(Base, kw_only=True):
     attempt: int = 0  # engine attempts already made (retries of transient errors)
     history: list[str] = []  # one line per failed attempt: "<code>: <message>"
     batch_id: str = ""  # set for tasks of a bulk job: they run in the model's bulk lane
+    traceparent: str = ""  # W3C trace context of the submitting span (OpenTelemetry)
 
 
 class Status(str, enum.Enum):

@@ -122,7 +122,8 @@ class VllmEngine:
             if failure is not None:
                 _report(on_done, _failed(request_id, engine_start, *failure))
                 continue
-            request = asyncio.create_task(self._run(request_id, prompt_ids, params, engine_start))
+            request = asyncio.create_task(
+                self._run(request_id, prompt_ids, params, engine_start, _vllm_priority(task)))
             request.add_done_callback(
                 functools.partial(self._request_done, request_id, on_done, engine_start)
             )
@@ -143,6 +144,11 @@ class VllmEngine:
         if pending:
             await asyncio.wait(pending, timeout=_STOP_TIMEOUT_S)
         if self._llm is not None:
+            # Stop the output handler first: else it sees the engine go and logs (and sends
+            # Sentry) an EngineDeadError on every clean shutdown.
+            handler = getattr(self._llm, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
             # In a thread: shutdown waits seconds for the engine processes to exit.
             await asyncio.to_thread(self._llm.shutdown)
             self._llm = None
@@ -163,6 +169,7 @@ class VllmEngine:
             enable_prefix_caching=spec.enable_prefix_caching,
             enforce_eager=spec.enforce_eager,
             dtype=resolve_dtype(spec.dtype),
+            scheduling_policy=spec.scheduling_policy,
             load_format=spec.load_format,
             seed=spec.seed,
             # Stats on: they carry each request's first-token time (RequestOutput.metrics).
@@ -204,12 +211,15 @@ class VllmEngine:
         return None
 
     async def _run(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine_start: float
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine_start: float,
+        priority: int = 0,
     ) -> EngineOutput:
         """Drive one request to its end; a cancel (abort) propagates to `_request_done`."""
         final: RequestOutput | None = None
+        kwargs = {"priority": priority} if self.spec.scheduling_policy == "priority" else {}
         try:
-            async for output in self._llm.generate(_token_prompt(prompt_ids), params, request_id):
+            async for output in self._llm.generate(_token_prompt(prompt_ids), params, request_id,
+                                                   **kwargs):
                 final = output
         except Exception as exc:
             return _failed(request_id, engine_start, *_classify(exc))
@@ -340,3 +350,9 @@ def resolve_dtype(dtype: str) -> str:
     except OSError:
         return "float32"
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def _vllm_priority(task: Task) -> int:
+    """vLLM runs lower values first: interactive tasks 0..9 (task priority 9 first), then
+    bulk-job tasks 10..19, so a bulk job never delays interactive work inside the engine."""
+    return (10 if task.batch_id else 0) + (9 - task.priority)

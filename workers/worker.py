@@ -146,6 +146,11 @@ class ModelLane:
         self._bulk_check_at = 0.0  # monotonic time the bulk lane is worth reading again
         self._bulk_uncommitted = 0  # the part of _uncommitted read from the bulk lane
         self._suspect_done = asyncio.Event()  # a task delivered 3+ times was committed
+        self._spans = None
+        if settings.otel_enabled:
+            from workers.otel import TaskSpans
+
+            self._spans = TaskSpans()
         self._bulk_cap = max(1, int(settings.max_inflight * settings.bulk_max_share))
         self.metrics = NULL_LANE_METRICS  # the Worker attaches real ones (workers/metrics.py)
 
@@ -378,9 +383,16 @@ class ModelLane:
         # A lone task's result is its whole trace; chains also get a list per correlation id.
         trace_on = self.settings.trace_enabled and bool(
             task.followups or task.parent_id or task.correlation_id != task.id)
+        traceparent = task.traceparent
+        if self._spans is not None:
+            traceparent = self._spans.record(
+                task, status, worker_id=self.worker_id, batch_id=rec.batch_id, read=rec.read_at,
+                engine_start=out.engine_start, first_token=out.first_token,
+                finished=out.finished, written=now, prompt_tokens=out.prompt_tokens,
+                output_tokens=out.output_tokens, error=out.error_message)
         if status is Status.SUCCEEDED and task.followups:
             for i, spec in enumerate(task.followups, 1):
-                child = _child(task, i, spec, out.text, now)
+                child = _child(task, i, spec, out.text, now, traceparent)
                 event = encode(Enqueued(task_id=child.id, parent_id=task.id, model=child.model,
                                         agent_id=child.agent_id, at=now)) if trace_on else b""
                 followups.append((keys.task_stream(child.model), encode(child), event))
@@ -611,7 +623,8 @@ def _decode(fields: list[bytes]) -> Task:
     return decode_task(fields[1])
 
 
-def _child(task: Task, index: int, spec: FollowUp, output: str, now: float) -> Task:
+def _child(task: Task, index: int, spec: FollowUp, output: str, now: float,
+           traceparent: str) -> Task:
     """The follow-up task `index` of `task`: same correlation id, parent's id, deterministic id."""
     def fill(text: str) -> str:
         return text.replace("{output}", output)
@@ -634,6 +647,7 @@ def _child(task: Task, index: int, spec: FollowUp, output: str, now: float) -> T
         depth=task.depth + 1,
         reply_to=task.reply_to,
         enqueued_at=now,
+        traceparent=traceparent,  # the parent task's span: a chain is one trace
     )
 
 
