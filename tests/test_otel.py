@@ -13,18 +13,27 @@ from schemas.wire import FollowUp, Task
 from workers.fake_engine import FakeEngine
 
 
-@pytest.fixture(scope="module")
-def spans():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)  # once per process: the API allows one provider
-    return exporter
+_EXPORTER: InMemorySpanExporter | None = None
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    """One in-memory exporter for the whole process: OpenTelemetry takes one global provider,
+    and pytest may enter this module twice (once per server)."""
+    global _EXPORTER
+    if _EXPORTER is None:
+        _EXPORTER = InMemorySpanExporter()
+        provider = trace.get_tracer_provider()
+        if not isinstance(provider, TracerProvider):
+            provider = TracerProvider()
+            trace.set_tracer_provider(provider)
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+    _EXPORTER.clear()
+    return _EXPORTER
 
 
 async def test_chain_spans_continue_the_callers_trace(spans, producer, start_worker,
                                                        settings):
-    spans.clear()
     otel_settings = msgspec.structs.replace(settings, otel_enabled=True)
     await start_worker(engines={"m1": FakeEngine(), "m2": FakeEngine()},
                        worker_settings=otel_settings)
