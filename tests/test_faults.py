@@ -24,7 +24,15 @@ from producer.connection import connect
 from schemas import keys
 from schemas.errors import BrokerError, ErrorCode, ResultTimeoutError
 from schemas.settings import Settings
-from schemas.wire import FollowUp, Status, Task, decode_dead_letter, decode_task, encode
+from schemas.wire import (
+    FollowUp,
+    Result,
+    Status,
+    Task,
+    decode_dead_letter,
+    decode_task,
+    encode,
+)
 from workers.worker import trim_stream
 
 MODEL = "smollm2-135m"  # the default model's name; the workers run the fake engine
@@ -113,11 +121,17 @@ async def audit(producer: Producer, roots: list[str], timeout_s: float = 30.0,
     assert all(r.status is Status.SUCCEEDED for r in results), [
         (r.task_id, r.status, r.error_message) for r in results if not r.ok][:5]
     redis = producer.redis
-    stats = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.stats_key(MODEL))).items()}
+    stats = await lane_stats(redis)
     assert stats["written"] == 2 * len(roots) + others, stats  # each result written once
     assert stats.get("followups", 0) == len(roots), stats  # each follow-up enqueued once
     await wait_until(lambda: _zero(pending(redis)), 10)
     return stats
+
+
+async def lane_stats(redis) -> dict[str, int]:
+    """The model's counters (af:{m}:stats): written, duplicates, followups, fenced, ..."""
+    raw = await redis.hgetall(keys.stats_key(MODEL))
+    return {k.decode(): int(v) for k, v in raw.items()}
 
 
 async def _whereabouts(producer: Producer, task_ids: list[str]) -> dict:
@@ -200,8 +214,6 @@ async def test_result_written_but_not_acknowledged_is_not_duplicated(fleet, prod
     roots = await producer.submit_many(chains(5))
     entries = await redis.xreadgroup(keys.GROUP, "ghost", {keys.task_stream(MODEL): ">"},
                                      count=1)
-    first_id = entries[0][1][0][0]
-    from schemas.wire import Result, decode_task
     task = decode_task(entries[0][1][0][1][b"d"])
     ghost = Result(task_id=task.id, status=Status.SUCCEEDED, text="the first write")
     await redis.set(keys.result_key(MODEL, task.id), encode(ghost))
@@ -209,10 +221,9 @@ async def test_result_written_but_not_acknowledged_is_not_duplicated(fleet, prod
     await wait_until(lambda: _zero(pending(redis)), 15)
     stored = await producer.get_result(task.id, MODEL)
     assert stored.text == "the first write"
-    stats = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.stats_key(MODEL))).items()}
+    stats = await lane_stats(redis)
     assert stats["duplicates"] == 1
     assert stats["followups"] == len(roots) - 1  # the ghost's task made none: no effects twice
-    assert first_id
 
 
 async def test_sigstop_past_idle_time_is_fenced(fleet, producer):
@@ -296,7 +307,7 @@ async def test_trimming_keeps_pending_entries_and_reports_lost_ones(fleet, produ
     await redis.xdel(keys.task_stream(MODEL), victim)  # an operator deletes a pending entry
     fleet.worker("b")
     await wait_until(lambda: _zero(pending(redis)), 20)
-    stats = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.stats_key(MODEL))).items()}
+    stats = await lane_stats(redis)
     assert stats["lost"] == 1
     letters = [decode_dead_letter(f[b"d"]) for _, f in await redis.xrange(
         keys.dead_stream(MODEL))]

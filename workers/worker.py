@@ -380,9 +380,7 @@ class ModelLane:
             code = ErrorCode.ATTEMPTS_EXHAUSTED
         status = Status.SUCCEEDED if code is None else _STATUS_BY_CODE.get(code, Status.FAILED)
         followups: list[tuple[str, bytes, bytes]] = []
-        # A lone task's result is its whole trace; chains also get a list per correlation id.
-        trace_on = self.settings.trace_enabled and bool(
-            task.followups or task.parent_id or task.correlation_id != task.id)
+        trace_on = self._traced(task)
         traceparent = task.traceparent
         if self._spans is not None:
             traceparent = self._spans.record(
@@ -436,6 +434,11 @@ class ModelLane:
             record.batch_status = status.value
         return record
 
+    def _traced(self, task: Task) -> bool:
+        """A lone task's result is its whole trace; chains also get a list per correlation id."""
+        return self.settings.trace_enabled and bool(
+            task.followups or task.parent_id or task.correlation_id != task.id)
+
     def _retry_record(self, rec: _InFlight, task: Task, code: ErrorCode, message: str,
                       now: float) -> CommitRecord:
         """The task again, one attempt further, due after exponential backoff with jitter."""
@@ -445,8 +448,7 @@ class ModelLane:
         line = f"attempt {task.attempt + 1} on {self.worker_id}: {code.value}: {message}"
         again = msgspec.structs.replace(task, attempt=task.attempt + 1,
                                         history=[*task.history, line][-10:])
-        traced = s.trace_enabled and bool(task.followups or task.parent_id
-                                          or task.correlation_id != task.id)
+        traced = self._traced(task)
         self.stats.retried += 1
         lane = b"b" if rec.source == self.bulk else b"i"
         return CommitRecord(
