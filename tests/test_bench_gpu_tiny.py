@@ -26,7 +26,7 @@ def test_every_default_plan_parses_and_names_known_configs():
     assert {r.phase for r in runs} == set(DEFAULT_RUNS)
     assert all(r.config in GPU_CONFIGS and r.config in TINY_CONFIGS for r in runs)
     [two] = [r for r in runs if r.workers == 2]
-    assert (two.path, two.config, two.label) == ("fleet", "t1024", "fleet@t1024x2")
+    assert (two.path, two.config, two.label) == ("fleet", "t512", "fleet@t512x2")
     [prio] = [r for r in runs if r.priority]
     assert prio.label == "fleet@t1024+prio"
 
@@ -67,10 +67,23 @@ def test_targets_pass_and_fail_on_ratios():
     add_ratios(results)
     assert results[2]["vs_offline"] == 0.96 and results[2]["vs_serve"] == 0.98
     status = {c["target"]: c["status"] for c in check_targets(results)}
-    assert status["bulk: fleet >= 0.97 x offline (same settings)"] == "FAIL"
-    assert status["bulk: fleet >= 1.0 x serve (same settings)"] == "FAIL"
+    assert status["bulk: fleet >= 0.97 x offline (same settings: same)"] == "FAIL"
+    assert status["bulk: fleet >= 1.0 x serve (same settings: same)"] == "FAIL"
     assert status["tuned: fleet >= 1.3 x serve defaults (bulk)"] == "PASS"
     assert status["two GPUs: 2 workers >= 1.9 x 1"] == "n/a"
+
+
+def test_same_settings_are_whichever_config_the_bulk_phase_ran():
+    results = [{"phase": "bulk", "label": f"{p}@t512", "path": p, "config": "t512",
+                "tokens_per_s": tps, "workers": 1}
+               for p, tps in (("offline", 1000.0), ("serve", 900.0), ("fleet", 990.0))]
+    results += [{"phase": "twogpu", "label": label, "path": "fleet", "config": "t512",
+                 "tokens_per_s": tps, "workers": n}
+                for label, tps, n in (("fleet@t512", 1000.0, 1), ("fleet@t512x2", 1950.0, 2))]
+    status = {c["target"]: c["status"] for c in check_targets(results)}
+    assert status["bulk: fleet >= 0.97 x offline (same settings: t512)"] == "PASS"
+    assert status["bulk: fleet >= 1.0 x serve (same settings: t512)"] == "PASS"
+    assert status["two GPUs: 2 workers >= 1.9 x 1"] == "PASS"
 
 
 def test_dry_run_builds_every_workload(tmp_path):
@@ -79,7 +92,7 @@ def test_dry_run_builds_every_workload(tmp_path):
          *(f"--phase={p}" for p in DEFAULT_RUNS)],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "fleet@t1024x2" in proc.stdout
+    assert "fleet@t512x2" in proc.stdout
     assert "workload prefix: 12 prompts" in proc.stderr
 
 
