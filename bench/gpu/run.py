@@ -166,9 +166,6 @@ async def run_offline(ctx: Context, cfg: EngineConfig, work: PromptSet, stats: b
 
 async def execute(ctx: Context, run: Run, cfg: EngineConfig, work: dict[str, PromptSet],
                   sizes: Sizes) -> dict:
-    from bench.gpu.fleet_path import run_fleet
-    from bench.gpu.serve_path import run_serve
-
     name = {"bulk": "bulk", "tuned": "bulk", "mixed": "bulk", "prefix": "prefix",
             "twogpu": "twogpu"}[run.phase]
     prompts = work[name]
@@ -180,11 +177,15 @@ async def execute(ctx: Context, run: Run, cfg: EngineConfig, work: dict[str, Pro
             raise SystemExit("offline has no mixed traffic: leave it out of the mixed phase")
         return await run_offline(ctx, cfg, prompts, stats=run.phase == "prefix")
     if run.path == "serve":
+        from bench.gpu.serve_path import run_serve
+
         # The same traffic as the fleet gets: a mixed phase's bulk work all at once.
         # Otherwise enough clients to fill every engine slot that the settings pin.
         clients = (len(prompts.prompts) if mixed is not None
                    else max(sizes.clients, cfg.max_num_seqs or 0))
         return await run_serve(ctx, cfg, prompts, clients=clients, mixed=mixed)
+    from bench.gpu.fleet_path import run_fleet  # only the fleet needs redis and agentfleet
+
     return await run_fleet(ctx, cfg, prompts, workers=run.workers, priority=run.priority,
                            mixed=mixed)
 
