@@ -34,6 +34,11 @@ def result_key(model: str, task_id: str) -> str:
     return f"{_tag(model)}:result:{task_id}"
 
 
+def result_prefix(model: str) -> str:
+    """What every result key of a model starts with: result_key(m, id) == prefix + id."""
+    return result_key(model, "")
+
+
 def reply_stream(model: str, producer_id: str) -> str:
     """Where workers push results of one producer's tasks, so it waits without polling."""
     return f"{_tag(model)}:reply:{producer_id}"

@@ -14,8 +14,11 @@ MAX_STOP_SEQUENCES = 16
 ROLES = frozenset(("system", "user", "assistant", "tool"))
 
 
-def validate_task(task: Task, settings: Settings) -> ModelSpec:
-    """Check every bound of `task`; return the spec of its model."""
+def validate_task(task: Task, settings: Settings, *, sampling_checked: bool = False) -> ModelSpec:
+    """Check every bound of `task`; return the spec of its model.
+
+    `sampling_checked`: the caller has already checked a Sampling equal to this task's.
+    """
     if task.v != SCHEMA_VERSION:
         raise ValidationError("v", f"schema version {task.v} is not {SCHEMA_VERSION}",
                               limit=SCHEMA_VERSION, value=task.v)
@@ -25,7 +28,8 @@ def validate_task(task: Task, settings: Settings) -> ModelSpec:
             or len(task.tenant) > MAX_ID_CHARS):
         _too_long_id(task)
     _check_input(task.prompt, task.messages, "", spec, settings, required=True)
-    _check_sampling(task.sampling, "sampling.", spec)
+    if not sampling_checked:
+        _check_sampling(task.sampling, "sampling.", spec)
     if not 0 <= task.priority <= 9:
         raise ValidationError("priority", f"{task.priority} is outside 0..9",
                               limit=(0, 9), value=task.priority)

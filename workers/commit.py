@@ -8,13 +8,15 @@ per task one of three outcomes:
   y  retry: the task, one attempt further, into the delayed set with its due time
 then acknowledges it.  Every outcome is fenced by the claim: a task no longer pending on
 this consumer (reclaimed by another worker while this one stalled) changes nothing, is not
-acknowledged, and is counted as fenced.  A crash before the script leaves the task pending
+acknowledged, and is counted as fenced.  The claim is read once per source stream and only
+between the group's lowest and highest entry id, not the consumer's whole pending list.  A crash before the script leaves the task pending
 (it is redelivered); after it, everything is written and acknowledged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 import msgspec
 
@@ -23,44 +25,59 @@ import msgspec
 #       result key (not for y), reply stream, trace list, bulk-job output and counts, one task
 #       stream per follow-up.
 # ARGV: 1 group, 2 consumer, 3 result ttl, 4 trace ttl, 5 reply maxlen, 6 dead maxlen, then
-#       per record: entry id, flags, v1, v2 (not for r), trace events, bulk-job status,
-#       follow-up count n and n x (task, trace event) -- the last three only where flagged.
-#       flags: 1 outcome (r result, d dead letter, y retry), 2 S new source, 3 P reply,
-#       4 T trace, 5 B bulk job, 6 F follow-ups; '-' where absent.  v1/v2: r = result,
+#       per record: entry id, flags, v1, v2 (not for r), the source's lowest and highest
+#       entry id in this commit (only with S), trace events, bulk-job status, follow-up
+#       count n and n x (task, trace event) -- the last three only where flagged.
+#       flags: 1 outcome (r result, d dead letter, y retry), 2 S new source, 3 P reply to
+#       the stream named next in KEYS or p to the same one as the record before, 4 T trace,
+#       5 B bulk job, 6 F follow-ups; '-' where absent.  Records come grouped by source
+#       stream and by reply stream, so each is named (S, P) once.  v1/v2: r = result,
 #       d = result/dead letter, y = retry member (lane byte + task)/due epoch seconds.
-# Only the fields a record has travel: a lone task with a reply costs 2 keys and 3 arguments.
+# Only the fields a record has travel: a lone task with a reply costs 1 key and 3 arguments.
 COMMIT_LUA = """
 local group, me = ARGV[1], ARGV[2]
 local result_ttl, trace_ttl, reply_maxlen, dead_maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local a, k, n = 7, 4, #ARGV
-local sub = string.sub
+local byte = string.byte
+local R, D, Y, S, P, SAME, T, B, F = byte('rdySPpTBF', 1, 9)
 local acks = {}
 local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
 local replies = {}
 local owned = {}  -- per source stream: the entries pending on this consumer, read once
-local src
+local src, cur_reply
 while a <= n do
   local eid, flags, v1 = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3
-  local outcome = sub(flags, 1, 1)
-  local v2, rkey, reply, tkey, trace, bout, bcounts, bstatus
+  local outcome, fs, fp, ft, fb, ff = byte(flags, 1, 6)
+  local v2, rkey, reply, tkey, trace, bout, bcounts, bstatus, lo, hi
   local nf = 0
-  if outcome ~= 'r' then v2 = ARGV[a]; a = a + 1 end
-  if sub(flags, 2, 2) == 'S' then src = KEYS[k]; k = k + 1 end
-  if outcome ~= 'y' then rkey = KEYS[k]; k = k + 1 end
-  if sub(flags, 3, 3) == 'P' then reply = KEYS[k]; k = k + 1 end
-  if sub(flags, 4, 4) == 'T' then tkey = KEYS[k]; k = k + 1; trace = ARGV[a]; a = a + 1 end
-  if sub(flags, 5, 5) == 'B' then
+  if outcome ~= R then v2 = ARGV[a]; a = a + 1 end
+  if fs == S then
+    src = KEYS[k]
+    k = k + 1
+    lo, hi = ARGV[a], ARGV[a + 1]
+    a = a + 2
+  end
+  if outcome ~= Y then rkey = KEYS[k]; k = k + 1 end
+  if fp == P then
+    cur_reply = KEYS[k]
+    k = k + 1
+    reply = cur_reply
+  elseif fp == SAME then
+    reply = cur_reply
+  end
+  if ft == T then tkey = KEYS[k]; k = k + 1; trace = ARGV[a]; a = a + 1 end
+  if fb == B then
     bout, bcounts = KEYS[k], KEYS[k + 1]
     k = k + 2
     bstatus = ARGV[a]
     a = a + 1
   end
-  if sub(flags, 6, 6) == 'F' then nf = tonumber(ARGV[a]); a = a + 1 end
+  if ff == F then nf = tonumber(ARGV[a]); a = a + 1 end
   local mine = owned[src]
   if mine == nil then
     mine = {}
-    for _, p in ipairs(redis.call('XPENDING', src, group, '-', '+', 10000000, me)) do
+    for _, p in ipairs(redis.call('XPENDING', src, group, lo, hi, 10000000, me)) do
       mine[p[1]] = true
     end
     owned[src] = mine
@@ -70,7 +87,7 @@ while a <= n do
   else
     local events = {}
     if trace then events[1] = trace end
-    if outcome == 'y' then
+    if outcome == Y then
       redis.call('ZADD', KEYS[2], v2, v1)
       retried = retried + 1
     elseif redis.call('SET', rkey, v1, 'NX', 'EX', result_ttl) then
@@ -87,7 +104,7 @@ while a <= n do
         redis.call('XADD', bout, '*', 'r', v1)
         redis.call('HINCRBY', bcounts, bstatus, 1)
       end
-      if outcome == 'd' then
+      if outcome == D then
         redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_maxlen, '*', 'd', v2)
         dead = dead + 1
       end
@@ -232,36 +249,59 @@ def commit_args(head: list, records: Sequence[CommitRecord]) -> tuple[list, list
     """
     keys: list = head[:3]
     args: list = head[3:]
-    source = None
+    by_source: dict[str, list[CommitRecord]] = {}
     for r in records:
-        outcome = r.outcome
-        flags = [outcome.decode(), "-", "-", "-", "-", "-"]
-        args += (r.entry_id, "", r.v1)
-        at = len(args) - 2
-        if outcome != b"r":
-            args.append(r.v2)
-        if r.source != source:
-            source = r.source
-            flags[1] = "S"
-            keys.append(source)
-        if outcome != b"y":
-            keys.append(r.result_key)
-        if r.reply_key:
-            flags[2] = "P"
-            keys.append(r.reply_key)
-        if r.trace:
-            flags[3] = "T"
-            keys.append(r.trace_key)
-            args.append(r.trace)
-        if r.batch_status:
-            flags[4] = "B"
-            keys += (r.batch_out, r.batch_counts)
-            args.append(r.batch_status)
-        if r.followups:
-            flags[5] = "F"
-            args.append(len(r.followups))
-            for f_stream, payload, event in r.followups:
-                keys.append(f_stream)
-                args += (payload, event)
-        args[at] = "".join(flags)
+        group = by_source.get(r.source)
+        if group is None:
+            group = by_source[r.source] = []
+        group.append(r)
+    reply = None
+    for source, group in by_source.items():
+        first = True
+        group.sort(key=_REPLY_OF)  # one producer's results in a row: its stream named once
+        for r in group:
+            outcome = r.outcome
+            flags = [outcome.decode(), "-", "-", "-", "-", "-"]
+            args += (r.entry_id, "", r.v1)
+            at = len(args) - 2
+            if outcome != b"r":
+                args.append(r.v2)
+            if first:
+                first = False
+                flags[1] = "S"
+                keys.append(source)
+                ids = [(_id_key(x.entry_id), x.entry_id) for x in group]
+                args += (min(ids)[1], max(ids)[1])
+            if outcome != b"y":
+                keys.append(r.result_key)
+            if r.reply_key:
+                if r.reply_key == reply:
+                    flags[2] = "p"
+                else:
+                    reply = r.reply_key
+                    flags[2] = "P"
+                    keys.append(reply)
+            if r.trace:
+                flags[3] = "T"
+                keys.append(r.trace_key)
+                args.append(r.trace)
+            if r.batch_status:
+                flags[4] = "B"
+                keys += (r.batch_out, r.batch_counts)
+                args.append(r.batch_status)
+            if r.followups:
+                flags[5] = "F"
+                args.append(len(r.followups))
+                for f_stream, payload, event in r.followups:
+                    keys.append(f_stream)
+                    args += (payload, event)
+            args[at] = "".join(flags)
     return keys, args
+
+
+_REPLY_OF = attrgetter("reply_key")
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq)

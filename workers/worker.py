@@ -43,6 +43,7 @@ from schemas.wire import (
     Message,
     Result,
     Retried,
+    Sampling,
     Status,
     Task,
     Timings,
@@ -152,6 +153,8 @@ class ModelLane:
 
             self._spans = TaskSpans()
         self._bulk_cap = max(1, int(settings.max_inflight * settings.bulk_max_share))
+        self._sampling_ok: Sampling | None = None  # the last sampling that passed the checks
+        self._result_prefix = keys.result_prefix(self.model)
         self.metrics = NULL_LANE_METRICS  # the Worker attaches real ones (workers/metrics.py)
 
     async def ensure_group(self) -> None:
@@ -291,7 +294,11 @@ class ModelLane:
         if task.model != self.model:
             raise ValidationError("model", f"task for model {task.model!r} sits in the stream "
                                   f"of {self.model!r}", value=task.model)
-        validate_task(task, self.settings)
+        # Tasks of one stream mostly share their sampling: compare (C) instead of re-checking.
+        same = task.sampling == self._sampling_ok
+        validate_task(task, self.settings, sampling_checked=same)
+        if not same:
+            self._sampling_ok = task.sampling  # decoded here, never mutated
 
     def _finish_now(self, rec: _InFlight, code: ErrorCode, message: str, now: float) -> None:
         rec.output = EngineOutput(request_id="", error_code=code, error_message=message,
@@ -396,20 +403,31 @@ class ModelLane:
                 followups.append((keys.task_stream(child.model), encode(child), event))
         elif status is not Status.SUCCEEDED:
             self.stats.failed += 1
+        # Only the fields that differ from their defaults go through the constructor:
+        # msgspec matches keyword arguments one by one, and most tasks leave these empty.
         result = Result(
-            task_id=task.id, correlation_id=task.correlation_id, parent_id=task.parent_id,
-            model=self.model, agent_id=task.agent_id, tenant=task.tenant, status=status,
-            text=out.text, finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
-            output_tokens=out.output_tokens,
+            task_id=task.id, correlation_id=task.correlation_id, model=self.model,
+            status=status, text=out.text, finish_reason=out.finish_reason,
+            prompt_tokens=out.prompt_tokens, output_tokens=out.output_tokens,
             timings=Timings(enqueued=task.enqueued_at, read=rec.read_at,
                             engine_start=out.engine_start, first_token=out.first_token,
                             finished=out.finished, written=now),
             worker_id=self.worker_id, batch_id=rec.batch_id, batch_size=rec.batch_size,
-            model_version=self.engine.model_version, error_code=code,
-            error_message=out.error_message,
-            followup_ids=[f"{task.id}.{i}" for i in range(1, len(followups) + 1)],
-            attempts=task.attempt + 1,
+            model_version=self.engine.model_version,
         )
+        if task.parent_id:
+            result.parent_id = task.parent_id
+        if task.agent_id:
+            result.agent_id = task.agent_id
+        result.tenant = task.tenant
+        if code is not None:
+            result.error_code = code
+        if out.error_message:
+            result.error_message = out.error_message
+        if followups:
+            result.followup_ids = [f"{task.id}.{i}" for i in range(1, len(followups) + 1)]
+        if task.attempt:
+            result.attempts = task.attempt + 1
         trace = b""
         if trace_on:
             trace = encode(Finished(result=msgspec.structs.replace(result, text="")))
@@ -423,7 +441,7 @@ class ModelLane:
                 at=now))
         record = CommitRecord(
             source=rec.source, entry_id=rec.entry_id, outcome=outcome, v1=encode(result),
-            v2=dead, result_key=keys.result_key(self.model, task.id),
+            v2=dead, result_key=self._result_prefix + task.id,
             reply_key=self._reply_key(task.reply_to),
             trace_key=keys.trace_key(self.model, task.correlation_id) if trace else "",
             trace=trace, followups=followups,
