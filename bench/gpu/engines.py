@@ -20,6 +20,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     dtype: str | None = None
     load_format: str | None = None
     seed: int | None = None
+    scheduling_policy: str | None = None  # "fcfs" | "priority" (the fleet's default)
     kv_cache_space_gib: int | None = None  # CPU engine only (VLLM_CPU_KVCACHE_SPACE)
     # the fleet's worker (ignored by the other paths)
     max_inflight: int | None = None
@@ -39,6 +40,11 @@ GPU_CONFIGS: dict[str, EngineConfig] = {
                          max_inflight=1024, read_count=512),
     "t1024": EngineConfig(**_PINNED, max_num_seqs=1024, max_num_batched_tokens=16384,
                           max_inflight=2048, read_count=1024),
+    # t512 with vLLM's two schedulers pinned on every path: the fleet's default is priority.
+    "t512f": EngineConfig(**_PINNED, max_num_seqs=512, max_num_batched_tokens=8192,
+                          max_inflight=1024, read_count=512, scheduling_policy="fcfs"),
+    "t512p": EngineConfig(**_PINNED, max_num_seqs=512, max_num_batched_tokens=8192,
+                          max_inflight=1024, read_count=512, scheduling_policy="priority"),
     "t1024b8k": EngineConfig(**_PINNED, max_num_seqs=1024, max_num_batched_tokens=8192,
                              max_inflight=2048, read_count=1024),
     "defaults": EngineConfig(**_COMMON),
@@ -53,6 +59,10 @@ TINY_CONFIGS: dict[str, EngineConfig] = {
                          max_inflight=32, read_count=16),
     "t1024": EngineConfig(**_TINY, max_num_seqs=16, max_num_batched_tokens=4096,
                           max_inflight=32, read_count=16),
+    "t512f": EngineConfig(**_TINY, max_num_seqs=16, max_num_batched_tokens=2048,
+                          max_inflight=32, read_count=16, scheduling_policy="fcfs"),
+    "t512p": EngineConfig(**_TINY, max_num_seqs=16, max_num_batched_tokens=2048,
+                          max_inflight=32, read_count=16, scheduling_policy="priority"),
     "t1024b8k": EngineConfig(**_TINY, max_num_seqs=16, max_num_batched_tokens=2048,
                              max_inflight=32, read_count=16),
     "defaults": EngineConfig(load_format="dummy", enforce_eager=True, max_model_len=512,
@@ -61,7 +71,7 @@ TINY_CONFIGS: dict[str, EngineConfig] = {
 
 _ENGINE_FIELDS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
                   "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "dtype",
-                  "load_format", "seed")
+                  "load_format", "seed", "scheduling_policy")
 
 
 def llm_kwargs(cfg: EngineConfig) -> dict:
