@@ -146,6 +146,7 @@ class ModelLane:
         self._cancelled: dict[str, float] = {}  # task id -> when the mark expires
         self._bulk_check_at = 0.0  # monotonic time the bulk lane is worth reading again
         self._bulk_uncommitted = 0  # the part of _uncommitted read from the bulk lane
+        self._backlog = True  # the last read found a backlog: poll lanes before blocking
         self._suspect_done = asyncio.Event()  # a task delivered 3+ times was committed
         self._spans = None
         if settings.otel_enabled:
@@ -209,28 +210,37 @@ class ModelLane:
 
     async def _read_window(self, want: int) -> list:
         """Interactive tasks first; the bulk lane fills what they leave; block when idle."""
+        windows = await self._read_lanes(want)
+        # A backlog: poll the lanes in priority order next time.  Otherwise go straight to
+        # one blocking read of both, rather than two empty polls (round trips) before it.
+        self._backlog = sum(len(entries) for _, entries in windows) >= max(1, want // 2)
+        return windows
+
+    async def _read_lanes(self, want: int) -> list:
         s = self.settings
         read = self._reader.xreadgroup
         me = self.worker_id
-        got = await read(keys.GROUP, me, {self.stream: ">"}, count=want)
-        if got and s.window_ms and len(got[0][1]) < want:
-            # Gather a fuller window: the latency/throughput knob.
-            await asyncio.sleep(s.window_ms / 1000)
-            more = await read(keys.GROUP, me, {self.stream: ">"}, count=want - len(got[0][1]))
-            if more:
-                got[0][1].extend(more[0][1])
-        windows = [(self.stream, got[0][1])] if got else []
-        room = min(want - (len(got[0][1]) if got else 0),
-                   self._bulk_cap - self._bulk_uncommitted)
-        now = time.monotonic()
-        if room and (now >= self._bulk_check_at or not got):
-            bulk = await read(keys.GROUP, me, {self.bulk: ">"}, count=room)
-            if bulk:
-                windows.append((self.bulk, bulk[0][1]))
-            else:  # an idle bulk lane is looked at again in 50 ms, or when all is idle
-                self._bulk_check_at = now + 0.05
-        if windows:
-            return windows
+        room = min(want, self._bulk_cap - self._bulk_uncommitted)
+        if self._backlog or s.window_ms:
+            got = await read(keys.GROUP, me, {self.stream: ">"}, count=want)
+            if got and s.window_ms and len(got[0][1]) < want:
+                # Gather a fuller window: the latency/throughput knob.
+                await asyncio.sleep(s.window_ms / 1000)
+                more = await read(keys.GROUP, me, {self.stream: ">"},
+                                  count=want - len(got[0][1]))
+                if more:
+                    got[0][1].extend(more[0][1])
+            windows = [(self.stream, got[0][1])] if got else []
+            room = min(want - (len(got[0][1]) if got else 0), room)
+            now = time.monotonic()
+            if room and (now >= self._bulk_check_at or not got):
+                bulk = await read(keys.GROUP, me, {self.bulk: ">"}, count=room)
+                if bulk:
+                    windows.append((self.bulk, bulk[0][1]))
+                else:  # an idle bulk lane is looked at again in 50 ms, or when all is idle
+                    self._bulk_check_at = now + 0.05
+            if windows:
+                return windows
         lanes = {self.stream: ">", self.bulk: ">"} if room > 0 else {self.stream: ">"}
         got = await read(keys.GROUP, me, lanes, count=max(1, want // 2), block=s.block_ms)
         return [(stream.decode(), entries) for stream, entries in got or ()]
