@@ -18,6 +18,8 @@ columns from the workers' per-minute aggregates of the last `--window` (5 minute
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Sequence
 
@@ -137,13 +139,19 @@ def run_status(url: str, models: Sequence[str], *, as_json: bool, interval_s: fl
             print(to_json(snapshot(client, models)), flush=True)
             return 0
         console = Console()
+        # Ctrl-C or SIGTERM ends the view after the refresh in progress: a flag, not an
+        # exception that could land inside a Redis call or a render.
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             with Live(render_table(snapshot(client, models), url), console=console,
                       auto_refresh=False) as live:
-                while True:
-                    time.sleep(interval_s)
+                while not stop.wait(interval_s):
                     live.update(render_table(snapshot(client, models), url), refresh=True)
-        except KeyboardInterrupt:
-            return 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0
     finally:
         client.close()

@@ -146,16 +146,26 @@ async def test_status_live_view_refreshes_until_interrupted(server, redis, tmp_p
     await redis.hset(keys.workers_key("smollm2-135m"), "w-live", time.time())
     env = {**os.environ, "REDIS_URL": server.url, "AGENTFLEET_HOME": str(tmp_path),
            "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "status", "--interval-s", "0.2"],
+    # faulthandler on SIGUSR1: if the view ever ignores Ctrl-C, the failure shows its stack.
+    code = ("import faulthandler, runpy, signal; faulthandler.register(signal.SIGUSR1); "
+            "runpy.run_module('ops.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code, "status", "--interval-s", "0.2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         await asyncio.sleep(3)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = await asyncio.to_thread(proc.communicate, timeout=20)
+        try:
+            stdout, stderr = await asyncio.to_thread(proc.communicate, timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(1)
+            proc.kill()
+            _, stack = proc.communicate()
+            pytest.fail(f"status ignored Ctrl-C for 20 s; its stack:\n{stack[-4000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.communicate()  # closes the pipes
     assert proc.returncode == 0, stderr
     assert "smollm2-135m" in stdout and "tasks/s" in stdout
 
