@@ -73,8 +73,10 @@ async def _agents(url: str, settings: Settings, agents: int, max_tokens: int,
     async with Producer.from_url(url, settings=settings) as producer:
         await _wait_for_worker(producer, model, worker, console)
         sampling = Sampling(max_tokens=max_tokens)
+        # Correlation ids of this run only: the embedded server keeps earlier demos' traces.
+        run = time.strftime("%m%d-%H%M%S")
         roots = [
-            Task(model=model, agent_id=f"agent-{i:02d}", correlation_id=f"demo-{i:02d}",
+            Task(model=model, agent_id=f"agent-{i:02d}", correlation_id=f"demo-{run}-{i:02d}",
                  messages=[Message(role="system", content="You are a concise assistant."),
                            Message(role="user", content=QUESTIONS[i % len(QUESTIONS)])],
                  sampling=sampling,

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,7 +24,9 @@ def test_demo_on_the_fake_engine_then_trace_from_the_persisted_server(tmp_path):
     demo = run_cli("demo", "--engine", "fake", "--agents", "6", home=tmp_path)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "12 steps (12 succeeded) of 6 agents" in demo.stdout
-    assert "correlation demo-00: 2 finished task(s)" in demo.stdout
+    cid = re.search(r"again later: agentfleet trace (demo-\S+-00)", demo.stdout)
+    assert cid, demo.stdout[-2000:]
+    assert f"correlation {cid.group(1)}: 2 finished task(s)" in demo.stdout
     url = re.search(r"REDIS_URL=(redis://\S+)", demo.stdout + demo.stderr)
     assert url, "the demo names its embedded server"
     # The embedded server stopped with the demo ...
@@ -31,8 +34,15 @@ def test_demo_on_the_fake_engine_then_trace_from_the_persisted_server(tmp_path):
     import socket
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass
-    # ... and its append-only file brings the chain back in a new one.
-    trace = run_cli("trace", "demo-00", home=tmp_path)
+    # ... and its append-only file brings the chain back in a new one; a second demo on the
+    # same server traces only its own chain.
+    time.sleep(1.1)  # correlation ids carry the second the demo started
+    again = run_cli("demo", "--engine", "fake", "--agents", "2", home=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = re.search(r"again later: agentfleet trace (demo-\S+-00)", again.stdout).group(1)
+    assert second != cid.group(1)
+    assert f"correlation {second}: 2 finished task(s)" in again.stdout
+    trace = run_cli("trace", cid.group(1), home=tmp_path)
     assert trace.returncode == 0, trace.stderr
     assert "follow-up enqueued" in trace.stdout
     assert "result written" in trace.stdout
