@@ -52,6 +52,11 @@ def _broker_error(exc: RedisError, count: int) -> BrokerError:
     return BrokerError(f"enqueue failed: {text}")
 
 
+def _time_out(waker: asyncio.Future) -> None:
+    if not waker.done():
+        waker.set_result(False)
+
+
 class _Waiting:
     """One wait call's state: results ready to hand out, and how many are still due."""
 
@@ -292,10 +297,15 @@ class Producer:
                     missing = [i for i in ids if self._waiters.get(i) is w]
                     raise ResultTimeoutError(
                         f"{len(missing)} results missing after {timeout_s}s", missing)
-                w.waker = asyncio.get_running_loop().create_future()
+                loop = asyncio.get_running_loop()
+                w.waker = waker = loop.create_future()
+                # A timer on the future itself: wait_for would add a future and callbacks.
+                timer = loop.call_later(min(left, _POLL_S), _time_out, waker)
                 try:
-                    await asyncio.wait_for(w.waker, min(left, _POLL_S))
-                except TimeoutError:
+                    arrived = await waker
+                finally:
+                    timer.cancel()
+                if not arrived:
                     if (time.monotonic() - self._last_arrival >= _POLL_S
                             and not self._polling):  # one poll at a time, for all waiters
                         stalled = [i for i in ids if self._waiters.get(i) is w]
@@ -317,7 +327,7 @@ class Producer:
             w.ready.append(result)
             w.left -= 1
             if w.waker is not None and not w.waker.done():
-                w.waker.set_result(None)
+                w.waker.set_result(True)
             return
         arrived = self._arrived
         arrived[result.task_id] = result
