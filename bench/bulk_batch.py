@@ -40,9 +40,10 @@ import resource
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from bench._child import run_child
 
 MODEL = "bench"
 FILE_MODEL = "gpt-4o-mini"  # the name in the file, mapped onto MODEL
@@ -56,16 +57,7 @@ Report = Callable[[tuple], None]
 # ---- children ----------------------------------------------------------------------------
 
 def _child(name: str, out: mp.Queue, *args) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-        import asyncio
-
-        asyncio.run(_CHILDREN[name](out.put, *args))
-    except BaseException:  # noqa: BLE001 - the parent must hear about any failure
-        out.put(("error", f"{name}: {traceback.format_exc()}"))
-        raise SystemExit(1) from None
+    run_child(_CHILDREN, name, out, *args)
 
 
 def _settings():

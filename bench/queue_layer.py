@@ -41,9 +41,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from bench._child import run_child
 
 # Imports of agentfleet, redis and arq happen inside the child functions: every spawned child
 # re-imports this module, and the memory figures must not carry what the child never uses.
@@ -83,16 +84,7 @@ Report = Callable[[tuple], None]
 
 
 def _child(name: str, out: mp.Queue, *args) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-        import asyncio
-
-        asyncio.run(_CHILDREN[name](out.put, *args))
-    except BaseException:  # noqa: BLE001 - the parent must hear about any failure
-        out.put(("error", f"{name}: {traceback.format_exc()}"))
-        raise SystemExit(1) from None
+    run_child(_CHILDREN, name, out, *args)
 
 
 def _settings(**overrides):

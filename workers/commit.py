@@ -9,8 +9,9 @@ per task one of three outcomes:
 then acknowledges it.  Every outcome is fenced by the claim: a task no longer pending on
 this consumer (reclaimed by another worker while this one stalled) changes nothing, is not
 acknowledged, and is counted as fenced.  The claim is read once per source stream and only
-between the group's lowest and highest entry id, not the consumer's whole pending list.  A crash before the script leaves the task pending
-(it is redelivered); after it, everything is written and acknowledged.
+between the group's lowest and highest entry id, not the consumer's whole pending list.
+A crash before the script leaves the task pending (it is redelivered); after it,
+everything is written and acknowledged.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def commit_args(head: list, records: Sequence[CommitRecord]) -> tuple[list, list
                 first = False
                 flags[1] = "S"
                 keys.append(source)
-                ids = [(_id_key(x.entry_id), x.entry_id) for x in group]
+                ids = [(id_key(x.entry_id), x.entry_id) for x in group]
                 args += (min(ids)[1], max(ids)[1])
             if outcome != b"y":
                 keys.append(r.result_key)
@@ -302,6 +303,7 @@ def commit_args(head: list, records: Sequence[CommitRecord]) -> tuple[list, list
 _REPLY_OF = attrgetter("reply_key")
 
 
-def _id_key(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
+def id_key(entry_id: str | bytes) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>") as numbers, so that ids order as the stream does."""
+    ms, _, seq = entry_id.partition(b"-" if isinstance(entry_id, bytes) else "-")
     return int(ms), int(seq)

@@ -57,6 +57,7 @@ from workers.commit import (
     RENEW_LUA,
     CommitRecord,
     commit_args,
+    id_key,
 )
 from workers.engine import Engine, EngineOutput
 from workers.metrics import NULL_LANE_METRICS, WorkerMetrics
@@ -632,14 +633,9 @@ async def trim_stream(redis: aioredis.Redis, stream: str) -> int:
     floor = f"{ms}-{int(seq) + 1}"  # everything after the last delivery is still unread
     if pending["pending"]:
         oldest = pending["min"].decode() if isinstance(pending["min"], bytes) else pending["min"]
-        floor = min(floor, oldest, key=_id_key)
+        floor = min(floor, oldest, key=id_key)
     # Approximate: whole macro nodes only, so a large trim does not stall the server.
     return await redis.xtrim(stream, minid=floor, approximate=True)
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, seq = entry_id.split("-")
-    return int(ms), int(seq)
 
 
 def _raw(response, **options):
