@@ -178,15 +178,24 @@ class Producer:
         by_stream: dict[str, list[tuple[str, str | None, bytes, int]]] = {}
         ids: list[str] = []
         traceparent = current_traceparent()
+        checked = None  # the last Sampling that passed: most tasks of a call share theirs
+        lanes: dict[tuple[str, bool], list] = {}
         for i, task in enumerate(tasks):
             self._fill(task, reply, now, traceparent)
+            same = task.sampling == checked
             try:
-                validate_task(task, s)
+                validate_task(task, s, sampling_checked=same)
             except ValidationError as exc:
                 if i or not isinstance(tasks, Sequence) or len(tasks) > 1:
                     exc.args = (f"tasks[{i}].{exc.args[0]}",)
                 raise
-            by_stream.setdefault(self._lane(task), []).append(self._item(task, i))
+            if not same:
+                checked = task.sampling
+            lane = lanes.get((task.model, not task.batch_id))
+            if lane is None:
+                lane = lanes[(task.model, not task.batch_id)] = by_stream.setdefault(
+                    self._lane(task), [])
+            lane.append(self._item(task, i))
             ids.append(task.id)
         if reply and ids:
             self._ensure_listener()

@@ -17,8 +17,10 @@ from schemas.errors import DecodeError, ErrorCode, UnsupportedVersionError
 SCHEMA_VERSION = 1
 
 
-class Base(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Shared options: keyword-only construction, defaults left off the wire."""
+class Base(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """Shared options: keyword-only construction, defaults left off the wire, and not tracked
+    by the cyclic garbage collector (gc=False): a wire Struct holds strings, numbers and other
+    Structs, never a cycle, and a worker creates several per task."""
 
 
 class Message(Base, kw_only=True):

@@ -128,8 +128,17 @@ async def test_failures_are_logged_once_per_group_with_their_context(producer, s
         Task(model="m1", prompt="x", correlation_id="corr-7",
              metadata={"fake_error": "internal"}) for _ in range(3)])
     await producer.wait_many(ids, timeout_s=5)
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR
-              and getattr(r, "error_code", None) == "internal"]
+
+    def logged():
+        # The producer can read the reply before the worker's own loop sees the commit's
+        # answer and logs: wait for every task's line.
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR
+                  and getattr(r, "error_code", None) == "internal"]
+        counted = sum(int(r.getMessage().split(" task(s)")[0].rsplit(" ", 1)[1])
+                      for r in errors)
+        return errors if counted >= 3 else None
+
+    errors = await eventually(logged)
     assert errors, [r.getMessage() for r in caplog.records]
     assert sum(int(r.getMessage().split(" task(s)")[0].rsplit(" ", 1)[1]) for r in errors) == 3
     assert len(errors) <= 3  # one line per group, not one per task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -19,6 +20,7 @@ from schemas.wire import (
     encode,
 )
 from workers.fake_engine import FakeEngine
+from workers.worker import GC_GEN0_THRESHOLD, quiet_gc
 
 
 async def test_submit_and_wait_one(producer, start_worker):
@@ -251,3 +253,15 @@ async def test_bulk_lane_is_served_after_interactive_work(producer, start_worker
     first_bulk_read = min(r.timings.read for r in results)
     assert max(r.timings.read for r in done) <= first_bulk_read
     assert worker.lanes[0].stats.read == 320
+
+
+def test_quiet_gc_holds_while_any_worker_serves_and_restores_after():
+    before = gc.get_threshold()
+    with quiet_gc():
+        assert gc.get_threshold()[0] >= GC_GEN0_THRESHOLD
+        assert gc.get_freeze_count() > 0
+        with quiet_gc():  # a second worker in the same process (tests do this)
+            pass
+        assert gc.get_threshold()[0] >= GC_GEN0_THRESHOLD  # the first still serves
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0

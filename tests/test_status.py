@@ -29,6 +29,10 @@ def test_kpi_buffer_folds_groups_and_tasks_by_minute_lane_and_tenant():
                        [0.004, 0.2, 45.0], [3, 4, 5], [7, 8, 9]))
     buf.tasks.append(("m1", 600, "interactive", "acme", "failed", "engine_error", 0.02, 0, 0))
     buf.tasks.append(("m1", 660, "bulk", "acme", "succeeded", "", 700.0, 1, 2))
+    # A group of one tenant (summed whole) adds up as the same tasks one by one do.
+    buf.groups.append(("m1", 600, "interactive", ["solo"] * 3, [0.004, 0.004, 45.0],
+                       [1, 2, 3], [4, 5, 6]))
+    buf.groups.append(("m1", 600, "interactive", ["solo"], [0.2], [1], [1]))
     out = buf.fold()
     assert buf.groups == [] and buf.tasks == []
     minute = out[("m1", 600)]
@@ -42,6 +46,11 @@ def test_kpi_buffer_folds_groups_and_tasks_by_minute_lane_and_tenant():
     assert minute["l:interactive:acme"] == pytest.approx(0.224)
     assert minute["p:interactive:acme"] == 7 and minute["o:interactive:acme"] == 15
     assert out[("m1", 660)][f"b:{len(LATENCY_BUCKETS_S)}:bulk:acme"] == 1  # above 600 s
+    assert minute["s:succeeded:interactive:solo"] == 4
+    assert minute[f"b:{i_4ms}:interactive:solo"] == 2
+    assert minute[f"b:{i_200ms}:interactive:solo"] == 1
+    assert minute["l:interactive:solo"] == pytest.approx(45.208)
+    assert minute["p:interactive:solo"] == 7 and minute["o:interactive:solo"] == 16
     assert parse_field("s:succeeded:interactive:glob:ex") == ("s", "succeeded", "interactive",
                                                               "glob:ex")
     assert parse_field("l:bulk:t") == ("l", "", "bulk", "t")

@@ -224,8 +224,9 @@ return #due
 """
 
 
-class CommitRecord(msgspec.Struct, array_like=True):
-    """One task's outcome, encoded and ready for COMMIT_LUA."""
+class CommitRecord(msgspec.Struct, array_like=True, gc=False):
+    """One task's outcome, encoded and ready for COMMIT_LUA (one per task, never in a cycle:
+    untracked by the cyclic collector)."""
 
     source: str  # the stream the task was read from
     entry_id: bytes

@@ -16,8 +16,10 @@ from schemas.errors import ErrorCode
 from schemas.wire import Task
 
 
-class EngineOutput(msgspec.Struct, kw_only=True):
-    """One finished request.  Times are epoch seconds; `error_code` None means success."""
+class EngineOutput(msgspec.Struct, kw_only=True, gc=False):
+    """One finished request.  Times are epoch seconds; `error_code` None means success.
+
+    One per task: untracked by the cyclic collector (gc=False; it holds no containers)."""
 
     request_id: str
     text: str = ""
