@@ -108,6 +108,20 @@ async def test_raw_prompt_reports_tokens_and_times(engine):
 
 
 @pytest.mark.timeout(600)
+async def test_a_window_tokenizes_in_one_call_as_each_task_would_alone(engine):
+    tok = engine._tokenizer
+    question = [Message(role="user", content="What is the capital of France?")]
+    chat = tok.apply_chat_template([{"role": "user", "content": question[0].content}],
+                                   add_generation_prompt=True, tokenize=False)
+
+    got = engine._tokenize_window([task("Once upon a time"), task(messages=question),
+                                   task("Hello"), task()])
+
+    assert got == [tok.encode("Once upon a time"), tok.encode(chat, add_special_tokens=False),
+                   tok.encode("Hello"), tok.encode("")]
+
+
+@pytest.mark.timeout(600)
 async def test_bad_requests_fail_alone_through_on_done(engine):
     requests = [
         ("long", task("word " * 2 * SPEC.max_model_len)),

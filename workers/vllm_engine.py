@@ -61,6 +61,8 @@ class VllmEngine:
         self.model_version = spec.version or model_version(model_path)
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
+        self._last_sampling: Sampling | None = None
+        self._last_params: SamplingParams | None = None
         self._chat_template: str | None = None
         self._max_prompt_tokens = spec.max_model_len - 1  # room for at least one output token
         self._inflight: dict[str, asyncio.Task] = {}
@@ -110,12 +112,14 @@ class VllmEngine:
 
     def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone) -> None:
         engine_start = time.time()
-        for request_id, task in requests:
+        prompts = self._tokenize_window([task for _, task in requests])
+        for (request_id, task), prompt_ids in zip(requests, prompts):
             failure = self._refusal(request_id)
             if failure is None:
                 try:
-                    prompt_ids = self._tokenize(task)
-                    params = _sampling_params(task.sampling)
+                    if isinstance(prompt_ids, Exception):
+                        raise prompt_ids
+                    params = self._params(task.sampling)
                     failure = self._check_prompt(prompt_ids)
                 except Exception as exc:  # a bad task must not stop the rest of the window
                     failure = _classify(exc)
@@ -186,19 +190,65 @@ class VllmEngine:
             return ErrorCode.INTERNAL, f"request id {request_id} submitted twice while in flight"
         return None
 
-    def _tokenize(self, task: Task) -> list[int]:
-        if task.messages is None:
-            return self._tokenizer.encode(task.prompt or "")
+    def _params(self, sampling: Sampling) -> SamplingParams:
+        # Tasks of a window mostly share their sampling, and building SamplingParams checks
+        # every field in Python: reuse the last one (vLLM clones it per request).
+        if sampling != self._last_sampling:
+            self._last_params = _sampling_params(sampling)
+            self._last_sampling = sampling
+        return self._last_params
+
+    def _tokenize_window(self, tasks: Sequence[Task]) -> list[list[int] | Exception]:
+        """Token ids of each task, or the exception that task raised.
+
+        One tokenizer call per window for the prompts and one for the rendered chats (the
+        Rust tokenizer encodes a list in one call), not one call per task.
+        """
+        out: list[list[int] | Exception] = [[] for _ in tasks]
+        if self._tokenizer is None:  # not started: submit refuses every request
+            return out
+        plain: list[int] = []
+        chats: list[int] = []
+        chat_texts: list[str] = []
+        for i, task in enumerate(tasks):
+            if task.messages is None:
+                plain.append(i)
+                continue
+            try:
+                chat_texts.append(self._chat_text(task))
+                chats.append(i)
+            except Exception as exc:
+                out[i] = exc
+        for where, texts, special in (
+            (plain, [tasks[i].prompt or "" for i in plain], True),
+            # The template already holds the special tokens (ChatML's <|im_start|> etc.).
+            (chats, chat_texts, False),
+        ):
+            if not where:
+                continue
+            try:
+                ids = self._tokenizer(texts, add_special_tokens=special)["input_ids"]
+            except Exception:  # one text the tokenizer refuses: find it, keep the others
+                ids = [self._encode_one(text, special) for text in texts]
+            for i, prompt_ids in zip(where, ids):
+                out[i] = prompt_ids
+        return out
+
+    def _encode_one(self, text: str, special: bool) -> list[int] | Exception:
+        try:
+            return self._tokenizer.encode(text, add_special_tokens=special)
+        except Exception as exc:
+            return exc
+
+    def _chat_text(self, task: Task) -> str:
         if not self._chat_template:
             raise ValueError(f"model {self.spec.name} has no chat template; send a prompt")
-        text = self._tokenizer.apply_chat_template(
+        return self._tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in task.messages],
             chat_template=self._chat_template,
             add_generation_prompt=True,
             tokenize=False,
         )
-        # The template already holds the special tokens (ChatML's <|im_start|> etc.).
-        return self._tokenizer.encode(text, add_special_tokens=False)
 
     def _check_prompt(self, prompt_ids: list[int]) -> tuple[ErrorCode, str] | None:
         if not prompt_ids:
