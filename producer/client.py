@@ -35,7 +35,7 @@ from schemas.errors import (
     ValidationError,
 )
 from schemas.settings import Settings
-from schemas.validate import validate_task
+from schemas.validate import TaskChecker, validate_task
 from schemas.wire import Result, Task, decode_result, decode_results, encode
 
 log = logging.getLogger("agentfleet.producer")
@@ -127,7 +127,8 @@ class Producer:
             self._ensure_listener()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queued.append((self._lane(task), self._item(task, -1), fut))
+        self._queued.append((self._lane(task.model, bool(task.batch_id)), self._item(task, -1),
+                             fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         return await fut
@@ -157,9 +158,9 @@ class Producer:
                         fut.set_result(accepted.get(i, item[0]))
 
     @staticmethod
-    def _lane(task: Task) -> str:
+    def _lane(model: str, bulk: bool) -> str:
         # Tasks of a bulk job go to the model's bulk lane, served after interactive ones.
-        return keys.bulk_stream(task.model) if task.batch_id else keys.task_stream(task.model)
+        return keys.bulk_stream(model) if bulk else keys.task_stream(model)
 
     @staticmethod
     def _item(task: Task, index: int) -> tuple[str, str | None, bytes, int]:
@@ -175,33 +176,27 @@ class Producer:
         """
         s = self.settings
         now = time.time()
-        by_stream: dict[str, list[tuple[str, str | None, bytes, int]]] = {}
+        by_lane: dict[tuple[str, bool], list[tuple[str, str | None, bytes, int]]] = {}
         ids: list[str] = []
         traceparent = current_traceparent()
-        checked = None  # the last Sampling that passed: most tasks of a call share theirs
-        lanes: dict[tuple[str, bool], list] = {}
+        check = TaskChecker(s)  # one per call: nothing mutates the tasks while it runs
         for i, task in enumerate(tasks):
             self._fill(task, reply, now, traceparent)
-            same = task.sampling == checked
             try:
-                validate_task(task, s, sampling_checked=same)
+                check(task)
             except ValidationError as exc:
                 if i or not isinstance(tasks, Sequence) or len(tasks) > 1:
                     exc.args = (f"tasks[{i}].{exc.args[0]}",)
                 raise
-            if not same:
-                checked = task.sampling
-            lane = lanes.get((task.model, not task.batch_id))
-            if lane is None:
-                lane = lanes[(task.model, not task.batch_id)] = by_stream.setdefault(
-                    self._lane(task), [])
-            lane.append(self._item(task, i))
+            by_lane.setdefault((task.model, bool(task.batch_id)), []).append(
+                self._item(task, i))
             ids.append(task.id)
         if reply and ids:
             self._ensure_listener()
         calls: list[tuple[asyncio.Future, list]] = []
         try:
-            for stream, items in by_stream.items():
+            for (model, bulk), items in by_lane.items():
+                stream = self._lane(model, bulk)
                 # Overlap: the next chunk is built while Redis runs the previous one.
                 for start in range(0, len(items), self.chunk_size):
                     chunk = items[start:start + self.chunk_size]

@@ -37,7 +37,7 @@ from schemas.errors import (
     ValidationError,
 )
 from schemas.settings import ModelSpec, Settings
-from schemas.validate import validate_task
+from schemas.validate import TaskChecker
 from schemas.wire import (
     DeadLetter,
     Enqueued,
@@ -46,7 +46,6 @@ from schemas.wire import (
     Message,
     Result,
     Retried,
-    Sampling,
     Status,
     Task,
     Timings,
@@ -158,7 +157,7 @@ class ModelLane:
 
             self._spans = TaskSpans()
         self._bulk_cap = max(1, int(settings.max_inflight * settings.bulk_max_share))
-        self._sampling_ok: Sampling | None = None  # the last sampling that passed the checks
+        self._validate = TaskChecker(settings)
         self._result_prefix = keys.result_prefix(self.model)
         self.metrics = NULL_LANE_METRICS  # the Worker attaches real ones (workers/metrics.py)
 
@@ -308,11 +307,7 @@ class ModelLane:
         if task.model != self.model:
             raise ValidationError("model", f"task for model {task.model!r} sits in the stream "
                                   f"of {self.model!r}", value=task.model)
-        # Tasks of one stream mostly share their sampling: compare (C) instead of re-checking.
-        same = task.sampling == self._sampling_ok
-        validate_task(task, self.settings, sampling_checked=same)
-        if not same:
-            self._sampling_ok = task.sampling  # decoded here, never mutated
+        self._validate(task)  # decoded here, never mutated: a repeated sampling is not rechecked
 
     def _finish_now(self, rec: _InFlight, code: ErrorCode, message: str, now: float) -> None:
         rec.output = EngineOutput(request_id="", error_code=code, error_message=message,
