@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, defaultdict
 from itertools import repeat
 
 import redis.asyncio as aioredis
@@ -56,15 +56,14 @@ class KpiBuffer:
         """What the buffer holds, as hash increments per (model, minute)."""
         groups, self.groups = self.groups, []
         tasks, self.tasks = self.tasks, []
-        acc: dict[tuple, list] = {}  # (model, minute, lane, tenant) -> totals
         n_buckets = len(self.bounds) + 1
+        # (model, minute, lane, tenant) -> totals
+        acc: defaultdict[tuple, list] = defaultdict(lambda: _row(n_buckets))
         bounds = self.bounds
         for model, minute, lane, tenants, e2e, ptok, otok in groups:
             if tenants and tenants.count(tenants[0]) == len(tenants):
                 # One tenant, the common case: whole-list sums in C, not a row update per task.
-                row = acc.get((model, minute, lane, tenants[0]))
-                if row is None:
-                    row = acc[(model, minute, lane, tenants[0])] = _row(n_buckets)
+                row = acc[(model, minute, lane, tenants[0])]
                 row[0]["succeeded"] = row[0].get("succeeded", 0) + len(tenants)
                 buckets = row[2]
                 for i, n in Counter(map(bisect_left, repeat(bounds), e2e)).items():
@@ -74,18 +73,14 @@ class KpiBuffer:
                 row[5] += sum(otok)
                 continue
             for tenant, latency, p, o in zip(tenants, e2e, ptok, otok):
-                row = acc.get((model, minute, lane, tenant))
-                if row is None:
-                    row = acc[(model, minute, lane, tenant)] = _row(n_buckets)
+                row = acc[(model, minute, lane, tenant)]
                 row[0]["succeeded"] = row[0].get("succeeded", 0) + 1
                 row[2][bisect_left(bounds, latency)] += 1
                 row[3] += latency
                 row[4] += p
                 row[5] += o
         for model, minute, lane, tenant, status, code, latency, p, o in tasks:
-            row = acc.get((model, minute, lane, tenant))
-            if row is None:
-                row = acc[(model, minute, lane, tenant)] = _row(n_buckets)
+            row = acc[(model, minute, lane, tenant)]
             row[0][status] = row[0].get(status, 0) + 1
             if code:
                 row[1][code] = row[1].get(code, 0) + 1
