@@ -40,11 +40,6 @@ GPU_CONFIGS: dict[str, EngineConfig] = {
                          max_inflight=1024, read_count=512),
     "t1024": EngineConfig(**_PINNED, max_num_seqs=1024, max_num_batched_tokens=16384,
                           max_inflight=2048, read_count=1024),
-    # t512 with vLLM's two schedulers pinned on every path: the fleet's default is priority.
-    "t512f": EngineConfig(**_PINNED, max_num_seqs=512, max_num_batched_tokens=8192,
-                          max_inflight=1024, read_count=512, scheduling_policy="fcfs"),
-    "t512p": EngineConfig(**_PINNED, max_num_seqs=512, max_num_batched_tokens=8192,
-                          max_inflight=1024, read_count=512, scheduling_policy="priority"),
     "t1024b8k": EngineConfig(**_PINNED, max_num_seqs=1024, max_num_batched_tokens=8192,
                              max_inflight=2048, read_count=1024),
     "defaults": EngineConfig(**_COMMON),
@@ -59,15 +54,18 @@ TINY_CONFIGS: dict[str, EngineConfig] = {
                          max_inflight=32, read_count=16),
     "t1024": EngineConfig(**_TINY, max_num_seqs=16, max_num_batched_tokens=4096,
                           max_inflight=32, read_count=16),
-    "t512f": EngineConfig(**_TINY, max_num_seqs=16, max_num_batched_tokens=2048,
-                          max_inflight=32, read_count=16, scheduling_policy="fcfs"),
-    "t512p": EngineConfig(**_TINY, max_num_seqs=16, max_num_batched_tokens=2048,
-                          max_inflight=32, read_count=16, scheduling_policy="priority"),
     "t1024b8k": EngineConfig(**_TINY, max_num_seqs=16, max_num_batched_tokens=2048,
                              max_inflight=32, read_count=16),
     "defaults": EngineConfig(load_format="dummy", enforce_eager=True, max_model_len=512,
                              kv_cache_space_gib=1),
 }
+
+# t512f, t512p: t512 with one of vLLM's two schedulers pinned on every path (the fleet's
+# default is priority).
+for _configs in (GPU_CONFIGS, TINY_CONFIGS):
+    for _policy in ("fcfs", "priority"):
+        _configs["t512" + _policy[0]] = msgspec.structs.replace(_configs["t512"],
+                                                                scheduling_policy=_policy)
 
 _ENGINE_FIELDS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
                   "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "dtype",
