@@ -134,3 +134,50 @@ async def test_task_in_wrong_version_is_dead_lettered(start_worker, redis, produ
     assert letter.error_code is ErrorCode.UNSUPPORTED_VERSION
     with pytest.raises(Exception):
         decode_task(letter.payload)
+
+
+async def test_commit_replies_carry_exactly_the_results_it_wrote(redis):
+    """The commit script on a real server: a reply entry is the worker's own payload when
+    every result was written, and only the written ones when a result existed already or a
+    task was no longer this consumer's."""
+    import msgspec
+
+    from workers.commit import COMMIT_LUA, CommitRecord, commit_args
+
+    stream, reply = keys.task_stream("m1"), keys.reply_stream("m1", "p1")
+    await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    commit = redis.register_script(COMMIT_LUA)
+    head = [keys.stats_key("m1"), keys.delayed_key("m1"), keys.dead_stream("m1"), keys.GROUP,
+            "me", 60, 60, 1000, 1000]
+
+    async def read(n: int, consumer: str = "me") -> list[bytes]:
+        for i in range(n):
+            await redis.xadd(stream, {"d": b"task %d" % i})
+        got = await redis.xreadgroup(keys.GROUP, consumer, {stream: ">"}, count=n)
+        return [entry_id for entry_id, _ in got[0][1]]
+
+    def record(entry_id: bytes, name: str) -> CommitRecord:
+        return CommitRecord(source=stream, entry_id=entry_id, outcome=b"r",
+                            v1=msgspec.msgpack.encode(name), v2=b"",
+                            result_key=keys.result_key("m1", name), reply_key=reply,
+                            trace_key="", trace=b"", followups=())
+
+    async def run(records: list[CommitRecord]) -> tuple[list, list[str]]:
+        keys_, args = commit_args(head, records)
+        out = await commit(keys=keys_, args=args)
+        last = (await redis.xrevrange(reply, count=1))[0][1][b"rs"]
+        return out, msgspec.msgpack.decode(last)
+
+    ids = await read(3)
+    out, replied = await run([record(ids[0], "a"), record(ids[1], "b"), record(ids[2], "c")])
+    assert out[:3] == [3, 0, 0] and replied == ["a", "b", "c"]
+
+    await redis.set(keys.result_key("m1", "e"), msgspec.msgpack.encode("earlier"))
+    ids = await read(3)
+    stolen = (await read(1, consumer="other"))[0]
+    out, replied = await run([record(ids[0], "d"), record(ids[1], "e"), record(stolen, "s"),
+                              record(ids[2], "f")])
+    assert out[:3] == [2, 1, 1]  # written, duplicates, fenced
+    assert replied == ["d", "f"]
+    assert await redis.get(keys.result_key("m1", "e")) == msgspec.msgpack.encode("earlier")
+    assert await redis.exists(keys.result_key("m1", "s")) == 0
