@@ -12,6 +12,16 @@ off, data in a temporary folder) and measures, in fresh processes on a flushed s
             result.
   bare      the floor: pipelined XADD of the same payload bytes in chunks of 1000, and a
             consumer doing XREADGROUP COUNT 500 BLOCK + XACK in one pipeline per read.
+  floor     the bare loop plus the least a task's result needs, none of the fleet's
+            machinery: the consumer decodes each task, answers it as the fake engine does,
+            encodes its Result; per window, in the pipeline of its next read, a script
+            doing only SET NX EX of each result, one reply entry (the results as one
+            msgpack array) and the XACK (no atomicity, fencing, validation, follow-ups,
+            retries, metrics or traces); the producer XADDs as the bare loop does and reads
+            its replies.  Not a target: it shows how much of the gap to the bare loop is the
+            per-task work itself, and how much the fleet adds to it.  (The same consumer
+            with one pipelined SET command per result instead of the script ran 20-30%
+            slower here: redis-py builds each command in Python.)
   arq       arq 0.28: N no-op jobs, `enqueue_job` calls run concurrently, one arq worker.
   latency   a producer paced at 2,000 tasks/s for 10 s, one `submit` + `wait` per task
             (and again at 200/s, for reference).
@@ -228,6 +238,113 @@ async def bare_consumer(report: Report, url: str, n: int) -> None:
     report(("done", {"end": end, "cpu_s": cpu1 - cpu0}))
 
 
+# KEYS: result keys.  ARGV: 1 ttl, then the results, in the order of KEYS.
+_FLOOR_SET_LUA = """
+for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'EX', ARGV[1]) end
+return #KEYS
+"""
+
+
+async def floor_consumer(report: Report, url: str, n: int) -> None:
+    """The bare consumer, plus per task: decode, fake answer, Result encoded and SET NX EX;
+    per window: the SETs in one script, one reply entry per producer and the XACK, sent with
+    the next read."""
+    from redis.exceptions import ResponseError
+
+    from producer.connection import connect
+    from schemas import keys
+    from schemas.wire import Result, Status, Timings, decode_task, encode
+    from workers.fake_engine import answer
+
+    stream = keys.task_stream(MODEL)
+    redis = connect(url)
+    redis.set_response_callback("XREADGROUP", _raw)
+    try:
+        await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    set_all = await redis.script_load(_FLOOR_SET_LUA)
+    report(("ready", {"pid": os.getpid()}))
+    read = acked = 0
+    window: list = []
+    cpu0 = time.process_time()
+    while acked < n:
+        pipe = redis.pipeline(transaction=False)
+        if window:
+            now = time.time()
+            replies: dict[str, list[bytes]] = {}
+            result_keys, results = [], []
+            for _, fields in window:
+                task = decode_task(fields[1])
+                answered = answer("", task, now)
+                result = encode(Result(
+                    task_id=task.id, correlation_id=task.correlation_id, model=task.model,
+                    status=Status.SUCCEEDED, text=answered.text,
+                    prompt_tokens=answered.prompt_tokens, output_tokens=answered.output_tokens,
+                    worker_id="floor", batch_size=len(window),
+                    timings=Timings(enqueued=task.enqueued_at, read=now, finished=now,
+                                    written=now)))
+                result_keys.append(keys.result_key(MODEL, task.id))
+                results.append(result)
+                replies.setdefault(keys.reply_stream(MODEL, task.reply_to), []).append(result)
+            pipe.evalsha(set_all, len(result_keys), *result_keys, 86_400, *results)
+            for reply, each in replies.items():
+                pipe.xadd(reply, {"rs": b"".join((b"\xdd", len(each).to_bytes(4, "big"),
+                                                  *each))})
+            pipe.xack(stream, keys.GROUP, *[entry_id for entry_id, _ in window])
+        if read < n:
+            pipe.xreadgroup(keys.GROUP, "floor", {stream: ">"}, count=READ_COUNT,
+                            block=BLOCK_MS)
+        out = await pipe.execute()
+        acked += len(window)
+        window = []
+        if read < n and out[-1]:
+            window = out[-1][0][1]
+            read += len(window)
+    end, cpu1 = time.monotonic(), time.process_time()
+    await redis.aclose()
+    report(("done", {"end": end, "cpu_s": cpu1 - cpu0}))
+
+
+async def floor_producer(report: Report, url: str, n: int) -> None:
+    """The bare producer's XADDs, while a second connection reads the replies."""
+    import asyncio
+
+    from producer.connection import connect
+    from schemas import keys
+    from schemas.wire import decode_results, decode_task
+
+    payloads = _payloads(n)
+    stream = keys.task_stream(MODEL)
+    reply = keys.reply_stream(MODEL, decode_task(payloads[0]).reply_to)
+    redis, listener = connect(url), connect(url)
+
+    async def submit() -> float:
+        for start in range(0, n, CHUNK):
+            pipe = redis.pipeline(transaction=False)
+            for payload in payloads[start:start + CHUNK]:
+                pipe.xadd(stream, {"d": payload})
+            await pipe.execute()
+        return time.monotonic()
+
+    async def listen() -> float:
+        got, last = 0, "0-0"
+        while got < n:
+            for _, entries in await listener.xread({reply: last}, count=1000, block=1000) or ():
+                for entry_id, fields in entries:
+                    got += len(decode_results(fields[b"rs"]))
+                    last = entry_id
+        return time.monotonic()
+
+    cpu0, t0 = time.process_time(), time.monotonic()
+    submitted, end = await asyncio.gather(submit(), listen())
+    cpu1 = time.process_time()
+    await redis.aclose()
+    await listener.aclose()
+    report(("done", {"t0": t0, "submitted": submitted, "end": end, "cpu_s": cpu1 - cpu0}))
+
+
 async def arq_worker(report: Report, url: str, n: int) -> None:
     """An arq worker running no-op jobs; reports when its n-th job has finished.
 
@@ -338,7 +455,8 @@ async def latency_producer(report: Report, url: str, rate: int, duration_s: floa
 
 
 _CHILDREN = {f.__name__: f for f in (fleet_worker, fleet_producer, fleet_prefill, bare_producer,
-                                     bare_consumer, arq_worker, arq_producer, latency_producer)}
+                                     bare_consumer, floor_consumer, floor_producer, arq_worker,
+                                     arq_producer, latency_producer)}
 
 
 # ---- parent side -------------------------------------------------------------------------
@@ -498,6 +616,23 @@ class Bench:
                 "payload_bytes": sent["payload_bytes"],
                 "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
 
+    def floor(self) -> dict:
+        n = self.args.tasks
+        with _Children() as kids:
+            consumer = kids.start("floor_consumer", self.server.url, n)
+            kids.expect("ready", READY_TIMEOUT_S)
+            server_cpu0 = self._server_cpu_s()
+            background = self._background(consumer.pid)
+            kids.start("floor_producer", self.server.url, n)
+            sent, got = _by_role(kids.expect("done", 900), kids.expect("done", 900))
+            background_cores = background.cores()
+            cpu = {"producer": sent["cpu_s"], "consumer": got["cpu_s"],
+                   "server": self._server_cpu_s() - server_cpu0}
+        return {"tasks": n, "tasks_per_s": n / (max(sent["end"], got["end"]) - sent["t0"]),
+                "submit_per_s": n / (sent["submitted"] - sent["t0"]),
+                "background_cores": background_cores,
+                "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
+
     def arq(self) -> dict:
         n = self.args.arq_jobs
         with _Children() as kids:
@@ -557,7 +692,7 @@ def _median(values: list[float]) -> float:
 
 def _run_rounds(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict]]:
     plan: list[tuple[str, Callable[[], dict]]] = [
-        ("fleet", bench.fleet), ("bare", bench.bare), ("arq", bench.arq),
+        ("fleet", bench.fleet), ("bare", bench.bare), ("floor", bench.floor), ("arq", bench.arq),
         ("latency", lambda: bench.latency(args.latency_rate)),
     ]
     if args.latency_low_rate:
@@ -599,8 +734,9 @@ def _latency_summary(runs: list[dict]) -> dict:
 
 def summarize(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     """Medians, ratios and the target checks."""
-    rate = {name: [f["tasks_per_s"] for f in runs[name]] for name in ("fleet", "bare", "arq")}
-    submit = {name: [f["submit_per_s"] for f in runs[name]] for name in ("fleet", "bare", "arq")}
+    paths = ("fleet", "bare", "floor", "arq")
+    rate = {name: [f["tasks_per_s"] for f in runs[name]] for name in paths}
+    submit = {name: [f["submit_per_s"] for f in runs[name]] for name in paths}
     med = {name: _median(v) for name, v in rate.items()}
     med_submit = {name: _median(v) for name, v in submit.items()}
     latency = {name: _latency_summary(runs[name]) for name in ("latency", "latency_low")
@@ -629,6 +765,8 @@ def summarize(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
         "submit_per_s": {"median": med_submit, "all": submit},
         "ratios": {"fleet_vs_bare": med["fleet"] / med["bare"],
                    "fleet_vs_arq": med["fleet"] / med["arq"],
+                   "floor_vs_bare": med["floor"] / med["bare"],
+                   "fleet_vs_floor": med["fleet"] / med["floor"],
                    "per_round_fleet_vs_bare": [f / b for f, b in zip(rate["fleet"], rate["bare"])],
                    "per_round_fleet_vs_arq": [f / a for f, a in zip(rate["fleet"], rate["arq"])]},
         "latency_ms": {"rate_per_s": args.latency_rate, **latency["latency"]},
@@ -654,6 +792,7 @@ def print_report(summary: dict, runs: dict[str, list[dict]], args: argparse.Name
         ("fleet submit only", smed["fleet"], severy["fleet"], "sbare", "sarq"),
         (f"bare loop end to end ({args.tasks:,})", med["bare"], every["bare"], "bare", "arq"),
         ("bare loop XADD only", smed["bare"], severy["bare"], "sbare", "sarq"),
+        (f"floor end to end ({args.tasks:,})", med["floor"], every["floor"], "bare", "arq"),
         (f"arq end to end ({args.arq_jobs:,} jobs)", med["arq"], every["arq"], "bare", "arq"),
         ("arq enqueue only", smed["arq"], severy["arq"], "sbare", "sarq"),
     ]
@@ -668,7 +807,9 @@ def print_report(summary: dict, runs: dict[str, list[dict]], args: argparse.Name
     print("CPU per task, us (median): " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {_median([f['cpu_us_per_task'][k] for f in runs[name]]):.1f}"
                                 for k in runs[name][0]["cpu_us_per_task"])
-        for name in ("fleet", "bare", "arq")))
+        for name in ("fleet", "bare", "floor", "arq")))
+    print(f"fleet vs floor (what the fleet's machinery costs): "
+          f"{summary['ratios']['fleet_vs_floor']:.2f}x")
     for name, key in (("latency", "latency_ms"), ("latency_low", "latency_low_ms")):
         if summary.get(key):
             _print_latency(summary[key], runs[name])
