@@ -201,21 +201,30 @@ def _raw(response, **options):
     return response
 
 
-async def bare_consumer(report: Report, url: str, n: int) -> None:
-    """XREADGROUP COUNT 500 BLOCK, with the XACK of the previous read in the same pipeline."""
+async def _group_reader(url: str, stream: str):
+    """A client reading `stream` in the workers' group (created if absent), XREADGROUP
+    answering raw lists as the worker reads them."""
     from redis.exceptions import ResponseError
 
     from producer.connection import connect
     from schemas import keys
 
-    stream = keys.task_stream(MODEL)
     redis = connect(url)
-    redis.set_response_callback("XREADGROUP", _raw)  # raw lists, as the worker reads them
+    redis.set_response_callback("XREADGROUP", _raw)
     try:
         await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+    return redis
+
+
+async def bare_consumer(report: Report, url: str, n: int) -> None:
+    """XREADGROUP COUNT 500 BLOCK, with the XACK of the previous read in the same pipeline."""
+    from schemas import keys
+
+    stream = keys.task_stream(MODEL)
+    redis = await _group_reader(url, stream)
     report(("ready", {"pid": os.getpid()}))
     read = acked = 0
     unacked: list[bytes] = []
@@ -249,21 +258,12 @@ async def floor_consumer(report: Report, url: str, n: int) -> None:
     """The bare consumer, plus per task: decode, fake answer, Result encoded and SET NX EX;
     per window: the SETs in one script, one reply entry per producer and the XACK, sent with
     the next read."""
-    from redis.exceptions import ResponseError
-
-    from producer.connection import connect
     from schemas import keys
     from schemas.wire import Result, Status, Timings, decode_task, encode
     from workers.fake_engine import answer
 
     stream = keys.task_stream(MODEL)
-    redis = connect(url)
-    redis.set_response_callback("XREADGROUP", _raw)
-    try:
-        await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    redis = await _group_reader(url, stream)
     set_all = await redis.script_load(_FLOOR_SET_LUA)
     report(("ready", {"pid": os.getpid()}))
     read = acked = 0
@@ -599,56 +599,35 @@ class Bench:
                 "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
 
     def bare(self) -> dict:
-        n = self.args.tasks
-        with _Children() as kids:
-            consumer = kids.start("bare_consumer", self.server.url, n)
-            kids.expect("ready", READY_TIMEOUT_S)
-            server_cpu0 = self._server_cpu_s()
-            background = self._background(consumer.pid)
-            kids.start("bare_producer", self.server.url, n)
-            sent, got = _by_role(kids.expect("done", 900), kids.expect("done", 900))
-            background_cores = background.cores()
-            cpu = {"producer": sent["cpu_s"], "consumer": got["cpu_s"],
-                   "server": self._server_cpu_s() - server_cpu0}
-        return {"tasks": n, "tasks_per_s": n / (got["end"] - sent["t0"]),
-                "submit_per_s": n / (sent["submitted"] - sent["t0"]),
-                "background_cores": background_cores,
-                "payload_bytes": sent["payload_bytes"],
-                "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
+        return self._pair("bare_consumer", "bare_producer", self.args.tasks, "consumer")
 
     def floor(self) -> dict:
-        n = self.args.tasks
+        return self._pair("floor_consumer", "floor_producer", self.args.tasks, "consumer")
+
+    def arq(self) -> dict:
+        return self._pair("arq_worker", "arq_producer", self.args.arq_jobs, "worker")
+
+    def _pair(self, consumer_child: str, producer_child: str, n: int, role: str) -> dict:
+        """A consumer started and ready, then a producer of n tasks; done when both are.
+        The clock runs from the producer's first send to the later of the two ends."""
         with _Children() as kids:
-            consumer = kids.start("floor_consumer", self.server.url, n)
+            consumer = kids.start(consumer_child, self.server.url, n)
             kids.expect("ready", READY_TIMEOUT_S)
             server_cpu0 = self._server_cpu_s()
             background = self._background(consumer.pid)
-            kids.start("floor_producer", self.server.url, n)
+            kids.start(producer_child, self.server.url, n)
             sent, got = _by_role(kids.expect("done", 900), kids.expect("done", 900))
             background_cores = background.cores()
-            cpu = {"producer": sent["cpu_s"], "consumer": got["cpu_s"],
+            cpu = {"producer": sent["cpu_s"], role: got["cpu_s"],
                    "server": self._server_cpu_s() - server_cpu0}
-        return {"tasks": n, "tasks_per_s": n / (max(sent["end"], got["end"]) - sent["t0"]),
-                "submit_per_s": n / (sent["submitted"] - sent["t0"]),
-                "background_cores": background_cores,
-                "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
-
-    def arq(self) -> dict:
-        n = self.args.arq_jobs
-        with _Children() as kids:
-            worker = kids.start("arq_worker", self.server.url, n)
-            kids.expect("ready", READY_TIMEOUT_S)
-            server_cpu0 = self._server_cpu_s()
-            background = self._background(worker.pid)
-            kids.start("arq_producer", self.server.url, n)
-            sent, got = _by_role(kids.expect("done", 900), kids.expect("done", 900))
-            background_cores = background.cores()
-            cpu = {"producer": sent["cpu_s"], "worker": got["cpu_s"],
-                   "server": self._server_cpu_s() - server_cpu0}
-        return {"tasks": n, "tasks_per_s": n / (got["end"] - sent["t0"]),
-                "submit_per_s": n / (sent["submitted"] - sent["t0"]),
-                "background_cores": background_cores,
-                "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
+        figures = {"tasks": n,
+                   "tasks_per_s": n / (max(sent.get("end", 0.0), got["end"]) - sent["t0"]),
+                   "submit_per_s": n / (sent["submitted"] - sent["t0"]),
+                   "background_cores": background_cores,
+                   "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
+        if "payload_bytes" in sent:
+            figures["payload_bytes"] = sent["payload_bytes"]
+        return figures
 
     def latency(self, rate: int) -> dict:
         with _Children() as kids:
