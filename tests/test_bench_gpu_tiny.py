@@ -31,8 +31,14 @@ def test_every_default_plan_parses_and_names_known_configs():
     assert prio.label == "fleet@t1024+prio"
 
 
+def test_offline_stats_modifier():
+    [run] = parse_phases(["bulk=offline@t512+stats"])
+    assert (run.path, run.config, run.stats, run.priority) == ("offline", "t512", True, False)
+    assert run.label == "offline@t512+stats"
+
+
 @pytest.mark.parametrize("bad", ["bulk=offline@nope", "bulk=serve@same+prio", "nope",
-                                 "bulk=fleet@same x2"])
+                                 "bulk=fleet@same x2", "bulk=fleet@same+stats"])
 def test_bad_plans_are_refused(bad):
     with pytest.raises(SystemExit):
         parse_phases([bad])

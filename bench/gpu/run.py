@@ -12,9 +12,11 @@ Phases (each a workload and the runs on it; `--phase NAME` runs the default list
           steady rate: interactive latency and bulk throughput
   twogpu  16,000 prompts: one fleet worker against two (one GPU each) on one stream
 
-A run is PATH@CONFIG[+prio][xN]: PATH offline | serve | fleet; CONFIG a key of
+A run is PATH@CONFIG[+prio|+stats][xN]: PATH offline | serve | fleet; CONFIG a key of
 bench/gpu/engines.py (same, t512, t1024, t1024b8k, defaults); +prio the fleet's worker with
-vLLM's priority scheduler (bench/gpu/priority_engine.py); xN N fleet workers, one GPU each.
+vLLM's priority scheduler (bench/gpu/priority_engine.py); +stats offline with vLLM's stats on,
+as the fleet runs its engine (offline runs them off, except in the prefix phase); xN N fleet
+workers, one GPU each.
 Engine processes run one at a time.  Prompts are greedy, ignore_eos, on dummy weights.
 Results go to OUT/results.json after every run; engine logs to OUT/engines.log.
 """
@@ -54,7 +56,7 @@ DEFAULT_RUNS = {
     "mixed": "fleet@t1024,fleet@t1024+prio,serve@defaults",
     "twogpu": "fleet@t512,fleet@t512x2",
 }
-_RUN = re.compile(r"^(offline|serve|fleet)@([a-z0-9]+?)(\+prio)?(?:x(\d+))?$")
+_RUN = re.compile(r"^(offline|serve|fleet)@([a-z0-9]+?)(\+prio|\+stats)?(?:x(\d+))?$")
 
 
 class Sizes(msgspec.Struct, kw_only=True):
@@ -84,11 +86,13 @@ class Run(msgspec.Struct, kw_only=True):
     path: str
     config: str
     priority: bool = False
+    stats: bool = False  # offline only: vLLM's stats on
     workers: int = 1
 
     @property
     def label(self) -> str:
         return (f"{self.path}@{self.config}{'+prio' if self.priority else ''}"
+                f"{'+stats' if self.stats else ''}"
                 f"{f'x{self.workers}' if self.workers > 1 else ''}")
 
 
@@ -101,12 +105,17 @@ def parse_phases(specs: list[str]) -> list[Run]:
         for item in (listed or DEFAULT_RUNS[name]).split(","):
             m = _RUN.match(item.strip())
             if not m or m.group(2) not in GPU_CONFIGS:
-                raise SystemExit(f"--phase {spec}: bad run {item!r} (PATH@CONFIG[+prio][xN], "
+                raise SystemExit(f"--phase {spec}: bad run {item!r} "
+                                 f"(PATH@CONFIG[+prio|+stats][xN], "
                                  f"CONFIG one of {list(GPU_CONFIGS)})")
-            if m.group(1) != "fleet" and (m.group(3) or m.group(4)):
+            path, modifier = m.group(1), m.group(3)
+            if path != "fleet" and (modifier == "+prio" or m.group(4)):
                 raise SystemExit(f"--phase {spec}: +prio and xN are for fleet runs ({item!r})")
-            runs.append(Run(phase=name, path=m.group(1), config=m.group(2),
-                            priority=bool(m.group(3)), workers=int(m.group(4) or 1)))
+            if path != "offline" and modifier == "+stats":
+                raise SystemExit(f"--phase {spec}: +stats is for offline runs ({item!r})")
+            runs.append(Run(phase=name, path=path, config=m.group(2),
+                            priority=modifier == "+prio", stats=modifier == "+stats",
+                            workers=int(m.group(4) or 1)))
     return runs
 
 
@@ -175,7 +184,7 @@ async def execute(ctx: Context, run: Run, cfg: EngineConfig, work: dict[str, Pro
     if run.path == "offline":
         if mixed is not None:
             raise SystemExit("offline has no mixed traffic: leave it out of the mixed phase")
-        return await run_offline(ctx, cfg, prompts, stats=run.phase == "prefix")
+        return await run_offline(ctx, cfg, prompts, stats=run.phase == "prefix" or run.stats)
     if run.path == "serve":
         from bench.gpu.serve_path import run_serve
 
