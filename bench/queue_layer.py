@@ -260,6 +260,7 @@ async def floor_consumer(report: Report, url: str, n: int) -> None:
     the next read."""
     from schemas import keys
     from schemas.wire import Result, Status, Timings, decode_task, encode
+    from workers.commit import reply_entry
     from workers.fake_engine import answer
 
     stream = keys.task_stream(MODEL)
@@ -290,8 +291,7 @@ async def floor_consumer(report: Report, url: str, n: int) -> None:
                 replies.setdefault(keys.reply_stream(MODEL, task.reply_to), []).append(result)
             pipe.evalsha(set_all, len(result_keys), *result_keys, 86_400, *results)
             for reply, each in replies.items():
-                pipe.xadd(reply, {"rs": b"".join((b"\xdd", len(each).to_bytes(4, "big"),
-                                                  *each))})
+                pipe.xadd(reply, {"rs": reply_entry(each)})
             pipe.xack(stream, keys.GROUP, *[entry_id for entry_id, _ in window])
         if read < n:
             pipe.xreadgroup(keys.GROUP, "floor", {stream: ">"}, count=READ_COUNT,

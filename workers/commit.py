@@ -324,12 +324,18 @@ def commit_args(head: list, records: Sequence[CommitRecord]) -> tuple[list, list
             args[at] = "".join(flags)
     args[6] = len(payloads)
     for reply, results in payloads.items():
-        args += (len(results), b"".join((b"\xdd", len(results).to_bytes(4, "big"), *results)))
+        args += (len(results), reply_entry(results))
         keys.append(reply)
     return keys, args
 
 
 _REPLY_OF = attrgetter("reply_key")
+
+
+def reply_entry(results: Sequence[bytes]) -> bytes:
+    """A reply stream's entry: encoded results as one msgpack array (array 32 header, as
+    COMMIT_LUA writes it when it joins them itself), read by `schemas.wire.decode_results`."""
+    return b"".join((b"\xdd", len(results).to_bytes(4, "big"), *results))
 
 
 def id_key(entry_id: str | bytes) -> tuple[int, int]:
