@@ -61,7 +61,7 @@ def _child(name: str, out: mp.Queue, *args) -> None:
 
 
 def _settings():
-    from schemas.settings import ModelSpec, Settings
+    from agentfleet.schemas.settings import ModelSpec, Settings
 
     return Settings(models={MODEL: ModelSpec(name=MODEL)}, default_model=MODEL, engine="fake")
 
@@ -84,9 +84,9 @@ async def worker(report: Report, url: str, delay_s: float, jitter: float) -> Non
     import asyncio
     import random
 
-    from producer.connection import connect
-    from workers.fake_engine import FakeEngine
-    from workers.worker import Worker
+    from agentfleet.producer.connection import connect
+    from agentfleet.workers.fake_engine import FakeEngine
+    from agentfleet.workers.worker import Worker
 
     class JitteredFakeEngine(FakeEngine):
         def submit(self, requests, on_done) -> None:
@@ -107,7 +107,7 @@ async def worker(report: Report, url: str, delay_s: float, jitter: float) -> Non
 
 
 async def submitter(report: Report, url: str, path: str, batch_id: str) -> None:
-    from producer.batch import BatchClient
+    from agentfleet.producer.batch import BatchClient
 
     rss_start = _rss_mb()
     async with BatchClient.from_url(url, settings=_settings()) as client:
@@ -133,9 +133,9 @@ async def interactive(report: Report, url: str, rate: int, duration_s: float,
     """One submit + wait per task at its scheduled time; latency from submit to result."""
     import asyncio
 
-    from producer.batch import BatchClient
-    from producer.client import Producer
-    from producer.connection import connect
+    from agentfleet.producer.batch import BatchClient
+    from agentfleet.producer.client import Producer
+    from agentfleet.producer.connection import connect
 
     n = int(rate * duration_s)
     latencies = [0.0] * n
@@ -167,7 +167,7 @@ async def interactive(report: Report, url: str, rate: int, duration_s: float,
 
 
 def _task(prompt: str):
-    from schemas.wire import Sampling, Task
+    from agentfleet.schemas.wire import Sampling, Task
 
     return Task(model=MODEL, prompt=prompt, sampling=Sampling(max_tokens=16))
 
@@ -252,7 +252,7 @@ def _flush(url: str) -> None:
 def _wait_settled(url: str, batch_id: str, timeout_s: float) -> tuple[object, float]:
     import asyncio
 
-    from producer.batch import BatchClient
+    from agentfleet.producer.batch import BatchClient
 
     async def wait():
         async with BatchClient.from_url(url, settings=_settings()) as client:
@@ -267,7 +267,7 @@ def _check_output(url: str, batch_id: str, requests: Path, out_dir: Path) -> dic
     """Write the output file; compare its custom ids with the input's."""
     import asyncio
 
-    from producer.batch import BatchClient
+    from agentfleet.producer.batch import BatchClient
 
     async def write():
         async with BatchClient.from_url(url, settings=_settings()) as client:
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from ops.embedded import ServerProcess, redis_binary, valkey_binary
+    from agentfleet.ops.embedded import ServerProcess, redis_binary, valkey_binary
 
     binary = valkey_binary() if args.server == "valkey" else redis_binary()
     figures: dict[str, object] = {"args": vars(args) | {"json": str(args.json)},

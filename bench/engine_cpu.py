@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from schemas.settings import DEFAULT_MODEL, Settings
+from agentfleet.schemas.settings import DEFAULT_MODEL, Settings
 
 QUESTIONS = [
     "What is the capital of France?", "Why is the sky blue?", "Name three primary colours.",
@@ -48,7 +48,7 @@ def run_offline(model: Path, texts: list[str], max_tokens: int, rounds: int) -> 
     from vllm import LLM, SamplingParams
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(ENGINE["kv_cache_space_gib"]))
-    from workers.vllm_engine import resolve_dtype
+    from agentfleet.workers.vllm_engine import resolve_dtype
 
     # The fleet's own choices: dtype "auto" (float32 on CPUs without native bfloat16) and
     # priority scheduling, so that both paths run the same engine.
@@ -72,9 +72,9 @@ def run_offline(model: Path, texts: list[str], max_tokens: int, rounds: int) -> 
 
 async def run_fleet(url: str, settings: Settings, texts: list[str], max_tokens: int,
                     rounds: int) -> list[float]:
-    from producer.client import Producer
-    from schemas import keys
-    from schemas.wire import Message, Sampling, Task
+    from agentfleet.producer.client import Producer
+    from agentfleet.schemas import keys
+    from agentfleet.schemas.wire import Message, Sampling, Task
 
     producer = Producer.from_url(url, settings=settings)
     try:
@@ -99,7 +99,7 @@ async def run_fleet(url: str, settings: Settings, texts: list[str], max_tokens: 
 
 
 def fleet_rounds(model_home: Path, texts: list[str], max_tokens: int, rounds: int) -> list[float]:
-    from ops.embedded import ServerProcess
+    from agentfleet.ops.embedded import ServerProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models.toml"
@@ -108,7 +108,7 @@ def fleet_rounds(model_home: Path, texts: list[str], max_tokens: int, rounds: in
         env = {"AGENTFLEET_MODELS_FILE": str(models), "AGENTFLEET_HOME": str(model_home)}
         with ServerProcess(Path(tmp) / "server", appendonly=False) as server:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "ops.cli", "worker"],
+                [sys.executable, "-m", "agentfleet", "worker"],
                 env={**os.environ, **env, "REDIS_URL": server.url, "AGENTFLEET_ENGINE": "vllm",
                      "AGENTFLEET_METRICS_PORT": "0"},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -129,7 +129,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default="")
     args = p.parse_args()
-    from workers.models import prepare_default_model
+    from agentfleet.workers.models import prepare_default_model
 
     home = Settings.from_env().home_path
     model = prepare_default_model(home)

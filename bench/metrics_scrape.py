@@ -84,9 +84,9 @@ class _Record:
 
 def _records(n: int, model: str, *, failures: int = 0):
     """n in-flight records as a lane holds them after the engine finished them."""
-    from schemas.errors import ErrorCode
-    from schemas.wire import Result, Status, Task, encode
-    from workers.engine import EngineOutput
+    from agentfleet.schemas.errors import ErrorCode
+    from agentfleet.schemas.wire import Result, Status, Task, encode
+    from agentfleet.workers.engine import EngineOutput
 
     now = time.time()
     done, records = [], []
@@ -108,10 +108,10 @@ def _records(n: int, model: str, *, failures: int = 0):
 
 
 def _worker(models: int):
-    from producer.connection import connect
-    from schemas.settings import ModelSpec, Settings
-    from workers.fake_engine import FakeEngine
-    from workers.worker import Worker
+    from agentfleet.producer.connection import connect
+    from agentfleet.schemas.settings import ModelSpec, Settings
+    from agentfleet.workers.fake_engine import FakeEngine
+    from agentfleet.workers.worker import Worker
 
     names = [f"model-{i:02d}" for i in range(models)]
     settings = Settings(models={m: ModelSpec(name=m) for m in names}, default_model=names[0],
@@ -122,8 +122,8 @@ def _worker(models: int):
 
 
 def bench_worker(models: int, scrapes: int) -> dict:
-    from ops.embedded import free_port
-    from workers.metrics import _FOLD_AT
+    from agentfleet.ops.embedded import free_port
+    from agentfleet.workers.metrics import _FOLD_AT
 
     worker = _worker(models)
     for lane in worker.lanes:
@@ -156,10 +156,10 @@ def bench_exporter(models: int, scrapes: int) -> dict:
     import redis
     from prometheus_client import generate_latest
 
-    from ops.embedded import ServerProcess, free_port
-    from ops.exporter import exporter_registry
-    from schemas import keys
-    from workers.metrics import MetricsServer
+    from agentfleet.ops.embedded import ServerProcess, free_port
+    from agentfleet.ops.exporter import exporter_registry
+    from agentfleet.schemas import keys
+    from agentfleet.workers.metrics import MetricsServer
 
     names = [f"model-{i:02d}" for i in range(models)]
     with tempfile.TemporaryDirectory(prefix="af-scrape-") as data:
@@ -221,10 +221,10 @@ def _overhead_worker(url: str, on: bool, ready, done) -> None:
     """Child: a Worker on the fake engine until terminated; reports its pid when ready."""
     import uvloop
 
-    from producer.connection import connect
-    from schemas.settings import ModelSpec, Settings
-    from workers.fake_engine import FakeEngine
-    from workers.worker import Worker
+    from agentfleet.producer.connection import connect
+    from agentfleet.schemas.settings import ModelSpec, Settings
+    from agentfleet.workers.fake_engine import FakeEngine
+    from agentfleet.workers.worker import Worker
 
     async def run() -> None:
         off = {} if on else {"metrics_port": 0, "kpi_ttl_s": 0}
@@ -246,11 +246,11 @@ def bench_overhead(tasks: int, rounds: int) -> dict:
 
     import redis
 
-    from ops.embedded import ServerProcess
-    from producer.client import Producer
-    from producer.connection import connect
-    from schemas.settings import ModelSpec, Settings
-    from schemas.wire import Task
+    from agentfleet.ops.embedded import ServerProcess
+    from agentfleet.producer.client import Producer
+    from agentfleet.producer.connection import connect
+    from agentfleet.schemas.settings import ModelSpec, Settings
+    from agentfleet.schemas.wire import Task
 
     ctx = mp.get_context("spawn")
     settings = Settings(models={"bench": ModelSpec(name="bench")}, default_model="bench")
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    from workers.metrics import _FOLD_AT
+    from agentfleet.workers.metrics import _FOLD_AT
 
     logging.disable(logging.ERROR)  # the failures we feed in would log one line per group
     worker = bench_worker(args.models, args.scrapes)

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ops.embedded import ServerProcess
-from producer.connection import connect
-from schemas.settings import ModelSpec, Settings
-from schemas.wire import Task
+from agentfleet.ops.embedded import ServerProcess
+from agentfleet.producer.connection import connect
+from agentfleet.schemas.settings import ModelSpec, Settings
+from agentfleet.schemas.wire import Task
 
 MODEL = "m"
 
@@ -37,9 +37,9 @@ def settings(observed: bool) -> Settings:
 def _worker(url: str, observed: bool) -> None:
     import uvloop
 
-    from ops.logs import setup_logging
-    from workers.fake_engine import FakeEngine
-    from workers.worker import Worker
+    from agentfleet.ops.logs import setup_logging
+    from agentfleet.workers.fake_engine import FakeEngine
+    from agentfleet.workers.worker import Worker
 
     s = settings(observed)
     setup_logging("json" if observed else "text")
@@ -54,7 +54,7 @@ def _worker(url: str, observed: bool) -> None:
 
 
 async def _produce(url: str, n: int, observed: bool) -> float:
-    from producer.client import Producer
+    from agentfleet.producer.client import Producer
 
     producer = Producer(connect(url), settings=settings(observed))
     tasks = [Task(model=MODEL, prompt=f"hello world {i}") for i in range(n)]

@@ -98,14 +98,14 @@ def _child(name: str, out: mp.Queue, *args) -> None:
 
 
 def _settings(**overrides):
-    from schemas.settings import ModelSpec, Settings
+    from agentfleet.schemas.settings import ModelSpec, Settings
 
     return Settings(models={MODEL: ModelSpec(name=MODEL)}, default_model=MODEL, engine="fake",
                     **overrides)
 
 
 def _tasks(n: int) -> list:
-    from schemas.wire import Task
+    from agentfleet.schemas.wire import Task
 
     return [Task(model=MODEL, prompt=f"hello world {i}") for i in range(n)]
 
@@ -118,9 +118,9 @@ async def fleet_worker(report: Report, url: str, max_inflight: int | None,
     """
     import asyncio
 
-    from producer.connection import connect
-    from workers.fake_engine import FakeEngine
-    from workers.worker import Worker
+    from agentfleet.producer.connection import connect
+    from agentfleet.workers.fake_engine import FakeEngine
+    from agentfleet.workers.worker import Worker
 
     overrides = {} if max_inflight is None else {"max_inflight": max_inflight}
     worker = Worker(_settings(**overrides), connect(url),
@@ -135,8 +135,8 @@ async def fleet_worker(report: Report, url: str, max_inflight: int | None,
 
 
 async def fleet_producer(report: Report, url: str, n: int) -> None:
-    from producer.client import Producer
-    from producer.connection import connect
+    from agentfleet.producer.client import Producer
+    from agentfleet.producer.connection import connect
 
     tasks = _tasks(n)
     async with Producer(connect(url), settings=_settings()) as producer:
@@ -153,8 +153,8 @@ async def fleet_producer(report: Report, url: str, n: int) -> None:
 
 async def fleet_prefill(report: Report, url: str, n: int) -> None:
     """Queue n tasks (no reply stream) for the memory measurement."""
-    from producer.client import Producer
-    from producer.connection import connect
+    from agentfleet.producer.client import Producer
+    from agentfleet.producer.connection import connect
 
     async with Producer(connect(url), settings=_settings()) as producer:
         await producer.submit_many(_tasks(n), reply=False)
@@ -165,7 +165,7 @@ def _payloads(n: int) -> list[bytes]:
     """The bytes the fleet's producer would XADD for the same tasks (filled as it fills them)."""
     import secrets
 
-    from schemas.wire import encode
+    from agentfleet.schemas.wire import encode
 
     producer_id = secrets.token_hex(6)  # the length of a Producer's id
     now = time.time()
@@ -179,8 +179,8 @@ def _payloads(n: int) -> list[bytes]:
 
 
 async def bare_producer(report: Report, url: str, n: int) -> None:
-    from producer.connection import connect
-    from schemas import keys
+    from agentfleet.producer.connection import connect
+    from agentfleet.schemas import keys
 
     payloads = _payloads(n)
     stream = keys.task_stream(MODEL)
@@ -206,8 +206,8 @@ async def _group_reader(url: str, stream: str):
     answering raw lists as the worker reads them."""
     from redis.exceptions import ResponseError
 
-    from producer.connection import connect
-    from schemas import keys
+    from agentfleet.producer.connection import connect
+    from agentfleet.schemas import keys
 
     redis = connect(url)
     redis.set_response_callback("XREADGROUP", _raw)
@@ -221,7 +221,7 @@ async def _group_reader(url: str, stream: str):
 
 async def bare_consumer(report: Report, url: str, n: int) -> None:
     """XREADGROUP COUNT 500 BLOCK, with the XACK of the previous read in the same pipeline."""
-    from schemas import keys
+    from agentfleet.schemas import keys
 
     stream = keys.task_stream(MODEL)
     redis = await _group_reader(url, stream)
@@ -258,10 +258,10 @@ async def floor_consumer(report: Report, url: str, n: int) -> None:
     """The bare consumer, plus per task: decode, fake answer, Result encoded and SET NX EX;
     per window: the SETs in one script, one reply entry per producer and the XACK, sent with
     the next read."""
-    from schemas import keys
-    from schemas.wire import Result, Status, Timings, decode_task, encode
-    from workers.commit import reply_entry
-    from workers.fake_engine import answer
+    from agentfleet.schemas import keys
+    from agentfleet.schemas.wire import Result, Status, Timings, decode_task, encode
+    from agentfleet.workers.commit import reply_entry
+    from agentfleet.workers.fake_engine import answer
 
     stream = keys.task_stream(MODEL)
     redis = await _group_reader(url, stream)
@@ -311,9 +311,9 @@ async def floor_producer(report: Report, url: str, n: int) -> None:
     """The bare producer's XADDs, while a second connection reads the replies."""
     import asyncio
 
-    from producer.connection import connect
-    from schemas import keys
-    from schemas.wire import decode_results, decode_task
+    from agentfleet.producer.connection import connect
+    from agentfleet.schemas import keys
+    from agentfleet.schemas.wire import decode_results, decode_task
 
     payloads = _payloads(n)
     stream = keys.task_stream(MODEL)
@@ -407,8 +407,8 @@ async def latency_producer(report: Report, url: str, rate: int, duration_s: floa
     """Fire one `submit` + `wait` per task at its scheduled time; time each from submit."""
     import asyncio
 
-    from producer.client import Producer
-    from producer.connection import connect
+    from agentfleet.producer.client import Producer
+    from agentfleet.producer.connection import connect
 
     n = int(rate * duration_s)
     submit_to_done = [0.0] * n  # monotonic: just before submit -> wait returned
@@ -644,7 +644,7 @@ class Bench:
                 "background_cores": background_cores}
 
     def memory(self, queued: int) -> dict:
-        from schemas import keys
+        from agentfleet.schemas import keys
 
         with _Children() as kids:
             kids.start("fleet_prefill", self.server.url, queued)
@@ -842,7 +842,7 @@ def _machine() -> dict:
 
 @contextlib.contextmanager
 def _server(kind: str) -> Iterator:
-    from ops.embedded import ServerProcess, redis_binary
+    from agentfleet.ops.embedded import ServerProcess, redis_binary
 
     binary = None
     if kind == "redis":

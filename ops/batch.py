@@ -19,8 +19,8 @@ import json
 import sys
 import time
 
-from schemas.errors import AgentFleetError, InvalidBatchFileError
-from schemas.settings import Settings
+from agentfleet.schemas.errors import AgentFleetError, InvalidBatchFileError
+from agentfleet.schemas.settings import Settings
 
 SHOWN_ERRORS = 20  # invalid lines printed by `submit`; the rest are counted
 
@@ -62,14 +62,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
-    from ops.cli import redis_url
+    from agentfleet.ops.cli import redis_url
 
     with redis_url(settings) as url:
         return asyncio.run(_run(args, settings, url))
 
 
 async def _run(args: argparse.Namespace, settings: Settings, url: str) -> int:
-    from producer.batch import BatchClient
+    from agentfleet.producer.batch import BatchClient
 
     async with BatchClient.from_url(url, settings=settings) as client:
         match args.action:

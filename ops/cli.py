@@ -28,10 +28,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ops.logs import setup_logging
-from ops.sentry import init_sentry, report_error
-from schemas.errors import AgentFleetError
-from schemas.settings import Settings
+from agentfleet.ops.logs import setup_logging
+from agentfleet.ops.sentry import init_sentry, report_error
+from agentfleet.schemas.errors import AgentFleetError
+from agentfleet.schemas.settings import Settings
 
 log = logging.getLogger("agentfleet")
 
@@ -42,7 +42,7 @@ def redis_url(settings: Settings) -> Iterator[str]:
     if settings.redis_url:
         yield settings.redis_url
         return
-    from ops.embedded import ServerProcess
+    from agentfleet.ops.embedded import ServerProcess
 
     with ServerProcess(settings.home_path / "valkey") as server:
         log.info("embedded server at %s (set REDIS_URL to use your own)", server.url)
@@ -59,7 +59,7 @@ def install_event_loop() -> None:
 
 
 def cmd_server(args: argparse.Namespace, settings: Settings) -> int:
-    from ops.embedded import ServerProcess
+    from agentfleet.ops.embedded import ServerProcess
 
     server = ServerProcess(settings.home_path / "valkey", port=args.port)
     server.start()
@@ -79,8 +79,8 @@ def cmd_server(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.connection import connect
-    from workers.worker import Worker, make_engine
+    from agentfleet.producer.connection import connect
+    from agentfleet.workers.worker import Worker, make_engine
 
     models = args.models.split(",") if args.models else list(settings.models)
     unknown = [m for m in models if m not in settings.models]
@@ -88,7 +88,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise AgentFleetError(f"--models: unknown {unknown}; known {sorted(settings.models)}")
 
     if settings.otel_enabled:
-        from workers.otel import configure_from_env
+        from agentfleet.workers.otel import configure_from_env
 
         configure_from_env("agentfleet-worker")
 
@@ -126,8 +126,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.client import Producer
-    from schemas.wire import Sampling
+    from agentfleet.producer.client import Producer
+    from agentfleet.schemas.wire import Sampling
 
     async def run(url: str) -> int:
         async with Producer.from_url(url, settings=settings) as producer:
@@ -146,8 +146,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
-    from ops.trace import load_trace, render
-    from producer.connection import connect
+    from agentfleet.ops.trace import load_trace, render
+    from agentfleet.producer.connection import connect
 
     async def run(url: str) -> str:
         redis = connect(url)
@@ -163,8 +163,8 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from ops import dlq
-    from producer.connection import connect
+    from agentfleet.ops import dlq
+    from agentfleet.producer.connection import connect
 
     model = args.model or settings.default_model
     if model not in settings.models:
@@ -193,7 +193,7 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
-    from ops.exporter import run_exporter
+    from agentfleet.ops.exporter import run_exporter
 
     models = args.models.split(",") if args.models else list(settings.models)
     with redis_url(settings) as url:
@@ -201,7 +201,7 @@ def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from ops.status import run_status
+    from agentfleet.ops.status import run_status
 
     models = args.models.split(",") if args.models else list(settings.models)
     with redis_url(settings) as url:
@@ -209,7 +209,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from ops.report import run_report
+    from agentfleet.ops.report import run_report
 
     models = args.models.split(",") if args.models else list(settings.models)
     with redis_url(settings) as url:
@@ -217,14 +217,14 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.models import prepare_default_model
+    from agentfleet.workers.models import prepare_default_model
 
     print(prepare_default_model(settings.home_path))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from ops.demo import run_demo
+    from agentfleet.ops.demo import run_demo
 
     return run_demo(settings, agents=args.agents, max_tokens=args.max_tokens,
                     engine=args.engine)
@@ -263,7 +263,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="replay or purge every dead letter")
     s.add_argument("--count", type=int, default=50, help="list: how many, newest first")
     s.set_defaults(func=cmd_dlq)
-    from ops.batch import add_parser as add_batch_parser
+    from agentfleet.ops.batch import add_parser as add_batch_parser
 
     add_batch_parser(sub)  # agentfleet batch submit|status|wait|results|cancel|list
     s = sub.add_parser("prepare-model", help="convert and cache the default model")

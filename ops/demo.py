@@ -19,12 +19,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ops.cli import install_event_loop, redis_url
-from ops.trace import load_trace, render
-from producer.client import Producer
-from schemas import keys
-from schemas.settings import Settings
-from schemas.wire import FollowUp, Message, Result, Sampling, Task
+from agentfleet.ops.cli import install_event_loop, redis_url
+from agentfleet.ops.trace import load_trace, render
+from agentfleet.producer.client import Producer
+from agentfleet.schemas import keys
+from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.wire import FollowUp, Message, Result, Sampling, Task
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -63,7 +63,7 @@ def _start_worker(url: str, settings: Settings) -> subprocess.Popen:
     env = {**os.environ, "REDIS_URL": url, "AGENTFLEET_ENGINE": settings.engine,
            "AGENTFLEET_WORKER_ID": "demo-worker",
            "AGENTFLEET_METRICS_PORT": os.environ.get("AGENTFLEET_METRICS_PORT", "0")}
-    return subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "--models",
+    return subprocess.Popen([sys.executable, "-m", "agentfleet", "worker", "--models",
                              settings.default_model], env=env)
 
 

@@ -14,9 +14,9 @@ import json
 import msgspec
 import redis.asyncio as aioredis
 
-from schemas import keys
-from schemas.errors import DecodeError
-from schemas.wire import DeadLetter, decode_dead_letter, decode_task, encode
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import DecodeError
+from agentfleet.schemas.wire import DeadLetter, decode_dead_letter, decode_task, encode
 
 
 async def entries(redis: aioredis.Redis, model: str, count: int = 100,

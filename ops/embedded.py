@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from schemas.errors import FatalConfigError
+from agentfleet.schemas.errors import FatalConfigError
 
 log = logging.getLogger("agentfleet.embedded")
 

@@ -30,7 +30,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from redis.exceptions import RedisError
 
-from schemas import keys
+from agentfleet.producer.connection import connect_sync
+from agentfleet.schemas import keys
 
 log = logging.getLogger("agentfleet.exporter")
 
@@ -219,10 +220,10 @@ def run_exporter(url: str, models: Sequence[str], *, port: int, addr: str = "0.0
 
     from prometheus_client import generate_latest
 
-    from schemas.errors import FatalConfigError
-    from workers.metrics import MetricsServer
+    from agentfleet.schemas.errors import FatalConfigError
+    from agentfleet.workers.metrics import MetricsServer
 
-    client = redis.Redis.from_url(url, socket_timeout=5)
+    client = connect_sync(url, socket_timeout=5)
     registry = exporter_registry(client, models)
     try:
         if once:

@@ -19,7 +19,7 @@ from typing import TextIO
 
 import msgspec
 
-from schemas.errors import FatalConfigError
+from agentfleet.schemas.errors import FatalConfigError
 
 # Context a log call may pass with extra=; in this order on a text line.
 CONTEXT_FIELDS = ("model", "worker", "correlation_id", "task_id", "batch_id", "error_code")

@@ -1,6 +1,6 @@
 """A demo producer for the Procfile: submits two-step agent chains at a steady rate, forever.
 
-    REDIS_URL=redis://127.0.0.1:6399/0 python -m ops.producer_loop --rate 2
+    REDIS_URL=redis://127.0.0.1:6399/0 python -m agentfleet.ops.producer_loop --rate 2
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import asyncio
 import itertools
 import logging
 
-from ops.demo import QUESTIONS
-from producer.client import Producer
-from schemas.errors import AgentFleetError
-from schemas.settings import Settings
-from schemas.wire import FollowUp, Message, Sampling, Task
+from agentfleet.ops.demo import QUESTIONS
+from agentfleet.producer.client import Producer
+from agentfleet.schemas.errors import AgentFleetError
+from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.wire import FollowUp, Message, Sampling, Task
 
 log = logging.getLogger("agentfleet.producer_loop")
 

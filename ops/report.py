@@ -21,9 +21,10 @@ from pathlib import Path
 import msgspec
 import redis
 
-from schemas import keys
-from workers.kpi import parse_field
-from workers.metrics import LATENCY_BUCKETS_S
+from agentfleet.producer.connection import connect_sync
+from agentfleet.schemas import keys
+from agentfleet.workers.kpi import parse_field
+from agentfleet.workers.metrics import LATENCY_BUCKETS_S
 
 SLO_BOUND_S = 30.0
 _SLO_INDEX = LATENCY_BUCKETS_S.index(SLO_BOUND_S)
@@ -325,13 +326,13 @@ def _sparkline(series: list[tuple[int, int]], window: Window, width: int = 720,
 def run_report(url: str, models: Sequence[str], *, since: str,
                html_path: Path | None = None) -> int:
     """Print the report of the last `since` (or write it as HTML to `html_path`)."""
-    from schemas.errors import AgentFleetError
+    from agentfleet.schemas.errors import AgentFleetError
 
     try:
         since_s = parse_duration(since)
     except ValueError as exc:
         raise AgentFleetError(f"--since: {exc}") from exc
-    client = redis.Redis.from_url(url)
+    client = connect_sync(url)
     try:
         window = load_window(client, models, since_s)
     finally:

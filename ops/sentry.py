@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from schemas.settings import Settings
+from agentfleet.schemas.settings import Settings
 
 # extra= fields that become tags (bounded values only: no free text)
 TAG_FIELDS = ("correlation_id", "task_id", "model", "worker", "batch_id", "error_code")
@@ -116,7 +116,7 @@ def scrub(value: Any) -> Any:
 
 def report_error(exc: BaseException) -> None:
     """Send an error the CLI caught and printed; bad input (a ValidationError) is not sent."""
-    from schemas.errors import ValidationError
+    from agentfleet.schemas.errors import ValidationError
 
     if isinstance(exc, ValidationError):
         return

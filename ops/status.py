@@ -26,8 +26,9 @@ from collections.abc import Sequence
 import msgspec
 import redis
 
-from ops.exporter import read_queues
-from ops.report import load_window
+from agentfleet.producer.connection import connect_sync
+from agentfleet.ops.exporter import read_queues
+from agentfleet.ops.report import load_window
 
 WINDOW_S = 300.0
 
@@ -133,7 +134,7 @@ def run_status(url: str, models: Sequence[str], *, as_json: bool, interval_s: fl
     from rich.console import Console
     from rich.live import Live
 
-    client = redis.Redis.from_url(url, socket_timeout=5)
+    client = connect_sync(url, socket_timeout=5)
     try:
         if as_json:
             print(to_json(snapshot(client, models)), flush=True)

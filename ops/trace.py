@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from schemas import keys
-from schemas.settings import Settings
-from schemas.wire import Enqueued, Finished, Result, TraceEvent, decode_event, decode_result
+from agentfleet.schemas import keys
+from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.wire import Enqueued, Finished, Result, TraceEvent, decode_event, decode_result
 
 
 async def load_trace(redis: aioredis.Redis, settings: Settings,

@@ -1,6 +1,6 @@
 """What a backend service imports: `Producer` (async) and `SyncProducer` (blocking)."""
 
-from producer.client import Producer
-from producer.sync import SyncProducer
+from agentfleet.producer.client import Producer
+from agentfleet.producer.sync import SyncProducer
 
 __all__ = ["Producer", "SyncProducer"]

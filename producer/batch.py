@@ -33,8 +33,8 @@ from pathlib import Path
 import msgspec
 from redis.exceptions import RedisError
 
-from producer.client import Producer
-from producer.openai_batch import (
+from agentfleet.producer.client import Producer
+from agentfleet.producer.openai_batch import (
     LineContext,
     LineError,
     custom_id_of,
@@ -44,10 +44,10 @@ from producer.openai_batch import (
     parse_window,
     valid_batch_id,
 )
-from schemas import keys
-from schemas.errors import BatchError, BrokerError, InvalidBatchFileError, ValidationError
-from schemas.settings import Settings
-from schemas.wire import Result, Status, Task, decode_result
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import BatchError, BrokerError, InvalidBatchFileError, ValidationError
+from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.wire import Result, Status, Task, decode_result
 
 CHUNK_LINES = 2000  # tasks per submit_many call (and custom ids per duplicate check)
 MAX_QUEUED = 1_000_000  # a bulk lane longer than this pauses the submit pass (backpressure)

@@ -23,20 +23,20 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from producer.connection import connect
-from producer.enqueue import ENQUEUE_LUA, enqueue_args
-from producer.tracing import current_traceparent
-from schemas import keys
-from schemas.errors import (
+from agentfleet.producer.connection import connect
+from agentfleet.producer.enqueue import ENQUEUE_LUA, enqueue_args
+from agentfleet.producer.tracing import current_traceparent
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import (
     BrokerError,
     FatalConfigError,
     ResultTimeoutError,
     ServerOutOfMemoryError,
     ValidationError,
 )
-from schemas.settings import Settings
-from schemas.validate import TaskChecker, validate_task
-from schemas.wire import Result, Task, decode_result, decode_results, encode
+from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.validate import TaskChecker, validate_task
+from agentfleet.schemas.wire import Result, Task, decode_result, decode_results, encode
 
 log = logging.getLogger("agentfleet.producer")
 

@@ -29,10 +29,10 @@ import re
 
 import msgspec
 
-from schemas.errors import ErrorCode, ValidationError
-from schemas.settings import Settings
-from schemas.validate import validate_task
-from schemas.wire import Message, Result, Sampling, Status, Task
+from agentfleet.schemas.errors import ErrorCode, ValidationError
+from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.validate import validate_task
+from agentfleet.schemas.wire import Message, Result, Sampling, Status, Task
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from producer.client import Producer
-from schemas.wire import Result, Task
+from agentfleet.producer.client import Producer
+from agentfleet.schemas.wire import Result, Task
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """The contract shared by producers and workers: wire format, key names, errors, settings."""
 
-from schemas.errors import (
+from agentfleet.schemas.errors import (
     AgentFleetError,
     BrokerError,
     ErrorCode,
@@ -9,8 +9,8 @@ from schemas.errors import (
     UnknownModelError,
     ValidationError,
 )
-from schemas.settings import ModelSpec, Settings
-from schemas.wire import (
+from agentfleet.schemas.settings import ModelSpec, Settings
+from agentfleet.schemas.wire import (
     SCHEMA_VERSION,
     FollowUp,
     Message,

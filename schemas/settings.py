@@ -20,8 +20,8 @@ from pathlib import Path
 
 import msgspec
 
-from schemas.errors import FatalConfigError
-from schemas.keys import valid_model_name
+from agentfleet.schemas.errors import FatalConfigError
+from agentfleet.schemas.keys import valid_model_name
 
 ENV_PREFIX = "AGENTFLEET_"
 DEFAULT_MODEL = "smollm2-135m"

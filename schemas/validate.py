@@ -5,9 +5,9 @@ Each failure raises a `ValidationError` naming the field (dotted path) and the l
 
 from __future__ import annotations
 
-from schemas.errors import PromptTooLongError, UnknownModelError, ValidationError
-from schemas.settings import ModelSpec, Settings
-from schemas.wire import SCHEMA_VERSION, FollowUp, Message, Sampling, Task
+from agentfleet.schemas.errors import PromptTooLongError, UnknownModelError, ValidationError
+from agentfleet.schemas.settings import ModelSpec, Settings
+from agentfleet.schemas.wire import SCHEMA_VERSION, FollowUp, Message, Sampling, Task
 
 MAX_ID_CHARS = 200
 MAX_STOP_SEQUENCES = 16

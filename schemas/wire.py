@@ -12,7 +12,7 @@ import enum
 
 import msgspec
 
-from schemas.errors import DecodeError, ErrorCode, UnsupportedVersionError
+from agentfleet.schemas.errors import DecodeError, ErrorCode, UnsupportedVersionError
 
 SCHEMA_VERSION = 1
 

@@ -10,11 +10,11 @@ import contextlib
 
 import pytest
 
-from producer.connection import connect
-from ops.embedded import ServerProcess, redis_binary, valkey_binary
-from schemas.settings import ModelSpec, Settings
-from workers.fake_engine import FakeEngine
-from workers.worker import Worker
+from agentfleet.producer.connection import connect
+from agentfleet.ops.embedded import ServerProcess, redis_binary, valkey_binary
+from agentfleet.schemas.settings import ModelSpec, Settings
+from agentfleet.workers.fake_engine import FakeEngine
+from agentfleet.workers.worker import Worker
 
 SERVERS = ["valkey", "redis7"]
 
@@ -76,7 +76,7 @@ async def start_worker(redis, settings):
 
 @pytest.fixture
 async def producer(server, redis, settings):
-    from producer.client import Producer
+    from agentfleet.producer.client import Producer
 
     p = Producer(connect(server.url), settings=settings)
     yield p

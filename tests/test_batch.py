@@ -17,10 +17,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from producer.batch import BatchClient
-from producer.client import Producer
-from producer.connection import connect
-from producer.openai_batch import (
+from agentfleet.producer.batch import BatchClient
+from agentfleet.producer.client import Producer
+from agentfleet.producer.connection import connect
+from agentfleet.producer.openai_batch import (
     CHAT_URL,
     COMPLETIONS_URL,
     LineContext,
@@ -30,11 +30,11 @@ from producer.openai_batch import (
     parse_model_map,
     parse_window,
 )
-from schemas import keys
-from schemas.errors import BatchError, ErrorCode, InvalidBatchFileError, ValidationError
-from schemas.wire import Result, Status, Task, Timings
-from workers.fake_engine import FakeEngine
-from workers.worker import Worker
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import BatchError, ErrorCode, InvalidBatchFileError, ValidationError
+from agentfleet.schemas.wire import Result, Status, Task, Timings
+from agentfleet.workers.fake_engine import FakeEngine
+from agentfleet.workers.worker import Worker
 
 MODEL_MAP = {"gpt-a": "m1", "gpt-b": "m2"}
 
@@ -465,7 +465,7 @@ async def test_an_iterable_of_dicts_is_submitted_like_a_file(batches, start_work
 
 async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ops.cli", "batch", *args, env=env,
+        sys.executable, "-m", "agentfleet", "batch", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, out.decode(), err.decode()
@@ -539,9 +539,9 @@ def assert_same_shape(ours: object, theirs: object, path: str = "$") -> None:
 @pytest.mark.filterwarnings("ignore:Unclosed context:ResourceWarning")
 async def test_output_matches_vllm_run_batch_through_the_real_engine(server, redis, tmp_path):
     pytest.importorskip("vllm")
-    from schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
-    from workers.models import prepare_default_model
-    from workers.vllm_engine import VllmEngine
+    from agentfleet.schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
+    from agentfleet.workers.models import prepare_default_model
+    from agentfleet.workers.vllm_engine import VllmEngine
 
     home = Settings.from_env().home_path
     path = prepare_default_model(home)

@@ -16,7 +16,7 @@ import pytest
 
 from bench.gpu.engines import GPU_CONFIGS, TINY_CONFIGS, models_toml, serve_flags
 from bench.gpu.run import DEFAULT_RUNS, add_ratios, check_targets, parse_phases
-from schemas.settings import load_models_file
+from agentfleet.schemas.settings import load_models_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(120)
 def run_cli(*args: str, home, timeout_s: float = 100) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(AGENTFLEET_HOME=str(home), COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "ops.cli", *args], env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "agentfleet", *args], env=env, text=True,
                           capture_output=True, timeout=timeout_s)
 
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ops.embedded import ServerProcess, redis_binary, valkey_binary
-from producer.client import Producer
-from producer.connection import connect
-from schemas import keys
-from schemas.errors import BrokerError, ErrorCode, ResultTimeoutError
-from schemas.settings import Settings
-from schemas.wire import (
+from agentfleet.ops.embedded import ServerProcess, redis_binary, valkey_binary
+from agentfleet.producer.client import Producer
+from agentfleet.producer.connection import connect
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import BrokerError, ErrorCode, ResultTimeoutError
+from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.wire import (
     FollowUp,
     Result,
     Status,
@@ -33,7 +33,7 @@ from schemas.wire import (
     decode_task,
     encode,
 )
-from workers.worker import trim_stream
+from agentfleet.workers.worker import trim_stream
 
 MODEL = "smollm2-135m"  # the default model's name; the workers run the fake engine
 CLAIM_IDLE_MS = 1000
@@ -52,7 +52,7 @@ class Fleet:
                 "AGENTFLEET_MAX_DELIVERIES": "3", "AGENTFLEET_TRIM_INTERVAL_S": "1",
                 "AGENTFLEET_HOME": str(self.server.data_dir), "AGENTFLEET_METRICS_PORT": "0",
                 **env}
-        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker"], env=full,
+        proc = subprocess.Popen([sys.executable, "-m", "agentfleet", "worker"], env=full,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.procs.append(proc)
         return proc

@@ -11,14 +11,14 @@ import time
 
 import pytest
 
-from ops.embedded import ServerProcess
-from ops.trace import load_trace, render
-from producer.client import Producer
-from producer.connection import connect
-from schemas import keys
-from schemas.errors import ErrorCode
-from schemas.settings import DEFAULT_MODEL, Settings
-from schemas.wire import FollowUp, Message, Sampling, Status, Task
+from agentfleet.ops.embedded import ServerProcess
+from agentfleet.ops.trace import load_trace, render
+from agentfleet.producer.client import Producer
+from agentfleet.producer.connection import connect
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import ErrorCode
+from agentfleet.schemas.settings import DEFAULT_MODEL, Settings
+from agentfleet.schemas.wire import FollowUp, Message, Sampling, Status, Task
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
@@ -40,7 +40,7 @@ def fleet(tmp_path_factory):
     env = {**os.environ, "REDIS_URL": server.url, "AGENTFLEET_ENGINE": "vllm",
            "AGENTFLEET_MODELS_FILE": str(tmp / "models.toml"),
            "AGENTFLEET_WORKER_ID": "engine-worker", "AGENTFLEET_METRICS_PORT": "0"}
-    worker = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker"], env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "agentfleet", "worker"], env=env)
     settings = Settings.from_env({"AGENTFLEET_MODELS_FILE": str(tmp / "models.toml")})
     yield server, settings, worker
     worker.send_signal(signal.SIGTERM)

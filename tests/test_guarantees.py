@@ -6,14 +6,14 @@ import asyncio
 
 import pytest
 
-from ops import dlq
-from ops.trace import load_trace
-from producer.connection import connect
-from schemas import keys
-from schemas.errors import ErrorCode, EvictingServerError, ServerOutOfMemoryError
-from schemas.wire import Retried, Status, Task, decode_task
-from workers.fake_engine import FakeEngine
-from workers.worker import Worker
+from agentfleet.ops import dlq
+from agentfleet.ops.trace import load_trace
+from agentfleet.producer.connection import connect
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import ErrorCode, EvictingServerError, ServerOutOfMemoryError
+from agentfleet.schemas.wire import Retried, Status, Task, decode_task
+from agentfleet.workers.fake_engine import FakeEngine
+from agentfleet.workers.worker import Worker
 
 
 async def test_transient_errors_are_retried_with_backoff(producer, start_worker, redis, settings):
@@ -142,7 +142,7 @@ async def test_commit_replies_carry_exactly_the_results_it_wrote(redis):
     task was no longer this consumer's."""
     import msgspec
 
-    from workers.commit import COMMIT_LUA, CommitRecord, commit_args
+    from agentfleet.workers.commit import COMMIT_LUA, CommitRecord, commit_args
 
     stream, reply = keys.task_stream("m1"), keys.reply_stream("m1", "p1")
     await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from ops.logs import JsonFormatter, TextFormatter, setup_logging
-from schemas.errors import FatalConfigError
-from schemas.wire import Task
+from agentfleet.ops.logs import JsonFormatter, TextFormatter, setup_logging
+from agentfleet.schemas.errors import FatalConfigError
+from agentfleet.schemas.wire import Task
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,7 +129,7 @@ async def test_cli_worker_writes_json_lines_when_not_on_a_terminal(server, tmp_p
            "AGENTFLEET_WORKER_ID": "json-worker", "AGENTFLEET_METRICS_PORT": "0",
            "AGENTFLEET_HOME": str(tmp_path), "AGENTFLEET_BLOCK_MS": "20"}
     env.pop("AGENTFLEET_LOG_FORMAT", None)  # auto: stderr is a pipe here
-    proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "agentfleet", "worker"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30

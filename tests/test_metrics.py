@@ -19,12 +19,13 @@ import pytest
 import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.embedded import free_port
-from ops.exporter import exporter_registry, read_queues
-from schemas import keys
-from schemas.wire import Task, encode
-from workers.fake_engine import FakeEngine
-from workers.metrics import LATENCY_BUCKETS_S, NULL_LANE_METRICS, _Histogram
+from agentfleet.ops.embedded import free_port
+from agentfleet.ops.exporter import exporter_registry, read_queues
+from agentfleet.producer.connection import connect_sync
+from agentfleet.schemas import keys
+from agentfleet.schemas.wire import Task, encode
+from agentfleet.workers.fake_engine import FakeEngine
+from agentfleet.workers.metrics import LATENCY_BUCKETS_S, NULL_LANE_METRICS, _Histogram
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -229,7 +230,7 @@ async def test_vllm_stat_logger_forwards_scheduler_stats(start_worker):
         warnings.simplefilter("ignore", DeprecationWarning)
         from vllm.v1.metrics.stats import IterationStats, PrefixCacheStats, SchedulerStats
 
-        from workers.vllm_stats import stat_logger_factory
+        from agentfleet.workers.vllm_stats import stat_logger_factory
 
     engine = _ReportingEngine()
     worker = await start_worker(engines={"m1": engine})
@@ -278,7 +279,7 @@ async def test_exporter_reads_every_queue_gauge_in_one_pipeline(server, redis, s
     await redis.xadd(keys.dead_stream("m1"), {"d": b"dead"})
     for i in range(2):
         await redis.xadd(keys.bulk_stream("m1"), {"d": b"bulk%d" % i})
-    client = _CountingRedis.from_url(server.url)
+    client = _CountingRedis.from_url(server.url, protocol=2)
     try:
         _CountingRedis.single_commands = 0
         text = await asyncio.to_thread(lambda: _render(client, ["m1", "m2"]))
@@ -319,7 +320,7 @@ async def test_exporter_age_of_the_oldest_pending_task(server, redis):
     await redis.xadd(stream, {"d": b"new"})
     await redis.xgroup_create(stream, keys.GROUP, id="0")
     await redis.xreadgroup(keys.GROUP, "c1", {stream: ">"}, count=2)
-    client = redis_sync.Redis.from_url(server.url)
+    client = connect_sync(server.url)
     try:
         (q,) = await asyncio.to_thread(read_queues, client, ["m1"])
     finally:
@@ -343,7 +344,7 @@ async def test_exporter_command_once(server, redis, producer, tmp_path):
     await producer.submit_many([Task(model="m1", prompt=f"p{i}") for i in range(4)])
     env = {**os.environ, "REDIS_URL": server.url, "AGENTFLEET_HOME": str(tmp_path)}
     out = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "ops.cli", "exporter", "--once", "--models", "m1"],
+        subprocess.run, [sys.executable, "-m", "agentfleet", "exporter", "--once", "--models", "m1"],
         env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     found = samples(out.stdout)
@@ -364,10 +365,10 @@ async def test_real_vllm_engine_reports_kv_cache_and_prefix_hits_to_our_logger()
     from vllm import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
-    from workers.models import prepare_default_model
-    from workers.vllm_engine import VllmEngine
-    from workers.vllm_stats import stat_logger_factory
+    from agentfleet.schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
+    from agentfleet.workers.models import prepare_default_model
+    from agentfleet.workers.vllm_engine import VllmEngine
+    from agentfleet.workers.vllm_stats import stat_logger_factory
 
     calls: list[dict] = []
     spec = ModelSpec(name=DEFAULT_MODEL, max_model_len=512, max_num_seqs=4,

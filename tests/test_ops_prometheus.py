@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.embedded import free_port
-from schemas.wire import Task
+from agentfleet.ops.embedded import free_port
+from agentfleet.schemas.wire import Task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,9 +121,9 @@ async def test_prometheus_scrapes_a_worker_and_the_exporter(fleet_processes, pro
                                                            tmp_path):
     prometheus = _binary("prometheus")
     worker_port, exporter_port, prom_port = free_port(), free_port(), free_port()
-    fleet_processes(sys.executable, "-m", "ops.cli", "worker", AGENTFLEET_WORKER_ID="prom-w",
+    fleet_processes(sys.executable, "-m", "agentfleet", "worker", AGENTFLEET_WORKER_ID="prom-w",
                     AGENTFLEET_METRICS_PORT=str(worker_port))
-    fleet_processes(sys.executable, "-m", "ops.cli", "exporter", "--port", str(exporter_port),
+    fleet_processes(sys.executable, "-m", "agentfleet", "exporter", "--port", str(exporter_port),
                     "--addr", "127.0.0.1")
     shutil.copy(RULES, tmp_path / "alerts.yml")
     (tmp_path / "prometheus.yml").write_text(

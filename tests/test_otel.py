@@ -9,8 +9,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from schemas.wire import FollowUp, Task
-from workers.fake_engine import FakeEngine
+from agentfleet.schemas.wire import FollowUp, Task
+from agentfleet.workers.fake_engine import FakeEngine
 
 
 _EXPORTER: InMemorySpanExporter | None = None

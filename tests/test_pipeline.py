@@ -7,9 +7,9 @@ import gc
 
 import pytest
 
-from schemas import keys
-from schemas.errors import ErrorCode, ResultTimeoutError, UnknownModelError, ValidationError
-from schemas.wire import (
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import ErrorCode, ResultTimeoutError, UnknownModelError, ValidationError
+from agentfleet.schemas.wire import (
     FollowUp,
     Message,
     Sampling,
@@ -19,8 +19,8 @@ from schemas.wire import (
     decode_result,
     encode,
 )
-from workers.fake_engine import FakeEngine
-from workers.worker import GC_GEN0_THRESHOLD, quiet_gc
+from agentfleet.workers.fake_engine import FakeEngine
+from agentfleet.workers.worker import GC_GEN0_THRESHOLD, quiet_gc
 
 
 async def test_submit_and_wait_one(producer, start_worker):
@@ -65,13 +65,13 @@ async def test_wait_times_out_naming_missing(producer):
 
 
 async def test_result_from_another_producer_process(producer, start_worker, server, settings):
-    from producer.client import Producer
-    import redis.asyncio as aioredis
+    from agentfleet.producer.client import Producer
+    from agentfleet.producer.connection import connect
 
     await start_worker()
     task_id = await producer.submit(model="m1", prompt="shared")
     await producer.wait(task_id, timeout_s=5)
-    other = Producer(aioredis.from_url(server.url), settings=settings)
+    other = Producer(connect(server.url), settings=settings)
     try:
         stored = await other.get_result(task_id)
         assert stored is not None and stored.text == "echo: shared"

@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ops.embedded import free_port
-from ops.sentry import SCRUBBED, before_send, scrub, tag_from_extra
+from agentfleet.ops.embedded import free_port
+from agentfleet.ops.sentry import SCRUBBED, before_send, scrub, tag_from_extra
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -85,13 +85,13 @@ def _tags(event: dict) -> dict:
 # prompt (an engine bug) and answers the others with a secret text.
 WORKER_SCRIPT = textwrap.dedent('''
     import asyncio, os, sys, time
-    from ops.sentry import init_sentry
-    from producer.client import Producer
-    from producer.connection import connect
-    from schemas.settings import ModelSpec, Settings
-    from schemas.wire import Task
-    from workers.fake_engine import FakeEngine
-    from workers.worker import Worker
+    from agentfleet.ops.sentry import init_sentry
+    from agentfleet.producer.client import Producer
+    from agentfleet.producer.connection import connect
+    from agentfleet.schemas.settings import ModelSpec, Settings
+    from agentfleet.schemas.wire import Task
+    from agentfleet.workers.fake_engine import FakeEngine
+    from agentfleet.workers.worker import Worker
 
     class BuggyEngine(FakeEngine):
         """A test double: raises in submit for 'BREAK' prompts, answers a secret otherwise."""
@@ -172,7 +172,7 @@ async def test_cli_reports_a_broker_error_and_scrubs_the_prompt(sink, tmp_path):
     env = {**os.environ, "REDIS_URL": dead, "SENTRY_DSN": sink.dsn,
            "AGENTFLEET_HOME": str(tmp_path)}
     out = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "ops.cli", "submit", "--prompt", SECRET_PROMPT,
+        subprocess.run, [sys.executable, "-m", "agentfleet", "submit", "--prompt", SECRET_PROMPT,
                          "--wait-s", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert "enqueue failed" in out.stderr
@@ -191,11 +191,11 @@ async def test_producer_calls_tagged_by_sentry_tags(sink, tmp_path):
     script.write_text(textwrap.dedent('''
         import asyncio, os
         import sentry_sdk
-        from ops.sentry import init_sentry, sentry_tags
-        from producer.client import Producer
-        from producer.connection import connect
-        from schemas.errors import BrokerError
-        from schemas.settings import Settings
+        from agentfleet.ops.sentry import init_sentry, sentry_tags
+        from agentfleet.producer.client import Producer
+        from agentfleet.producer.connection import connect
+        from agentfleet.schemas.errors import BrokerError
+        from agentfleet.schemas.settings import Settings
 
         async def main():
             settings = Settings(sentry_dsn=os.environ["DSN"])

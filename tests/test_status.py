@@ -11,14 +11,14 @@ import sys
 import time
 
 import pytest
-import redis as redis_sync
 
-from ops.report import Row, bucket_quantile, load_window, parse_duration, render_html
-from ops.status import snapshot
-from schemas import keys
-from schemas.wire import Task
-from workers.kpi import KpiBuffer, parse_field
-from workers.metrics import LATENCY_BUCKETS_S
+from agentfleet.ops.report import Row, bucket_quantile, load_window, parse_duration, render_html
+from agentfleet.ops.status import snapshot
+from agentfleet.producer.connection import connect_sync
+from agentfleet.schemas import keys
+from agentfleet.schemas.wire import Task
+from agentfleet.workers.kpi import KpiBuffer, parse_field
+from agentfleet.workers.metrics import LATENCY_BUCKETS_S
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -96,7 +96,7 @@ async def _aggregated(server, ended: int = 42):
     """The window of the last 10 minutes once the workers' flush (once a second) shows
     `ended` tasks, or what it shows after 10 s."""
     deadline = time.monotonic() + 10
-    client = redis_sync.Redis.from_url(server.url)
+    client = connect_sync(server.url)
     try:
         while True:
             window = await asyncio.to_thread(load_window, client, ["m1", "m2"], 600)
@@ -130,7 +130,7 @@ async def test_status_snapshot_and_json_command(producer, start_worker, server, 
     await _run_some_work(producer, start_worker)
     await producer.submit_many([Task(model="m2", prompt=f"queued {i}") for i in range(3)])
     await _aggregated(server)
-    client = redis_sync.Redis.from_url(server.url)
+    client = connect_sync(server.url)
     try:
         statuses = {s.model: s for s in await asyncio.to_thread(snapshot, client, ["m1", "m2"])}
     finally:
@@ -142,7 +142,7 @@ async def test_status_snapshot_and_json_command(producer, start_worker, server, 
     models_file = tmp_path / "models.toml"
     models_file.write_text("[models.m1]\n[models.m2]\n")
     env.update(AGENTFLEET_MODELS_FILE=str(models_file), AGENTFLEET_DEFAULT_MODEL="m1")
-    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops.cli", "status",
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agentfleet", "status",
                                                    "--json"], env=env, capture_output=True,
                                   text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -157,7 +157,7 @@ async def test_status_live_view_refreshes_until_interrupted(server, redis, tmp_p
            "COLUMNS": "200"}
     # faulthandler on SIGUSR1: if the view ever ignores Ctrl-C, the failure shows its stack.
     code = ("import faulthandler, runpy, signal; faulthandler.register(signal.SIGUSR1); "
-            "runpy.run_module('ops.cli', run_name='__main__')")
+            "runpy.run_module('agentfleet', run_name='__main__')")
     proc = subprocess.Popen([sys.executable, "-c", code, "status", "--interval-s", "0.2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -186,7 +186,7 @@ async def test_report_text_and_self_contained_html(producer, start_worker, serve
     models_file.write_text("[models.m1]\n[models.m2]\n")
     env = {**os.environ, "REDIS_URL": server.url, "AGENTFLEET_HOME": str(tmp_path),
            "AGENTFLEET_MODELS_FILE": str(models_file), "AGENTFLEET_DEFAULT_MODEL": "m1"}
-    text = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops.cli", "report",
+    text = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agentfleet", "report",
                                                     "--since", "1h"], env=env,
                                    capture_output=True, text=True, timeout=30)
     assert text.returncode == 0, text.stderr
@@ -194,7 +194,7 @@ async def test_report_text_and_self_contained_html(producer, start_worker, serve
     assert "errors: internal 1" in text.stdout
     assert "96.77%" in text.stdout  # acme on m1: 30 of 31
     page = tmp_path / "report.html"
-    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops.cli", "report",
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agentfleet", "report",
                                                    "--since", "1h", "--html", str(page)],
                                   env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -202,14 +202,14 @@ async def test_report_text_and_self_contained_html(producer, start_worker, serve
     assert body.startswith("<!doctype html>") and body.rstrip().endswith("</html>")
     assert "&lt;globex&gt;" in body and "<globex>" not in body  # escaped
     assert "<svg" in body and "src=" not in body and "href=" not in body  # nothing fetched
-    bad = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops.cli", "report",
+    bad = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agentfleet", "report",
                                                    "--since", "lately"], env=env,
                                   capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--since" in bad.stderr
 
 
 def test_html_of_an_empty_window_says_so():
-    from ops.report import Window
+    from agentfleet.ops.report import Window
 
     page = render_html(Window(since=0, until=60, rows=[], per_minute={}), ["m1"])
     assert "No finished tasks in this window" in page

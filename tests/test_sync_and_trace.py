@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from ops.trace import load_trace, render
-from producer.sync import SyncProducer
-from schemas.wire import FollowUp, Task
+from agentfleet.ops.trace import load_trace, render
+from agentfleet.producer.sync import SyncProducer
+from agentfleet.schemas.wire import FollowUp, Task
 
 
 async def test_sync_producer_round_trip(server, settings, start_worker):

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 import pytest
 import pytest_asyncio
 
-from schemas.errors import ErrorCode
-from schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
-from schemas.wire import Message, Sampling, Task
-from workers.engine import EngineOutput
+from agentfleet.schemas.errors import ErrorCode
+from agentfleet.schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
+from agentfleet.schemas.wire import Message, Sampling, Task
+from agentfleet.workers.engine import EngineOutput
 
 pytestmark = [
     pytest.mark.engine,
@@ -43,8 +43,8 @@ WAIT_S = 300
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine():
     # Imported here so that collecting this module (say, with -m "not engine") skips vLLM.
-    from workers.models import prepare_default_model
-    from workers.vllm_engine import VllmEngine
+    from agentfleet.workers.models import prepare_default_model
+    from agentfleet.workers.vllm_engine import VllmEngine
 
     path = prepare_default_model(Settings.from_env().home_path)
     engine = VllmEngine(SPEC, path)

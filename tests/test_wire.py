@@ -6,11 +6,11 @@ import msgspec
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from schemas import keys
-from schemas.errors import DecodeError, FatalConfigError, UnsupportedVersionError, ValidationError
-from schemas.settings import ModelSpec, Settings, parse_bool
-from schemas.validate import validate_task
-from schemas.wire import SCHEMA_VERSION, Result, Sampling, Status, Task, decode_task, encode
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import DecodeError, FatalConfigError, UnsupportedVersionError, ValidationError
+from agentfleet.schemas.settings import ModelSpec, Settings, parse_bool
+from agentfleet.schemas.validate import validate_task
+from agentfleet.schemas.wire import SCHEMA_VERSION, Result, Sampling, Status, Task, decode_task, encode
 
 
 def test_round_trip_and_defaults_left_off_the_wire():
@@ -66,13 +66,14 @@ def test_validator_accepts_exactly_the_bounds(max_tokens, temperature, top_p, pr
 
 
 def test_keys_share_one_hash_slot_per_model():
-    import fakeredis  # noqa: F401  (pure unit test: key shapes only)
+    from redis.crc import key_slot  # the slot a Redis Cluster gives a key
 
     model = "smollm2-135m"
     built = [keys.task_stream(model), keys.result_key(model, "t1"),
              keys.reply_stream(model, "p1"), keys.trace_key(model, "c1"),
-             keys.stats_key(model), keys.idempotency_key(model, "k"), keys.workers_key(model)]
-    assert {k[k.index("{") + 1:k.index("}")] for k in built} == {model}
+             keys.stats_key(model), keys.idempotency_key(model, "k"), keys.workers_key(model),
+             keys.bulk_stream(model), keys.dead_stream(model), keys.delayed_key(model)]
+    assert {key_slot(k.encode()) for k in built} == {key_slot(model.encode())}
 
 
 def test_settings_from_env_and_models_file(tmp_path):

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import msgspec
 
-from schemas.errors import ErrorCode
-from schemas.wire import Task
+from agentfleet.schemas.errors import ErrorCode
+from agentfleet.schemas.wire import Task
 
 
 class EngineOutput(msgspec.Struct, kw_only=True, gc=False):

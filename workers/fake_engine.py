@@ -22,9 +22,9 @@ import os
 import time
 from collections.abc import Sequence
 
-from schemas.errors import ErrorCode
-from schemas.wire import Task
-from workers.engine import EngineOutput, OnDone
+from agentfleet.schemas.errors import ErrorCode
+from agentfleet.schemas.wire import Task
+from agentfleet.workers.engine import EngineOutput, OnDone
 
 
 class FakeEngine:

@@ -32,7 +32,7 @@ from itertools import repeat
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from schemas import keys
+from agentfleet.schemas import keys
 
 log = logging.getLogger("agentfleet.worker")
 

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING
 import msgspec
 from prometheus_client.utils import floatToGoString
 
-from schemas.errors import ErrorCode
-from schemas.wire import Status
-from workers.kpi import KpiBuffer
+from agentfleet.schemas.errors import ErrorCode
+from agentfleet.schemas.wire import Status
+from agentfleet.workers.kpi import KpiBuffer
 
 if TYPE_CHECKING:
-    from workers.worker import ModelLane, Worker
+    from agentfleet.workers.worker import ModelLane, Worker
 
 log = logging.getLogger("agentfleet.worker")
 

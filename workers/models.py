@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from schemas.errors import FatalConfigError
-from schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
+from agentfleet.schemas.errors import FatalConfigError
+from agentfleet.schemas.settings import DEFAULT_MODEL, ModelSpec, Settings
 
 logger = logging.getLogger(__name__)
 

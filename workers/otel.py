@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from schemas.wire import Status, Task
+from agentfleet.schemas.wire import Status, Task
 
 log = logging.getLogger("agentfleet.otel")
 

@@ -25,11 +25,11 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-from schemas.errors import ErrorCode, FatalConfigError
-from schemas.settings import ModelSpec
-from schemas.wire import Sampling, Task
-from workers.engine import EngineOutput, OnDone
-from workers.models import model_version
+from agentfleet.schemas.errors import ErrorCode, FatalConfigError
+from agentfleet.schemas.settings import ModelSpec
+from agentfleet.schemas.wire import Sampling, Task
+from agentfleet.workers.engine import EngineOutput, OnDone
+from agentfleet.workers.models import model_version
 
 try:  # vLLM 0.26 and later: an already-rendered input, skipping the deprecated raw-prompt path
     from vllm.inputs import tokens_input as _token_prompt
@@ -83,7 +83,7 @@ class VllmEngine:
             # built outside the loop: it starts its output handler on the first request.
             stat_loggers = None
             if self._stats_sink is not None:
-                from workers.vllm_stats import stat_logger_factory
+                from agentfleet.workers.vllm_stats import stat_logger_factory
 
                 stat_loggers = [stat_logger_factory(self._stats_sink)]
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args(),

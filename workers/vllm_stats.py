@@ -7,7 +7,7 @@ each time an engine starts, so a worker serving two models would only show the l
 a worker's /metrics serves its own registry (workers/metrics.py).  So the engine also gets
 this logger, which passes the few figures we chart to `LaneMetrics.engine_stats`:
 
-    from workers.vllm_stats import stat_logger_factory
+    from agentfleet.workers.vllm_stats import stat_logger_factory
     AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(sink)])
 
 It runs in the worker's process, in AsyncLLM's output handler, once per engine step: a few

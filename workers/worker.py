@@ -28,17 +28,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from schemas import keys
-from schemas.errors import (
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import (
     AgentFleetError,
     DecodeError,
     ErrorCode,
     EvictingServerError,
     ValidationError,
 )
-from schemas.settings import ModelSpec, Settings
-from schemas.validate import TaskChecker
-from schemas.wire import (
+from agentfleet.schemas.settings import ModelSpec, Settings
+from agentfleet.schemas.validate import TaskChecker
+from agentfleet.schemas.wire import (
     DeadLetter,
     Enqueued,
     Finished,
@@ -52,7 +52,7 @@ from schemas.wire import (
     decode_task,
     encode,
 )
-from workers.commit import (
+from agentfleet.workers.commit import (
     COMMIT_LUA,
     PROMOTE_LUA,
     RECLAIM_LUA,
@@ -61,8 +61,8 @@ from workers.commit import (
     commit_args,
     id_key,
 )
-from workers.engine import Engine, EngineOutput
-from workers.metrics import NULL_LANE_METRICS, WorkerMetrics
+from agentfleet.workers.engine import Engine, EngineOutput
+from agentfleet.workers.metrics import NULL_LANE_METRICS, WorkerMetrics
 
 log = logging.getLogger("agentfleet.worker")
 
@@ -153,7 +153,7 @@ class ModelLane:
         self._suspect_done = asyncio.Event()  # a task delivered 3+ times was committed
         self._spans = None
         if settings.otel_enabled:
-            from workers.otel import TaskSpans
+            from agentfleet.workers.otel import TaskSpans
 
             self._spans = TaskSpans()
         self._bulk_cap = max(1, int(settings.max_inflight * settings.bulk_max_share))
@@ -850,12 +850,12 @@ async def check_server(redis: aioredis.Redis) -> None:
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
     """The engine named by `settings.engine` for one model."""
     if settings.engine == "fake":
-        from workers.fake_engine import FakeEngine
+        from agentfleet.workers.fake_engine import FakeEngine
 
         return FakeEngine()
     if settings.engine == "vllm":
-        from workers.models import resolve_model_path
-        from workers.vllm_engine import VllmEngine
+        from agentfleet.workers.models import resolve_model_path
+        from agentfleet.workers.vllm_engine import VllmEngine
 
         return VllmEngine(spec, resolve_model_path(spec, settings.home_path))
     raise ValueError(f"AGENTFLEET_ENGINE={settings.engine!r}: use 'vllm' or 'fake'")

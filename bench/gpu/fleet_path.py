@@ -17,12 +17,12 @@ from bench.gpu.engines import EngineConfig, models_toml
 from bench.gpu.procs import GroupProcess
 from bench.gpu.procstats import ProcessCpu
 from bench.gpu.workload import PromptSet
-from ops.embedded import ServerProcess
-from producer.client import Producer
-from producer.connection import connect
-from schemas import keys
-from schemas.settings import Settings
-from schemas.wire import Result, Sampling, Task
+from agentfleet.ops.embedded import ServerProcess
+from agentfleet.producer.client import Producer
+from agentfleet.producer.connection import connect
+from agentfleet.schemas import keys
+from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.wire import Result, Sampling, Task
 
 _run_seq = 0
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import msgspec
 
 from bench.gpu.procstats import StackSampler
-from ops.cli import install_event_loop
-from producer.connection import connect
-from schemas.settings import Settings
-from workers.worker import Worker, make_engine
+from agentfleet.ops.cli import install_event_loop
+from agentfleet.producer.connection import connect
+from agentfleet.schemas.settings import Settings
+from agentfleet.workers.worker import Worker, make_engine
 
 log = logging.getLogger("bench.fleet_worker")
 
@@ -79,7 +79,7 @@ def build_engine(settings: Settings, priority: bool):
     if not priority:
         return make_engine(spec, settings)
     from bench.gpu.priority_engine import PriorityVllmEngine
-    from workers.models import resolve_model_path
+    from agentfleet.workers.models import resolve_model_path
 
     return PriorityVllmEngine(spec, resolve_model_path(spec, settings.home_path))
 

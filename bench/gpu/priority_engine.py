@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from vllm import SamplingParams
 from vllm.outputs import RequestOutput
 
-from schemas.wire import Task
-from workers.engine import EngineOutput, OnDone
-from workers.vllm_engine import VllmEngine, _classify, _failed, _finished, _token_prompt
+from agentfleet.schemas.wire import Task
+from agentfleet.workers.engine import EngineOutput, OnDone
+from agentfleet.workers.vllm_engine import VllmEngine, _classify, _failed, _finished, _token_prompt
 
 BULK_PRIORITY = 10
 

@@ -14,7 +14,7 @@ from bench.gpu.engines import EngineConfig, serve_flags
 from bench.gpu.procs import GroupProcess
 from bench.gpu.procstats import ProcessCpu
 from bench.gpu.workload import PromptSet
-from ops.embedded import free_port
+from agentfleet.ops.embedded import free_port
 
 _OPTIONAL_FLAGS = ["--disable-uvicorn-access-log"]  # dropped if this vLLM does not know it
 _COUNTER = re.compile(r"^vllm:(prefix_cache_queries|prefix_cache_hits|num_preemptions)_total"

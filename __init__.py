@@ -1,0 +1,40 @@
+"""agentfleet: LLM agent workloads at high throughput over Redis streams and vLLM workers.
+
+Installed, this folder is the `agentfleet` package (pyproject.toml maps it): its rooms are
+`agentfleet.schemas` (the wire contract), `agentfleet.producer` (what a backend imports),
+`agentfleet.workers` (what runs beside the engine) and `agentfleet.ops` (what an SRE runs).
+The names below are the public API a backend service needs; the client install
+(`pip install agentfleet`) brings only msgspec and redis.
+
+    from agentfleet import Producer, Task
+"""
+
+from agentfleet.producer import Producer, SyncProducer
+from agentfleet.schemas import (
+    SCHEMA_VERSION,
+    AgentFleetError,
+    BrokerError,
+    ErrorCode,
+    FollowUp,
+    Message,
+    ModelSpec,
+    PromptTooLongError,
+    Result,
+    ResultTimeoutError,
+    Sampling,
+    Settings,
+    Status,
+    Task,
+    Timings,
+    UnknownModelError,
+    ValidationError,
+)
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "SCHEMA_VERSION", "AgentFleetError", "BrokerError", "ErrorCode", "FollowUp", "Message",
+    "ModelSpec", "Producer", "PromptTooLongError", "Result", "ResultTimeoutError", "Sampling",
+    "Settings", "Status", "SyncProducer", "Task", "Timings", "UnknownModelError",
+    "ValidationError", "__version__",
+]

@@ -1,0 +1,7 @@
+"""`python -m agentfleet ...` is the `agentfleet` command."""
+
+import sys
+
+from agentfleet.ops.cli import main
+
+sys.exit(main())
