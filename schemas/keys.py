@@ -20,6 +20,14 @@ def valid_model_name(model: str) -> bool:
     return bool(_MODEL_NAME.match(model))
 
 
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+
+
+def valid_tenant_name(tenant: str) -> bool:
+    """Tenant names may go into keys: letters, digits, '.', '_' and '-', 64 at most."""
+    return bool(_TENANT_NAME.match(tenant))
+
+
 def _tag(model: str) -> str:
     return f"{PREFIX}:{{{model}}}"
 
@@ -122,3 +130,10 @@ def batch_seen(batch_id: str, pass_id: str) -> str:
 def batch_index() -> str:
     """Every bulk job's id (a sorted set scored by its creation time, epoch seconds)."""
     return f"{PREFIX}:batches"
+
+
+# API keys of the gateway and the console (ops/apikeys.py): global, outside every model's slot.
+
+def api_keys() -> str:
+    """Every API key (a hash: key id -> msgpack ApiKeyRecord, holding the secret's digest)."""
+    return f"{PREFIX}:apikeys"

@@ -177,6 +177,33 @@ class DeadLetter(Base, kw_only=True):
     worker_id: str = ""
     at: float = 0.0
 
+class Role(str, enum.Enum):
+    """What an API key may do, each role including the one before it."""
+
+    READ = "read"  # read its tenant's tasks, results, traces, batches
+    SUBMIT = "submit"  # and submit and cancel its tenant's tasks and batches
+    ADMIN = "admin"  # and everything of every tenant: approvals, dead-letter replay, keys
+
+    def allows(self, needed: Role) -> bool:
+        return _ROLE_RANK[self] >= _ROLE_RANK[needed]
+
+
+_ROLE_RANK = {Role.READ: 0, Role.SUBMIT: 1, Role.ADMIN: 2}
+
+
+class ApiKeyRecord(Base, kw_only=True):
+    """An API key as stored: never the secret, only its SHA-256 digest."""
+
+    key_id: str
+    digest: bytes
+    tenant: str
+    role: Role
+    name: str = ""
+    created_at: float = 0.0
+    created_by: str = ""
+    revoked_at: float = 0.0  # 0: live
+
+
 # Built once: encoders and decoders are reused on the hot path (msgspec performance tips).
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
@@ -218,6 +245,7 @@ decode_result = _result_decoder.decode
 decode_results = msgspec.msgpack.Decoder(list[Result]).decode  # a reply-stream entry
 decode_event = _event_decoder.decode
 decode_dead_letter = msgspec.msgpack.Decoder(DeadLetter).decode
+decode_api_key = msgspec.msgpack.Decoder(ApiKeyRecord).decode
 
 
 def result_to_dict(result: Result) -> dict:
