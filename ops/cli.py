@@ -29,12 +29,26 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from agentfleet.ops.logs import setup_logging
 from agentfleet.ops.sentry import init_sentry, report_error
-from agentfleet.schemas.errors import AgentFleetError
+from agentfleet.schemas.errors import (
+    AgentFleetError,
+    BrokerError,
+    ServerUnreachableError,
+    WorkerCrashedError,
+)
 from agentfleet.schemas.settings import Settings
 
 log = logging.getLogger("agentfleet")
+
+# Exit codes, for supervisors (systemd, Kubernetes, honcho) and scripts: docs/operations.md.
+EXIT_OK = 0  # done; for a worker: drained (or stopped) on request
+EXIT_CRASHED = 1  # a worker's loop failed or its engine died: restart it
+EXIT_USAGE = 2  # bad arguments or configuration: fix them first
+EXIT_UNREACHABLE = 3  # the server could not be reached
 
 
 @contextlib.contextmanager
@@ -342,10 +356,21 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log_format, verbose=args.verbose, worker_id=worker_id)
         init_sentry(settings, component=args.command, worker_id=worker_id)
         return args.func(args, settings)
+    except WorkerCrashedError as exc:  # its cause is logged above, with the traceback
+        print(f"agentfleet: {exc}", file=sys.stderr)
+        return EXIT_CRASHED
+    except (ServerUnreachableError, BrokerError) as exc:  # they say what failed
+        print(f"agentfleet: {exc}", file=sys.stderr)
+        report_error(exc)
+        return EXIT_UNREACHABLE
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        print(f"agentfleet: the server is unreachable: {exc}", file=sys.stderr)
+        report_error(exc)
+        return EXIT_UNREACHABLE
     except AgentFleetError as exc:
         print(f"agentfleet: {exc}", file=sys.stderr)
         report_error(exc)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

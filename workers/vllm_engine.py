@@ -28,7 +28,7 @@ from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from agentfleet.schemas.errors import ErrorCode, FatalConfigError
 from agentfleet.schemas.settings import ModelSpec
 from agentfleet.schemas.wire import Sampling, Task
-from agentfleet.workers.engine import EngineOutput, OnDone
+from agentfleet.workers.engine import EngineOutput, OnDone, engine_priority
 from agentfleet.workers.models import model_version
 
 try:  # vLLM 0.26 and later: an already-rendered input, skipping the deprecated raw-prompt path
@@ -67,6 +67,7 @@ class VllmEngine:
         self._max_prompt_tokens = spec.max_model_len - 1  # room for at least one output token
         self._inflight: dict[str, asyncio.Task] = {}
         self._stats_sink = None
+        self.slots = spec.max_num_seqs
 
     def set_stats_sink(self, sink) -> None:
         """Where vLLM's own statistics go (KV-cache use, prefix-cache hits); before start()."""
@@ -127,7 +128,7 @@ class VllmEngine:
                 _report(on_done, _failed(request_id, engine_start, *failure))
                 continue
             request = asyncio.create_task(
-                self._run(request_id, prompt_ids, params, engine_start, _vllm_priority(task)))
+                self._run(request_id, prompt_ids, params, engine_start, engine_priority(task)))
             request.add_done_callback(
                 functools.partial(self._request_done, request_id, on_done, engine_start)
             )
@@ -400,9 +401,3 @@ def resolve_dtype(dtype: str) -> str:
     except OSError:
         return "float32"
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
-
-
-def _vllm_priority(task: Task) -> int:
-    """vLLM runs lower values first: interactive tasks 0..9 (task priority 9 first), then
-    bulk-job tasks 10..19, so a bulk job never delays interactive work inside the engine."""
-    return (10 if task.batch_id else 0) + (9 - task.priority)
