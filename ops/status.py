@@ -55,7 +55,7 @@ def snapshot(client: redis.Redis, models: Sequence[str],
              window_s: float = WINDOW_S) -> list[ModelStatus]:
     now = time.time()
     queues = read_queues(client, models)
-    window = load_window(client, models, window_s, now)
+    window = load_window(client, models, window_s, now, with_series=False)
     covered = max(now - window.since, 1.0)
     totals = {(t.model, t.lane): t for t in window.model_totals()}
     out = []
