@@ -234,6 +234,18 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
                           price_per_gpu_hour=args.price_per_gpu_hour)
 
 
+def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from agentfleet.ops.console import run_console
+    except ImportError as exc:
+        raise AgentFleetError(f"console: {exc}; install the console extra "
+                              "(pip install 'agentfleet[console]')") from exc
+    if not 0 < args.port < 65536:
+        raise AgentFleetError(f"--port: {args.port} is outside 1..65535")
+    with redis_url(settings) as url:
+        return run_console(url, settings, port=args.port, addr=args.addr)
+
+
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     import datetime as dt
 
@@ -321,6 +333,10 @@ def parser() -> argparse.ArgumentParser:
     from agentfleet.ops.batch import add_parser as add_batch_parser
 
     add_batch_parser(sub)  # agentfleet batch submit|status|wait|results|cancel|list
+    s = sub.add_parser("console", help="the web console (login by API key)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--addr", default="127.0.0.1", help="0.0.0.0 to serve other hosts")
+    s.set_defaults(func=cmd_console)
     s = sub.add_parser("keys", help="API keys of the gateway and console: create, list, revoke")
     s.add_argument("action", choices=["create", "list", "revoke"])
     s.add_argument("key_id", nargs="?", default="", help="revoke: the key id")
