@@ -252,7 +252,8 @@ def timeline(title: str, rows: Sequence[tuple[str, int, list[tuple[float, float,
         x = left + i / 5 * (x1 - left)
         parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" '
                      f'y2="{y_axis}"/><text class="label" x="{x:.1f}" y="{y_axis + 14}" '
-                     f'text-anchor="middle">+{fmt_value(span * i / 5, "s")}</text>')
+                     f'text-anchor="{"end" if i == 5 else "middle"}">'
+                     f'+{fmt_value(span * i / 5, "s")}</text>')
     for r, (name, depth, segments) in enumerate(rows):
         y = _TOP + r * row_h
         label = esc(name if len(name) <= 28 else "…" + name[-27:])

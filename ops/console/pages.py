@@ -115,7 +115,8 @@ class Layout:
                       for key, path, label in _NAV) if who is not None else ""
         user = ""
         if who is not None:
-            user = (f"<span class=who>tenant <b>{esc(who.tenant)}</b> ({esc(who.role.value)})"
+            user = (f"<span class=who><span>tenant <b>{esc(who.tenant)}</b> "
+                    f"({esc(who.role.value)})</span>"
                     f'<form class=inline method=post action="{esc(self.url("/logout"))}">'
                     f'<input type=hidden name=csrf value="{esc(csrf)}">'
                     f"<button>Log out</button></form></span>")
