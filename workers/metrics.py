@@ -128,6 +128,8 @@ class LaneMetrics:
         self.model = runner.model
         self.runner = runner
         self.kpi = kpi  # per-minute aggregates in Redis (workers/kpi.py), None when off
+        if kpi is not None:  # engine up/busy seconds and queue depth, sampled by the flush
+            kpi.watch(runner.model, lambda: runner.busy)
         self._lock = threading.Lock()  # the event loop appends, a scrape thread folds
         self.queue_wait = _Histogram(LATENCY_BUCKETS_S)
         self.first_token = _Histogram(LATENCY_BUCKETS_S)
@@ -195,7 +197,9 @@ class LaneMetrics:
         ptok: list[int] = []
         otok: list[int] = []
         tenants: list[str] = []
+        tte: list[float] = []  # first token from enqueue: the SLO's figure (KPI only)
         a_wait, a_e2e, a_ttft, a_eng = wait.append, e2e.append, ttft.append, eng.append
+        a_tte = tte.append
         a_ptok, a_otok, a_tenant = ptok.append, otok.append, tenants.append
         first = done[0].task if n else None
         priority = first.priority if first is not None else 0
@@ -211,6 +215,7 @@ class LaneMetrics:
             a_wait(rec.read_at - enqueued)
             a_e2e(now - enqueued)
             a_ttft(out.first_token - started)
+            a_tte(out.first_token - enqueued)
             a_eng(out.finished - started)
             a_ptok(out.prompt_tokens)
             a_otok(out.output_tokens)
@@ -218,7 +223,9 @@ class LaneMetrics:
         if self.kpi is not None:  # by reference: the per-task work waits for the flush
             self.kpi.groups.append((self.model, int(now // 60) * 60,
                                     "bulk" if batch else "interactive", tenants, e2e, ptok,
-                                    otok))
+                                    otok, tte, wait, eng, self.version,
+                                    n if batch and (first.deadline is None
+                                                    or now <= first.deadline) else 0))
         with self._lock:
             klass = "bulk" if batch else _PRIORITY[priority]
             key = (Status.SUCCEEDED.value, "", klass)
@@ -270,9 +277,19 @@ class LaneMetrics:
                 key = (status, code, klass)
                 self.outcomes[key] = self.outcomes.get(key, 0) + 1
                 if kpi is not None:
+                    ok = status == Status.SUCCEEDED.value
                     kpi.append((self.model, minute, "bulk" if klass == "bulk" else "interactive",
                                 task.tenant if task is not None else "", status, code, latency,
-                                ptok, otok))
+                                ptok, otok,
+                                out.first_token - enqueued if ok and out.first_token and enqueued
+                                else None,
+                                rec.read_at - enqueued if enqueued else None,
+                                (out.finished or now) - out.engine_start if out.engine_start
+                                else None,
+                                self.version,
+                                ok and klass == "bulk" and (task.deadline is None
+                                                            or now <= task.deadline),
+                                task.correlation_id if task is not None else ""))
             self.commit_group.raw.append(len(done))
             if len(self.queue_wait.raw) > _FOLD_AT:
                 self._fold()
