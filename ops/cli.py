@@ -291,6 +291,39 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
                         max_workers=args.max_workers, as_json=args.json)
 
 
+def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
+    import re
+
+    from agentfleet.ops.drill import DrillConfig, run_drill
+
+    model = args.model or settings.default_model
+    if model not in settings.models:
+        raise AgentFleetError(f"--model: unknown {model!r}; known {sorted(settings.models)}")
+    if re.search(r"prod", args.target, re.I) and not args.yes:
+        raise AgentFleetError(f"--target {args.target!r} looks like production: a drill kills "
+                              f"workers and restarts the server; pass --yes if you mean it")
+    if args.kill_worker_cmd and args.kill_local_worker:
+        raise AgentFleetError("--kill-worker-cmd and --kill-local-worker: pick one")
+    for name in ("tasks", "flood_tasks"):
+        if getattr(args, name) < 0:
+            raise AgentFleetError(f"--{name.replace('_', '-')}: must be >= 0")
+    metadata = {}
+    for item in args.metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AgentFleetError(f"--metadata {item!r}: use KEY=VALUE")
+        metadata[key] = value
+    config = DrillConfig(
+        target=args.target, model=model, tasks=args.tasks, flood_tasks=args.flood_tasks,
+        max_tokens=args.max_tokens, metadata=metadata, kill_worker_cmd=args.kill_worker_cmd,
+        kill_local_worker=args.kill_local_worker, restart_server_cmd=args.restart_server_cmd,
+        late_s=args.late_s, deadline_s=args.deadline_s)
+    if not settings.redis_url:
+        raise AgentFleetError("drill: set REDIS_URL to the fleet's server (a drill never runs "
+                              "on an embedded server of its own)")
+    return run_drill(settings.redis_url, settings, config, as_json=args.json)
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.workers.models import prepare_default_model
 
@@ -364,6 +397,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-workers", type=int, default=0, help="exit 1 if more are needed")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
+    s = sub.add_parser("drill", help="a disaster drill on a running fleet, with its own tasks")
+    s.add_argument("--target", required=True, help="the fleet's name, printed in the report")
+    s.add_argument("--model", default="", help="default: the default model")
+    s.add_argument("--tasks", type=int, default=200, help="chains submitted before the faults")
+    s.add_argument("--flood-tasks", type=int, default=2000, help="chains submitted at once after")
+    s.add_argument("--max-tokens", type=int, default=16)
+    s.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="added to every drill task (repeatable)")
+    s.add_argument("--kill-worker-cmd", default="", help="a shell command that kills a worker")
+    s.add_argument("--kill-local-worker", action="store_true",
+                   help="SIGKILL a live worker process of this host instead")
+    s.add_argument("--restart-server-cmd", default="",
+                   help="a shell command that restarts or fails over the server")
+    s.add_argument("--late-s", type=float, default=300.0,
+                   help="a result slower than this end to end counts as late")
+    s.add_argument("--deadline-s", type=float, default=900.0,
+                   help="how long to wait for every result")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--yes", action="store_true", help="allow a target that looks like production")
+    s.set_defaults(func=cmd_drill)
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
     s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")
