@@ -23,7 +23,13 @@ from collections.abc import Sequence
 import msgspec
 import redis
 
-from agentfleet.ops.capacity import LANES, TokenHistory, backlog_tokens, load_token_history
+from agentfleet.ops.capacity import (
+    LANES,
+    TokenHistory,
+    backlog_tokens,
+    lane_task_tokens,
+    load_token_history,
+)
 from agentfleet.ops.exporter import queued_tasks, read_queues
 from agentfleet.schemas.errors import AgentFleetError
 
@@ -134,9 +140,11 @@ def measure(client: redis.Redis, model: str, *, window_s: float,
     notes = []
     for lane in LANES:
         n = queued[lane]
-        mean = tokens[lane] / n if n and not math.isnan(n) else 0.0
+        mean = lane_task_tokens(history, lane)
+        basis = ("mean of the window; an estimate" if history.mean_task_tokens() is not None
+                 else "no task finished in the window: a default; pass --backlog-tokens")
         notes.append(f"{lane} lane: {n:,.0f} queued task(s) (lag + pending) x {mean:,.0f} "
-                     f"tokens each (mean of the window; an estimate) = {tokens[lane]:,.0f}")
+                     f"tokens each ({basis}) = {tokens[lane]:,.0f}")
     per_worker, more = measured_throughput(history, queue.live_workers)
     total = sum(v for v in tokens.values() if not math.isnan(v))
     return total, per_worker, notes + more
