@@ -1,8 +1,8 @@
 """`agentfleet drill --target staging`: a disaster drill on a running fleet, with tasks of its own.
 
     agentfleet drill --target staging --model M \\
-        --kill-worker-cmd "kubectl -n agentfleet delete pod -l agentfleet.dev/model=M --wait=false --field-selector=status.phase=Running" \\
-        --restart-server-cmd "kubectl -n agentfleet rollout restart statefulset/valkey"
+        --kill-worker-cmd "kubectl -n agentfleet delete pod POD --wait=false" \\
+        --restart-server-cmd "kubectl -n agentfleet delete pod valkey-0"
 
 What it does, in order, against the fleet at REDIS_URL:
   1. submits `--tasks` two-step chains (a task and its follow-up) of its own: producer and

@@ -144,6 +144,9 @@ def _meta(name: str, fleet: Fleet, labels: dict[str, str], **extra: Any) -> dict
 _SECURITY = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
              "seccompProfile": {"type": "RuntimeDefault"}}
 _CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+# Every pod reads AGENTFLEET_MODELS_FILE (the settings refuse to start without it).
+_CONFIG_MOUNT = {"name": "config", "mountPath": str(Path(MODELS_FILE).parent), "readOnly": True}
+_CONFIG_VOLUME = {"name": "config", "configMap": {"name": "agentfleet-models"}}
 _ENV_FROM = [{"configMapRef": {"name": "agentfleet-settings"}},
              {"secretRef": {"name": "agentfleet-secrets"}}]
 
@@ -184,7 +187,7 @@ def worker_resources(fleet: Fleet, model: str) -> list[dict[str, Any]]:
             {"name": "models", "mountPath": "/models", "readOnly": True},
             {"name": "vllm-cache", "mountPath": f"{HOME}/.cache/vllm"},
             {"name": "agentfleet-home", "mountPath": f"{HOME}/.cache/agentfleet"},
-            {"name": "config", "mountPath": str(Path(MODELS_FILE).parent), "readOnly": True},
+            _CONFIG_MOUNT,
             {"name": "shm", "mountPath": "/dev/shm"},
         ],
     }
@@ -218,7 +221,7 @@ def worker_resources(fleet: Fleet, model: str) -> list[dict[str, Any]]:
                         # compiling.  Point it at a volume to keep it across pods.
                         {"name": "vllm-cache", "emptyDir": {"sizeLimit": "20Gi"}},
                         {"name": "agentfleet-home", "emptyDir": {"sizeLimit": "1Gi"}},
-                        {"name": "config", "configMap": {"name": "agentfleet-models"}},
+                        _CONFIG_VOLUME,
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
                     ],
                 },
@@ -315,7 +318,9 @@ def gateway_resources(fleet: Fleet) -> list[dict[str, Any]]:
                     "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
                                   "limits": {"memory": "1Gi"}},
                     "securityContext": _CONTAINER_SECURITY,
+                    "volumeMounts": [_CONFIG_MOUNT],
                 }],
+                "volumes": [_CONFIG_VOLUME],
             }},
         },
     }
@@ -348,11 +353,9 @@ def exporter_resources(fleet: Fleet) -> list[dict[str, Any]]:
                     "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
                                   "limits": {"memory": "256Mi"}},
                     "securityContext": _CONTAINER_SECURITY,
-                    "volumeMounts": [{"name": "config",
-                                      "mountPath": str(Path(MODELS_FILE).parent),
-                                      "readOnly": True}],
+                    "volumeMounts": [_CONFIG_MOUNT],
                 }],
-                "volumes": [{"name": "config", "configMap": {"name": "agentfleet-models"}}],
+                "volumes": [_CONFIG_VOLUME],
             }},
         },
     }

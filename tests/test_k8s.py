@@ -262,6 +262,20 @@ def test_models_config_map_is_a_models_file_the_worker_loads(tmp_path):
     assert set(secret["stringData"]) == {"REDIS_URL", "SENTRY_DSN"}
 
 
+def test_every_pod_reading_the_settings_mounts_the_models_file():
+    models_dir = str(Path(manifests.MODELS_FILE).parent)
+    for deployment in by_kind("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            refs = [e.get("configMapRef", {}).get("name") for e in container["envFrom"]]
+            assert "agentfleet-settings" in refs
+            mounts = [m for m in container.get("volumeMounts", [])
+                      if m["mountPath"] == models_dir]
+            assert mounts, f"{deployment['metadata']['name']}: no {models_dir} mount"
+            assert volumes[mounts[0]["name"]]["configMap"]["name"] == "agentfleet-models"
+
+
 def test_services_select_pods_and_the_service_monitor_scrapes_their_ports():
     pods = [d["spec"]["template"]["metadata"]["labels"] for d in by_kind("Deployment")]
     (monitor,) = by_kind("ServiceMonitor")
