@@ -1,16 +1,17 @@
 """`agentfleet drill --target staging`: a disaster drill on a running fleet, with tasks of its own.
 
     agentfleet drill --target staging --model M \\
-        --kill-worker-cmd "kubectl -n agentfleet delete pod POD --wait=false" \\
+        --kill-worker-cmd 'kubectl -n agentfleet delete pod "$AGENTFLEET_DRILL_WORKER"' \\
         --restart-server-cmd "kubectl -n agentfleet delete pod valkey-0"
 
 What it does, in order, against the fleet at REDIS_URL:
   1. submits `--tasks` two-step chains (a task and its follow-up) of its own: producer and
      task ids `drill-<run>-...`, tenant `drill`, idempotency keys, so it never touches, reads
      or counts another task;
-  2. once some of them are in a worker, kills a worker: `--kill-worker-cmd` (a shell command,
-     e.g. kubectl), or `--kill-local-worker` (SIGKILL to a live worker of this host, found by
-     its heartbeat id `<host>-<pid>`);
+  2. once workers hold half of them, kills the worker holding the most tasks:
+     `--kill-worker-cmd` (a shell command, e.g. kubectl; it gets the worker's id, the pod's
+     name in ops/k8s, as $AGENTFLEET_DRILL_WORKER), or `--kill-local-worker` (SIGKILL to
+     that worker if it runs on this host, found by its heartbeat id `<host>-<pid>`);
   3. restarts or fails over the server: `--restart-server-cmd`, then waits for it to answer;
   4. floods the model with `--flood-tasks` more chains at once;
   5. waits for every result until `--deadline-s` and reports, for its own tasks only:
@@ -167,8 +168,8 @@ class Drill:
                                           f"{self.run_id}")
             roots = await self._submit(producer, self._chains("t", c.tasks))
             self._step("submit", True, f"{len(roots)} chains")
-            await self._wait_in_flight(redis)
-            await self._kill_worker(live)
+            held = await self._wait_in_flight(redis, live)
+            await self._kill_worker(live, held)
             await asyncio.sleep(c.settle_s)
             await self._restart_server(redis)
             await asyncio.sleep(c.settle_s)
@@ -200,24 +201,35 @@ class Drill:
                 log.warning("drill: submitting failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
 
-    async def _wait_in_flight(self, redis: aioredis.Redis) -> None:
-        """Until a worker holds some drill work (the group's pending count rises), so a kill
-        lands mid-task; at most `in_flight_wait_s`."""
+    async def _wait_in_flight(self, redis: aioredis.Redis, live: list[str]) -> dict[str, int]:
+        """Until the workers hold at least half the drill's chains (pending in the group), so
+        a kill lands mid-task; at most `in_flight_wait_s`.  Returns the pending count of each
+        live worker, most first (every tenant's tasks: the group does not tell them apart)."""
         deadline = time.monotonic() + self.cfg.in_flight_wait_s
-        while time.monotonic() < deadline:
+        held: dict[str, int] = {}
+        while True:
             try:
-                if (await redis.xpending(keys.task_stream(self.cfg.model), keys.GROUP))["pending"]:
-                    return
+                info = await redis.xpending(keys.task_stream(self.cfg.model), keys.GROUP)
+                held = {c["name"].decode(): int(c["pending"]) for c in info["consumers"]
+                        if c["name"].decode() in live}
             except RedisError:
-                pass
+                held = {}
+            if sum(held.values()) * 2 >= self.cfg.tasks or time.monotonic() > deadline:
+                return dict(sorted(held.items(), key=lambda kv: -kv[1]))
             await asyncio.sleep(0.05)
 
-    async def _kill_worker(self, live: list[str]) -> None:
+    async def _kill_worker(self, live: list[str], held: dict[str, int]) -> None:
+        """Kill the live worker holding the most tasks (its id is the pod's name in the
+        manifests of ops/k8s: the hook gets it as $AGENTFLEET_DRILL_WORKER)."""
         c = self.cfg
+        victim = next(iter(held), live[0] if live else "")
+        holds = f"; it held {held.get(victim, 0)} pending task(s)"
         if c.kill_worker_cmd:
-            self._step("kill worker", *run_hook(c.kill_worker_cmd))
+            ok, detail = run_hook(c.kill_worker_cmd, {"AGENTFLEET_DRILL_WORKER": victim})
+            self._step("kill worker", ok, f"{victim}: {detail}{holds}")
         elif c.kill_local_worker:
-            self._step("kill worker", *kill_local_worker(live))
+            ok, detail = kill_local_worker([victim] + [w for w in live if w != victim])
+            self._step("kill worker", ok, detail + (holds if victim in detail else ""))
         else:
             self._step("kill worker", True, "skipped (no --kill-worker-cmd or "
                                             "--kill-local-worker)")
@@ -284,11 +296,11 @@ class Drill:
         return sorted(w.decode() for w, at in beats.items() if now - float(at) <= within_s)
 
 
-def run_hook(command: str) -> tuple[bool, str]:
-    """Run an operator's shell command; (succeeded, what it said)."""
+def run_hook(command: str, env: dict[str, str] | None = None) -> tuple[bool, str]:
+    """Run an operator's shell command (with `env` added); (succeeded, what it said)."""
     try:
         done = subprocess.run(command, shell=True, capture_output=True, text=True,
-                              timeout=HOOK_TIMEOUT_S)
+                              timeout=HOOK_TIMEOUT_S, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return False, f"{command!r} ran past {HOOK_TIMEOUT_S:g}s"
     said = (done.stdout + done.stderr).strip().replace("\n", " | ")[-300:]
