@@ -30,7 +30,9 @@ HISTORY_S = 3600.0  # the mean tokens per task come from the last hour
 # When a model has no finished task in the last hour (a bulk-only model scaled to zero), the
 # mean is unknown: assume this many tokens per task, so a queued task still reads as work.
 DEFAULT_TASK_TOKENS = 1024.0
-_CHUNK = 2000  # HGETALLs per pipeline round trip
+_CHUNK = 2000  # HSCANs per pipeline round trip
+_PATTERNS = ("s:succeeded:*", "p:*", "o:*")  # succeeded tasks, their prompt and output tokens
+_SCAN_COUNT = 100_000  # above a minute's fields: one call reads a hash
 
 
 class LaneMinute(msgspec.Struct, kw_only=True, gc=False):
@@ -80,34 +82,38 @@ def load_token_history(client: redis.Redis, models: Sequence[str],
                        since_s: float = HISTORY_S, now: float | None = None
                        ) -> dict[str, TokenHistory]:
     """Every model's finished tasks and tokens per minute over the last `since_s` seconds
-    (whole minutes, the current one included), read with pipelined HGETALLs."""
+    (whole minutes, the current one included), read with pipelined HSCANs."""
     now = time.time() if now is None else now
     first = int((now - since_s) // 60) * 60
     minutes = list(range(first, int(now // 60) * 60 + 60, 60))
-    wanted = [(model, minute) for model in models for minute in minutes]
-    hashes: list[dict] = []
-    for start in range(0, len(wanted), _CHUNK):
-        with client.pipeline(transaction=False) as pipe:
-            for model, minute in wanted[start:start + _CHUNK]:
-                pipe.hgetall(keys.kpi_key(model, minute))
-            hashes.extend(pipe.execute())
     out = {model: TokenHistory(model=model, since=first, until=now) for model in models}
-    for (model, minute), fields in zip(wanted, hashes):
-        for raw_field, raw_value in fields.items():
-            parsed = parse_field(raw_field.decode(errors="replace"))
-            if parsed is None:
-                continue
-            kind, detail, lane, _tenant = parsed
-            if kind not in ("s", "p", "o") or (kind == "s" and detail != "succeeded"):
-                continue
-            m = out[model].minutes.setdefault(minute, {}).setdefault(lane, LaneMinute())
-            value = int(float(raw_value))
-            if kind == "s":
-                m.tasks += value
-            elif kind == "p":
-                m.prompt_tokens += value
-            else:
-                m.output_tokens += value
+    # (key, pattern, cursor) still to scan; a minute's hash holds every tenant's latency
+    # buckets too, so the server filters: one HSCAN per kind of field this needs.
+    todo = [(model, minute, pattern, 0) for model in models for minute in minutes
+            for pattern in _PATTERNS]
+    while todo:
+        chunk, todo = todo[:_CHUNK], todo[_CHUNK:]
+        with client.pipeline(transaction=False) as pipe:
+            for model, minute, pattern, cursor in chunk:
+                pipe.hscan(keys.kpi_key(model, minute), cursor, match=pattern,
+                           count=_SCAN_COUNT)
+            replies = pipe.execute()
+        for (model, minute, pattern, _), (cursor, fields) in zip(chunk, replies):
+            if cursor:  # a large hash: the rest in the next round
+                todo.append((model, minute, pattern, cursor))
+            for raw_field, raw_value in fields.items():
+                parsed = parse_field(raw_field.decode(errors="replace"))
+                if parsed is None:
+                    continue
+                kind, _detail, lane, _tenant = parsed
+                m = out[model].minutes.setdefault(minute, {}).setdefault(lane, LaneMinute())
+                value = int(float(raw_value))
+                if kind == "s":
+                    m.tasks += value
+                elif kind == "p":
+                    m.prompt_tokens += value
+                else:
+                    m.output_tokens += value
     return out
 
 
@@ -135,7 +141,8 @@ def backlog_tokens(queued: Mapping[str, float], history: TokenHistory | None,
 
 class BacklogEstimator:
     """For the exporter: the token history re-read at most every `refresh_s`, so a scrape
-    costs one HGETALL per model and minute of the last hour only once a minute."""
+    scans the last hour's per-minute hashes only once a minute.  Measured on a 2-core VM:
+    3 models x 61 minutes took 87 ms with 10 tenants a minute, 575 ms with 100."""
 
     def __init__(self, client: redis.Redis, models: Sequence[str], *,
                  refresh_s: float = 60.0, default_task_tokens: float = DEFAULT_TASK_TOKENS):
