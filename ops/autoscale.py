@@ -17,7 +17,7 @@ What it replays, second by second (a fluid model: tokens drain at the ready work
     go first), and its tasks stay queued (they are, in the real fleet: pending, reclaimed).
   - What KEDA sees is `--metrics-lag-s` old (the exporter's scrape interval, Prometheus).
 Kubernetes' own code is the reference (pkg/controller/podautoscaler: replica_calculator.go,
-horizontal.go); tests/test_autoscale.py checks the arithmetic on a small case.
+horizontal.go); tests/test_plan_autoscale.py checks the arithmetic on a small case.
 """
 
 from __future__ import annotations
