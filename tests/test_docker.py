@@ -133,7 +133,7 @@ def test_gpu_image_is_vllms_release_the_project_supports():
         return tuple(int(x) for x in v.split("."))
 
     assert as_tuple(low) <= as_tuple(version) < as_tuple(high), (version, low, high)
-    assert f"vLLM {version}" in (ROOT / "docs" / "benchmarks.md").read_text()
+    assert version in (ROOT / "docs" / "benchmarks.md").read_text()  # the GPU runs used it
     runs = [args for word, args in instructions(IMAGES["gpu"]) if word == "RUN"]
     assert any("pip install -e '.[worker" in args for args in runs), runs
 
