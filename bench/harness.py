@@ -176,13 +176,16 @@ class Processes:
 
     def spawn(self, function: Callable, *args: Any, serving: bool = False,
               python: str | None = None, pythonpath: Sequence[str] | None = None,
-              name: str | None = None, env: Mapping[str, str] | None = None) -> Child:
-        """Run `function(report, *args)` (a top-level async function of a bench module) in a
-        fresh process; `python` another interpreter, `pythonpath` another agentfleet."""
+              name: str | None = None, env: Mapping[str, str] | None = None,
+              log: IO | None = None) -> Child:
+        """Run `function(report, *args)` (a top-level function of a bench module, async or
+        not) in a fresh process; `python` another interpreter, `pythonpath` another
+        agentfleet, `env` more variables, `log` a shared log file."""
         target = f"{_module_name(function)}:{function.__qualname__}"
         argv = [python or sys.executable, "-m", "bench.harness", target, json.dumps(args)]
         return self.command(argv, name=name or function.__name__, serving=serving,
-                            env=child_env(pythonpath, **(env or {})), report=True, cwd=REPO)
+                            env=child_env(pythonpath, **(env or {})), report=True, cwd=REPO,
+                            log=log)
 
     def command(self, argv: Sequence[str], *, name: str, serving: bool = True,
                 env: Mapping[str, str] | None = None, log: IO | None = None,

@@ -633,19 +633,28 @@ def _fleet_from(specs: list[str]) -> dict[str, list[str]]:
 
 
 def _run_rounds(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict]]:
-    plan: list[tuple[str, Callable[[], dict]]] = [("fleet", bench.fleet)]
-    plan += [(f"fleet@{name}", lambda code=code: bench.fleet(code))
-             for name, code in args.fleet_from.items()]
-    plan += [("bare", bench.bare), ("floor", bench.floor), ("arq", bench.arq),
-             ("latency", lambda: bench.latency(args.latency_rate))]
-    plan += [(f"latency@{name}", lambda code=code: bench.latency(args.latency_rate, code))
-             for name, code in args.fleet_from.items()]
-    if args.latency_low_rate:
-        plan.append(("latency_low", lambda: bench.latency(args.latency_low_rate)))
-    plan += [(f"memory_{q}", lambda q=q: bench.memory(q)) for q in MEMORY_QUEUED]
-    runs: dict[str, list[dict]] = {name: [] for name, _ in plan}
+    def plan(r: int) -> list[tuple[str, Callable[[], dict]]]:
+        """Round r's measurements; a compared checkout's run before ours in every other
+        round, so that neither always goes first."""
+        def pair(ours, theirs):
+            return [*theirs, *ours] if r % 2 == 0 else [*ours, *theirs]
+
+        fleet = pair([("fleet", bench.fleet)],
+                     [(f"fleet@{name}", lambda code=code: bench.fleet(code))
+                      for name, code in args.fleet_from.items()])
+        latency = pair([("latency", lambda: bench.latency(args.latency_rate))],
+                       [(f"latency@{name}", lambda code=code: bench.latency(args.latency_rate,
+                                                                            code))
+                        for name, code in args.fleet_from.items()])
+        steps = [*fleet, ("bare", bench.bare), ("floor", bench.floor), ("arq", bench.arq),
+                 *latency]
+        if args.latency_low_rate:
+            steps.append(("latency_low", lambda: bench.latency(args.latency_low_rate)))
+        return steps + [(f"memory_{q}", lambda q=q: bench.memory(q)) for q in MEMORY_QUEUED]
+
+    runs: dict[str, list[dict]] = {name: [] for name, _ in plan(1)}
     for r in range(1, args.rounds + 1):
-        for name, measure in plan:
+        for name, measure in plan(r):
             bench.fresh()
             started = time.monotonic()
             figures = measure()

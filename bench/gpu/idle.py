@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -205,6 +204,12 @@ def _probe_engine_class():
     class ProbeEngine(VllmEngine):
         log_stats = True
 
+        def set_stats_sink(self, sink) -> None:
+            # AsyncLLM keeps its stats (and Prometheus logger) on for any custom stat logger,
+            # whatever disable_log_stats says: "stats off" means without the worker's too.
+            if self.log_stats:
+                super().set_stats_sink(sink)
+
         def _engine_args(self):
             args = super()._engine_args()
             args.disable_log_stats = not self.log_stats
@@ -235,7 +240,7 @@ async def _fleet_host(plan: Plan) -> dict:
     settings = Settings(models=models, default_model=MODEL_NAME, engine="vllm", home=str(home))
     spec = models[MODEL_NAME]
     engine = _probe_engine_class()(spec, resolve_model_path(spec, settings.home_path))
-    engine.log_stats = plan.variant.stats
+    engine.log_stats = plan.variant.stats  # before the Worker hands it a stats sink
     results: dict[str, dict] = {}
     with Processes() as procs, harness.server("valkey", procs) as server:
         from agentfleet.producer.connection import connect
@@ -329,8 +334,7 @@ async def _fleet_subrun(procs: Processes, plan: Plan, name: str, settings, redis
         await run
         worker_module.quiet_gc = saved
     return summarize([t["e2e_s"] for t in got], [t["e2e_s"] for t in short], plan.tokens,
-                     histograms=histograms, steps=_steps(got), cpu=_cpu_util(delta),
-                     extra={"gc_threshold": gc.get_threshold()})
+                     histograms=histograms, steps=_steps(got), cpu=_cpu_util(delta))
 
 
 def server_url(redis) -> str:
@@ -514,11 +518,12 @@ async def _stream(session, url: str, prompt: str, tokens: int, gaps: list[float]
 
 
 def _serve_settings(log_text: str) -> dict:
-    """What the server's log says of the settings that can differ (async scheduling)."""
-    lines = [line.strip()[-300:] for line in log_text.splitlines()
-             if "async_scheduling" in line or "Asynchronous scheduling" in line
-             or "async scheduling" in line.lower()]
-    return {"log_lines": lines[:5]}
+    """What the server's log says of its settings: the arguments that differ from vLLM's
+    defaults, and async scheduling (on or off)."""
+    lines = [line.strip()[-600:] for line in log_text.splitlines()
+             if "non-default args" in line or "async scheduling" in line.lower()
+             or "async_scheduling" in line]
+    return {"log_lines": lines[:6]}
 
 
 # ---- the parent ---------------------------------------------------------------------------
@@ -529,11 +534,11 @@ def run_variant(ctx: Context, procs: Processes, variant: Variant, plan: Plan,
     if variant.kind == "serve":
         return procs.run(run_serve(ctx, procs, cfg, plan))
     host = fleet_host if variant.kind == "host" else llm_host
-    env = ctx.env()
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
     if cfg.kv_cache_space_gib:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_space_gib)
-    child = procs.spawn(host, msgspec.json.encode(plan).decode(), name=variant.name,
-                        env={k: v for k, v in env.items() if k != "PYTHONPATH"})
+    child = procs.spawn(host, msgspec.json.encode(plan).decode(), name=variant.name, env=env,
+                        log=ctx.log)
     return procs.expect(child, "done", ctx.start_timeout_s + ctx.run_timeout_s)
 
 
