@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -103,8 +104,9 @@ class Child:
             return ""
 
     def send(self, sig: int) -> None:
+        """`sig` to the process, if it has not been reaped (its pid may be another's then)."""
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
+            self.proc.send_signal(sig)
 
     def stop(self, sig: int = signal.SIGTERM, grace_s: float = 10.0) -> int | None:
         """`sig`, then SIGKILL to the whole group after `grace_s`; returns when the group is
@@ -595,8 +597,8 @@ def portable(value: Any) -> Any:
     if isinstance(value, str):
         for path, name in ((str(REPO), "."), (tempfile.gettempdir(), "$TMPDIR"),
                            (str(Path.home()), "~")):
-            if path not in ("/", "") and path in value:
-                value = value.replace(path, name)
+            if path not in ("/", ""):  # whole path components only: not /repo-other
+                value = re.sub(re.escape(path) + r"(?![\w.-])", name, value)
         return value
     if isinstance(value, dict):
         return {k: portable(v) for k, v in value.items()}

@@ -780,7 +780,7 @@ def print_report(summary: dict, runs: dict[str, list[dict]], args: argparse.Name
     print(f"fleet vs floor (what the fleet's machinery costs): "
           f"{summary['ratios']['fleet_vs_floor']:.2f}x")
     for name, c in summary["compared"].items():
-        print(f"fleet@{name} ({':'.join(c['code'])}) vs fleet: {c['vs_fleet']:.3f} "
+        print(f"fleet@{name} ({':'.join(c['code'])}) / fleet: {c['vs_fleet']:.3f} "
               f"(per round " + ", ".join(f"{r:.3f}" for r in c["per_round_vs_fleet"]) + ")")
     for name in runs:
         if name.startswith("latency"):

@@ -152,3 +152,61 @@ def test_tiny_fleet_run_on_the_cpu(tmp_path):
     assert row["ok"] == row["tasks"] == 16
     assert row["output_tokens"] == 16 * 8
     assert row["lanes"][0]["bench"]["committed"] >= 16
+
+
+def test_each_model_size_gets_the_one_copy_of_the_tokenizer(tmp_path):
+    from bench.gpu.common import MODEL_SIZES, TOKENIZER_DIR, assemble_model
+
+    dirs = [assemble_model(size, tmp_path) for size in MODEL_SIZES]
+    for model in dirs:
+        names = {p.name for p in model.iterdir()}
+        assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+        assert (model / "tokenizer.json").resolve() == (TOKENIZER_DIR / "tokenizer.json")
+    configs = [json.loads((d / "config.json").read_text()) for d in dirs]
+    assert configs[0]["hidden_size"] != configs[1]["hidden_size"]
+
+
+def test_idle_figures_and_what_each_comparison_shows():
+    from bench.gpu.idle import VARIANTS, comparisons, histogram_means, summarize, table
+
+    run = summarize([0.196, 0.200, 0.228], [0.010, 0.012], 64,
+                    histograms=histogram_means(
+                        {"request_decode_time_seconds_sum": 1.0,
+                         "request_decode_time_seconds_count": 10},
+                        {"request_decode_time_seconds_sum": 1.567,
+                         "request_decode_time_seconds_count": 13}),
+                    steps={"queue": 0.7})
+    assert run["e2e_ms"]["p50"] == 200.0 and run["e2e_ms"]["p99"] == 228.0
+    assert run["per_token_ms"] == round((200.0 - 10.0) / 63, 3)
+    assert run["engine_decode_per_token_ms"] == round(189.0 / 63, 3)  # 567 ms / 3 requests
+    serve = summarize([0.136, 0.138, 0.141], [0.008, 0.009], 64)
+    results = {"serve": {"engine": {"start_s": 60}, "serve": serve},
+               "fleet": {"engine": {"start_s": 30, "async_scheduling": True}, "fleet": run},
+               "fcfs": {"skipped": "budget"}}
+    [gap] = comparisons(results)
+    assert (gap["run"], gap["against"], gap["e2e_p50_ms"], gap["e2e_p99_ms"]) == (
+        "fleet/fleet", "serve/serve", 62.0, 87.0)
+    text = table(results)
+    assert "async_scheduling True" in text and "fcfs" in text and "budget" in text
+    # Every comparison names runs that some variant makes.
+    from bench.gpu.idle import COMPARISONS
+
+    made = {f"{v.name}/{s}" for v in VARIANTS.values() for s in v.subruns}
+    assert {p for _, a, b in COMPARISONS for p in (a, b)} <= made
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(900)
+def test_tiny_idle_fleet_variant_on_the_cpu(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu.idle", "--tiny", "--variants", "fleet",
+         "--requests", "2", "--tokens", "4", "--out", str(tmp_path), "--deadline-s", "800"],
+        cwd=ROOT, capture_output=True, text=True, timeout=880)
+    report = json.loads((tmp_path / "idle.json").read_text())
+    fleet = report["results"]["fleet"]
+    assert proc.returncode == 0, fleet.get("error") or proc.stderr[-3000:]
+    assert set(fleet) == {"engine", "fleet", "fleet-gc", "fleet-block", "direct", "asyncllm",
+                          "asyncllm-plain", "asyncllm-delta"}
+    assert fleet["fleet"]["steps_p50_ms"]["decode"] > 0
+    assert fleet["asyncllm-delta"]["step_ms"]["n"] == 2 * 3  # two requests, three gaps each
+    assert "the queue and the worker's loops" in proc.stdout
