@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         Check(f"submit >= {TARGETS['submit_lines_per_s']:,} lines/s",
               sub["lines_per_s"] >= TARGETS["submit_lines_per_s"], f"{sub['lines_per_s']:,.0f}"),
         Check(f"submitter peak RSS < {TARGETS['submitter_peak_rss_mb']} MB",
-              sub["peak_rss_mb"] < TARGETS["submitter_peak_rss_mb"], f"{sub['peak_rss_mb']:.0f} MB"),
+              sub["peak_rss_mb"] < TARGETS["submitter_peak_rss_mb"],
+              f"{sub['peak_rss_mb']:.0f} MB"),
         Check("no line lost or duplicated",
               check["lost"] == check["duplicated"] == check["unknown"] == 0
               and check["output_lines"] == args.lines,

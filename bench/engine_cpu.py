@@ -122,7 +122,7 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     # Three: single rounds of the same code swing 0.88-1.18 in fleet/offline on a shared VM,
-    # and the target is read on the median (docs/benchmarks.md, engine path).
+    # and the target is read on the median (docs/benchmarks-history.md, engine path).
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default="")
     args = p.parse_args()

@@ -716,7 +716,8 @@ def summarize(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
               f"{lat['p50']:.2f} ms"),
         Check(f"latency p99 <= 10 ms at {at}", lat["p99"] <= TARGETS["latency_p99_ms"],
               f"{lat['p99']:.2f} ms"),
-        Check("RSS(10,000 queued) <= RSS(10 queued) x 1.05", rss[many] <= rss[few] * MEMORY_TOLERANCE,
+        Check("RSS(10,000 queued) <= RSS(10 queued) x 1.05",
+              rss[many] <= rss[few] * MEMORY_TOLERANCE,
               f"{rss[many] / 1024:.1f} vs {rss[few] / 1024:.1f} MiB"),
     ]
     compared = {name: {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -11,8 +13,10 @@ from typing import IO
 
 import msgspec
 
-from bench.harness import child_env, percentiles
+from bench.harness import Processes, child_env, percentiles, portable
 from bench.gpu.workload import PromptSet
+
+log = logging.getLogger("bench.gpu")
 
 MODEL_NAME = "bench"  # the served model name on every path
 MODELS = Path(__file__).resolve().parent / "models"
@@ -150,3 +154,19 @@ def summary(*, wall_s: float, tasks: int, ok: int, output_tokens: int,
         "tokens_per_s": round(output_tokens / wall_s, 1) if wall_s else 0.0,
         "tasks_per_s": round(tasks / wall_s, 2) if wall_s else 0.0,
     }
+
+
+def attempt(ctx: Context, label: str, run: Callable[[Processes], dict]) -> dict:
+    """`run(procs)`'s figures, its processes stopped after; {"error": ...} if it failed (or
+    one of its processes died): one run's failure must not lose the others."""
+    try:
+        with Processes(log_dir=ctx.work_dir) as procs:
+            return run(procs)
+    except Exception as exc:
+        log.exception("%s failed", label)
+        return {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
+
+
+def save(path: Path, report: dict) -> None:
+    """The report so far (after every run: a later failure keeps what came before)."""
+    path.write_text(json.dumps(portable(report), indent=1))

@@ -3,10 +3,10 @@
     AGENTFLEET_ENGINE=vllm AGENTFLEET_MODELS_FILE=... REDIS_URL=... \\
         python -m bench.gpu.fleet_worker --stats-dir DIR [--sample-ms 5]
 
-It serves the default model with the engine `make_engine` picks.  SIGUSR1 writes a snapshot to DIR/<n>.json: the lane's counters,
-vLLM's own counters (prefix cache, preemptions) from prometheus_client's registry, where
-AsyncLLM's default stat logger keeps them, and, between the first and the second snapshot,
-a sampling profile of the event loop's thread.  SIGTERM drains and stops, as in production.
+It serves the default model with the engine `make_engine` picks.  SIGUSR1 writes a snapshot
+to DIR/<n>.json: the lane's counters, vLLM's own counters (prefix cache, preemptions) from
+prometheus_client's registry, where AsyncLLM's default stat logger keeps them, and, between
+the first and the second snapshot, a sampling profile of the event loop's thread.  SIGTERM drains and stops, as in production.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ from pathlib import Path
 import msgspec
 
 from bench import harness
-from bench.gpu.common import MODEL_NAME, MODEL_SIZES, TOKENIZER_DIR, Context, assemble_model
+from bench.gpu.common import (MODEL_NAME, MODEL_SIZES, TOKENIZER_DIR, Context, assemble_model,
+                              attempt, save)
 from bench.gpu.engines import GPU_CONFIGS, TINY_CONFIGS, EngineConfig, llm_kwargs, models_toml
 from bench.gpu.workload import Tokens, bulk_prompts
 from bench.harness import Processes, Report, TreeCpu, percentiles
@@ -686,14 +687,11 @@ def main(argv: list[str] | None = None) -> int:
                         requests=requests, tokens=tokens, warmup=2 if args.tiny else 5)
             ctx.banner(f"idle {name}: {variant.about}")
             log.info("%s (%s): starting", name, variant.about)
-            try:
-                with Processes(log_dir=work_dir) as procs:
-                    report["results"][name] = run_variant(ctx, procs, variant, plan, cfg)
-            except Exception as exc:  # one variant's failure must not lose the others
-                log.exception("%s failed", name)
-                report["results"][name] = {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
+            report["results"][name] = attempt(
+                ctx, name, lambda procs, plan=plan, variant=variant, cfg=cfg: run_variant(
+                    ctx, procs, variant, plan, cfg))
             report["comparisons"] = comparisons(report["results"])
-            (out_dir / "idle.json").write_text(json.dumps(harness.portable(report), indent=1))
+            save(out_dir / "idle.json", report)
     finally:
         import shutil
 

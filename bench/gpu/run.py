@@ -45,7 +45,8 @@ from pathlib import Path
 import msgspec
 
 from bench import harness
-from bench.gpu.common import MODEL_SIZES, TOKENIZER_DIR, Context, Mixed, assemble_model, summary
+from bench.gpu.common import (MODEL_SIZES, TOKENIZER_DIR, Context, Mixed, assemble_model, attempt,
+                              save, summary)
 from bench.gpu.engines import GPU_CONFIGS, TINY_CONFIGS, EngineConfig, llm_kwargs
 from bench.gpu.workload import PromptSet, Tokens, bulk_prompts, system_prompt
 from bench.harness import Check, Processes
@@ -353,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                  w.shared_prefix_tokens, w.max_tokens)
     if args.dry_run:
         for run in runs:
-            print(f"{run.phase:7} {run.label:22} {msgspec.json.encode(configs[run.config]).decode()}")
+            config = msgspec.json.encode(configs[run.config]).decode()
+            print(f"{run.phase:7} {run.label:22} {config}")
         return 0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of HTTP clients
@@ -384,13 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                 ctx.banner(f"{run.phase} {run.label}")
                 log.info("%s %s: starting (about %.0f s)", run.phase, run.label, expected_s)
                 t0 = time.monotonic()
-                try:
-                    with Processes(log_dir=work_dir) as procs:
-                        row.update(procs.run(execute(ctx, procs, run, configs[run.config],
-                                                     work, sizes)))
-                except Exception as exc:  # one path's failure must not lose the others
-                    log.exception("%s %s failed", run.phase, run.label)
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+                row.update(attempt(ctx, f"{run.phase} {run.label}",
+                                   lambda procs, run=run: procs.run(execute(
+                                       ctx, procs, run, configs[run.config], work, sizes))))
                 row["run_s"] = round(time.monotonic() - t0, 1)
                 if "tokens_per_s" in row:
                     log.info("%s %s: %.0f tok/s, %.1f tasks/s, %d/%d ok (run %.0f s)",
@@ -400,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             add_ratios(report["results"])
             checks = check_targets(report["results"])
             report["targets"] = [c.as_dict() for c in checks]
-            (out_dir / "results.json").write_text(json.dumps(harness.portable(report), indent=1))
+            save(out_dir / "results.json", report)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     print()
