@@ -256,11 +256,17 @@ async def _fleet_host(plan: Plan) -> dict:
         try:
             for name in plan.variant.subruns:
                 log.info("sub-run %s", name)
-                if name.startswith("fleet"):
-                    results[name] = await _fleet_subrun(procs, plan, name, settings, redis,
-                                                        engine, models_file)
-                else:
-                    results[name] = await _engine_subrun(plan, name, engine)
+                try:
+                    if name.startswith("fleet"):
+                        results[name] = await _fleet_subrun(procs, plan, name, settings, redis,
+                                                            engine, models_file)
+                    else:
+                        results[name] = await _engine_subrun(plan, name, engine)
+                except Exception as exc:  # the other sub-runs still tell something
+                    if isinstance(exc, harness.ChildDied) or engine._llm.errored:
+                        raise
+                    log.exception("sub-run %s failed", name)
+                    results[name] = {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
                 log.info("sub-run %s: %s", name, json.dumps(results[name])[:400])
         finally:
             await redis.aclose()
@@ -593,6 +599,9 @@ def table(results: dict) -> str:
         for name, r in runs.items():
             if name == "engine":
                 continue
+            if "error" in r:
+                lines.append(f"  {name:26} {r['error']}")
+                continue
             e2e, one = r["e2e_ms"], r["e2e_one_token_ms"]
             notes = []
             if r.get("steps_p50_ms"):
@@ -616,7 +625,7 @@ def comparisons(results: dict) -> list[dict]:
     found = []
     for about, run, against in COMPARISONS:
         a, b = _get(results, run), _get(results, against)
-        if not a or not b:
+        if not a or not b or "error" in a or "error" in b:
             continue
         found.append({
             "shows": about, "run": run, "against": against,
