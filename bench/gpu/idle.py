@@ -396,6 +396,7 @@ async def _engine_subrun(plan: Plan, name: str, engine) -> dict:
 
     for k in range(plan.warmup):
         await one(k, plan.tokens)
+    gaps.clear()
     before, cpu = _registry_samples(), TreeCpu(os.getpid())
     long_s = [await one(k, plan.tokens) for k in range(plan.requests)]
     histograms = histogram_means(before, _registry_samples())
