@@ -301,7 +301,7 @@ class Processes:
 
     def run(self, coroutine: Awaitable[T]) -> T:
         """`asyncio.run` of a guarded coroutine, under uvloop where installed."""
-        return _run_loop(self.guard(coroutine))
+        return run_uvloop(self.guard(coroutine))
 
     # -- stopping
 
@@ -355,12 +355,16 @@ def child_env(pythonpath: Sequence[str] | None = None, **extra: str) -> dict[str
     return env
 
 
-def _run_loop(coroutine: Awaitable[T]) -> T:
+def run_uvloop(coroutine: Awaitable[T]) -> T:
+    """`asyncio.run` on uvloop where installed (uvloop.run, or its policy before 0.18)."""
     try:
         import uvloop
     except ImportError:
         return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
+    if hasattr(uvloop, "run"):
+        return uvloop.run(coroutine)
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(coroutine)
 
 
 def _child_main(target: str, args_json: str) -> None:
@@ -376,7 +380,7 @@ def _child_main(target: str, args_json: str) -> None:
     try:
         result = function(report, *json.loads(args_json))
         if asyncio.iscoroutine(result):
-            _run_loop(result)
+            run_uvloop(result)
     except BaseException:  # noqa: BLE001 - the parent reads it at the end of the log
         traceback.print_exc()
         sys.stderr.flush()

@@ -186,12 +186,7 @@ def fleet_host(report: Report, plan_json: str) -> None:
     """An engine process as `agentfleet worker` runs it (the plan's loop and engine flags);
     reports "done" with every sub-run's figures."""
     plan = msgspec.json.decode(plan_json, type=Plan)
-    if plan.variant.loop == "uvloop":
-        import uvloop
-
-        runner = uvloop.run
-    else:
-        runner = asyncio.run
+    runner = harness.run_uvloop if plan.variant.loop == "uvloop" else asyncio.run
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s host[{os.getpid()}] %(levelname)s %(message)s")
     report("done", runner(_fleet_host(plan)))
