@@ -286,10 +286,13 @@ def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
     if settings.engine == "fake":
         from agentfleet.workers.fake_engine import FakeEngine
 
-        return FakeEngine()
-    if settings.engine == "vllm":
-        from agentfleet.workers.models import resolve_model_path
-        from agentfleet.workers.vllm_engine import VllmEngine
+        return FakeEngine(delay_s=settings.fake_delay_s, slots=settings.fake_slots or None)
+    from agentfleet.workers.models import resolve_model_path
 
-        return VllmEngine(spec, resolve_model_path(spec, settings.home_path))
-    raise FatalConfigError(f"AGENTFLEET_ENGINE={settings.engine!r}: use 'vllm' or 'fake'")
+    path = resolve_model_path(spec, settings.home_path)  # before vLLM's slow import
+    try:
+        from agentfleet.workers.vllm_engine import VllmEngine
+    except ImportError as exc:
+        raise FatalConfigError(f"AGENTFLEET_ENGINE=vllm needs vLLM ({exc}): install the "
+                               f"`worker` (GPU) or `cpu` extra") from exc
+    return VllmEngine(spec, path)
