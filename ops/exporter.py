@@ -35,7 +35,7 @@ from agentfleet.schemas import keys
 
 log = logging.getLogger("agentfleet.exporter")
 
-LIVE_WITHIN_S = 10.0  # heartbeats come every 2 s: five missed beats and a worker is gone
+LIVE_WITHIN_S = keys.LIVE_WITHIN_S  # heartbeats come every 2 s: five missed and it is gone
 _COMMANDS_PER_MODEL = 10  # 3 per lane stream, 4 per model
 
 # stats hash field -> counter name and meaning (fields the commit and reclaim scripts write)
@@ -110,7 +110,7 @@ def read_queues(client: redis.Redis, models: Sequence[str], *,
             model=model, interactive=_stream_stats(*r[0:3], now), bulk=_stream_stats(*r[3:6], now),
             delayed=delayed, dead_letters=dead,
             counters={k.decode(): int(v) for k, v in stats.items()},
-            live_workers=sum(now - float(at) <= live_within_s for at in beats.values())))
+            live_workers=keys.live_workers(beats.values(), now, live_within_s)))
     return out
 
 

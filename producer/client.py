@@ -87,6 +87,8 @@ class Producer:
         self._polling = False
         self._queued: list[tuple[str, tuple, asyncio.Future]] = []  # single submits to write
         self._flusher: asyncio.Task | None = None
+        self._served: set[str] = set()  # models whose workers were looked for
+        self._checks: set[asyncio.Task] = set()
 
     @classmethod
     def from_url(cls, url: str | None = None, **kwargs) -> Producer:
@@ -106,6 +108,9 @@ class Producer:
     async def close(self) -> None:
         if self._flusher is not None:  # single submits still on their way out
             await asyncio.gather(self._flusher, return_exceptions=True)
+        for check in self._checks:
+            check.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -123,6 +128,8 @@ class Producer:
         task = task if task is not None else Task(**fields)
         self._fill(task, reply, time.time(), current_traceparent())
         validate_task(task, self.settings)
+        if task.model not in self._served:
+            self._look_for_workers([task.model])
         if reply:
             self._ensure_listener()
         loop = asyncio.get_running_loop()
@@ -193,6 +200,7 @@ class Producer:
             ids.append(task.id)
         if reply and ids:
             self._ensure_listener()
+        self._look_for_workers(list(dict.fromkeys(m for m, _ in by_lane if m not in self._served)))
         calls: list[tuple[asyncio.Future, list]] = []
         try:
             for (model, bulk), items in by_lane.items():
@@ -224,6 +232,28 @@ class Producer:
             raise _broker_error(exc, len(chunk)) from exc
         for j in range(0, len(dups), 2):
             ids[chunk[int(dups[j])][3]] = dups[j + 1].decode()
+
+    def _look_for_workers(self, models: list[str]) -> None:
+        """Warn once per model, beside the enqueue, when no live worker serves it."""
+        if models:
+            self._served.update(models)
+            check = asyncio.get_running_loop().create_task(self._warn_unserved(models))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+
+    async def _warn_unserved(self, models: list[str]) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.hvals(keys.workers_key(model))
+                beats = await pipe.execute()
+        except RedisError:
+            return  # the enqueue beside it reports the server's trouble
+        now = time.time()
+        for model, values in zip(models, beats, strict=True):
+            if not keys.live_workers(values, now):
+                log.warning("no live worker serves model %s: its tasks wait until one starts "
+                            "(agentfleet worker --models %s)", model, model)
 
     async def cancel(self, task_id: str, model: str) -> None:
         """Cancel a task: if still queued it never runs; if running, the engine aborts it.

@@ -128,6 +128,11 @@ class EvictingServerError(FatalConfigError):
     """Raised at start-up against a server whose maxmemory-policy may evict our keys."""
 
 
+class UnknownIdError(AgentFleetError):
+    """Raised by a lookup (`agentfleet trace`, `dlq show|replay|purge`) whose id names
+    nothing: never there, expired, or already removed."""
+
+
 class BatchError(AgentFleetError):
     """Raised by the bulk-job client (producer/batch.py) for a job it cannot submit or find:
     an unknown batch id, a batch id that already holds another file or a finished job."""

@@ -219,7 +219,7 @@ class Worker:
             for task_id, until in marks:
                 runner.cancel(task_id.decode(), until)
 
-    async def _heartbeat(self, every_s: float = 2.0) -> None:
+    async def _heartbeat(self, every_s: float = keys.HEARTBEAT_S) -> None:
         """Tell SREs, producers and `agentfleet status` which workers serve which model."""
         while not self.draining:
             await self._beat(alive=True)
