@@ -306,7 +306,11 @@ class Producer:
 
     async def as_completed(self, task_ids: Iterable[str],
                            timeout_s: float = 60.0) -> AsyncIterator[Result]:
-        """Yield results as they arrive; `ResultTimeoutError` names the ones still missing."""
+        """Yield results as they arrive; `ResultTimeoutError` names the ones still missing.
+
+        A server restart is ridden out: the listener and the poll retry until the timeout,
+        which ends in `BrokerError` only if the server is still unreachable then.
+        """
         self._ensure_listener()
         w = _Waiting()
         ids = list(task_ids)
@@ -317,6 +321,7 @@ class Producer:
             elif self._waiters.setdefault(task_id, w) is w:
                 w.left += 1
         deadline = time.monotonic() + timeout_s
+        unreachable = False  # the last poll failed: the server may be restarting
         try:
             while True:
                 if w.ready:
@@ -329,6 +334,10 @@ class Producer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = [i for i in ids if self._waiters.get(i) is w]
+                    if unreachable:  # one last look; BrokerError if the server is still down
+                        await self._read_stored(missing[:1000])
+                        unreachable = False
+                        continue
                     raise ResultTimeoutError(
                         f"{len(missing)} results missing after {timeout_s}s", missing)
                 loop = asyncio.get_running_loop()
@@ -343,7 +352,12 @@ class Producer:
                     if (time.monotonic() - self._last_arrival >= _POLL_S
                             and not self._polling):  # one poll at a time, for all waiters
                         stalled = [i for i in ids if self._waiters.get(i) is w]
-                        await self._read_stored(stalled[:1000])
+                        try:
+                            await self._read_stored(stalled[:1000])
+                            unreachable = False
+                        except BrokerError as exc:  # retried on the next pass, to the deadline
+                            log.debug("producer %s: %s; retrying", self.id, exc)
+                            unreachable = True
         finally:
             if w.left:
                 for task_id in ids:
