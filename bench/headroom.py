@@ -225,13 +225,24 @@ async def measure(args: argparse.Namespace, url: str, log_path: Path) -> dict:
         run.start_worker()
         await run.watched(run.wait_live())
         await run.watched(run.traffic(warm_up=True))  # first connections, scripts loaded
-        alone = await run.watched(run.traffic())
-        bulk = await run.watched(run.bulk_alone())
-        mixed, mixed_bulk = await run.watched(run.both())
+        phases = {}
+        for name, phase in (("alone", run.traffic), ("bulk", run.bulk_alone),
+                            ("both", run.both)):
+            cpu, started = cpu_s(run.worker.pid), time.monotonic()
+            phases[name] = await run.watched(phase())
+            phases[name + "_cpu"] = (cpu_s(run.worker.pid) - cpu) / (time.monotonic() - started)
     finally:
         await run.close()
-    return {"interactive_alone": alone, "bulk_alone": bulk, "interactive_with_bulk": mixed,
-            "bulk_with_interactive": mixed_bulk}
+    mixed, mixed_bulk = phases["both"]
+    return {"interactive_alone": phases["alone"], "bulk_alone": phases["bulk"],
+            "interactive_with_bulk": mixed, "bulk_with_interactive": mixed_bulk,
+            "worker_cpu_share": {k[:-4]: phases[k] for k in phases if k.endswith("_cpu")}}
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def report(figures: dict, args: argparse.Namespace) -> int:
@@ -247,6 +258,9 @@ def report(figures: dict, args: argparse.Namespace) -> int:
     print(f"interactive with bulk  p50 {mixed['p50_ms']:6.1f} ms  p99 {mixed['p99_ms']:6.1f} ms")
     print(f"bulk alone             {bulk['tasks_per_s']:8,.1f} tasks/s")
     print(f"bulk with interactive  {mixed_bulk['tasks_per_s']:8,.1f} tasks/s")
+    cpu = figures["worker_cpu_share"]
+    print(f"worker CPU (share of a core): interactive alone {cpu['alone']:.0%}, bulk alone "
+          f"{cpu['bulk']:.0%}, both {cpu['both']:.0%}")
     p99_ratio = mixed["p99_ms"] / alone["p99_ms"]
     bulk_ratio = mixed_bulk["tasks_per_s"] / bulk["tasks_per_s"]
     figures["p99_ratio"], figures["bulk_ratio"] = p99_ratio, bulk_ratio
