@@ -118,6 +118,7 @@ class LineContext(msgspec.Struct, kw_only=True):
     deadline: float  # epoch seconds: created + completion window
     settings: Settings
     model_map: dict[str, str] = {}
+    tenant: str = "default"  # whose job it is: its tasks run within that tenant's share
 
 
 def valid_batch_id(batch_id: str) -> bool:
@@ -234,6 +235,7 @@ def to_task(line: RequestLine, ctx: LineContext) -> Task:
         idempotency_key=id_,
         metadata={"custom_id": line.custom_id, "batch_url": line.url},
         batch_id=ctx.batch_id,
+        tenant=ctx.tenant,
     )
 
 

@@ -28,7 +28,8 @@ import agentfleet.ops.cli as cli
 # What the commands import lazily, imported once here before the forks.
 import agentfleet.ops.batch, agentfleet.ops.demo, agentfleet.ops.dlq, agentfleet.ops.exporter
 import agentfleet.ops.localserver, agentfleet.ops.report, agentfleet.ops.status
-import agentfleet.ops.trace, agentfleet.producer.batch, agentfleet.workers.worker
+import agentfleet.ops.trace, agentfleet.ops.tenants, agentfleet.producer.batch
+import agentfleet.workers.worker
 
 cases, folder = json.loads(sys.stdin.read()), sys.argv[1]
 results, running = [None] * len(cases), {}
@@ -124,6 +125,9 @@ def test_every_command_fails_in_one_line_with_its_exit_code(tmp_path, live):
         "batch cancel": ["batch", "cancel", "b1"],
         "batch list": ["batch", "list"],
         "keys": ["keys", "list"],
+        "tenants": ["tenants", "list"],
+        "audit": ["audit"],
+        "console": ["console", "--port", str(free_port())],
         "worker": ["worker"],
         "demo": ["demo", "--engine", "fake", "--agents", "1"],
     }
@@ -172,7 +176,8 @@ def test_every_command_fails_in_one_line_with_its_exit_code(tmp_path, live):
             ("batch wait", ["batch", "wait", "nope"], "no batch 'nope'"),
             ("batch results", ["batch", "results", "nope", "-o", out], "no batch 'nope'"),
             ("batch cancel", ["batch", "cancel", "nope"], "no batch 'nope'"),
-            ("keys revoke", ["keys", "revoke", "nope"], "no API key with id 'nope'")]:
+            ("keys revoke", ["keys", "revoke", "nope"], "no API key with id 'nope'"),
+            ("tenants remove", ["tenants", "remove", "nope"], "nope")]:
         cases.append((f"{name}, unknown id", argv, live_env, 2, text))
 
     try:

@@ -128,6 +128,8 @@ class LaneMetrics:
         self.model = runner.model
         self.runner = runner
         self.kpi = kpi  # per-minute aggregates in Redis (workers/kpi.py), None when off
+        if kpi is not None:  # engine up/busy seconds and queue depth, sampled by the flush
+            kpi.watch(runner.model, lambda: runner.busy)
         self._lock = threading.Lock()  # the event loop appends, a scrape thread folds
         self.queue_wait = _Histogram(LATENCY_BUCKETS_S)
         self.first_token = _Histogram(LATENCY_BUCKETS_S)
@@ -146,6 +148,7 @@ class LaneMetrics:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.preemptions = 0
+        self._served_before: dict[tuple[str, str], int] = {}  # for tenant_shares
         self._labels = ""
         self._labels_version: str | None = None
         self._prefixes: dict[tuple[str, str | None], tuple[list[str], str, str]] = {}
@@ -195,7 +198,9 @@ class LaneMetrics:
         ptok: list[int] = []
         otok: list[int] = []
         tenants: list[str] = []
+        tte: list[float] = []  # first token from enqueue: the SLO's figure (KPI only)
         a_wait, a_e2e, a_ttft, a_eng = wait.append, e2e.append, ttft.append, eng.append
+        a_tte = tte.append
         a_ptok, a_otok, a_tenant = ptok.append, otok.append, tenants.append
         first = done[0].task if n else None
         priority = first.priority if first is not None else 0
@@ -211,6 +216,7 @@ class LaneMetrics:
             a_wait(rec.read_at - enqueued)
             a_e2e(now - enqueued)
             a_ttft(out.first_token - started)
+            a_tte(out.first_token - enqueued)
             a_eng(out.finished - started)
             a_ptok(out.prompt_tokens)
             a_otok(out.output_tokens)
@@ -218,7 +224,9 @@ class LaneMetrics:
         if self.kpi is not None:  # by reference: the per-task work waits for the flush
             self.kpi.groups.append((self.model, int(now // 60) * 60,
                                     "bulk" if batch else "interactive", tenants, e2e, ptok,
-                                    otok))
+                                    otok, tte, wait, eng, self.version,
+                                    n if batch and (first.deadline is None
+                                                    or now <= first.deadline) else 0))
         with self._lock:
             klass = "bulk" if batch else _PRIORITY[priority]
             key = (Status.SUCCEEDED.value, "", klass)
@@ -270,9 +278,19 @@ class LaneMetrics:
                 key = (status, code, klass)
                 self.outcomes[key] = self.outcomes.get(key, 0) + 1
                 if kpi is not None:
+                    ok = status == Status.SUCCEEDED.value
                     kpi.append((self.model, minute, "bulk" if klass == "bulk" else "interactive",
                                 task.tenant if task is not None else "", status, code, latency,
-                                ptok, otok))
+                                ptok, otok,
+                                out.first_token - enqueued if ok and out.first_token and enqueued
+                                else None,
+                                rec.read_at - enqueued if enqueued else None,
+                                (out.finished or now) - out.engine_start if out.engine_start
+                                else None,
+                                self.version,
+                                ok and klass == "bulk" and (task.deadline is None
+                                                            or now <= task.deadline),
+                                task.correlation_id if task is not None else ""))
             self.commit_group.raw.append(len(done))
             if len(self.queue_wait.raw) > _FOLD_AT:
                 self._fold()
@@ -330,6 +348,27 @@ class LaneMetrics:
         self.preemptions += preemptions
 
     # ---- scrape side ---------------------------------------------------------------------
+
+    def tenant_shares(self, figures: dict, weight_of: dict[str, float]
+                      ) -> dict[tuple[str, str], float]:
+        """(lane, tenant) -> served share / entitled share since the previous call, for the
+        tenants waiting now (`figures`: Admission.tenant_figures)."""
+        previous = self._served_before
+        now = {key: served for key, (_, _, served, _) in figures.items()}
+        self._served_before = now
+        out: dict[tuple[str, str], float] = {}
+        for lane in ("interactive", "bulk"):
+            delta = {t: now[(ln, t)] - previous.get((ln, t), 0) for (ln, t) in now if ln == lane}
+            total = sum(delta.values())
+            if total <= 0:
+                continue
+            waiting = [t for (ln, t), (w, *_) in figures.items() if ln == lane and w > 0]
+            contending = {t for t, d in delta.items() if d > 0} | set(waiting)
+            weights = sum(weight_of[t] for t in contending)
+            for tenant in waiting:
+                entitled = weight_of[tenant] / weights
+                out[(lane, tenant)] = (delta[tenant] / total) / entitled
+        return out
 
     def snapshot(self) -> _Snapshot:
         """Fold what is pending and copy the figures (called from the scrape thread)."""
