@@ -20,6 +20,10 @@ A lane's gauges sum its tenants' streams.  Per-tenant gauges name the `TOP_TENAN
 with the most queued work of each model and sum the others as "other": labels stay bounded.
 
 `read_queues` is also what `agentfleet status` shows.
+
+Backlog tokens per lane (`agentfleet_queue_backlog_tokens`, what KEDA scales bulk work on)
+are an estimate from the last hour's per-minute aggregates, re-read once a minute
+(ops/capacity.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from redis.exceptions import RedisError
 
+from agentfleet.ops.capacity import DEFAULT_TASK_TOKENS, BacklogEstimator
 from agentfleet.producer.connection import connect_sync
 from agentfleet.schemas import keys
 
@@ -231,10 +236,13 @@ class QueueCollector:
     """A prometheus_client collector that reads Redis on every scrape."""
 
     def __init__(self, client: redis.Redis, models: Sequence[str], *,
-                 live_within_s: float = LIVE_WITHIN_S):
+                 live_within_s: float = LIVE_WITHIN_S,
+                 default_task_tokens: float = DEFAULT_TASK_TOKENS):
         self.client = client
         self.models = list(models)
         self.live_within_s = live_within_s
+        self.backlog = BacklogEstimator(client, self.models,
+                                        default_task_tokens=default_task_tokens)
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
@@ -242,6 +250,7 @@ class QueueCollector:
                                "1 if the last scrape could read Redis, else 0.")
         try:
             queues = read_queues(self.client, self.models, live_within_s=self.live_within_s)
+            backlog = {q.model: self.backlog.tokens(q.model, queued_tasks(q)) for q in queues}
         except RedisError as exc:
             log.warning("exporter: reading Redis failed (%s)", exc)
             up.add_metric([], 0)
@@ -250,6 +259,7 @@ class QueueCollector:
         up.add_metric([], 1)
         yield up
         yield from queue_families(queues)
+        yield backlog_family(backlog)
         took = GaugeMetricFamily("agentfleet_exporter_scrape_duration_seconds",
                                  "How long this scrape took to read Redis.")
         took.add_metric([], time.perf_counter() - started)
@@ -330,14 +340,33 @@ def tenant_families(queues: list[QueueStats]) -> Iterator[Metric]:
     yield from (lag, queued, refused)
 
 
-def exporter_registry(client: redis.Redis, models: Sequence[str]) -> CollectorRegistry:
+def queued_tasks(q: QueueStats) -> dict[str, float]:
+    """Tasks each lane still has to run: never delivered (lag) plus delivered, unfinished."""
+    return {lane: getattr(q, lane).lag + getattr(q, lane).pending for lane in LANES}
+
+
+def backlog_family(backlog: dict[str, dict[str, float]]) -> Metric:
+    family = GaugeMetricFamily(
+        "agentfleet_queue_backlog_tokens",
+        "Prompt+output tokens the lane's queued tasks (lag + pending) will cost. An ESTIMATE: "
+        "queued tasks times the lane's mean tokens per succeeded task over the last hour "
+        "(else the model's, else the exporter's --default-task-tokens). lane: interactive, "
+        "or bulk (bulk jobs).", labels=["model", "lane"])
+    for model, lanes in backlog.items():
+        for lane, tokens in lanes.items():
+            family.add_metric([model, lane], tokens)
+    return family
+
+
+def exporter_registry(client: redis.Redis, models: Sequence[str], *,
+                      default_task_tokens: float = DEFAULT_TASK_TOKENS) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(client, models))
+    registry.register(QueueCollector(client, models, default_task_tokens=default_task_tokens))
     return registry
 
 
 def run_exporter(url: str, models: Sequence[str], *, port: int, addr: str = "0.0.0.0",
-                 once: bool = False) -> int:
+                 once: bool = False, default_task_tokens: float = DEFAULT_TASK_TOKENS) -> int:
     """Serve the queue gauges on `port` until SIGTERM or SIGINT (`once`: print them, exit)."""
     import signal
     import threading
@@ -348,7 +377,7 @@ def run_exporter(url: str, models: Sequence[str], *, port: int, addr: str = "0.0
     from agentfleet.workers.metrics import MetricsServer
 
     client = connect_sync(url, socket_timeout=5)
-    registry = exporter_registry(client, models)
+    registry = exporter_registry(client, models, default_task_tokens=default_task_tokens)
     try:
         if once:
             print(generate_latest(registry).decode(), end="", flush=True)

@@ -128,6 +128,8 @@ def test_every_command_fails_in_one_line_with_its_exit_code(tmp_path, live):
         "tenants": ["tenants", "list"],
         "audit": ["audit"],
         "console": ["console", "--port", str(free_port())],
+        "plan": ["plan", "--model", "smollm2-135m", "--deadline", "6h"],
+        "drill": ["drill", "--target", "test-fleet", "--tasks", "1", "--flood-tasks", "1"],
         "worker": ["worker"],
         "demo": ["demo", "--engine", "fake", "--agents", "1"],
     }
