@@ -473,6 +473,15 @@ class Producer:
         found = await self._stored([task_id], [model] if model else list(self.settings.models))
         return found[0] if found else None
 
+    async def get_results(self, task_ids: Sequence[str], model: str | None = None
+                          ) -> list[Result]:
+        """The stored results of many tasks (those that have one), a pipeline per 10,000."""
+        models = [model] if model else list(self.settings.models)
+        found: list[Result] = []
+        for start in range(0, len(task_ids), 10_000):
+            found += await self._stored(list(task_ids[start:start + 10_000]), models)
+        return found
+
     def _deliver(self, result: Result) -> None:
         w = self._waiters.pop(result.task_id, None)
         if w is not None:

@@ -210,3 +210,21 @@ def test_tiny_idle_fleet_variant_on_the_cpu(tmp_path):
     assert fleet["fleet"]["steps_p50_ms"]["decode"] > 0
     assert fleet["asyncllm-delta"]["step_ms"]["n"] == 2 * 3  # two requests, three gaps each
     assert "the queue and the worker's loops" in proc.stdout
+
+
+def test_fairness_phase_plans_and_targets():
+    runs = parse_phases(["fairness"])
+    assert [r.label for r in runs] == ["fleet@t512p", "fleet@t512p+nofair"]
+    with pytest.raises(SystemExit):
+        parse_phases(["bulk=fleet@t512p+nofair"])  # only the fairness phase turns it off
+    fair = {"phase": "fairness", "label": "fleet@t512p", "path": "fleet", "config": "t512p",
+            "tokens_per_s": 19_600.0,
+            "interactive_alone": {"ttft_s": {"p50": 0.030, "p99": 0.040}},
+            "interactive": {"ttft_s": {"p50": 0.040, "p99": 0.056}}}
+    unfair = {"phase": "fairness", "label": "fleet@t512p+nofair", "path": "fleet",
+              "config": "t512p", "tokens_per_s": 20_000.0}
+    checks = {c.target: c for c in check_targets([fair, unfair])}
+    ttft = checks["fairness: B's p99 time to first token under A's flood <= 1.5 x alone"]
+    assert (ttft.status, ttft.value) == ("PASS", 1.4)
+    tput = checks["fairness: tokens/s with fairness on >= 0.97 x off"]
+    assert (tput.status, tput.value) == ("PASS", 0.98)

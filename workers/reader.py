@@ -126,8 +126,9 @@ class Reader:
         streams = r.streams
         waiting = r.admission.waiting_by_tenant()
         total = sum(counts.values())
+        read_ahead = r.settings.max_inflight
         picked = {lane: streams.lanes[lane].pick(max(1, min(count, MAX_STREAMS_PER_READ)),
-                                                 waiting)
+                                                 waiting, read_ahead)
                   for lane, count in counts.items()}
         per_stream = max(1, total // sum(len(t) for t in picked.values()))
         if "b" in picked and per_stream * len(picked["b"]) > counts["b"]:

@@ -54,6 +54,7 @@ class Answer(msgspec.Struct, kw_only=True):
     latency_s: float
     ok: bool
     queue_s: float | None = None  # the fleet's enqueued -> engine, where known
+    ttft_s: float | None = None  # the fleet's enqueued -> first token, where known
 
 
 class Context:
@@ -116,6 +117,9 @@ def interactive_figures(answers: list[Answer], mixed: Mixed) -> dict:
     queue_s = [a.queue_s for a in good if a.queue_s is not None]
     if queue_s:
         figures["queue_s"] = percentiles(queue_s)
+    ttft_s = [a.ttft_s for a in good if a.ttft_s is not None]
+    if ttft_s:
+        figures["ttft_s"] = percentiles(ttft_s)
     return figures
 
 

@@ -85,10 +85,10 @@ class FleetWorkers:
             self.procs.stop(child, grace_s=60.0)
 
 
-def _tasks(work: PromptSet, *, batch_id: str = "") -> list[Task]:
+def _tasks(work: PromptSet, *, batch_id: str = "", tenant: str = "default") -> list[Task]:
     sampling = Sampling(max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True)
-    return [Task(model=MODEL_NAME, prompt=p, sampling=sampling, batch_id=batch_id)
-            for p in work.prompts]
+    return [Task(model=MODEL_NAME, prompt=p, sampling=sampling, batch_id=batch_id,
+                 tenant=tenant) for p in work.prompts]
 
 
 async def _collect(producer: Producer, ids: list[str], timeout_s: float,
@@ -113,10 +113,11 @@ def _summarise(results: list[Result], wall_s: float, work: PromptSet) -> dict:
     return out
 
 
-async def _bulk(ctx: Context, producer: Producer, work: PromptSet, batch_id: str = "") -> dict:
+async def _bulk(ctx: Context, producer: Producer, work: PromptSet, batch_id: str = "",
+                tenant: str = "default") -> dict:
     """All of `work` submitted at once (as a bulk job when `batch_id`), every result back."""
     t0 = time.perf_counter()
-    ids = await producer.submit_many(_tasks(work, batch_id=batch_id))
+    ids = await producer.submit_many(_tasks(work, batch_id=batch_id, tenant=tenant))
     submit_s = time.perf_counter() - t0
     results, wall_s = await _collect(producer, ids, ctx.run_timeout_s, t0)
     result = _summarise(results, wall_s, work)
@@ -125,7 +126,10 @@ async def _bulk(ctx: Context, producer: Producer, work: PromptSet, batch_id: str
 
 
 async def run_fleet(ctx: Context, procs: Processes, cfg: EngineConfig, work: PromptSet, *,
-                    workers: int = 1, mixed: Mixed | None = None) -> dict:
+                    workers: int = 1, mixed: Mixed | None = None, tenants: bool = False,
+                    fairness: bool = True) -> dict:
+    """`tenants`: the mixed traffic as two tenants of one lane (B steady, A flooding with the
+    bulk work as interactive tasks) rather than interactive tasks beside a bulk job."""
     global _run_seq
     _run_seq += 1
     run_dir = ctx.work_dir / f"fleet{_run_seq}"
@@ -137,7 +141,7 @@ async def run_fleet(ctx: Context, procs: Processes, cfg: EngineConfig, work: Pro
             REDIS_URL=server.url, AGENTFLEET_ENGINE="vllm",
             AGENTFLEET_MODELS_FILE=str(models_file), AGENTFLEET_DEFAULT_MODEL=MODEL_NAME,
             AGENTFLEET_HOME=str(run_dir / "home"), AGENTFLEET_METRICS_PORT="0",
-            AGENTFLEET_LOG_FORMAT="text",
+            AGENTFLEET_LOG_FORMAT="text", AGENTFLEET_FAIRNESS="true" if fairness else "false",
         )
         for name in ("max_inflight", "read_count"):
             if getattr(cfg, name) is not None:
@@ -157,7 +161,7 @@ async def run_fleet(ctx: Context, procs: Processes, cfg: EngineConfig, work: Pro
             if mixed is None:
                 result = await _bulk(ctx, producer, work)
             else:
-                result = await _mixed(ctx, producer, work, mixed)
+                result = await _mixed(ctx, producer, work, mixed, tenants=tenants)
             result["cpu"] = [c.delta() for c in cpu]
             after = await fleet.snapshot()
             result["engine_start_s"] = round(start_s, 1)
@@ -180,7 +184,8 @@ def _counter_delta(before: list[dict], after: list[dict]) -> dict[str, float]:
     return total
 
 
-async def _mixed(ctx: Context, producer: Producer, bulk: PromptSet, mixed: Mixed) -> dict:
+async def _mixed(ctx: Context, producer: Producer, bulk: PromptSet, mixed: Mixed, *,
+                 tenants: bool = False) -> dict:
     inter = mixed.interactive
     sampling = Sampling(max_tokens=inter.max_tokens, temperature=0.0, ignore_eos=True)
     jobs = iter(range(1, 1_000_000))
@@ -188,7 +193,7 @@ async def _mixed(ctx: Context, producer: Producer, bulk: PromptSet, mixed: Mixed
     async def one(k: int) -> Answer:
         t0 = time.perf_counter()
         task = Task(model=MODEL_NAME, prompt=inter.prompts[k % len(inter.prompts)],
-                    sampling=sampling)
+                    sampling=sampling, tenant="steady" if tenants else "default")
         try:
             result = await producer.wait(await producer.submit(task),
                                          timeout_s=ctx.run_timeout_s)
@@ -197,7 +202,11 @@ async def _mixed(ctx: Context, producer: Producer, bulk: PromptSet, mixed: Mixed
         t = result.timings
         return Answer(latency_s=time.perf_counter() - t0,
                       ok=result.ok and result.output_tokens == inter.max_tokens,
-                      queue_s=t.engine_start - t.enqueued if t.engine_start else None)
+                      queue_s=t.engine_start - t.enqueued if t.engine_start else None,
+                      ttft_s=t.first_token - t.enqueued if t.first_token else None)
 
+    if tenants:  # tenant A floods the interactive lane of its own stream
+        return await mixed_traffic(one, lambda: _bulk(ctx, producer, bulk, tenant="flood"),
+                                   mixed)
     return await mixed_traffic(
         one, lambda: _bulk(ctx, producer, bulk, batch_id=f"bulk{_run_seq}-{next(jobs)}"), mixed)

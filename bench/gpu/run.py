@@ -14,8 +14,12 @@ Phases (each a workload and the runs on it; `--phase NAME` runs the default list
           with the worker's defaults (t512p: the priority scheduler pinned) against `vllm
           serve` with the same settings.
   twogpu  16,000 prompts: one fleet worker against two (one GPU each) on one stream
+  fairness  tenants: tenant B's interactive tasks at a steady rate alone, then while tenant A
+          floods the same model with the bulk prompts as interactive tasks (its own stream);
+          the fleet with fairness on (the default) and off (+nofair): B's time to first token
+          alone and under the flood, and A's tokens/s with fairness on against off
 
-A run is PATH@CONFIG[+stats][xN]: PATH offline | serve | fleet; CONFIG a key of
+A run is PATH@CONFIG[+stats|+nofair][xN]: PATH offline | serve | fleet; CONFIG a key of
 bench/gpu/engines.py (same, t512, t512f, t512p, t1024, t1024b8k, defaults); +stats offline
 with vLLM's stats on, as the fleet runs its engine (offline runs them off, except in the
 prefix phase); xN N fleet workers, one GPU each.  The fleet's worker always passes vLLM a
@@ -59,8 +63,9 @@ DEFAULT_RUNS = {
     "prefix": "offline@t1024,serve@defaults,fleet@t1024",
     "mixed": "fleet@t512p,serve@t512p",
     "twogpu": "fleet@t512,fleet@t512x2",
+    "fairness": "fleet@t512p,fleet@t512p+nofair",
 }
-_RUN = re.compile(r"^(offline|serve|fleet)@([a-z0-9]+?)(\+stats)?(?:x(\d+))?$")
+_RUN = re.compile(r"^(offline|serve|fleet)@([a-z0-9]+?)(\+stats|\+nofair)?(?:x(\d+))?$")
 
 
 class Sizes(msgspec.Struct, kw_only=True):
@@ -94,10 +99,12 @@ class Run(msgspec.Struct, kw_only=True):
     config: str
     stats: bool = False  # offline only: vLLM's stats on
     workers: int = 1
+    nofair: bool = False  # fleet only: AGENTFLEET_FAIRNESS=false
 
     @property
     def label(self) -> str:
         return (f"{self.path}@{self.config}{'+stats' if self.stats else ''}"
+                f"{'+nofair' if self.nofair else ''}"
                 f"{f'x{self.workers}' if self.workers > 1 else ''}")
 
 
@@ -112,7 +119,13 @@ def parse_phases(specs: list[str]) -> list[Run]:
             if not m or m.group(2) not in GPU_CONFIGS:
                 raise SystemExit(f"--phase {spec}: bad run {item!r} (PATH@CONFIG[+stats][xN], "
                                  f"CONFIG one of {list(GPU_CONFIGS)})")
-            path, stats, workers = m.group(1), bool(m.group(3)), int(m.group(4) or 1)
+            path, workers = m.group(1), int(m.group(4) or 1)
+            stats, nofair = m.group(3) == "+stats", m.group(3) == "+nofair"
+            if nofair and (path != "fleet" or name != "fairness"):
+                raise SystemExit(f"--phase {spec}: +nofair is for fleet runs of the fairness "
+                                 f"phase ({item!r})")
+            if name == "fairness" and path != "fleet":
+                raise SystemExit(f"--phase {spec}: the fairness phase runs the fleet ({item!r})")
             if path != "fleet" and workers > 1:
                 raise SystemExit(f"--phase {spec}: xN is for fleet runs ({item!r})")
             if path != "offline" and stats:
@@ -120,7 +133,7 @@ def parse_phases(specs: list[str]) -> list[Run]:
             if path == "offline" and name == "mixed":
                 raise SystemExit(f"--phase {spec}: offline has no mixed traffic ({item!r})")
             runs.append(Run(phase=name, path=path, config=m.group(2), stats=stats,
-                            workers=workers))
+                            workers=workers, nofair=nofair))
     return runs
 
 
@@ -128,9 +141,9 @@ def build_workloads(phases: set[str], tokens: Tokens, sizes: Sizes) -> dict[str,
     work: dict[str, PromptSet] = {}
     bulk = bulk_prompts(tokens, name="bulk", count=sizes.bulk, prompt_tokens=sizes.prompt_tokens,
                         max_tokens=sizes.max_tokens, seed=1)
-    if phases & {"bulk", "tuned", "mixed"}:
+    if phases & {"bulk", "tuned", "mixed", "fairness"}:
         work["bulk"] = bulk
-    if "mixed" in phases:
+    if phases & {"mixed", "fairness"}:
         work["interactive"] = interactive_prompts(tokens, sizes)
     if "prefix" in phases:
         system = system_prompt(tokens, target_tokens=sizes.system_tokens, seed=3)
@@ -182,10 +195,10 @@ async def run_offline(ctx: Context, procs: Processes, cfg: EngineConfig, work: P
 async def execute(ctx: Context, procs: Processes, run: Run, cfg: EngineConfig,
                   work: dict[str, PromptSet], sizes: Sizes) -> dict:
     name = {"bulk": "bulk", "tuned": "bulk", "mixed": "bulk", "prefix": "prefix",
-            "twogpu": "twogpu"}[run.phase]
+            "twogpu": "twogpu", "fairness": "bulk"}[run.phase]
     prompts = work[name]
     mixed = None
-    if run.phase == "mixed":
+    if run.phase in ("mixed", "fairness"):
         mixed = Mixed(interactive=work["interactive"], rate_per_s=sizes.interactive_rate_per_s,
                       alone=sizes.interactive_alone)
     if run.path == "offline":
@@ -201,7 +214,8 @@ async def execute(ctx: Context, procs: Processes, run: Run, cfg: EngineConfig,
         return await run_serve(ctx, procs, cfg, prompts, clients=clients, mixed=mixed)
     from bench.gpu.fleet_path import run_fleet  # only the fleet needs redis and agentfleet
 
-    return await run_fleet(ctx, procs, cfg, prompts, workers=run.workers, mixed=mixed)
+    return await run_fleet(ctx, procs, cfg, prompts, workers=run.workers, mixed=mixed,
+                           tenants=run.phase == "fairness", fairness=not run.nofair)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -280,6 +294,16 @@ def check_targets(results: list[dict]) -> list[Check]:
               f"{serve['label'] if serve else 'serve'}'s",
               ratio(busy.get("p99"), serve and serve["interactive"]["latency_s"].get("p99")),
               0.5, higher=False)
+    fair = next((r for r in results if r["phase"] == "fairness" and r["path"] == "fleet"
+                 and not r["label"].endswith("+nofair") and "interactive" in r), None)
+    unfair = next((r for r in results if r["phase"] == "fairness"
+                   and r["label"].endswith("+nofair") and "tokens_per_s" in r), None)
+    ttft = (fair["interactive"].get("ttft_s", {}), fair["interactive_alone"].get("ttft_s", {})) \
+        if fair else ({}, {})
+    check("fairness: B's p99 time to first token under A's flood <= 1.5 x alone",
+          ratio(ttft[0].get("p99"), ttft[1].get("p99")), 1.5, higher=False)
+    check("fairness: tokens/s with fairness on >= 0.97 x off",
+          ratio(fair and fair.get("tokens_per_s"), unfair and unfair["tokens_per_s"]), 0.97)
     one = next((r for r in results if r["phase"] == "twogpu" and r["path"] == "fleet"
                 and r.get("workers") == 1 and "tokens_per_s" in r), None)
     two = next((r for r in results if r["phase"] == "twogpu" and r["path"] == "fleet"
