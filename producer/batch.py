@@ -280,14 +280,15 @@ class BatchClient:
     async def submit(self, source: str | os.PathLike | Iterable[bytes | str | dict], *,
                      batch_id: str | None = None, model_map: dict[str, str] | str | None = None,
                      skip_invalid: bool = False, completion_window: str = "24h",
-                     endpoint: str | None = None, input_name: str = "") -> SubmitReport:
+                     endpoint: str | None = None, input_name: str = "",
+                     tenant: str = "default") -> SubmitReport:
         """Validate every line of `source`, then queue its requests as one bulk job.
 
         `source` is a path, or an iterable of lines (bytes, str or already-decoded dicts).
         Raises `InvalidBatchFileError` (line numbers and reasons) before anything is queued
         when a line is invalid, unless `skip_invalid`; `BatchError` when `batch_id` holds
         another file or a finished job.  Safe to call again with the same batch id and file:
-        what is already queued is not queued twice.
+        what is already queued is not queued twice.  Every task carries `tenant`.
         """
         batch_id = batch_id or new_batch_id()
         if not valid_batch_id(batch_id):
@@ -310,7 +311,7 @@ class BatchClient:
             await self._create(batch_id, created_at, completion_window, window_s,
                                input_name or _Source.name_of(source))
         ctx = LineContext(batch_id=batch_id, endpoint=endpoint, deadline=created_at + window_s,
-                          settings=self.settings, model_map=mapping)
+                          settings=self.settings, model_map=mapping, tenant=tenant)
         seen_key = keys.batch_seen(batch_id, secrets.token_hex(4))
         src = _Source(source)
         try:

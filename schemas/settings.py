@@ -99,6 +99,21 @@ class Settings(msgspec.Struct, kw_only=True):
     sentry_dsn: str = ""  # SENTRY_DSN; "" sends nothing
     sentry_include_text: bool = False  # prompts and outputs go to Sentry only when true
     kpi_ttl_s: int = 8 * 86_400  # per-minute aggregates for `agentfleet report`; 0: not kept
+    # streaming (workers/streaming.py)
+    stream_ttl_s: int = 600  # how long a streaming task's partial output is kept
+    # the gateway (ops/gateway/, docs/gateway.md)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    gateway_files_dir: str = ""  # "" is <home>/files; a volume in a pod
+    gateway_max_file_bytes: int = 200 * 1024 * 1024  # an uploaded file's limit
+    gateway_max_body_bytes: int = 4 * 1024 * 1024  # a JSON request's limit
+    gateway_wait_timeout_s: float = 600.0  # how long a completion request waits for its result
+    gateway_key_cache_s: float = 5.0  # a revoked key is refused within this long
+    webhook_secret: str = ""  # signs webhooks (a key per tenant is derived); "" turns them off
+    webhook_max_attempts: int = 8
+    webhook_retry_base_s: float = 1.0  # first retry delay; doubles per attempt, with jitter
+    webhook_retry_max_s: float = 300.0
+    webhook_timeout_s: float = 10.0
 
     @property
     def home_path(self) -> Path:
