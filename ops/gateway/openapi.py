@@ -1,0 +1,86 @@
+"""The gateway's OpenAPI document (GET /openapi.json), built from its routes and from the very
+Structs the routes decode, so the document and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import msgspec
+from litestar import Request, Response, get
+
+from agentfleet import __version__
+from agentfleet.ops.gateway.common import JSON
+from agentfleet.ops.gateway.types import BatchRequest, ChatRequest, CompletionRequest, Decision, TaskRequest
+
+# Route name -> the Struct its JSON body decodes into.
+REQUEST_BODIES: dict[str, type] = {
+    "chat": ChatRequest, "completions": CompletionRequest, "task_submit": TaskRequest,
+    "batch_create": BatchRequest, "approve": Decision, "reject": Decision,
+}
+PUBLIC = frozenset(("healthz", "readyz", "metrics", "openapi"))  # no API key needed
+_CONVERTER = re.compile(r"\{(\w+):\w+\}")
+_ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+    "message": {"type": "string"}, "type": {"type": "string"},
+    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def build(handlers) -> dict[str, object]:
+    schemas, components = msgspec.json.schema_components(
+        list(dict.fromkeys(REQUEST_BODIES.values())),
+        ref_template="#/components/schemas/{name}")
+    refs = dict(zip(dict.fromkeys(REQUEST_BODIES.values()), schemas))
+    paths: dict[str, dict] = {}
+    for handler in handlers:
+        for path in handler.paths:
+            item = paths.setdefault(_CONVERTER.sub(r"{\1}", path), {})
+            for method in sorted(handler.http_methods):
+                item[method.lower()] = _operation(handler, refs)
+    components["Error"] = _ERROR
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "agentfleet gateway", "version": __version__,
+                 "description": "OpenAI-compatible chat and text completions, models, files "
+                                "and batches, and agentfleet's task API (docs/gateway.md)."},
+        "paths": dict(sorted(paths.items())),
+        "components": {"schemas": components,
+                       "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+def _operation(handler, refs: dict[type, dict]) -> dict[str, object]:
+    doc = inspect.getdoc(handler.fn) or handler.name
+    op: dict[str, object] = {
+        "operationId": handler.name, "summary": doc.split("\n")[0],
+        "responses": {"200": {"description": "OK"},
+                      "default": {"description": "An error in OpenAI's shape",
+                                  "content": {JSON: {"schema": {"$ref":
+                                                                "#/components/schemas/Error"}}}}},
+    }
+    params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+              for path in handler.paths for name in _CONVERTER.findall(path)]
+    if params:
+        op["parameters"] = params
+    kind = REQUEST_BODIES.get(handler.name)
+    if kind is not None:
+        op["requestBody"] = {"required": True, "content": {JSON: {"schema": refs[kind]}}}
+    elif handler.name == "file_upload":
+        op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file", "purpose"],
+            "properties": {"file": {"type": "string", "format": "binary"},
+                           "purpose": {"type": "string", "enum": ["batch", "user_data"]}}}}}}
+    if handler.name not in PUBLIC:
+        op["security"] = [{"apiKey": []}]
+    return op
+
+
+def openapi_route(handlers):
+    document = msgspec.json.encode(build(handlers))
+
+    @get("/openapi.json", name="openapi", include_in_schema=False)
+    async def openapi(request: Request) -> Response:
+        """The OpenAPI document."""
+        return Response(document, media_type=JSON)
+
+    return openapi
