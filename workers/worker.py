@@ -63,6 +63,7 @@ from agentfleet.workers.commit import (
 )
 from agentfleet.workers.engine import Engine, EngineOutput
 from agentfleet.workers.metrics import NULL_LANE_METRICS, WorkerMetrics
+from agentfleet.workers.streaming import attach as attach_partials  # streaming (gateway)
 
 log = logging.getLogger("agentfleet.worker")
 
@@ -688,6 +689,7 @@ class Worker:
                       worker_id=self.worker_id)
             for name, engine in engines.items()
         ]
+        self.partials = attach_partials(self)  # streaming (gateway): engines publish deltas
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.metrics = WorkerMetrics.attach(self)
