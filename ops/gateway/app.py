@@ -74,6 +74,7 @@ class Gateway:
         self.files = FileStore(self.redis, s)
         self.webhooks = Webhooks(self)
         await self.webhooks.start()
+        self.spawn(self._expire_held())
         log.info("gateway %s serving models %s", self.producer.id, sorted(s.models))
 
     async def stop(self) -> None:
@@ -85,6 +86,18 @@ class Gateway:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self.producer is not None:
             await self.producer.close()  # closes the Redis client too
+
+    async def _expire_held(self, every_s: float = 5.0) -> None:
+        """Held tasks whose deadline passed get their `expired` result (ops/approvals.py);
+        every gateway runs this, and a decision is one atomic script, so they never clash."""
+        from agentfleet.ops import approvals
+
+        while True:
+            try:
+                await approvals.expire_overdue(self.redis, self.settings)
+            except BrokerError as exc:
+                log.warning("gateway: expiring overdue approvals failed (%s)", exc)
+            await asyncio.sleep(every_s)
 
     def spawn(self, coro) -> asyncio.Task:
         """Run `coro` beside the requests; kept until done (an unowned task may be collected)."""
