@@ -240,10 +240,12 @@ async def test_health_readiness_metrics_and_openapi(gateway, api_key):
         assert (await http.get("/readyz")).json() == {"status": "ready"}
         await http.get("/v1/models", headers=auth(key))
         await http.get("/v1/models", headers=auth("afk_000000000000_x"))
+        await http.post("/v1/chat/completions", headers=auth(key), content=b"{")
         text = (await http.get("/metrics")).text
         doc = (await http.get("/openapi.json")).json()
     assert 'agentfleet_gateway_requests_total{code="200",route="models"} 1.0' in text
     assert 'agentfleet_gateway_requests_total{code="401",route="models"} 1.0' in text
+    assert 'agentfleet_gateway_requests_total{code="400",route="chat"} 1.0' in text
     routes = {(path, method) for path, item in doc["paths"].items() for method in item}
     assert ("/v1/chat/completions", "post") in routes and ("/v1/files/{file_id}/content",
                                                            "get") in routes
@@ -252,17 +254,19 @@ async def test_health_readiness_metrics_and_openapi(gateway, api_key):
 
 
 def served_routes() -> set[tuple[str, str]]:
-    """Every (path, method) the app serves, but Litestar's automatic OPTIONS and the
-    document itself."""
+    """Every (path, method) the app serves (Litestar's and the fast routes), but Litestar's
+    automatic OPTIONS and the document itself."""
     import re
 
     from agentfleet.ops.gateway import create_app
+    from agentfleet.ops.gateway.fast import FAST_ROUTES
     from agentfleet.schemas.settings import Settings
 
     app = create_app(Settings(), "redis://unused").app
     return {(re.sub(r":\w+}", "}", path), method.lower())
             for route in app.routes for h in route.route_handlers for path in h.paths
-            for method in h.http_methods if method != "OPTIONS" and h.name != "openapi"}
+            for method in h.http_methods if method != "OPTIONS" and h.name != "openapi"} | {
+        (r.path, r.method.lower()) for r in FAST_ROUTES}
 
 
 async def test_a_revoked_key_is_refused_once_the_cache_expires(gateway, api_key, redis,

@@ -26,15 +26,14 @@ from agentfleet.ops import apikeys
 from agentfleet.ops.datarules import current_tenant
 from agentfleet.ops.gateway import convert
 from agentfleet.ops.gateway.common import JSON, gateway_of, json_response
-from agentfleet.ops.gateway.errors import ApiError, exception_handler, from_result
-from agentfleet.ops.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from agentfleet.ops.gateway.errors import ApiError, exception_handler
+from agentfleet.ops.gateway.metrics import GatewayMetrics
 from agentfleet.ops.gateway.quota import Quota
-from agentfleet.ops.gateway.types import ChatRequest, CompletionRequest, TaskRequest
 from agentfleet.ops.trace import load_trace
 from agentfleet.producer.batch import BatchClient
 from agentfleet.producer.client import Producer
 from agentfleet.producer.connection import connect
-from agentfleet.schemas.errors import BrokerError, ValidationError
+from agentfleet.schemas.errors import BrokerError
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import ApiKeyRecord, Finished, Result, Role, Task
 
@@ -116,7 +115,10 @@ class Gateway:
 
     async def auth(self, request: Request, needed: Role) -> ApiKeyRecord:
         """The caller's key record; 401 without a valid key, 403 when its role is too low."""
-        header = request.headers.get("authorization")
+        return await self.check_key(request.headers.get("authorization"), needed)
+
+    async def check_key(self, header: str | None, needed: Role) -> ApiKeyRecord:
+        """`auth` from the Authorization header's value."""
         if not header or not header[:7].lower() == "bearer ":
             raise ApiError(401, "no API key: send `Authorization: Bearer <key>` (create one "
                            "with `agentfleet keys create`)", code="invalid_api_key")
@@ -138,12 +140,12 @@ class Gateway:
                            code="quota_exceeded",
                            headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 
-    async def wait(self, request: Request, task: Task) -> Result:
-        """The task's result; if the client leaves first (or the wait times out), the task is
-        cancelled."""
+    async def wait(self, receive, task: Task) -> Result:
+        """The task's result; if the client leaves first (the ASGI `receive` says so) or the
+        wait times out, the task is cancelled."""
         waiter = asyncio.ensure_future(
             self.producer.wait(task.id, timeout_s=self.settings.gateway_wait_timeout_s))
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(receive))
         try:
             await asyncio.wait((waiter, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -165,8 +167,9 @@ class Gateway:
             await self.producer.cancel(task_id, name)
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def disconnected(receive) -> None:
+    """Returns once the client has gone (after the body, `receive` waits for that)."""
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
@@ -197,40 +200,7 @@ async def metrics(request: Request) -> Response:
                     media_type=CONTENT_TYPE_LATEST)
 
 
-# ---- OpenAI: completions and models ----------------------------------------------------
-
-@post("/v1/chat/completions", name="chat", status_code=200)
-async def chat_completions(request: Request) -> Response:
-    """A chat completion: queued, waited for, answered in OpenAI's format (or streamed)."""
-    return await _completion(request, ChatRequest, chat=True)
-
-
-@post("/v1/completions", name="completions", status_code=200)
-async def completions(request: Request) -> Response:
-    """A text completion."""
-    return await _completion(request, CompletionRequest, chat=False)
-
-
-async def _completion(request: Request, kind: type, *, chat: bool) -> Response:
-    gw = gateway_of(request)
-    caller = await gw.auth(request, Role.SUBMIT)
-    body = convert.decode(await request.body(), kind)
-    task = convert.completion_task(body, chat, gw.ids(caller.tenant), caller.tenant,
-                                   gw.settings)
-    await gw.admit(caller.tenant, 1)
-    try:
-        if task.stream:
-            from agentfleet.ops.gateway.streaming import stream_response
-
-            return await stream_response(gw, request, task, chat, body.stream_options)
-        await gw.producer.submit(task)
-    except ValidationError as exc:
-        raise convert.body_error(exc, body) from None
-    result = await gw.wait(request, task)
-    if not result.ok:
-        raise from_result(result)
-    return json_response(convert.answer(result, chat))
-
+# ---- OpenAI: models (chat and text completions: fast.py) ---------------------------
 
 def _model_object(name: str, created: int) -> dict[str, object]:
     return {"id": name, "object": "model", "created": created, "owned_by": "agentfleet"}
@@ -256,37 +226,6 @@ async def get_model(request: Request, model: FromPath[str]) -> Response:
 
 
 # ---- agentfleet's task API -------------------------------------------------------------
-
-@post("/v1/tasks", name="task_submit", status_code=202)
-async def submit_task(request: Request) -> Response:
-    """Queue a task (follow-ups, correlation id, priority, deadline, idempotency key, approval
-    gate, webhook); answer at once with its id."""
-    from agentfleet.ops import approvals
-
-    gw = gateway_of(request)
-    caller = await gw.auth(request, Role.SUBMIT)
-    body = convert.decode(await request.body(), TaskRequest)
-    task = convert.task_from_request(body, gw.ids(caller.tenant), caller.tenant)
-    webhook = body.webhook_url
-    if webhook is not None:
-        gw.webhooks.check_url(webhook)
-    reply = webhook is not None  # a webhook needs the result pushed to this gateway
-    await gw.admit(caller.tenant, 1)
-    if task.needs_approval:
-        task_id = await approvals.hold(gw.redis, task, gw.settings,
-                                       reply_to=gw.producer.id if reply else "")
-        status = "awaiting_approval"
-    else:
-        task_id = await gw.producer.submit(task, reply=reply)
-        status = "queued"
-    if task_id != task.id:  # an idempotency key used before: that task's id, nothing queued
-        return json_response(convert.task_view(caller.tenant, task_id, "duplicate",
-                                               model=task.model), 200)
-    if webhook is not None:
-        await gw.webhooks.register(task, webhook)
-    return json_response(convert.task_view(caller.tenant, task.id, status, model=task.model,
-                                           correlation_id=task.correlation_id), 202)
-
 
 @get("/v1/tasks/{task_id:str}", name="task_get")
 async def get_task(request: Request, task_id: FromPath[str]) -> Response:
@@ -361,16 +300,17 @@ async def get_trace(request: Request, correlation_id: FromPath[str]) -> Response
 # ---- the application -------------------------------------------------------------------
 
 def create_app(settings: Settings, redis_url: str, *, quota: Quota | None = None):
-    """The gateway as an ASGI application (Litestar, wrapped to time every request)."""
+    """The gateway as an ASGI application: the hot routes (fast.py) in front of Litestar,
+    every request timed and counted."""
     from agentfleet.ops.gateway import approvals_routes, batches, files
+    from agentfleet.ops.gateway.fast import FAST_ROUTES, Front
     from agentfleet.ops.gateway.openapi import openapi_route
 
     gw = Gateway(settings, redis_url, quota=quota)
-    handlers = [healthz, readyz, metrics, chat_completions, completions, list_models, get_model,
-                submit_task, get_task, cancel_task, get_trace, *files.ROUTES, *batches.ROUTES,
-                *approvals_routes.ROUTES]
+    handlers = [healthz, readyz, metrics, list_models, get_model, get_task, cancel_task,
+                get_trace, *files.ROUTES, *batches.ROUTES, *approvals_routes.ROUTES]
     app = Litestar(
-        route_handlers=[*handlers, openapi_route(handlers)],
+        route_handlers=[*handlers, openapi_route(handlers, FAST_ROUTES)],
         on_startup=[gw.start],
         on_shutdown=[gw.stop],
         exception_handlers={Exception: exception_handler, HTTPException: exception_handler},
@@ -379,9 +319,7 @@ def create_app(settings: Settings, redis_url: str, *, quota: Quota | None = None
         logging_config=None,  # the process's logging (ops/logs.py)
     )
     app.state.gateway = gw
-    wrapped = MetricsMiddleware(app, gw.metrics)
-    wrapped.gateway = gw
-    return wrapped
+    return Front(app, gw)
 
 
 def app_from_env():

@@ -56,10 +56,12 @@ class ApiError(AgentFleetError):
         self.headers = headers
         super().__init__(message)
 
+    def body(self) -> bytes:
+        return _encode({"error": {"message": self.message, "type": self.type,
+                                  "param": self.param, "code": self.code}})
+
     def response(self) -> Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-        return Response(_encode(body), status_code=self.status, media_type=JSON,
+        return Response(self.body(), status_code=self.status, media_type=JSON,
                         headers=self.headers)
 
 

@@ -6,8 +6,6 @@ Labels stay bounded: `route` is the route's name (a fixed set, "unmatched" for t
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Seconds: a request that waits for its result spans the queue and the engine.
@@ -46,34 +44,3 @@ class GatewayMetrics:
                 self.requests.labels(route, str(code)), self.duration.labels(route))
         child[0].inc()
         child[1].observe(seconds)
-
-
-class MetricsMiddleware:
-    """An ASGI wrapper: times every HTTP request and counts it by route and status."""
-
-    def __init__(self, app, metrics: GatewayMetrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-        metrics = self.metrics
-
-        async def send_(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        metrics.inflight.inc()
-        try:
-            await self.app(scope, receive, send_)
-        finally:
-            metrics.inflight.dec()
-            handler = scope.get("route_handler")
-            metrics.observe(handler.name if handler is not None and handler.name else "unmatched",
-                            status, time.perf_counter() - started)

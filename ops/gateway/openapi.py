@@ -26,7 +26,7 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properti
     "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
 
-def build(handlers) -> dict[str, object]:
+def build(handlers, fast_routes=()) -> dict[str, object]:
     schemas, components = msgspec.json.schema_components(
         list(dict.fromkeys(REQUEST_BODIES.values())),
         ref_template="#/components/schemas/{name}")
@@ -37,6 +37,9 @@ def build(handlers) -> dict[str, object]:
             item = paths.setdefault(_CONVERTER.sub(r"{\1}", path), {})
             for method in sorted(handler.http_methods):
                 item[method.lower()] = _operation(handler, refs)
+    for route in fast_routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(
+            _Described(route), refs)
     components["Error"] = _ERROR
     return {
         "openapi": "3.1.0",
@@ -75,8 +78,18 @@ def _operation(handler, refs: dict[type, dict]) -> dict[str, object]:
     return op
 
 
-def openapi_route(handlers):
-    document = msgspec.json.encode(build(handlers))
+class _Described:
+    """A fast route (fast.py) as the document sees a handler."""
+
+    def __init__(self, route):
+        self.name = route.name
+        self.fn = route.handler
+        self.paths = {route.path}
+        self.http_methods = {route.method}
+
+
+def openapi_route(handlers, fast_routes=()):
+    document = msgspec.json.encode(build(handlers, fast_routes))
 
     @get("/openapi.json", name="openapi", include_in_schema=False)
     async def openapi(request: Request) -> Response:

@@ -19,8 +19,6 @@ import logging
 import time
 
 import msgspec
-from litestar import Request
-from litestar.response import Stream
 from redis.exceptions import RedisError
 
 from agentfleet.ops.gateway.errors import from_result
@@ -35,13 +33,10 @@ _BLOCK_MS = 200  # an XREAD waits this long before the loop looks at the result 
 _DONE = b"data: [DONE]\n\n"
 
 
-async def stream_response(gw, request: Request, task: Task, chat: bool,
-                          options: StreamOptions | None) -> Stream:
-    """Queue the task (errors before this point are plain HTTP errors), then stream."""
+async def stream_events(gw, task: Task, chat: bool, options: StreamOptions | None):
+    """Queue the task (errors up to here are plain HTTP errors), then its events."""
     await gw.producer.submit(task)
-    return Stream(_events(gw, task, chat, options or StreamOptions()),
-                  media_type="text/event-stream",
-                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return _events(gw, task, chat, options or StreamOptions())
 
 
 class _Chunks:
