@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lines", type=int, default=100_000)
     ap.add_argument("--token-delay-ms", type=float, default=10.0)
     ap.add_argument("--streams", type=int, default=8, help="concurrent streaming clients")
+    ap.add_argument("--server", choices=["granian", "uvicorn"], default=None,
+                    help="the gateway's HTTP server (default: the setting's)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--doc", action="store_true", help="append the run to docs/benchmarks.md")
     args = ap.parse_args(argv)
@@ -580,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
                        "AGENTFLEET_HOME": str(tmp / "home"), "AGENTFLEET_METRICS_PORT": "0",
                        "AGENTFLEET_LOG_FORMAT": "json",
                        "AGENTFLEET_GATEWAY_FILES_DIR": str(tmp / "files")}
+                if args.server:
+                    env["AGENTFLEET_GATEWAY_SERVER"] = args.server
+                figures["server"] = env.get("AGENTFLEET_GATEWAY_SERVER", "granian")
                 os.environ.update({k: env[k] for k in env if k.startswith(("AGENTFLEET_",
                                                                             "REDIS_URL"))})
                 key = _make_key(server.url)
@@ -593,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["load_end"] = os.getloadavg()
     for name, ok, line in results:
         print(f"{'PASS' if ok else 'FAIL'}  {name:<10} {line}")
-    print(f"load average {figures['load_start'][0]:.1f} -> {figures['load_end'][0]:.1f} on "
+    print(f"gateway server {figures.get('server')}; load average "
+          f"{figures['load_start'][0]:.1f} -> {figures['load_end'][0]:.1f} on "
           f"{figures['cores']} cores")
     figures["results"] = results
     if args.json:
@@ -724,7 +730,8 @@ def _append_doc(figures: dict, results: list, argv: list[str] | None) -> None:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = "python -m bench.gateway " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"\n### Run of {when} (commit {commit})\n",
-             f"`{command.strip()}` on {figures['cores']} cores ({cpu}), Python "
+             f"`{command.strip()}`, gateway on {figures.get('server')}, on "
+             f"{figures['cores']} cores ({cpu}), Python "
              f"{platform.python_version()}; load average {figures['load_start'][0]:.1f} -> "
              f"{figures['load_end'][0]:.1f} (other sessions shared the machine).\n",
              "| target | result | |", "|---|---|---|"]

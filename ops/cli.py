@@ -270,7 +270,8 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
     with redis_url(settings) as url:
         serve(url, host=args.host or settings.gateway_host, port=args.port or
-              settings.gateway_port, verbose=args.verbose)
+              settings.gateway_port, server=args.server or settings.gateway_server,
+              verbose=args.verbose)
     return 0
 
 
@@ -430,6 +431,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway (docs/gateway.md)")
     s.add_argument("--host", default="", help="default: AGENTFLEET_GATEWAY_HOST (127.0.0.1)")
     s.add_argument("--port", type=int, default=0, help="default: AGENTFLEET_GATEWAY_PORT (8080)")
+    s.add_argument("--server", choices=["granian", "uvicorn"], default="",
+                   help="default: AGENTFLEET_GATEWAY_SERVER (granian)")
     s.add_argument("--webhook-secret", metavar="TENANT", default="",
                    help="print the key that signs TENANT's webhooks, and exit")
     s.set_defaults(func=cmd_gateway)

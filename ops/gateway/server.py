@@ -1,23 +1,45 @@
-"""The gateway's HTTP server: granian (Rust HTTP, uvloop, one single-threaded runtime), one
-worker process.  Measured against uvicorn (httptools, uvloop) on the same 2-core machine,
-same Litestar app, a trivial JSON handler: 5,857 against 4,124 requests/s (docs/gateway.md).
+"""The gateway's HTTP server: one process, either granian (Rust HTTP beside the Python loop,
+one single-threaded runtime) or uvicorn (httptools and uvloop, all on one thread).
+
+`gateway_server` picks one; docs/gateway.md gives what each measured on the targets.  With a
+trivial handler granian answered 5,857 requests/s against uvicorn's 4,124 on the 2-core
+machine; with the gateway's own routes the two are closer, and uvicorn's single thread waits
+less between a Redis reply and the response (granian's runtime thread and the event loop
+hand the GIL to each other for every request).
 """
 
 from __future__ import annotations
 
 import os
 
-TARGET = "agentfleet.ops.gateway.app:app_from_env"
+from agentfleet.schemas.errors import FatalConfigError
+
+SERVERS = ("granian", "uvicorn")
+FACTORY = "agentfleet.ops.gateway.app:app_from_env"
 
 
-def serve(redis_url: str, *, host: str, port: int, verbose: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT (granian drains open requests, then runs the shutdown)."""
+def serve(redis_url: str, *, host: str, port: int, server: str = "granian",
+          verbose: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT (open requests drain, then the shutdown runs)."""
+    os.environ["REDIS_URL"] = redis_url  # read by app_from_env, in this or a child process
+    if server == "granian":
+        _granian(host, port, verbose)
+    elif server == "uvicorn":
+        import uvicorn
+
+        uvicorn.run(FACTORY, factory=True, host=host, port=port, loop="uvloop",
+                    http="httptools", ws="none", lifespan="on", access_log=False,
+                    log_config=None, log_level="debug" if verbose else "info", backlog=2048)
+    else:
+        raise FatalConfigError(f"AGENTFLEET_GATEWAY_SERVER={server!r}: use one of {SERVERS}")
+
+
+def _granian(host: str, port: int, verbose: bool) -> None:
     from granian import Granian
     from granian.constants import Interfaces, Loops, RuntimeModes
     from granian.log import LogLevels
 
-    os.environ["REDIS_URL"] = redis_url  # read by the worker process (app_from_env)
-    Granian(TARGET, address=host, port=port, interface=Interfaces.ASGI, workers=1,
+    Granian(FACTORY, address=host, port=port, interface=Interfaces.ASGI, workers=1,
             runtime_mode=RuntimeModes.st, loop=Loops.uvloop, factory=True, websockets=False,
             log_access=False, log_level=LogLevels.debug if verbose else LogLevels.info,
             backlog=2048).serve(target_loader=_load)
