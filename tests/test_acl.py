@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from urllib.parse import urlsplit
 
 import openai
@@ -64,13 +65,15 @@ async def test_each_part_does_its_job_under_its_own_user(users, settings, redis)
         assert status.status == "completed" and status.completed == 20
         assert len([line async for line in batches.output_lines(report.batch_id)]) == 20
         from agentfleet.ops.exporter import read_queues
+        from agentfleet.ops.report import load_window
 
         exporter = redis_sync.Redis.from_url(users["exporter"], protocol=2)
         try:
             gauges = read_queues(exporter, ["m1", "m2"])
+            window = load_window(exporter, ["m1", "m2"], 3600, time.time())  # report, status
         finally:
             exporter.close()
-        assert gauges
+        assert gauges and window is not None
     finally:
         await producer.close()
         await batches.close()
