@@ -6,7 +6,7 @@
 
 It starts its own Valkey (append-only off), then in processes of their own: a worker (a
 `Worker` on a FakeEngine that streams a word every `--token-delay-ms`), the gateway (the real
-`agentfleet gateway` command: granian, one worker process) and load generators (a raw HTTP/1.1
+`agentfleet gateway` command, one process, on `--server`) and load generators (a raw HTTP/1.1
 client over keep-alive connections, uvloop).  It stops at once, with a FAIL, when any process
 it started dies.
 
@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                        "AGENTFLEET_GATEWAY_FILES_DIR": str(tmp / "files")}
                 if args.server:
                     env["AGENTFLEET_GATEWAY_SERVER"] = args.server
-                figures["server"] = env.get("AGENTFLEET_GATEWAY_SERVER", "granian")
+                figures["server"] = env.get("AGENTFLEET_GATEWAY_SERVER", "uvicorn")
                 os.environ.update({k: env[k] for k in env if k.startswith(("AGENTFLEET_",
                                                                             "REDIS_URL"))})
                 key = _make_key(server.url)

@@ -432,7 +432,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="", help="default: AGENTFLEET_GATEWAY_HOST (127.0.0.1)")
     s.add_argument("--port", type=int, default=0, help="default: AGENTFLEET_GATEWAY_PORT (8080)")
     s.add_argument("--server", choices=["granian", "uvicorn"], default="",
-                   help="default: AGENTFLEET_GATEWAY_SERVER (granian)")
+                   help="default: AGENTFLEET_GATEWAY_SERVER (uvicorn)")
     s.add_argument("--webhook-secret", metavar="TENANT", default="",
                    help="print the key that signs TENANT's webhooks, and exit")
     s.set_defaults(func=cmd_gateway)

@@ -104,7 +104,7 @@ class Settings(msgspec.Struct, kw_only=True):
     # the gateway (ops/gateway/, docs/gateway.md)
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
-    gateway_server: str = "granian"  # or "uvicorn" (ops/gateway/server.py)
+    gateway_server: str = "uvicorn"  # or "granian" (ops/gateway/server.py)
     gateway_files_dir: str = ""  # "" is <home>/files; a volume in a pod
     gateway_max_file_bytes: int = 200 * 1024 * 1024  # an uploaded file's limit
     gateway_max_body_bytes: int = 4 * 1024 * 1024  # a JSON request's limit

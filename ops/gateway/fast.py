@@ -181,7 +181,7 @@ class Front:
         route = self._routes.get((scope["method"], scope["path"]))
         status = 500
         metrics = self.metrics
-        metrics.inflight.inc()
+        metrics.inflight += 1
         try:
             if route is not None:
                 status = await self._serve(route, scope, receive, send)
@@ -197,7 +197,7 @@ class Front:
                 handler = scope.get("route_handler")
                 name = handler.name if handler is not None and handler.name else "unmatched"
         finally:
-            metrics.inflight.dec()
+            metrics.inflight -= 1
         metrics.observe(name, status, time.perf_counter() - started)
 
     async def _serve(self, route: FastRoute, scope, receive, send) -> int:

@@ -24,8 +24,9 @@ class GatewayMetrics:
         self.duration = Histogram("agentfleet_gateway_request_duration_seconds",
                                   "Time from a request's arrival to its last byte, by route",
                                   ["route"], buckets=_BUCKETS, registry=r)
-        self.inflight = Gauge("agentfleet_gateway_inflight_requests",
-                              "Requests being served", registry=r)
+        self.inflight = 0  # requests being served: a plain int, read at scrape time
+        Gauge("agentfleet_gateway_inflight_requests", "Requests being served",
+              registry=r).set_function(lambda: self.inflight)
         self.disconnects = Counter("agentfleet_gateway_disconnects_total",
                                    "Clients that left before their answer: their task was "
                                    "cancelled", registry=r)

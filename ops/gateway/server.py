@@ -1,11 +1,12 @@
-"""The gateway's HTTP server: one process, either granian (Rust HTTP beside the Python loop,
-one single-threaded runtime) or uvicorn (httptools and uvloop, all on one thread).
+"""The gateway's HTTP server: one process, uvicorn (httptools and uvloop, all on one thread) by
+default, or granian (Rust HTTP in a thread beside the Python loop).
 
-`gateway_server` picks one; docs/gateway.md gives what each measured on the targets.  With a
-trivial handler granian answered 5,857 requests/s against uvicorn's 4,124 on the 2-core
-machine; with the gateway's own routes the two are closer, and uvicorn's single thread waits
-less between a Redis reply and the response (granian's runtime thread and the event loop
-hand the GIL to each other for every request).
+`gateway_server` picks one; docs/gateway.md gives what each measured.  With a trivial handler
+granian answered 5,857 requests/s against uvicorn's 4,124 on the 2-core machine, but with the
+gateway's own routes it was not faster (submits: 140-150 us of the process's CPU each on
+uvicorn, 175-230 on granian), and its runtime thread and the event loop hand the GIL to each
+other for every request, which on a busy machine added milliseconds between a Redis reply
+and the response (a paced submit's p50: 1.6 ms on uvicorn, 3.4-10 ms on granian).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ SERVERS = ("granian", "uvicorn")
 FACTORY = "agentfleet.ops.gateway.app:app_from_env"
 
 
-def serve(redis_url: str, *, host: str, port: int, server: str = "granian",
+def serve(redis_url: str, *, host: str, port: int, server: str = "uvicorn",
           verbose: bool = False) -> None:
     """Serve until SIGTERM/SIGINT (open requests drain, then the shutdown runs)."""
     os.environ["REDIS_URL"] = redis_url  # read by app_from_env, in this or a child process
