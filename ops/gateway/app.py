@@ -18,7 +18,7 @@ import time
 
 import msgspec
 from litestar.params import FromPath
-from litestar import Litestar, Request, Response, delete, get, post
+from litestar import Litestar, Request, Response, delete, get
 from litestar.exceptions import HTTPException
 from redis.exceptions import RedisError
 

@@ -14,7 +14,12 @@ import itertools
 
 import msgspec
 
-from agentfleet.producer.openai_batch import CHAT_URL, COMPLETIONS_URL, completion_body, request_input
+from agentfleet.producer.openai_batch import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    completion_body,
+    request_input,
+)
 from agentfleet.schemas.errors import ValidationError
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import Result, Task

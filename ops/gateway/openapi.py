@@ -12,13 +12,11 @@ from litestar import Request, Response, get
 
 from agentfleet import __version__
 from agentfleet.ops.gateway.common import JSON
-from agentfleet.ops.gateway.types import BatchRequest, ChatRequest, CompletionRequest, Decision, TaskRequest
+from agentfleet.ops.gateway.types import BatchRequest, Decision
 
-# Route name -> the Struct its JSON body decodes into.
-REQUEST_BODIES: dict[str, type] = {
-    "chat": ChatRequest, "completions": CompletionRequest, "task_submit": TaskRequest,
-    "batch_create": BatchRequest, "approve": Decision, "reject": Decision,
-}
+# Litestar route name -> the Struct its JSON body decodes into (a fast route names its own).
+REQUEST_BODIES: dict[str, type] = {"batch_create": BatchRequest, "approve": Decision,
+                                   "reject": Decision}
 PUBLIC = frozenset(("healthz", "readyz", "metrics", "openapi"))  # no API key needed
 _CONVERTER = re.compile(r"\{(\w+):\w+\}")
 _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
@@ -27,19 +25,20 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properti
 
 
 def build(handlers, fast_routes=()) -> dict[str, object]:
+    bodies = list(dict.fromkeys([*REQUEST_BODIES.values(), *(r.body for r in fast_routes)]))
     schemas, components = msgspec.json.schema_components(
-        list(dict.fromkeys(REQUEST_BODIES.values())),
-        ref_template="#/components/schemas/{name}")
-    refs = dict(zip(dict.fromkeys(REQUEST_BODIES.values()), schemas))
+        bodies, ref_template="#/components/schemas/{name}")
+    refs = dict(zip(bodies, schemas))
     paths: dict[str, dict] = {}
     for handler in handlers:
         for path in handler.paths:
             item = paths.setdefault(_CONVERTER.sub(r"{\1}", path), {})
             for method in sorted(handler.http_methods):
-                item[method.lower()] = _operation(handler, refs)
+                item[method.lower()] = _operation(handler, refs,
+                                                  REQUEST_BODIES.get(handler.name))
     for route in fast_routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(
-            _Described(route), refs)
+            _Described(route), refs, route.body)
     components["Error"] = _ERROR
     return {
         "openapi": "3.1.0",
@@ -52,7 +51,7 @@ def build(handlers, fast_routes=()) -> dict[str, object]:
     }
 
 
-def _operation(handler, refs: dict[type, dict]) -> dict[str, object]:
+def _operation(handler, refs: dict[type, dict], kind: type | None) -> dict[str, object]:
     doc = inspect.getdoc(handler.fn) or handler.name
     op: dict[str, object] = {
         "operationId": handler.name, "summary": doc.split("\n")[0],
@@ -65,7 +64,6 @@ def _operation(handler, refs: dict[type, dict]) -> dict[str, object]:
               for path in handler.paths for name in _CONVERTER.findall(path)]
     if params:
         op["parameters"] = params
-    kind = REQUEST_BODIES.get(handler.name)
     if kind is not None:
         op["requestBody"] = {"required": True, "content": {JSON: {"schema": refs[kind]}}}
     elif handler.name == "file_upload":
