@@ -19,6 +19,7 @@ seconds; `agentfleet approvals list` too) with a result `expired`, `deadline_exc
 
 from __future__ import annotations
 
+import logging
 import time
 
 import msgspec
@@ -26,11 +27,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agentfleet.schemas import keys
-from agentfleet.schemas.errors import AgentFleetError, BrokerError, ErrorCode
+from agentfleet.schemas.errors import AgentFleetError, BrokerError, DecodeError, ErrorCode
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.validate import validate_task
 from agentfleet.schemas.wire import Finished, Result, Status, Task, Timings, decode_task, encode
 
+log = logging.getLogger("agentfleet.approvals")
 APPROVED, REJECTED, EXPIRED = "approved", "rejected", "expired"
 DEADLINE = "deadline"  # `by` of a decision the deadline took
 
@@ -195,7 +197,13 @@ async def expire_overdue(redis: aioredis.Redis, settings: Settings) -> int:
                 await redis.zrem(keys.approvals_due(model), raw_id)
                 continue
             try:
-                await _finish(redis, settings, decode_task(raw), raw, EXPIRED, DEADLINE,
+                task = decode_task(raw)
+            except DecodeError:
+                log.error("approvals of %s: held entry %r is not a task; left for an admin",
+                          model, raw_id)
+                continue
+            try:
+                await _finish(redis, settings, task, raw, EXPIRED, DEADLINE,
                               "the deadline passed while it waited for approval")
                 expired += 1
             except NotHeldError:  # decided meanwhile

@@ -86,6 +86,8 @@ class PartialPublisher:
         except RedisError as exc:
             log.warning("publishing partial output of %d streaming tasks failed (%s)",
                         len(batch), exc)
+        except Exception:  # a bug here must not pass unseen; the results still carry the text
+            log.exception("publishing partial output of %d streaming tasks failed", len(batch))
         finally:
             self._writing = None
             if self._pending:

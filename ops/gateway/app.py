@@ -12,8 +12,11 @@ msgspec into the Structs of types.py; errors come back in OpenAI's shape (errors
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import os
+import signal
 import time
 
 import msgspec
@@ -74,7 +77,7 @@ class Gateway:
         self.files = FileStore(self.redis, s)
         self.webhooks = Webhooks(self)
         await self.webhooks.start()
-        self.spawn(self._expire_held())
+        self.spawn(self._expire_held(), vital=True)
         log.info("gateway %s serving models %s", self.producer.id, sorted(s.models))
 
     async def stop(self) -> None:
@@ -99,16 +102,23 @@ class Gateway:
                 log.warning("gateway: expiring overdue approvals failed (%s)", exc)
             await asyncio.sleep(every_s)
 
-    def spawn(self, coro) -> asyncio.Task:
-        """Run `coro` beside the requests; kept until done (an unowned task may be collected)."""
+    def spawn(self, coro, *, vital: bool = False) -> asyncio.Task:
+        """Run `coro` beside the requests; kept until done (an unowned task may be collected).
+        A `vital` loop that fails stops the process (SIGTERM: the server drains, then exits
+        non-zero) rather than going on without it."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background_done)
+        task.add_done_callback(functools.partial(self._background_done, vital=vital))
         return task
 
-    def _background_done(self, task: asyncio.Task) -> None:
+    def _background_done(self, task: asyncio.Task, *, vital: bool) -> None:
         self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() or task.exception() is None:
+            return
+        if vital:
+            log.critical("gateway: a vital loop failed; stopping", exc_info=task.exception())
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
             log.error("gateway: background task failed", exc_info=task.exception())
 
     # ---- per request -----------------------------------------------------------------
