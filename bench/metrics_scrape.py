@@ -59,39 +59,18 @@ def _scrape_ms(url: str, n: int, server_pid: int | None = None) -> dict:
     return out
 
 
-class _Done:
-    """What observe_commit reads of the lane's in-flight record (workers.worker._InFlight)."""
-
-    __slots__ = ("entry_id", "task", "read_at", "batch_id", "output", "cancelled")
-
-    def __init__(self, entry_id: bytes, read_at: float):
-        self.entry_id = entry_id
-        self.read_at = read_at
-        self.batch_id = "w/m/1"
-        self.task = self.output = None
-        self.cancelled = False
-
-
-class _Record:
-    """What observe_commit reads of a CommitRecord: the outcome and the encoded result."""
-
-    __slots__ = ("outcome", "v1")
-
-    def __init__(self, outcome: bytes, v1: bytes):
-        self.outcome = outcome
-        self.v1 = v1
-
-
 def _records(n: int, model: str, *, failures: int = 0):
     """n in-flight records as a lane holds them after the engine finished them."""
     from agentfleet.schemas.errors import ErrorCode
     from agentfleet.schemas.wire import Result, Status, Task, encode
     from agentfleet.workers.engine import EngineOutput
+    from agentfleet.workers.inflight import InFlight
+    from agentfleet.workers.scripts import CommitRecord
 
     now = time.time()
     done, records = [], []
     for i in range(n):
-        rec = _Done(b"%d-0" % i, now - 0.002)
+        rec = InFlight("s", False, b"%d-0" % i, now - 0.002, "w/m/1", n)
         rec.task = Task(id=f"t{i}", model=model, prompt="p", priority=i % 2 if failures else 0,
                         enqueued_at=now - 0.01 - (i % 50) / 1000)
         failed = i < failures
@@ -100,10 +79,14 @@ def _records(n: int, model: str, *, failures: int = 0):
             engine_start=now - 0.002, first_token=now - 0.0015, finished=now - 0.0005,
             error_code=ErrorCode.INVALID_TASK if failed else None,
             error_message="bad" if failed else "")
-        result = Result(task_id=f"t{i}", status=Status.FAILED if failed else Status.SUCCEEDED,
-                        error_code=ErrorCode.INVALID_TASK if failed else None)
+        status = Status.FAILED if failed else Status.SUCCEEDED
+        code = ErrorCode.INVALID_TASK if failed else None
+        result = Result(task_id=f"t{i}", status=status, error_code=code)
         done.append(rec)
-        records.append(_Record(b"r", encode(result)))
+        records.append(CommitRecord(source="s", entry_id=rec.entry_id, outcome=b"r",
+                                    v1=encode(result), v2=b"", result_key="", reply_key="",
+                                    trace_key="", trace=b"", followups=(), status=status,
+                                    error_code=code))
     return done, records
 
 
@@ -126,7 +109,7 @@ def bench_worker(models: int, scrapes: int) -> dict:
     from agentfleet.workers.metrics import _FOLD_AT
 
     worker = _worker(models)
-    for lane in worker.lanes:
+    for lane in worker.runners:
         lm = lane.metrics
         done, records = _records(256, lane.model, failures=3)
         for _ in range(TASKS_PER_LANE // 256):
@@ -140,7 +123,7 @@ def bench_worker(models: int, scrapes: int) -> dict:
         folded = _scrape_ms(server.url, scrapes)
         unfolded = []
         for _ in range(max(scrapes // 10, 5)):  # fill every buffer to just below its fold
-            for lane in worker.lanes:
+            for lane in worker.runners:
                 lm = lane.metrics
                 for hist in lm._histograms():
                     hist.raw.extend([0.01] * (_FOLD_AT - len(hist.raw)))
@@ -194,7 +177,7 @@ def bench_exporter(models: int, scrapes: int) -> dict:
 
 def bench_hot_path() -> dict:
     worker = _worker(1)
-    lm = worker.lanes[0].metrics
+    lm = worker.runners[0].metrics
     out = {}
     for size in (1, 16, 256):
         done, records = _records(size, lm.model)

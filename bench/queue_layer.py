@@ -260,7 +260,7 @@ async def floor_consumer(report: Report, url: str, n: int) -> None:
     the next read."""
     from agentfleet.schemas import keys
     from agentfleet.schemas.wire import Result, Status, Timings, decode_task, encode
-    from agentfleet.workers.commit import reply_entry
+    from agentfleet.workers.scripts import reply_entry
     from agentfleet.workers.fake_engine import answer
 
     stream = keys.task_stream(MODEL)
@@ -283,7 +283,7 @@ async def floor_consumer(report: Report, url: str, n: int) -> None:
                     task_id=task.id, correlation_id=task.correlation_id, model=task.model,
                     status=Status.SUCCEEDED, text=answered.text,
                     prompt_tokens=answered.prompt_tokens, output_tokens=answered.output_tokens,
-                    worker_id="floor", batch_size=len(window),
+                    worker_id="floor", window_size=len(window),
                     timings=Timings(enqueued=task.enqueued_at, read=now, finished=now,
                                     written=now)))
                 result_keys.append(keys.result_key(MODEL, task.id))

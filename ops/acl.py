@@ -98,14 +98,15 @@ def _worker() -> list[str]:
         *_BASE, *_SCRIPTS, "+info",
         "+xreadgroup", "+xack", "+xclaim", "+xautoclaim", "+xpending", "+xgroup|create",
         "+xinfo|groups", "+xtrim", "+xadd", "+xlen", "+xrange", "+set", "+get", "+hset",
-        "+hdel", "+hincrby", "+hincrbyfloat", "+hgetall", "+expire", "+zadd", "+zrangebyscore",
-        "+zrem", "+rpush", "+subscribe", "+unsubscribe",
+        "+hget", "+hsetnx", "+hdel", "+hincrby", "+hincrbyfloat", "+hgetall", "+expire",
+        "+zadd", "+zrangebyscore", "+zrem", "+rpush", "+subscribe", "+unsubscribe",
         *_perm("RW", [
             keys.task_stream(_ANY), keys.bulk_stream(_ANY), keys.result_key(_ANY, _ANY),
             keys.reply_stream(_ANY, _ANY), keys.trace_key(_ANY, _ANY), keys.stats_key(_ANY),
             keys.delayed_key(_ANY), keys.dead_stream(_ANY), keys.cancelled_key(_ANY),
             keys.workers_key(_ANY), keys.batch_output(_ANY, _ANY),
             keys.batch_counts(_ANY, _ANY), keys.kpi_key(_ANY, _ANY),
+            keys.kpi_hour_key(_ANY, _ANY), keys.kpi_series_key(_ANY, _ANY),
             keys.partial_stream(_ANY, _ANY),
             # the commit script may hold a follow-up for approval (ops/approvals.py)
             keys.approvals_held(_ANY), keys.approvals_due(_ANY)]),
@@ -119,7 +120,8 @@ def _exporter() -> list[str]:
         "+hget", "+zcard", "+zrange",
         *_perm("R", [keys.task_stream(_ANY), keys.bulk_stream(_ANY), keys.workers_key(_ANY),
                      keys.stats_key(_ANY), keys.delayed_key(_ANY), keys.dead_stream(_ANY),
-                     keys.kpi_key(_ANY, _ANY)]),
+                     keys.kpi_key(_ANY, _ANY), keys.kpi_hour_key(_ANY, _ANY),
+                     keys.kpi_series_key(_ANY, _ANY)]),
     ]
 
 

@@ -241,7 +241,7 @@ async def _finish(redis: aioredis.Redis, settings: Settings, task: Task, raw: by
         error_message=(reason if expired else f"rejected by {by}" + (f": {reason}" if reason
                                                                       else "")),
         timings=Timings(enqueued=task.enqueued_at, finished=now, written=now),
-        batch_id=task.batch_id, attempts=0)
+        attempts=0)
     await _decide(redis, settings, task, raw, decision, by, reason,
                   keys.result_key(task.model, task.id), encode(result), result)
     return result

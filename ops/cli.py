@@ -10,7 +10,8 @@
     agentfleet prepare-model          convert and cache the default model
     agentfleet exporter               queue gauges of every model for Prometheus
     agentfleet status [--json]        every model's queue and recent work, live
-    agentfleet report --since 24h     SLA and KPI report per model and tenant (text, HTML)
+    agentfleet report --since 24h     SLOs, KPIs and breakdowns (text, --html, --json)
+    agentfleet console [--port 8080]  the web console: queues, batches, dead letters, traces
     agentfleet keys create|list|revoke   API keys of the gateway and console
     agentfleet gateway                the OpenAI-compatible HTTP gateway (docs/gateway.md)
     agentfleet approvals list|approve|reject   tasks held for an admin's decision
@@ -33,12 +34,26 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from agentfleet.ops.logs import setup_logging
 from agentfleet.ops.sentry import init_sentry, report_error
-from agentfleet.schemas.errors import AgentFleetError
+from agentfleet.schemas.errors import (
+    AgentFleetError,
+    BrokerError,
+    ServerUnreachableError,
+    WorkerCrashedError,
+)
 from agentfleet.schemas.settings import Settings
 
 log = logging.getLogger("agentfleet")
+
+# Exit codes, for supervisors (systemd, Kubernetes, honcho) and scripts: docs/operations.md.
+EXIT_OK = 0  # done; for a worker: drained (or stopped) on request
+EXIT_CRASHED = 1  # a worker's loop failed or its engine died: restart it
+EXIT_USAGE = 2  # bad arguments or configuration: fix them first
+EXIT_UNREACHABLE = 3  # the server could not be reached
 
 
 @contextlib.contextmanager
@@ -214,11 +229,39 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from agentfleet.ops.report import run_report
+    from agentfleet.ops.report import SloPolicy, run_report
 
     models = args.models.split(",") if args.models else list(settings.models)
+    defaults = SloPolicy()
+    policy = SloPolicy(
+        availability=args.availability if args.availability is not None
+        else defaults.availability,
+        ttft_s=args.ttft_slo_s if args.ttft_slo_s is not None else defaults.ttft_s,
+        e2e_s=args.e2e_slo_s if args.e2e_slo_s is not None else defaults.e2e_s,
+        **({"ttft_objective": args.objective, "e2e_objective": args.objective,
+            "bulk_objective": args.objective} if args.objective is not None else {}))
+    for name in ("availability", "ttft_objective", "e2e_objective", "bulk_objective"):
+        if not 0 < getattr(policy, name) < 1:
+            raise AgentFleetError(f"--{name.split('_')[0]}: {getattr(policy, name)} is not "
+                                  "a share between 0 and 1 (e.g. 0.99)")
+    if policy.ttft_s <= 0 or policy.e2e_s <= 0:
+        raise AgentFleetError("--ttft-slo-s and --e2e-slo-s: seconds above 0")
     with redis_url(settings) as url:
-        return run_report(url, models, since=args.since, html_path=args.html)
+        return run_report(url, models, since=args.since, html_path=args.html,
+                          json_path=args.json, tenant=args.tenant, policy=policy,
+                          price_per_gpu_hour=args.price_per_gpu_hour)
+
+
+def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from agentfleet.ops.console import run_console
+    except ImportError as exc:
+        raise AgentFleetError(f"console: {exc}; install the console extra "
+                              "(pip install 'agentfleet[console]')") from exc
+    if not 0 < args.port < 65536:
+        raise AgentFleetError(f"--port: {args.port} is outside 1..65535")
+    with redis_url(settings) as url:
+        return run_console(url, settings, port=args.port, addr=args.addr)
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -420,6 +463,10 @@ def parser() -> argparse.ArgumentParser:
     from agentfleet.ops.batch import add_parser as add_batch_parser
 
     add_batch_parser(sub)  # agentfleet batch submit|status|wait|results|cancel|list
+    s = sub.add_parser("console", help="the web console (login by API key)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--addr", default="127.0.0.1", help="0.0.0.0 to serve other hosts")
+    s.set_defaults(func=cmd_console)
     s = sub.add_parser("keys", help="API keys of the gateway and console: create, list, revoke")
     s.add_argument("action", choices=["create", "list", "revoke"])
     s.add_argument("key_id", nargs="?", default="", help="revoke: the key id")
@@ -430,7 +477,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_keys)
     s = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway (docs/gateway.md)")
     s.add_argument("--host", default="", help="default: AGENTFLEET_GATEWAY_HOST (127.0.0.1)")
-    s.add_argument("--port", type=int, default=0, help="default: AGENTFLEET_GATEWAY_PORT (8080)")
+    s.add_argument("--port", type=int, default=0, help="default: AGENTFLEET_GATEWAY_PORT (8000)")
     s.add_argument("--server", choices=["granian", "uvicorn"], default="",
                    help="default: AGENTFLEET_GATEWAY_SERVER (uvicorn)")
     s.add_argument("--webhook-secret", metavar="TENANT", default="",
@@ -470,7 +517,19 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="SLA and KPI report per model and tenant")
     s.add_argument("--since", default="24h", help="window: 90m, 24h, 7d ...")
     s.add_argument("--html", type=Path, help="write a self-contained HTML page here")
+    s.add_argument("--json", type=Path, help="write the figures as JSON here ('-': stdout)")
     s.add_argument("--models", default="", help="comma-separated; default: all configured")
+    s.add_argument("--tenant", default="", help="only this tenant's tasks")
+    s.add_argument("--price-per-gpu-hour", type=float, default=None,
+                   help="the cost of one engine-hour, for the cost figures")
+    s.add_argument("--availability", type=float, default=None,
+                   help="objective of interactive success, e.g. 0.995 (default)")
+    s.add_argument("--ttft-slo-s", type=float, default=None,
+                   help="interactive: first token within this, from enqueue (default 2.5)")
+    s.add_argument("--e2e-slo-s", type=float, default=None,
+                   help="interactive: result within this, from enqueue (default 30)")
+    s.add_argument("--objective", type=float, default=None,
+                   help="share of tasks the latency and bulk-window SLOs ask (default 0.99)")
     s.set_defaults(func=cmd_report)
     return p
 
@@ -484,10 +543,21 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log_format, verbose=args.verbose, worker_id=worker_id)
         init_sentry(settings, component=args.command, worker_id=worker_id)
         return args.func(args, settings)
+    except WorkerCrashedError as exc:  # its cause is logged above, with the traceback
+        print(f"agentfleet: {exc}", file=sys.stderr)
+        return EXIT_CRASHED
+    except (ServerUnreachableError, BrokerError) as exc:  # they say what failed
+        print(f"agentfleet: {exc}", file=sys.stderr)
+        report_error(exc)
+        return EXIT_UNREACHABLE
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        print(f"agentfleet: the server is unreachable: {exc}", file=sys.stderr)
+        report_error(exc)
+        return EXIT_UNREACHABLE
     except AgentFleetError as exc:
         print(f"agentfleet: {exc}", file=sys.stderr)
         report_error(exc)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

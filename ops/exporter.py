@@ -88,16 +88,36 @@ def read_queues(client: redis.Redis, models: Sequence[str], *,
                 live_within_s: float = LIVE_WITHIN_S) -> list[QueueStats]:
     """Every model's queue figures, in one pipeline (raises RedisError if Redis is down)."""
     with client.pipeline(transaction=False) as pipe:
-        for model in models:
-            for stream in _lane_streams(model):
-                pipe.xlen(stream)
-                pipe.xinfo_groups(stream)
-                pipe.xpending(stream, keys.GROUP)
-            pipe.hgetall(keys.workers_key(model))
-            pipe.hgetall(keys.stats_key(model))
-            pipe.zcard(keys.delayed_key(model))
-            pipe.xlen(keys.dead_stream(model))
+        queue_commands(pipe, models)
         replies = pipe.execute(raise_on_error=False)
+    return parse_queues(models, replies, live_within_s=live_within_s)
+
+
+async def read_queues_async(client, models: Sequence[str], *,
+                            live_within_s: float = LIVE_WITHIN_S) -> list[QueueStats]:
+    """`read_queues` on an asyncio client (the console)."""
+    async with client.pipeline(transaction=False) as pipe:
+        queue_commands(pipe, models)
+        replies = await pipe.execute(raise_on_error=False)
+    return parse_queues(models, replies, live_within_s=live_within_s)
+
+
+def queue_commands(pipe, models: Sequence[str]) -> None:
+    """Queue the reads of `read_queues` on a pipeline, sync or asyncio."""
+    for model in models:
+        for stream in _lane_streams(model):
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            pipe.xpending(stream, keys.GROUP)
+        pipe.hgetall(keys.workers_key(model))
+        pipe.hgetall(keys.stats_key(model))
+        pipe.zcard(keys.delayed_key(model))
+        pipe.xlen(keys.dead_stream(model))
+
+
+def parse_queues(models: Sequence[str], replies: list, *,
+                 live_within_s: float = LIVE_WITHIN_S) -> list[QueueStats]:
+    """The replies of `queue_commands` as QueueStats."""
     now = time.time()
     out = []
     for i, model in enumerate(models):

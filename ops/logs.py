@@ -22,7 +22,8 @@ import msgspec
 from agentfleet.schemas.errors import FatalConfigError
 
 # Context a log call may pass with extra=; in this order on a text line.
-CONTEXT_FIELDS = ("model", "worker", "correlation_id", "task_id", "batch_id", "error_code")
+CONTEXT_FIELDS = ("model", "worker", "correlation_id", "task_id", "window_id", "batch_id",
+                  "error_code")
 FORMATS = ("auto", "json", "text")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _encode = msgspec.json.Encoder().encode

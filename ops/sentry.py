@@ -26,7 +26,8 @@ from typing import Any
 from agentfleet.schemas.settings import Settings
 
 # extra= fields that become tags (bounded values only: no free text)
-TAG_FIELDS = ("correlation_id", "task_id", "model", "worker", "batch_id", "error_code")
+TAG_FIELDS = ("correlation_id", "task_id", "model", "worker", "window_id", "batch_id",
+              "error_code")
 TEXT_KEYS = frozenset(("prompt", "text", "content", "messages", "output", "completion",
                        "payload", "result", "v1", "v2"))
 SCRUBBED = "[scrubbed]"

@@ -27,8 +27,8 @@ import msgspec
 import redis
 
 from agentfleet.producer.connection import connect_sync
-from agentfleet.ops.exporter import read_queues
-from agentfleet.ops.report import load_window
+from agentfleet.ops.exporter import QueueStats, read_queues
+from agentfleet.ops.report import Window, load_window
 
 WINDOW_S = 300.0
 
@@ -55,7 +55,12 @@ def snapshot(client: redis.Redis, models: Sequence[str],
              window_s: float = WINDOW_S) -> list[ModelStatus]:
     now = time.time()
     queues = read_queues(client, models)
-    window = load_window(client, models, window_s, now)
+    window = load_window(client, models, window_s, now, with_series=False)
+    return combine(queues, window, now)
+
+
+def combine(queues: list[QueueStats], window: Window, now: float) -> list[ModelStatus]:
+    """Queue figures and the recent work of a window, per model (the console shows these)."""
     covered = max(now - window.since, 1.0)
     totals = {(t.model, t.lane): t for t in window.model_totals()}
     out = []

@@ -78,7 +78,7 @@ def _steps(r: Result, show_enqueue: bool) -> list[tuple[float, str, str, str]]:
                      + (f", agent {r.agent_id}" if r.agent_id else "")))
     if t.read:
         rows.append((t.read, r.task_id, f"read by {r.worker_id}",
-                     f"batch {r.batch_id} ({r.batch_size} tasks), queued {_ms(t.read - t.enqueued)}"))
+                     f"window {r.window_id} ({r.window_size} tasks), queued {_ms(t.read - t.enqueued)}"))
     if t.engine_start:
         rows.append((t.engine_start, r.task_id, "engine start", f"model {r.model_version}"))
     if t.first_token:

@@ -46,6 +46,7 @@ from agentfleet.producer.openai_batch import (
 )
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import BatchError, BrokerError, InvalidBatchFileError, ValidationError
+from agentfleet.schemas.scripts import lua
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import Result, Status, Task, decode_result
 
@@ -60,20 +61,6 @@ FINALIZING, COMPLETED, EXPIRED = "finalizing", "completed", "expired"
 CANCELLING, CANCELLED = "cancelling", "cancelled"
 FINAL = frozenset((COMPLETED, EXPIRED, CANCELLED))
 
-# Record the custom ids of one chunk; answer the ones seen before, with their first line.
-# KEYS: 1 the pass's seen hash.  ARGV: 1 ttl, then custom id, line number, ...
-# Returns a flat list [index in the chunk, first line, ...].
-SEEN_LUA = """
-local dups = {}
-for i = 2, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 0 then
-    dups[#dups + 1] = (i - 2) / 2
-    dups[#dups + 1] = redis.call('HGET', KEYS[1], ARGV[i])
-  end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return dups
-"""
 
 
 class SubmitReport(msgspec.Struct, kw_only=True):
@@ -259,7 +246,7 @@ class BatchClient:
         self.settings: Settings = producer.settings
         self.chunk_lines = chunk_lines
         self.max_queued = max_queued
-        self._seen = self.redis.register_script(SEEN_LUA)
+        self._seen = self.redis.register_script(lua("agentfleet.producer", "batch_seen"))
 
     @classmethod
     def from_url(cls, url: str | None = None, *, settings: Settings | None = None,

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from agentfleet.producer.connection import connect
-from agentfleet.producer.enqueue import ENQUEUE_LUA, enqueue_args
+from agentfleet.producer.enqueue import enqueue_args, enqueue_lua
 from agentfleet.producer.tracing import current_traceparent
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import (
@@ -79,7 +79,7 @@ class Producer:
         self.max_unclaimed = max_unclaimed
         self._id_prefix = self.id + "-"
         self._seq = itertools.count(1)
-        self._enqueue = redis.register_script(ENQUEUE_LUA)
+        self._enqueue = redis.register_script(enqueue_lua())
         self._waiters: dict[str, _Waiting] = {}
         self._arrived: dict[str, Result] = {}
         self._listener: asyncio.Task | None = None

@@ -99,6 +99,16 @@ class EngineDeadError(AgentFleetError):
     code = ErrorCode.ENGINE_DEAD
 
 
+class WorkerCrashedError(AgentFleetError):
+    """Raised by `Worker.run` after a drain that a crash started: one of its loops failed
+    (logged with its traceback) or an engine died.  `agentfleet worker` then exits 1."""
+
+
+class ServerUnreachableError(BrokerError):
+    """Raised when the server cannot be reached within the wait allowed (start-up of a
+    worker, a CLI command): the CLI prints one line and exits 3."""
+
+
 class FatalConfigError(AgentFleetError):
     """Raised at start-up for settings that cannot work (bad URL, missing model files)."""
 

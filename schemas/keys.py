@@ -113,6 +113,18 @@ def kpi_key(model: str, minute: int) -> str:
     return f"{_tag(model)}:kpi:{minute}"
 
 
+def kpi_hour_key(model: str, hour: int) -> str:
+    """The per-minute aggregates' fields summed over one hour (a hash; `hour` is epoch seconds
+    of the hour's start): long reports read these instead of 60 minute hashes each."""
+    return f"{_tag(model)}:kpih:{hour}"
+
+
+def kpi_series_key(model: str, hour: int) -> str:
+    """One hour's per-minute aggregates without tenant and version (a hash, fields
+    `<minute of the hour>/<field>`): the series a report plots."""
+    return f"{_tag(model)}:kpim:{hour}"
+
+
 # Bulk jobs in the OpenAI Batch format (producer/batch.py).  A job can span models, so its
 # own keys are global, outside every model's slot: their hash tag is the batch id.  Its tasks'
 # results and counts stay per model (batch_output, batch_counts above).

@@ -70,8 +70,9 @@ class Settings(msgspec.Struct, kw_only=True):
     block_ms: int = 100  # how long an idle read waits for the first task
     window_ms: float = 0.0  # after the first task, wait this long to gather more
     max_inflight: int = 1024  # tasks read but not yet committed, per model (2 x max_num_seqs)
-    bulk_max_share: float = 0.875  # of max_inflight bulk-job tasks may hold: the rest waits
-                                   # for interactive tasks
+    # Share of the engine's slots (max_num_seqs) bulk-job tasks may hold: the rest is kept
+    # for interactive tasks, which then start within an engine step or two.
+    bulk_max_share: float = 0.875
     # delivery guarantees
     claim_idle_ms: int = 30_000  # a pending task idle this long on its consumer is reclaimed
     max_attempts: int = 3  # engine attempts of a task failing with transient errors
@@ -81,6 +82,7 @@ class Settings(msgspec.Struct, kw_only=True):
     dead_maxlen: int = 100_000  # cap of a model's dead-letter stream
     trim_interval_s: float = 10.0  # how often a worker trims acknowledged entries
     cancel_ttl_s: int = 86_400  # how long a cancellation mark is kept
+    server_wait_s: float = 60.0  # a starting worker waits this long for the server, then exits 3
     crash_at: str = ""  # fault injection for the fault suite: before_commit | after_commit
     # retention
     result_ttl_s: int = 86_400
@@ -103,7 +105,7 @@ class Settings(msgspec.Struct, kw_only=True):
     stream_ttl_s: int = 600  # how long a streaming task's partial output is kept
     # the gateway (ops/gateway/, docs/gateway.md)
     gateway_host: str = "127.0.0.1"
-    gateway_port: int = 8080
+    gateway_port: int = 8000  # the console (ops/console) takes 8080
     gateway_server: str = "uvicorn"  # or "granian" (ops/gateway/server.py)
     gateway_files_dir: str = ""  # "" is <home>/files; a volume in a pod
     gateway_max_file_bytes: int = 200 * 1024 * 1024  # an uploaded file's limit

@@ -124,13 +124,15 @@ class Result(Base, kw_only=True):
     output_tokens: int = 0
     timings: Timings = msgspec.field(default_factory=Timings)
     worker_id: str = ""
-    batch_id: str = ""
-    batch_size: int = 0
+    # (Fields 15 and 16, `batch_id` and `batch_size`, named the read window until schema
+    # 1.1; "batch" now means a bulk job only.  Older readers decode them as empty.)
     model_version: str = ""
     error_code: ErrorCode | None = None
     error_message: str = ""
     followup_ids: list[str] = []
     attempts: int = 1
+    window_id: str = ""  # the read window it came in: "<worker>/<model>/<seq>"
+    window_size: int = 0  # tasks in that window
 
     @property
     def ok(self) -> bool:

@@ -80,7 +80,7 @@ async def test_each_part_does_its_job_under_its_own_user(users, settings, redis)
         worker.request_stop()
         await asyncio.wait_for(running, 10)
         await worker_redis.aclose()
-    assert worker.lanes[0].stats.committed == 2  # nothing refused on the way
+    assert worker.runners[0].stats.committed == 2  # nothing refused on the way
 
 
 REFUSED = [

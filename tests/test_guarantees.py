@@ -90,7 +90,7 @@ async def test_cancel_a_running_task_aborts_it(producer, start_worker):
     worker = await start_worker(engines={"m1": engine, "m2": FakeEngine()})
     await producer.submit(model="m1", prompt="long", id="c2", metadata={"fake_delay_s": "30"})
     for _ in range(100):
-        if worker.lanes[0]._inflight:
+        if worker.runners[0].inflight:
             break
         await asyncio.sleep(0.02)
     await producer.cancel("c2", "m1")
@@ -142,13 +142,14 @@ async def test_commit_replies_carry_exactly_the_results_it_wrote(redis):
     task was no longer this consumer's."""
     import msgspec
 
-    from agentfleet.workers.commit import COMMIT_LUA, CommitRecord, commit_args
+    from agentfleet.workers.scripts import CommitHead, CommitRecord, commit_args, commit_lua
 
     stream, reply = keys.task_stream("m1"), keys.reply_stream("m1", "p1")
     await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
-    commit = redis.register_script(COMMIT_LUA)
-    head = [keys.stats_key("m1"), keys.delayed_key("m1"), keys.dead_stream("m1"), keys.GROUP,
-            "me", 60, 60, 1000, 1000]
+    commit = redis.register_script(commit_lua())
+    head = CommitHead(stats_key=keys.stats_key("m1"), delayed_key=keys.delayed_key("m1"),
+                      dead_stream=keys.dead_stream("m1"), group=keys.GROUP, consumer="me",
+                      result_ttl_s=60, trace_ttl_s=60, reply_maxlen=1000, dead_maxlen=1000)
 
     async def read(n: int, consumer: str = "me") -> list[bytes]:
         for i in range(n):

@@ -44,16 +44,17 @@ def _record(msg: str, *args, exc_info=None, **extra) -> logging.LogRecord:
 def test_json_line_carries_the_context_given_with_extra():
     line = JsonFormatter({"worker": "host-1"}).format(_record(
         "model %s: %d failed", "m1", 3, model="m1", task_id="t-1", correlation_id="c-1",
-        batch_id="host-1/m1/7", error_code="engine_error", unrelated=object()))
+        window_id="host-1/m1/7", batch_id="job-1", error_code="engine_error",
+        unrelated=object()))
     assert "\n" not in line
     out = json.loads(line)
     assert out["msg"] == "model m1: 3 failed"
     assert out["level"] == "error" and out["logger"] == "agentfleet.test"
     assert out["ts"].endswith("Z") and out["ts"][:2] == "20"
-    assert {k: out[k] for k in ("model", "task_id", "correlation_id", "batch_id", "worker",
-                                "error_code")} == {
-        "model": "m1", "task_id": "t-1", "correlation_id": "c-1", "batch_id": "host-1/m1/7",
-        "worker": "host-1", "error_code": "engine_error"}
+    assert {k: out[k] for k in ("model", "task_id", "correlation_id", "window_id",
+                                "batch_id", "worker", "error_code")} == {
+        "model": "m1", "task_id": "t-1", "correlation_id": "c-1", "window_id": "host-1/m1/7",
+        "batch_id": "job-1", "worker": "host-1", "error_code": "engine_error"}
     assert "unrelated" not in out  # only the known context fields, never arbitrary objects
 
 
@@ -121,7 +122,7 @@ async def test_worker_failure_lines_carry_task_context(producer, start_worker, r
     assert failed[0]["level"] == "error"
     assert (failed[0]["model"], failed[0]["task_id"], failed[0]["correlation_id"],
             failed[0]["worker"]) == ("m2", task_id, "chain-5", "w1")
-    assert failed[0]["batch_id"].startswith("w1/m2/")
+    assert failed[0]["window_id"].startswith("w1/m2/")
 
 
 async def test_cli_worker_writes_json_lines_when_not_on_a_terminal(server, tmp_path):

@@ -145,14 +145,14 @@ async def test_failures_are_logged_once_per_group_with_their_context(producer, s
     assert len(errors) <= 3  # one line per group, not one per task
     first = errors[0]
     assert (first.model, first.worker, first.correlation_id) == ("m1", "w1", "corr-7")
-    assert first.task_id in ids and first.batch_id.startswith("w1/m1/")
+    assert first.task_id in ids and first.window_id.startswith("w1/m1/")
 
 
 async def test_metrics_off_when_port_and_kpis_are_zero(start_worker, settings):
     off = msgspec.structs.replace(settings, metrics_port=0, kpi_ttl_s=0)
     worker = await start_worker(worker_settings=off)
     assert not worker.metrics.enabled
-    assert all(lane.metrics is NULL_LANE_METRICS for lane in worker.lanes)
+    assert all(lane.metrics is NULL_LANE_METRICS for lane in worker.runners)
     assert worker.metrics.serve(9464) is None
     assert b"agentfleet_tasks_total{" not in worker.metrics.render()
 

@@ -33,7 +33,7 @@ async def test_submit_and_wait_one(producer, start_worker):
     assert result.correlation_id == task_id  # generated: the root's own id
     assert result.agent_id == "a1"
     assert result.worker_id == "w1"
-    assert result.batch_size >= 1 and result.batch_id.startswith("w1/m1/")
+    assert result.window_size >= 1 and result.window_id.startswith("w1/m1/")
     assert result.model_version == "fake-1"
     t = result.timings
     assert 0 < t.enqueued <= t.read <= t.engine_start <= t.finished <= t.written
@@ -221,12 +221,12 @@ async def test_inflight_limit_bounds_reads(producer, start_worker, redis, settin
     worker = await start_worker(engines={"m1": engine}, worker_settings=s)
     ids = await producer.submit_many([Task(model="m1", prompt=f"p{i}") for i in range(100)])
     await asyncio.sleep(0.1)
-    assert worker.lanes[0].busy <= 10
+    assert worker.runners[0].busy <= 10
     info = await redis.xpending(keys.task_stream("m1"), "workers")
     assert info["pending"] <= 10
     results = await producer.wait_many(ids, timeout_s=20)
     assert all(r.ok for r in results)
-    assert max(r.batch_size for r in results) <= 4
+    assert max(r.window_size for r in results) <= 4
 
 
 async def test_bulk_lane_is_served_after_interactive_work(producer, start_worker, redis):
@@ -252,7 +252,7 @@ async def test_bulk_lane_is_served_after_interactive_work(producer, start_worker
     assert sorted(r.task_id for r in results) == sorted(bulk)
     first_bulk_read = min(r.timings.read for r in results)
     assert max(r.timings.read for r in done) <= first_bulk_read
-    assert worker.lanes[0].stats.read == 320
+    assert worker.runners[0].stats.read == 320
 
 
 def test_quiet_gc_holds_while_any_worker_serves_and_restores_after():

@@ -1,4 +1,4 @@
-"""Per-minute aggregates in Redis, `agentfleet status` and `agentfleet report`."""
+"""Per-minute aggregates in Redis and `agentfleet status` (the report: tests/test_report.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from agentfleet.ops.report import Row, bucket_quantile, load_window, parse_duration, render_html
+from agentfleet.ops.report import Row, bucket_quantile, load_window, parse_duration
 from agentfleet.ops.status import snapshot
 from agentfleet.producer.connection import connect_sync
 from agentfleet.schemas import keys
@@ -177,39 +177,3 @@ async def test_status_live_view_refreshes_until_interrupted(server, redis, tmp_p
             proc.communicate()  # closes the pipes
     assert proc.returncode == 0, stderr
     assert "smollm2-135m" in stdout and "tasks/s" in stdout
-
-
-async def test_report_text_and_self_contained_html(producer, start_worker, server, tmp_path):
-    await _run_some_work(producer, start_worker)
-    await _aggregated(server)
-    models_file = tmp_path / "models.toml"
-    models_file.write_text("[models.m1]\n[models.m2]\n")
-    env = {**os.environ, "REDIS_URL": server.url, "AGENTFLEET_HOME": str(tmp_path),
-           "AGENTFLEET_MODELS_FILE": str(models_file), "AGENTFLEET_DEFAULT_MODEL": "m1"}
-    text = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agentfleet", "report",
-                                                    "--since", "1h"], env=env,
-                                   capture_output=True, text=True, timeout=30)
-    assert text.returncode == 0, text.stderr
-    assert "acme" in text.stdout and "<globex>" in text.stdout
-    assert "errors: internal 1" in text.stdout
-    assert "96.77%" in text.stdout  # acme on m1: 30 of 31
-    page = tmp_path / "report.html"
-    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agentfleet", "report",
-                                                   "--since", "1h", "--html", str(page)],
-                                  env=env, capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    body = page.read_text()
-    assert body.startswith("<!doctype html>") and body.rstrip().endswith("</html>")
-    assert "&lt;globex&gt;" in body and "<globex>" not in body  # escaped
-    assert "<svg" in body and "src=" not in body and "href=" not in body  # nothing fetched
-    bad = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agentfleet", "report",
-                                                   "--since", "lately"], env=env,
-                                  capture_output=True, text=True, timeout=30)
-    assert bad.returncode == 2 and "--since" in bad.stderr
-
-
-def test_html_of_an_empty_window_says_so():
-    from agentfleet.ops.report import Window
-
-    page = render_html(Window(since=0, until=60, rows=[], per_minute={}), ["m1"])
-    assert "No finished tasks in this window" in page

@@ -39,7 +39,7 @@ async def test_trace_timeline_of_a_chain(producer, start_worker, redis, settings
     assert lines[1].split()[:3] == ["+0.000s", root.id, "enqueued"]
     assert sum("follow-up" in line for line in lines) == 2
     assert sum("result written" in line for line in lines) == 3
-    assert any("read by w1" in line and "batch w1/m1/" in line for line in lines)
+    assert any("read by w1" in line and "window w1/m1/" in line for line in lines)
 
 
 async def test_trace_of_a_lone_task_comes_from_its_result(producer, start_worker, redis,

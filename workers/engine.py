@@ -36,10 +36,20 @@ class EngineOutput(msgspec.Struct, kw_only=True, gc=False):
 OnDone = Callable[[EngineOutput], None]
 
 
+def engine_priority(task: Task) -> int:
+    """The order inside an engine, lower first (vLLM's priority scheduling): interactive
+    tasks 0..9 (task priority 9 first), then bulk-job tasks 10..19, so that a bulk job never
+    delays interactive work waiting for a slot."""
+    return (10 if task.batch_id else 0) + (9 - task.priority)
+
+
 class Engine(Protocol):
     """An engine serving one model."""
 
     model_version: str
+    # How many requests it runs at once (its batch size, vLLM's max_num_seqs); None when it
+    # has no such limit.  The bulk cap is a share of it (workers/runner.py).
+    slots: int | None
 
     async def start(self) -> None:
         """Load the model; raise `FatalConfigError` if it cannot be loaded."""

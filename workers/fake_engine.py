@@ -8,6 +8,11 @@ task, so tests can predict it:
     prompt_tokens = number of whitespace-separated words in the input
     output_tokens = min(max_tokens, words in text)
 
+With `slots`, it runs at most that many requests at once, each for `delay_s`, and keeps the
+rest waiting in the order a vLLM scheduler with priority scheduling uses (interactive before
+bulk, then task priority, then arrival): the engine, not the CPU, is then the bottleneck, as a
+GPU is, for benchmarks of fairness and interactive headroom.
+
 Test hooks, set through a task's metadata:
     fake_error = "<ErrorCode value>"  -> the request fails with that code
     fake_delay_s = "0.05"             -> the request finishes after that many seconds
@@ -17,12 +22,15 @@ Test hooks, set through a task's metadata:
                                          seconds (also the engine's `token_delay_s`)
 
 A streaming task (`Task.stream`) publishes its text word by word (each word with the
-whitespace before it is one token) to `partials` (workers/streaming.py), then its end.
+whitespace before it is one token) to `partials` (workers/streaming.py), then its end; it
+takes no slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import os
 import re
 import time
@@ -30,21 +38,26 @@ from collections.abc import Sequence
 
 from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.wire import Task
-from agentfleet.workers.engine import EngineOutput, OnDone
+from agentfleet.workers.engine import EngineOutput, OnDone, engine_priority
 
 
 class FakeEngine:
     """Answers at once (or after `delay_s`), with no model: a test double, not an engine."""
 
     def __init__(self, model_version: str = "fake-1", delay_s: float = 0.0,
-                 token_delay_s: float = 0.0):
+                 slots: int | None = None, token_delay_s: float = 0.0):
         self.model_version = model_version
         self.delay_s = delay_s
+        self.slots = slots  # None: no limit, every request runs at once
         self.token_delay_s = token_delay_s
-        self.submitted = 0
         self.partials = None  # a PartialPublisher, set by the worker (workers/streaming.py)
-        self._timers: dict[str, tuple[asyncio.TimerHandle, EngineOutput, OnDone]] = {}
         self._streams: dict[str, _Stream] = {}
+        self.submitted = 0
+        self.peak_running = 0  # most requests that ran at once
+        self._timers: dict[str, tuple[asyncio.TimerHandle, EngineOutput, OnDone]] = {}
+        # (engine priority, arrival, request id, output, on_done, delay) waiting for a slot
+        self._waiting: list[tuple[int, int, str, EngineOutput, OnDone, float]] = []
+        self._arrival = itertools.count()
 
     async def start(self) -> None:
         return None
@@ -52,7 +65,6 @@ class FakeEngine:
     def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone) -> None:
         self.submitted += len(requests)
         now = time.time()
-        loop = asyncio.get_running_loop() if self.delay_s else None
         for request_id, task in requests:
             out = answer(request_id, task, now)
             if task.stream and self.partials is not None and out.error_code is None:
@@ -66,15 +78,33 @@ class FakeEngine:
             if delay <= 0:
                 on_done(out)
                 continue
-            loop = loop or asyncio.get_running_loop()
-            out.first_token = now + delay / 2
-            out.finished = now + delay
-            handle = loop.call_later(delay, self._finish, request_id)
-            self._timers[request_id] = (handle, out, on_done)
+            if self.slots is not None:
+                heapq.heappush(self._waiting, (engine_priority(task), next(self._arrival),
+                                               request_id, out, on_done, delay))
+                continue
+            self._run(request_id, out, on_done, delay, now)
+        if self._waiting:
+            self._start_waiting()
+
+    def _run(self, request_id: str, out: EngineOutput, on_done: OnDone, delay: float,
+             now: float) -> None:
+        out.first_token = now + delay / 2
+        out.finished = now + delay
+        handle = asyncio.get_running_loop().call_later(delay, self._finish, request_id)
+        self._timers[request_id] = (handle, out, on_done)
+        self.peak_running = max(self.peak_running, len(self._timers))
+
+    def _start_waiting(self) -> None:
+        now = time.time()
+        while self._waiting and len(self._timers) < self.slots:
+            _, _, request_id, out, on_done, delay = heapq.heappop(self._waiting)
+            self._run(request_id, out, on_done, delay, now)
 
     def _finish(self, request_id: str) -> None:
         _, out, on_done = self._timers.pop(request_id)
         on_done(out)
+        if self._waiting:
+            self._start_waiting()
 
     def _stream(self, request_id: str, task: Task, out: EngineOutput, on_done: OnDone) -> None:
         """Publish the answer a word at a time, `token_delay_s` apart, then finish it."""
@@ -122,7 +152,17 @@ class FakeEngine:
                 if stream.handle is not None:
                     stream.handle.cancel()
                 self._end_stream(stream, "abort")
-                continue
+        aborted = set(request_ids)
+        waiting = [w for w in self._waiting if w[2] in aborted]
+        if waiting:
+            self._waiting = [w for w in self._waiting if w[2] not in aborted]
+            heapq.heapify(self._waiting)
+            for _, _, _, out, on_done, _ in waiting:
+                out.finish_reason = "abort"
+                out.first_token = 0.0
+                out.finished = time.time()
+                on_done(out)
+        for request_id in request_ids:
             entry = self._timers.pop(request_id, None)
             if entry is not None:
                 handle, out, on_done = entry
@@ -130,9 +170,11 @@ class FakeEngine:
                 out.finish_reason = "abort"
                 out.finished = time.time()
                 on_done(out)
+        if self._waiting and self.slots is not None:
+            self._start_waiting()
 
     async def stop(self) -> None:
-        self.abort([*self._timers, *self._streams])
+        self.abort([w[2] for w in self._waiting] + list(self._timers) + list(self._streams))
 
 
 class _Stream:

@@ -1,18 +1,44 @@
-"""Per-minute aggregates of finished tasks in Redis, for `agentfleet report` and `status`.
+"""Per-minute aggregates of finished tasks in Redis, for `agentfleet report`, `status` and the
+console.
 
 Prometheus keeps what workers did for as long as it retains data, but without tenants (an
 unbounded label); an SLA report per tenant needs them, and must not depend on a Prometheus
-being there.  So each worker also keeps small per-minute hashes in Redis:
+being there.  So each worker also keeps small hashes in Redis, three families per model:
 
-    af:{model}:kpi:<minute start, epoch s>     (TTL kpi_ttl_s, 8 days by default)
-      s:<status>:<lane>:<tenant>       tasks that ended with that status
-      e:<error code>:<lane>:<tenant>   tasks that ended with that error code
-      b:<i>:<lane>:<tenant>            tasks whose end-to-end latency is <= LATENCY_BUCKETS_S[i]
-                                       and above the bound before (i = len: above the last)
-      l:<lane>:<tenant>                sum of end-to-end latencies, seconds
-      p:<lane>:<tenant>, o:<lane>:<tenant>   prompt and output tokens of succeeded tasks
-    lane: `interactive`, or `bulk` for tasks of bulk jobs; the tenant is last, so it may hold
-    any character.
+    af:{model}:kpi:<minute start, epoch s>     detail of one minute (TTL kpi_ttl_s, 8 days)
+    af:{model}:kpih:<hour start, epoch s>      the same fields summed over one hour
+                                               (TTL 4 x kpi_ttl_s: week-on-week reports)
+    af:{model}:kpim:<hour start, epoch s>      one hour's minutes without tenant and version,
+                                               field `<minute of the hour>/<field>` (TTL
+                                               kpi_ttl_s): the plots' series
+
+A report of a day reads 24 hour hashes and 24 series hashes, not 1,440 minute hashes whose
+fields multiply with tenants and versions; minutes at the window's edges, and hours written
+by older workers (no hour hash), are read from the minute hashes.
+
+Fields that end in `<lane>:<tenant>` (the tenant last, so it may hold any character; the lane
+is `interactive` or `bulk`, followed by `@<model version>` when the engine has one):
+
+      s:<status>        tasks that ended with that status
+      e:<error code>    tasks that ended with that error code
+      b:<i>             tasks whose end-to-end latency is <= LATENCY_BUCKETS_S[i] and above
+                        the bound before (i = len: above the last)
+      l                 sum of end-to-end latencies, seconds
+      p, o              prompt and output tokens of succeeded tasks
+      t:<i>             time to first token from enqueue, succeeded tasks, same buckets
+      q:<i>             queue wait (enqueue to read), same buckets
+      w                 sum of queue waits, seconds
+      g                 sum of engine seconds (engine start to end)
+      d                 bulk-job tasks that succeeded within their job's completion window
+Fields of the model as a whole:
+      x:<error code>    the correlation id of one task that ended with that code (HSET)
+      c:up, c:busy      engine seconds up, and up with a task in flight, summed over workers
+                        (sampled once a second): the engine-hours a report prices
+      z:depth:<lane>    the lane's depth (lag + pending) when a worker sampled it, once a
+                        minute (HSET: the last sample wins)
+
+Hashes written before `t`, `q`, `w`, `g`, `d`, `x`, `c`, `z` and versions existed read as
+before: the missing figures are absent, nothing else changes.
 
 The cost: the lane hands each committed group's lists (already built for the histograms) to
 `KpiBuffer` by reference, no work per task; once a second the worker folds the buffer by
@@ -25,8 +51,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from bisect import bisect_left
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from itertools import repeat
 
 import redis.asyncio as aioredis
@@ -37,6 +65,12 @@ from agentfleet.schemas import keys
 log = logging.getLogger("agentfleet.worker")
 
 _MAX_PENDING_HASHES = 10_000  # unwritten (Redis down): keep this many, drop the oldest
+HOUR_TTL_FACTOR = 4  # hour hashes live this many times kpi_ttl_s
+LANES = ("interactive", "bulk")
+# Fields summed into the series hashes (tenant and version dropped); the others stay per tail.
+_SERIES_KINDS = frozenset("sebpotqdlwg")
+_TAIL_KINDS = frozenset("sebtq")  # a detail (status, code, bucket index) before the tail
+_BARE_KINDS = frozenset("lpowgd")  # the tail right after the kind
 
 
 class KpiBuffer:
@@ -45,101 +79,200 @@ class KpiBuffer:
     def __init__(self, ttl_s: int, bounds: tuple[float, ...]):
         self.ttl_s = ttl_s
         self.bounds = bounds
-        # (model, minute, lane, tenants, end-to-end s, prompt tokens, output tokens):
-        # a group whose tasks all succeeded
+        # (model, minute, lane, tenants, end-to-end s, prompt tokens, output tokens,
+        #  [first token from enqueue s, queue wait s, engine s, version, tasks within their
+        #  deadline]): a group whose tasks all succeeded; the bracketed part may be missing
         self.groups: list[tuple] = []
-        # (model, minute, lane, tenant, status, error code, end to end s | None, ptok, otok)
+        # (model, minute, lane, tenant, status, error code, end to end s | None, ptok, otok,
+        #  [first token s | None, queue wait s | None, engine s | None, version,
+        #  within deadline, correlation id])
         self.tasks: list[tuple] = []
-        self._unwritten: dict[tuple[str, int], dict[str, float]] = {}
+        self._watched: list[tuple[str, Callable[[], int]]] = []
+        self._last_tick: float | None = None
+        self._capacity: defaultdict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._depth_minute: dict[str, int] = {}  # model -> the minute whose depth was sampled
+        self._unwritten: dict[str, dict[str, float | str]] = {}  # key -> fields
+        self._ttl: dict[str, int] = {}  # key -> its TTL
 
-    def fold(self) -> dict[tuple[str, int], dict[str, float]]:
-        """What the buffer holds, as hash increments per (model, minute)."""
+    def watch(self, model: str, inflight: Callable[[], int]) -> None:
+        """Sample a lane's tasks in flight once a flush: its engine is up, busy when > 0."""
+        self._watched.append((model, inflight))
+        if self._last_tick is None:
+            self._last_tick = time.time()  # up from now, not from the first flush
+
+    def fold(self) -> dict[tuple[str, int], dict[str, float | str]]:
+        """What the buffer holds, as minute-hash fields per (model, minute)."""
         groups, self.groups = self.groups, []
         tasks, self.tasks = self.tasks, []
-        n_buckets = len(self.bounds) + 1
-        # (model, minute, lane, tenant) -> totals
-        acc: defaultdict[tuple, list] = defaultdict(lambda: _row(n_buckets))
+        nb = len(self.bounds) + 1
+        acc: defaultdict[tuple, _Row] = defaultdict(lambda: _Row(nb))
+        examples: dict[tuple[str, int], dict[str, str]] = {}
         bounds = self.bounds
-        for model, minute, lane, tenants, e2e, ptok, otok in groups:
+        for group in groups:
+            model, minute, lane, tenants, e2e, ptok, otok = group[:7]
+            tte, wait, eng, version, within = group[7:12] if len(group) > 7 else \
+                ((), (), (), "", 0)
+            tail = _tail(lane, version)
             if tenants and tenants.count(tenants[0]) == len(tenants):
                 # One tenant, the common case: whole-list sums in C, not a row update per task.
-                row = acc[(model, minute, lane, tenants[0])]
-                row[0]["succeeded"] = row[0].get("succeeded", 0) + len(tenants)
-                buckets = row[2]
-                for i, n in Counter(map(bisect_left, repeat(bounds), e2e)).items():
-                    buckets[i] += n
-                row[3] += sum(e2e)
-                row[4] += sum(ptok)
-                row[5] += sum(otok)
+                row = acc[(model, minute, tail, tenants[0])]
+                row.statuses["succeeded"] = row.statuses.get("succeeded", 0) + len(tenants)
+                _count_into(row.e2e, bounds, e2e)
+                _count_into(row.ttft, bounds, tte)
+                _count_into(row.wait, bounds, wait)
+                row.e2e_sum += sum(e2e)
+                row.wait_sum += sum(wait)
+                row.engine_sum += sum(eng)
+                row.ptok += sum(ptok)
+                row.otok += sum(otok)
+                row.within += within
                 continue
-            for tenant, latency, p, o in zip(tenants, e2e, ptok, otok):
-                row = acc[(model, minute, lane, tenant)]
-                row[0]["succeeded"] = row[0].get("succeeded", 0) + 1
-                row[2][bisect_left(bounds, latency)] += 1
-                row[3] += latency
-                row[4] += p
-                row[5] += o
-        for model, minute, lane, tenant, status, code, latency, p, o in tasks:
-            row = acc[(model, minute, lane, tenant)]
-            row[0][status] = row[0].get(status, 0) + 1
+            for i, tenant in enumerate(tenants):
+                row = acc[(model, minute, tail, tenant)]
+                row.statuses["succeeded"] = row.statuses.get("succeeded", 0) + 1
+                row.e2e[bisect_left(bounds, e2e[i])] += 1
+                row.e2e_sum += e2e[i]
+                row.ptok += ptok[i]
+                row.otok += otok[i]
+                if tte:
+                    row.ttft[bisect_left(bounds, tte[i])] += 1
+                    row.wait[bisect_left(bounds, wait[i])] += 1
+                    row.wait_sum += wait[i]
+                    row.engine_sum += eng[i]
+            if within:  # one bulk job per group: every task within its window, or none
+                for tenant in set(tenants):
+                    acc[(model, minute, tail, tenant)].within += tenants.count(tenant)
+        for task in tasks:
+            model, minute, lane, tenant, status, code, latency, p, o = task[:9]
+            tte, wait, eng, version, within, corr = task[9:15] if len(task) > 9 else \
+                (None, None, None, "", False, "")
+            row = acc[(model, minute, _tail(lane, version), tenant)]
+            row.statuses[status] = row.statuses.get(status, 0) + 1
             if code:
-                row[1][code] = row[1].get(code, 0) + 1
+                row.codes[code] = row.codes.get(code, 0) + 1
+                if corr:
+                    examples.setdefault((model, minute), {}).setdefault(code, corr)
             if latency is not None:
-                row[2][bisect_left(bounds, latency)] += 1
-                row[3] += latency
-            row[4] += p
-            row[5] += o
-        out: dict[tuple[str, int], dict[str, float]] = {}
-        for (model, minute, lane, tenant), (statuses, codes, buckets, lat, p, o) in acc.items():
+                row.e2e[bisect_left(bounds, latency)] += 1
+                row.e2e_sum += latency
+            if tte is not None:
+                row.ttft[bisect_left(bounds, tte)] += 1
+            if wait is not None:
+                row.wait[bisect_left(bounds, wait)] += 1
+                row.wait_sum += wait
+            if eng is not None:
+                row.engine_sum += eng
+            row.ptok += p
+            row.otok += o
+            row.within += bool(within)
+        out: dict[tuple[str, int], dict[str, float | str]] = {}
+        for (model, minute, lane_tail, tenant), row in acc.items():
+            row.fields(out.setdefault((model, minute), {}), f"{lane_tail}:{tenant}")
+        for (model, minute), codes in examples.items():
             fields = out.setdefault((model, minute), {})
-            tail = f"{lane}:{tenant}"
-            for status, n in statuses.items():
-                fields[f"s:{status}:{tail}"] = n
-            for code, n in codes.items():
-                fields[f"e:{code}:{tail}"] = n
-            for i, n in enumerate(buckets):
-                if n:
-                    fields[f"b:{i}:{tail}"] = n
-            if lat:
-                fields[f"l:{tail}"] = lat
-            if p:
-                fields[f"p:{tail}"] = p
-            if o:
-                fields[f"o:{tail}"] = o
+            for code, corr in codes.items():
+                fields[f"x:{code}"] = corr
+        for (model, minute), (up, busy) in self._capacity.items():
+            fields = out.setdefault((model, minute), {})
+            fields["c:up"] = up
+            fields["c:busy"] = busy
+        self._capacity.clear()
         return out
+
+    def tick(self, now: float) -> None:
+        """Add the time since the last tick to each watched lane's up (and busy) seconds."""
+        last, self._last_tick = self._last_tick, now
+        if last is None or not self._watched:
+            return
+        elapsed = min(max(now - last, 0.0), 5.0)  # a stalled loop is not counted as up
+        minute = int(now // 60) * 60
+        for model, inflight in self._watched:
+            cap = self._capacity[(model, minute)]
+            cap[0] += elapsed
+            if inflight() > 0:
+                cap[1] += elapsed
+
+    def _stage(self, minutes: dict[tuple[str, int], dict[str, float | str]]) -> None:
+        """Add minute fields to the unwritten hashes of all three families."""
+        long_ttl = self.ttl_s * HOUR_TTL_FACTOR
+        for (model, minute), fields in minutes.items():
+            hour = minute - minute % 3600
+            offset = (minute - hour) // 60
+            detail = keys.kpi_key(model, minute)
+            hourly = keys.kpi_hour_key(model, hour)
+            series = keys.kpi_series_key(model, hour)
+            self._ttl[detail] = self._ttl[series] = self.ttl_s
+            self._ttl[hourly] = long_ttl
+            _merge(self._unwritten.setdefault(detail, {}), fields)
+            hour_fields = {f: v for f, v in fields.items() if not f.startswith("z:")}
+            _merge(self._unwritten.setdefault(hourly, {}), hour_fields)
+            _merge(self._unwritten.setdefault(series, {}), series_fields(fields, offset))
+
+    async def sample_depths(self, redis: aioredis.Redis, now: float) -> None:
+        """Once a minute per watched model: each lane's depth (lag + pending), kept as z:
+        fields of the minute (one XINFO GROUPS per lane; a failure skips the sample)."""
+        minute = int(now // 60) * 60
+        models = sorted({m for m, _ in self._watched if self._depth_minute.get(m) != minute})
+        if not models:
+            return
+        for model in models:
+            self._depth_minute[model] = minute
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.xinfo_groups(keys.task_stream(model))
+                    pipe.xinfo_groups(keys.bulk_stream(model))
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            log.warning("sampling queue depth failed (%s)", exc)
+            return
+        staged: dict[tuple[str, int], dict[str, float | str]] = {}
+        for i, model in enumerate(models):
+            fields = staged.setdefault((model, minute), {})
+            for lane, groups in zip(LANES, replies[2 * i:2 * i + 2]):
+                depth = 0
+                if not isinstance(groups, Exception):  # no stream yet: nothing queued
+                    for g in groups:
+                        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                        if name == keys.GROUP:
+                            depth = int(g.get("lag") or 0) + int(g["pending"])
+                fields[f"z:depth:{lane}"] = str(depth)
+        self._stage(staged)
 
     async def flush(self, redis: aioredis.Redis) -> None:
         """Write what the buffer holds (and what an earlier failed flush kept)."""
-        fresh = self.fold()
-        for key, fields in fresh.items():
-            kept = self._unwritten.setdefault(key, {})
-            for field, value in fields.items():
-                kept[field] = kept.get(field, 0) + value
+        now = time.time()
+        self.tick(now)
+        self._stage(self.fold())
+        if self._watched:
+            await self.sample_depths(redis, now)
         if not self._unwritten:
             return
         todo, self._unwritten = self._unwritten, {}
         try:
             async with redis.pipeline(transaction=False) as pipe:
-                for (model, minute), fields in todo.items():
-                    key = keys.kpi_key(model, minute)
+                for key, fields in todo.items():
                     for field, value in fields.items():
-                        if isinstance(value, float):
+                        if isinstance(value, str):
+                            pipe.hset(key, field, value)
+                        elif isinstance(value, float):
                             pipe.hincrbyfloat(key, field, value)
                         else:
                             pipe.hincrby(key, field, value)
-                    pipe.expire(key, self.ttl_s)
+                    pipe.expire(key, self._ttl.get(key, self.ttl_s))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             # Kept for the next flush.  A pipeline is not a transaction: if part of it was
             # applied, the retry counts those fields twice, which a report tolerates better
             # than a lost minute.
             for key, fields in todo.items():
-                kept = self._unwritten.setdefault(key, {})
-                for field, value in fields.items():
-                    kept[field] = kept.get(field, 0) + value
+                _merge(self._unwritten.setdefault(key, {}), fields)
             while len(self._unwritten) > _MAX_PENDING_HASHES:
-                del self._unwritten[min(self._unwritten, key=lambda k: k[1])]
+                del self._unwritten[next(iter(self._unwritten))]  # the oldest staged
             log.warning("writing per-minute aggregates failed (%s); kept for the next try", exc)
+            return
+        if len(self._ttl) > 4 * _MAX_PENDING_HASHES:
+            self._ttl = {k: v for k, v in self._ttl.items() if k in self._unwritten}
 
     async def flush_loop(self, redis: aioredis.Redis, every_s: float = 1.0) -> None:
         """Flush every `every_s` until cancelled; then flush once more (drain included)."""
@@ -155,19 +288,98 @@ class KpiBuffer:
             raise
 
 
-def _row(n_buckets: int) -> list:
-    # statuses, error codes, latency buckets, latency sum, prompt tokens, output tokens
-    return [{}, {}, [0] * n_buckets, 0.0, 0, 0]
+class _Row:
+    """One (model, minute, lane, version, tenant)'s totals while folding."""
+
+    __slots__ = ("statuses", "codes", "e2e", "ttft", "wait", "e2e_sum", "wait_sum",
+                 "engine_sum", "ptok", "otok", "within")
+
+    def __init__(self, n_buckets: int):
+        self.statuses: dict[str, int] = {}
+        self.codes: dict[str, int] = {}
+        self.e2e = [0] * n_buckets
+        self.ttft = [0] * n_buckets
+        self.wait = [0] * n_buckets
+        self.e2e_sum = self.wait_sum = self.engine_sum = 0.0
+        self.ptok = self.otok = self.within = 0
+
+    def fields(self, out: dict[str, float | str], tail: str) -> None:
+        for status, n in self.statuses.items():
+            out[f"s:{status}:{tail}"] = n
+        for code, n in self.codes.items():
+            out[f"e:{code}:{tail}"] = n
+        for kind, buckets in (("b", self.e2e), ("t", self.ttft), ("q", self.wait)):
+            for i, n in enumerate(buckets):
+                if n:
+                    out[f"{kind}:{i}:{tail}"] = n
+        for kind, value in (("l", self.e2e_sum), ("w", self.wait_sum), ("g", self.engine_sum)):
+            if value:
+                out[f"{kind}:{tail}"] = float(value)
+        for kind, value in (("p", self.ptok), ("o", self.otok), ("d", self.within)):
+            if value:
+                out[f"{kind}:{tail}"] = value
+
+
+def _tail(lane: str, version: str) -> str:
+    """The lane part of a field: `lane`, or `lane@version` (a colon in a version would end the
+    lane early, so it is written as '_')."""
+    return f"{lane}@{version.replace(':', '_')}" if version else lane
+
+
+def _count_into(buckets: list[int], bounds: tuple[float, ...], values) -> None:
+    for i, n in Counter(map(bisect_left, repeat(bounds), values)).items():
+        buckets[i] += n
+
+
+def _merge(into: dict[str, float | str], fields: dict[str, float | str]) -> None:
+    for field, value in fields.items():
+        if isinstance(value, str):
+            into[field] = value
+        else:
+            into[field] = into.get(field, 0) + value
+
+
+def series_fields(fields: dict[str, float | str], offset: int) -> dict[str, float | str]:
+    """A minute's fields as series fields: `<offset>/<field>`, tenant and version dropped
+    (summed), error examples left out."""
+    out: dict[str, float | str] = {}
+    for field, value in fields.items():
+        kind = field[:1]
+        if kind in "cz":
+            name = f"{offset}/{field}"
+            if isinstance(value, str):
+                out[name] = value
+            else:
+                out[name] = out.get(name, 0) + value
+            continue
+        if kind not in _SERIES_KINDS:
+            continue
+        parsed = parse_field(field)
+        if parsed is None:
+            continue
+        kind, detail, lane, _ = parsed
+        lane = lane.partition("@")[0]
+        name = f"{offset}/{kind}:{detail}:{lane}:" if kind in _TAIL_KINDS else \
+            f"{offset}/{kind}:{lane}:"
+        out[name] = out.get(name, 0) + value
+    return out
 
 
 def parse_field(field: str) -> tuple[str, str, str, str] | None:
-    """(kind, detail, lane, tenant) of a kpi hash field; detail is "" for l, p and o."""
+    """(kind, detail, lane, tenant) of a per-tenant field; detail is "" for kinds without one
+    (l, p, o, w, g, d); the lane may carry `@version` (see `split_lane`); None for others."""
     kind, _, rest = field.partition(":")
-    if kind in ("s", "e", "b"):
+    if kind in _TAIL_KINDS:
         detail, _, rest = rest.partition(":")
-    elif kind in ("l", "p", "o"):
+    elif kind in _BARE_KINDS:
         detail = ""
     else:
         return None
     lane, _, tenant = rest.partition(":")
     return kind, detail, lane, tenant
+
+
+def split_lane(lane: str) -> tuple[str, str]:
+    """(lane, model version) of a field's lane part; the version is "" when not recorded."""
+    name, _, version = lane.partition("@")
+    return name, version

@@ -18,7 +18,8 @@ Labels stay bounded: model, version, status, error_code, and the priority class:
 (the task's priority) or "bulk" (a task of a bulk job, served from the model's bulk lane, whose
 latency must not count against the interactive SLO).  Never a task id, a batch id or a tenant.
 
-Metric names are listed in docs/observability.md.
+Metric names are listed in docs/observability.md.  This module records; the text format is
+written by workers/exposition.py and served by workers/http.py (with the health endpoints).
 """
 
 from __future__ import annotations
@@ -29,18 +30,19 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 from prometheus_client.utils import floatToGoString
 
 from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.wire import Status
+from agentfleet.workers.exposition import HISTOGRAMS, escape_label, render
+from agentfleet.workers.http import MetricsServer
 from agentfleet.workers.kpi import KpiBuffer
 
 if TYPE_CHECKING:
-    from agentfleet.workers.worker import ModelLane, Worker
+    from agentfleet.workers.inflight import RunnerStats
 
 log = logging.getLogger("agentfleet.worker")
 
@@ -72,14 +74,18 @@ def _priority_class(task) -> str:
     return _PRIORITY.get(task.priority) or str(task.priority)
 
 
-class _Outcome(msgspec.Struct, kw_only=True):
-    """The two fields of an encoded Result that the slow path needs (the rest is skipped)."""
+class RunnerView(Protocol):
+    """What the metrics read of a model runner (workers/runner.py), at scrape time."""
 
-    status: Status
-    error_code: ErrorCode | None = None
+    model: str
+    worker_id: str
+    stats: RunnerStats
 
+    @property
+    def version(self) -> str: ...
 
-_decode_outcome = msgspec.msgpack.Decoder(_Outcome).decode
+    @property
+    def busy(self) -> int: ...
 
 
 class _Histogram:
@@ -118,10 +124,12 @@ class _Histogram:
 class LaneMetrics:
     """One lane's figures; the lane calls `observe_read` and `observe_commit`."""
 
-    def __init__(self, lane: ModelLane, kpi: KpiBuffer | None = None):
-        self.model = lane.model
-        self._lane = lane
+    def __init__(self, runner: RunnerView, kpi: KpiBuffer | None = None):
+        self.model = runner.model
+        self.runner = runner
         self.kpi = kpi  # per-minute aggregates in Redis (workers/kpi.py), None when off
+        if kpi is not None:  # engine up/busy seconds and queue depth, sampled by the flush
+            kpi.watch(runner.model, lambda: runner.busy)
         self._lock = threading.Lock()  # the event loop appends, a scrape thread folds
         self.queue_wait = _Histogram(LATENCY_BUCKETS_S)
         self.first_token = _Histogram(LATENCY_BUCKETS_S)
@@ -146,13 +154,13 @@ class LaneMetrics:
 
     @property
     def version(self) -> str:
-        return self._lane.engine.model_version
+        return self.runner.version
 
     def labels(self) -> str:
         """`model="..",version=".."`, escaped; built again only when the version changes."""
         version = self.version
         if version != self._labels_version:
-            self._labels = f'model="{_escape(self.model)}",version="{_escape(version)}"'
+            self._labels = f'model="{escape_label(self.model)}",version="{escape_label(version)}"'
             self._labels_version = version
             self._prefixes = {}
         return self._labels
@@ -189,7 +197,9 @@ class LaneMetrics:
         ptok: list[int] = []
         otok: list[int] = []
         tenants: list[str] = []
+        tte: list[float] = []  # first token from enqueue: the SLO's figure (KPI only)
         a_wait, a_e2e, a_ttft, a_eng = wait.append, e2e.append, ttft.append, eng.append
+        a_tte = tte.append
         a_ptok, a_otok, a_tenant = ptok.append, otok.append, tenants.append
         first = done[0].task if n else None
         priority = first.priority if first is not None else 0
@@ -205,6 +215,7 @@ class LaneMetrics:
             a_wait(rec.read_at - enqueued)
             a_e2e(now - enqueued)
             a_ttft(out.first_token - started)
+            a_tte(out.first_token - enqueued)
             a_eng(out.finished - started)
             a_ptok(out.prompt_tokens)
             a_otok(out.output_tokens)
@@ -212,7 +223,9 @@ class LaneMetrics:
         if self.kpi is not None:  # by reference: the per-task work waits for the flush
             self.kpi.groups.append((self.model, int(now // 60) * 60,
                                     "bulk" if batch else "interactive", tenants, e2e, ptok,
-                                    otok))
+                                    otok, tte, wait, eng, self.version,
+                                    n if batch and (first.deadline is None
+                                                    or now <= first.deadline) else 0))
         with self._lock:
             klass = "bulk" if batch else _PRIORITY[priority]
             key = (Status.SUCCEEDED.value, "", klass)
@@ -253,11 +266,10 @@ class LaneMetrics:
                         self.first_token.raw.append(out.first_token - out.engine_start)
                     self.prompt_tokens.raw.append(out.prompt_tokens)
                     self.output_tokens.raw.append(out.output_tokens)
-                else:  # the final status and code are in the encoded result
-                    outcome = _decode_outcome(record.v1)
-                    status = outcome.status.value
-                    code = outcome.error_code.value if outcome.error_code else ""
-                    if outcome.error_code in _ALARMING:
+                else:  # the final status and code, as the outcome rules set them
+                    status = record.status.value
+                    code = record.error_code.value if record.error_code else ""
+                    if record.error_code in _ALARMING:
                         _count_alarm(alarms, "error", code, rec)
                 latency = now - enqueued if enqueued else None
                 if latency is not None:
@@ -265,9 +277,19 @@ class LaneMetrics:
                 key = (status, code, klass)
                 self.outcomes[key] = self.outcomes.get(key, 0) + 1
                 if kpi is not None:
+                    ok = status == Status.SUCCEEDED.value
                     kpi.append((self.model, minute, "bulk" if klass == "bulk" else "interactive",
                                 task.tenant if task is not None else "", status, code, latency,
-                                ptok, otok))
+                                ptok, otok,
+                                out.first_token - enqueued if ok and out.first_token and enqueued
+                                else None,
+                                rec.read_at - enqueued if enqueued else None,
+                                (out.finished or now) - out.engine_start if out.engine_start
+                                else None,
+                                self.version,
+                                ok and klass == "bulk" and (task.deadline is None
+                                                            or now <= task.deadline),
+                                task.correlation_id if task is not None else ""))
             self.commit_group.raw.append(len(done))
             if len(self.queue_wait.raw) > _FOLD_AT:
                 self._fold()
@@ -277,10 +299,12 @@ class LaneMetrics:
     def _report(self, level: str, code: str, count: int, rec) -> None:
         """One log line per failure kind and group, naming its first task (logs and Sentry)."""
         task = rec.task
-        extra = {"model": self.model, "worker": self._lane.worker_id, "batch_id": rec.batch_id,
-                 "error_code": code}
+        extra = {"model": self.model, "worker": self.runner.worker_id,
+                 "window_id": rec.window_id, "error_code": code}
         if task is not None:
             extra.update(task_id=task.id, correlation_id=task.correlation_id)
+            if task.batch_id:
+                extra["batch_id"] = task.batch_id
         what = "will be retried" if level == "warning" else "failed"
         log.log(logging.WARNING if level == "warning" else logging.ERROR,
                 "model %s: %d task(s) %s with %s, first %s: %s", self.model, count, what, code,
@@ -328,7 +352,7 @@ class LaneMetrics:
         """Fold what is pending and copy the figures (called from the scrape thread)."""
         with self._lock:
             self._fold()
-            hists = {attr: getattr(self, attr).copy() for _, _, attr in _HISTOGRAMS}
+            hists = {attr: getattr(self, attr).copy() for _, _, attr in HISTOGRAMS}
             e2e = {p: h.copy() for p, h in sorted(self.end_to_end.items())}
             outcomes = sorted(self.outcomes.items())
         return _Snapshot(hists=hists, end_to_end=e2e, outcomes=outcomes)
@@ -363,36 +387,6 @@ class NullLaneMetrics:
 
 NULL_LANE_METRICS = NullLaneMetrics()
 
-# name, documentation, LaneMetrics histogram attribute
-_HISTOGRAMS = (
-    ("agentfleet_queue_wait_seconds", "From enqueue to the read by a worker "
-     "(timings.read - timings.enqueued).", "queue_wait"),
-    ("agentfleet_time_to_first_token_seconds", "From the engine's start of a task to its "
-     "first output token (succeeded tasks).", "first_token"),
-    ("agentfleet_engine_seconds", "From the engine's start of a task to its end.", "engine"),
-    ("agentfleet_task_prompt_tokens", "Prompt tokens of each succeeded task.", "prompt_tokens"),
-    ("agentfleet_task_output_tokens", "Output tokens of each succeeded task.", "output_tokens"),
-    ("agentfleet_read_window_tasks", "Tasks per read window (one XREADGROUP, or a reclaim).",
-     "read_window"),
-    ("agentfleet_commit_group_tasks", "Tasks per commit (one script call).", "commit_group"),
-)
-# name, documentation, LaneStats field
-_LANE_COUNTERS = (
-    ("agentfleet_task_retries_total", "Attempts that failed transiently and went back to the "
-     "queue for another attempt.", "retried"),
-    ("agentfleet_task_reclaims_total", "Tasks this worker took over from a stalled or dead "
-     "worker.", "reclaimed"),
-    ("agentfleet_dead_letters_total", "Tasks moved to the model's dead-letter stream.",
-     "dead_lettered"),
-    ("agentfleet_duplicate_results_total", "Results dropped because the task already had one "
-     "(redelivered after a stall).", "duplicates"),
-    ("agentfleet_fenced_results_total", "Results dropped because another worker had reclaimed "
-     "the task meanwhile.", "fenced"),
-    ("agentfleet_tasks_lost_total", "Pending tasks whose stream entry vanished before they "
-     "finished.", "lost"),
-)
-
-
 class WorkerMetrics:
     """A worker's metrics: one `LaneMetrics` per lane, rendered on scrape.
 
@@ -402,6 +396,9 @@ class WorkerMetrics:
 
     def __init__(self, worker_id: str, *, metrics_on: bool = True, kpi_ttl_s: int = 0):
         self.worker_id = worker_id
+        # Set by the Worker: (ok, why) for /healthz and /readyz (workers/http.py).
+        self.health: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
+        self.readiness: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
         self.metrics_on = metrics_on  # metrics_port != 0
         self.kpi = KpiBuffer(kpi_ttl_s, LATENCY_BUCKETS_S) if kpi_ttl_s > 0 else None
         self.enabled = metrics_on or self.kpi is not None  # lanes observe at all
@@ -410,23 +407,23 @@ class WorkerMetrics:
         self.server: MetricsServer | None = None
 
     @classmethod
-    def attach(cls, worker: Worker) -> WorkerMetrics:
-        """Give every lane of `worker` its metrics (null ones when metrics_port and kpi_ttl_s
-        are both 0), and hand engines that take one a sink for their own statistics."""
+    def attach(cls, worker) -> WorkerMetrics:
+        """Give every runner of `worker` its metrics (null ones when metrics_port and
+        kpi_ttl_s are both 0), and hand engines that take one a sink for their statistics."""
         s = worker.settings
         metrics = cls(worker.worker_id, metrics_on=s.metrics_port != 0, kpi_ttl_s=s.kpi_ttl_s)
-        for lane in worker.lanes:
-            lane.metrics = metrics.add_lane(lane)
+        for runner in worker.runners:
+            runner.metrics = metrics.add_runner(runner, runner.engine)
         return metrics
 
-    def add_lane(self, lane: ModelLane) -> LaneMetrics | NullLaneMetrics:
+    def add_runner(self, runner: RunnerView, engine: object) -> LaneMetrics | NullLaneMetrics:
         if not self.enabled:
             return NULL_LANE_METRICS
-        lane_metrics = LaneMetrics(lane, self.kpi)
+        lane_metrics = LaneMetrics(runner, self.kpi)
         self.lanes.append(lane_metrics)
         # An engine that reports its scheduler's figures takes a sink before it starts (the
         # vLLM engine passes it to AsyncLLM as a stat logger: workers/vllm_stats.py).
-        set_sink: Callable | None = getattr(lane.engine, "set_stats_sink", None)
+        set_sink: Callable | None = getattr(engine, "set_stats_sink", None)
         if set_sink is not None:
             set_sink(lane_metrics.engine_stats)
         return lane_metrics
@@ -440,14 +437,15 @@ class WorkerMetrics:
         if not port or not self.metrics_on:
             return None
         try:
-            self.server = MetricsServer(self.render, port, addr)
+            self.server = MetricsServer(self.render, port, addr, health=lambda: self.health(),
+                                        readiness=lambda: self.readiness())
         except OSError as exc:
             log.error("worker %s: cannot serve metrics on %s:%d (%s); set "
                       "AGENTFLEET_METRICS_PORT to a free port, or 0 to turn metrics off",
                       self.worker_id, addr, port, exc, extra={"worker": self.worker_id})
             return None
-        log.info("worker %s: metrics on http://%s:%d/metrics", self.worker_id, addr,
-                 self.server.port)
+        log.info("worker %s: metrics on http://%s:%d/metrics (health: /healthz, /readyz)",
+                 self.worker_id, addr, self.server.port)
         return self.server
 
     def close(self) -> None:
@@ -461,149 +459,5 @@ class WorkerMetrics:
             await self.kpi.flush_loop(redis)
 
     def render(self) -> bytes:
-        """The text a scrape of /metrics returns (Prometheus text format 0.0.4).
-
-        Written directly rather than through prometheus_client's families and exposition:
-        that costs about 10 us per sample, and ten lanes hold about 2,000 samples.  Label
-        strings and bucket prefixes are built once per lane and reused.
-        """
-        out: list[str] = []
-        lanes = [(lm, lm.labels(), lm.snapshot()) for lm in self.lanes]
-        out.append(_HEADERS["agentfleet_tasks_total"])
-        for _, lv, snap in lanes:
-            for (status, code, priority), count in snap.outcomes:
-                out.append(f'agentfleet_tasks_total{{{lv},status="{status}",'
-                           f'error_code="{code}",priority="{priority}"}} {count}\n')
-        out.append(_HEADERS["agentfleet_end_to_end_seconds"])
-        for lm, _, snap in lanes:
-            for priority, hist in snap.end_to_end.items():
-                _histogram_lines(out, lm.prefixes("agentfleet_end_to_end_seconds",
-                                                  priority=priority), hist)
-        for name, _, attr in _HISTOGRAMS:
-            out.append(_HEADERS[name])
-            for lm, _, snap in lanes:
-                _histogram_lines(out, lm.prefixes(name, getattr(lm, attr).bounds),
-                                 snap.hists[attr])
-        out.append(_HEADERS["agentfleet_inflight_tasks"])
-        for lm, lv, _ in lanes:
-            out.append(f"agentfleet_inflight_tasks{{{lv}}} {lm._lane.busy}\n")
-        for name, _, field in _LANE_COUNTERS:
-            out.append(_HEADERS[name])
-            for lm, lv, _ in lanes:
-                out.append(f"{name}{{{lv}}} {getattr(lm._lane.stats, field)}\n")
-        reporting = [(lm, lv) for lm, lv, _ in lanes if lm.kv_cache_usage is not None]
-        if reporting:
-            self._engine_lines(out, reporting)
-        out.append(_HEADERS["agentfleet_worker_start_time_seconds"])
-        out.append(f"agentfleet_worker_start_time_seconds {floatToGoString(self.started_at)}\n")
-        return "".join(out).encode()
-
-    @staticmethod
-    def _engine_lines(out: list[str], reporting: list) -> None:
-        """The engine's own figures, for lanes whose engine reports them."""
-        out.append(_HEADERS["agentfleet_engine_kv_cache_usage_ratio"])
-        for lm, lv in reporting:
-            out.append(f"agentfleet_engine_kv_cache_usage_ratio{{{lv}}} "
-                       f"{floatToGoString(lm.kv_cache_usage)}\n")
-        out.append(_HEADERS["agentfleet_engine_requests"])
-        for lm, lv in reporting:
-            for state, value in (("running", lm.engine_running), ("waiting", lm.engine_waiting)):
-                if value is not None:
-                    out.append(f'agentfleet_engine_requests{{{lv},state="{state}"}} {value}\n')
-        for name, attr in (("agentfleet_engine_prefix_cache_queries_total", "prefix_cache_queries"),
-                           ("agentfleet_engine_prefix_cache_hits_total", "prefix_cache_hits"),
-                           ("agentfleet_engine_preemptions_total", "preemptions")):
-            out.append(_HEADERS[name])
-            for lm, lv in reporting:
-                out.append(f"{name}{{{lv}}} {getattr(lm, attr)}\n")
-
-
-def _histogram_lines(out: list[str], prefixes: tuple[list[str], str, str],
-                     hist: tuple[list[int], int, float]) -> None:
-    buckets, sum_prefix, count_prefix = prefixes
-    counts, count, total = hist
-    out.extend([f"{p}{c}\n" for p, c in zip(buckets, counts)])
-    out.append(f"{sum_prefix}{floatToGoString(total)}\n{count_prefix}{count}\n")
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _header(name: str, kind: str, doc: str) -> str:
-    return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
-
-
-# name -> its HELP and TYPE lines (a counter's TYPE names it without _total, as Prometheus does)
-_HEADERS = {
-    "agentfleet_tasks_total": _header(
-        "agentfleet_tasks_total", "counter", "Tasks that reached an end on this worker, by "
-        'status and error code ("" on success); a retried attempt is not an end.'),
-    "agentfleet_end_to_end_seconds": _header(
-        "agentfleet_end_to_end_seconds", "histogram", "From enqueue to the result committed "
-        "and visible (timings.written - timings.enqueued), by priority class (0..9, bulk)."),
-    "agentfleet_inflight_tasks": _header(
-        "agentfleet_inflight_tasks", "gauge", "Tasks read and not yet committed (bounded by "
-        "max_inflight)."),
-    "agentfleet_worker_start_time_seconds": _header(
-        "agentfleet_worker_start_time_seconds", "gauge", "When this worker process started, "
-        "epoch seconds."),
-    "agentfleet_engine_kv_cache_usage_ratio": _header(
-        "agentfleet_engine_kv_cache_usage_ratio", "gauge", "Share of the engine's KV-cache "
-        "blocks in use (0..1)."),
-    "agentfleet_engine_requests": _header(
-        "agentfleet_engine_requests", "gauge", "Requests in the engine's scheduler, by state."),
-    "agentfleet_engine_prefix_cache_queries_total": _header(
-        "agentfleet_engine_prefix_cache_queries_total", "counter", "Prompt tokens looked up in "
-        "the prefix cache."),
-    "agentfleet_engine_prefix_cache_hits_total": _header(
-        "agentfleet_engine_prefix_cache_hits_total", "counter", "Prompt tokens found in the "
-        "prefix cache (hit rate: rate(hits) / rate(queries))."),
-    "agentfleet_engine_preemptions_total": _header(
-        "agentfleet_engine_preemptions_total", "counter", "Requests the engine preempted for "
-        "lack of KV-cache space."),
-    **{name: _header(name, "histogram", doc) for name, doc, _ in _HISTOGRAMS},
-    **{name: _header(name, "counter", doc) for name, doc, _ in _LANE_COUNTERS},
-}
-_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class MetricsServer:
-    """An HTTP server answering GET /metrics with `render()`, on a daemon thread."""
-
-    def __init__(self, render: Callable[[], bytes], port: int, addr: str = "0.0.0.0"):
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-                    self.send_error(404)
-                    return
-                try:
-                    body = render()
-                except Exception:  # a bug in a collector must not kill the server thread
-                    log.exception("rendering /metrics failed")
-                    self.send_error(500)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", _CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:  # one line per scrape is noise
-                return None
-
-        self._httpd = ThreadingHTTPServer((addr, port), Handler)
-        self._httpd.daemon_threads = True
-        self.port: int = self._httpd.server_port
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name=f"metrics-{self.port}", daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/metrics"
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5)
+        """The text a scrape of /metrics returns (workers/exposition.py)."""
+        return render(self)

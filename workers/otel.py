@@ -1,7 +1,7 @@
 """Optional OpenTelemetry spans: a backend service's trace continues through the queue.
 
 The producer puts the W3C `traceparent` of the span current at submit time into the task.
-With `AGENTFLEET_OTEL=1` the worker turns each finished task into spans after the fact, from
+With `AGENTFLEET_OTEL_ENABLED=1` the worker turns each finished task into spans after the fact, from
 the timings it already has (no clock read on the hot path):
 
     agentfleet.task <model>          enqueued -> result written, child of the traceparent
@@ -35,7 +35,7 @@ class TaskSpans:
         self._tracer = tracer or trace.get_tracer("agentfleet")
         self._propagator = TraceContextTextMapPropagator()
 
-    def record(self, task: Task, status: Status, *, worker_id: str, batch_id: str, read: float,
+    def record(self, task: Task, status: Status, *, worker_id: str, window_id: str, read: float,
                engine_start: float, first_token: float, finished: float, written: float,
                prompt_tokens: int, output_tokens: int, error: str) -> str:
         parent = self._propagator.extract({"traceparent": task.traceparent}) \
@@ -47,7 +47,7 @@ class TaskSpans:
                         "agentfleet.correlation_id": task.correlation_id,
                         "agentfleet.parent_task_id": task.parent_id,
                         "agentfleet.model": task.model, "agentfleet.agent_id": task.agent_id,
-                        "agentfleet.worker_id": worker_id, "agentfleet.batch_id": batch_id,
+                        "agentfleet.worker_id": worker_id, "agentfleet.window_id": window_id,
                         "agentfleet.status": status.value, "agentfleet.attempt": task.attempt,
                         "gen_ai.usage.input_tokens": prompt_tokens,
                         "gen_ai.usage.output_tokens": output_tokens})
@@ -78,7 +78,7 @@ def configure_from_env(service_name: str) -> None:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
-        log.error("AGENTFLEET_OTEL=1 but opentelemetry-sdk is not installed: no spans")
+        log.error("AGENTFLEET_OTEL_ENABLED=1 but opentelemetry-sdk is not installed: no spans")
         return
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(

@@ -106,7 +106,7 @@ def attach(worker) -> PartialPublisher:
     """Give every engine of `worker` that can stream (has a `partials` attribute) one shared
     publisher on the worker's Redis client."""
     publisher = PartialPublisher(worker.redis, worker.settings.stream_ttl_s)
-    for lane in worker.lanes:
-        if hasattr(lane.engine, "partials"):
-            lane.engine.partials = publisher
+    for runner in worker.runners:
+        if hasattr(runner.engine, "partials"):
+            runner.engine.partials = publisher
     return publisher

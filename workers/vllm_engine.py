@@ -28,7 +28,7 @@ from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from agentfleet.schemas.errors import ErrorCode, FatalConfigError
 from agentfleet.schemas.settings import ModelSpec
 from agentfleet.schemas.wire import Sampling, Task
-from agentfleet.workers.engine import EngineOutput, OnDone
+from agentfleet.workers.engine import EngineOutput, OnDone, engine_priority
 from agentfleet.workers.models import model_version
 
 try:  # vLLM 0.26 and later: an already-rendered input, skipping the deprecated raw-prompt path
@@ -67,6 +67,7 @@ class VllmEngine:
         self._max_prompt_tokens = spec.max_model_len - 1  # room for at least one output token
         self._inflight: dict[str, asyncio.Task] = {}
         self._stats_sink = None
+        self.slots = spec.max_num_seqs
         self._last_stream_sampling: Sampling | None = None
         self._last_stream_params: SamplingParams | None = None
         self.partials = None  # a PartialPublisher, set by the worker (workers/streaming.py)
@@ -136,7 +137,7 @@ class VllmEngine:
                 run = self._run_stream(request_id, task, prompt_ids, params, engine_start)
             else:
                 run = self._run(request_id, prompt_ids, params, engine_start,
-                                _vllm_priority(task))
+                                engine_priority(task))
             request = asyncio.create_task(run)
             request.add_done_callback(
                 functools.partial(self._request_done, request_id, on_done, engine_start)
@@ -295,7 +296,7 @@ class VllmEngine:
     async def _run_stream(self, request_id: str, task: Task, prompt_ids: list[int],
                           params: SamplingParams, engine_start: float) -> EngineOutput:
         """Drive a streaming request: every delta vLLM yields is published as it comes."""
-        kwargs = {"priority": _vllm_priority(task)} \
+        kwargs = {"priority": engine_priority(task)} \
             if self.spec.scheduling_policy == "priority" else {}
         texts: list[str] = []
         tokens = 0
@@ -454,9 +455,3 @@ def resolve_dtype(dtype: str) -> str:
     except OSError:
         return "float32"
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
-
-
-def _vllm_priority(task: Task) -> int:
-    """vLLM runs lower values first: interactive tasks 0..9 (task priority 9 first), then
-    bulk-job tasks 10..19, so a bulk job never delays interactive work inside the engine."""
-    return (10 if task.batch_id else 0) + (9 - task.priority)

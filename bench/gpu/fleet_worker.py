@@ -60,7 +60,7 @@ class Snapshots:
     def write(self) -> None:
         self.count += 1
         snapshot = {
-            "lanes": {lane.model: msgspec.to_builtins(lane.stats) for lane in self.worker.lanes},
+            "lanes": {lane.model: msgspec.to_builtins(lane.stats) for lane in self.worker.runners},
             "vllm": vllm_counters(),
         }
         if self.count == 1 and self.sample_ms:

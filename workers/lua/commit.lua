@@ -1,0 +1,159 @@
+-- commit.lua: every state change of a finished task, one atomic step with its XACK.
+--
+-- One EVALSHA per group of completions (never one round trip per task).  Per task, one of
+-- three outcomes (flag 1):
+--   r  result: the result (first write wins: SET NX), follow-ups, trace events; the results
+--      for one producer go to its reply stream as one entry per commit (a msgpack array)
+--   d  dead letter: the result (status dead_lettered) and the dead-letter entry
+--   y  retry: the task, one attempt further, into the delayed set with its due time
+-- then the XACK.  Every outcome is fenced by the claim: a task no longer pending on this
+-- consumer (reclaimed by another worker while this one stalled) changes nothing, is not
+-- acknowledged, and is counted as fenced.  The claim is read once per source stream, and
+-- only between the group's lowest and highest entry id.
+--
+-- KEYS: 1 stats hash, 2 delayed set, 3 dead-letter stream, then per record only the keys it
+--       uses, in this order: its source stream (flag S), result key (not for y), reply
+--       stream (flag P), trace list (flag T), bulk-job output and counts (flag B), one task
+--       stream per follow-up (flag F); last the m reply streams of the built payloads.
+-- ARGV: 1 group, 2 consumer, 3 result ttl s, 4 trace ttl s, 5 reply maxlen, 6 dead maxlen,
+--       7 m; then per record: entry id, flags, v1, v2 (not for r), the source's lowest and
+--       highest entry id in this commit (only with S), trace event (T), bulk-job status (B),
+--       follow-up count n and n x (task, trace event) (F); last m x (result count, payload).
+--   flags: six bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P reply to the
+--       stream named next in KEYS or p to the same one as the record before, 4 T, 5 B, 6 F.
+--       Records come grouped by source and by reply stream, so each is named once.
+--   v1/v2: r = result/-, d = result/dead letter, y = retry member (lane byte + task)/due.
+--   payloads: where every result for a stream was written (no duplicate, none fenced), its
+--       entry is the worker's payload; otherwise the script joins the written ones itself.
+-- Returns: {written, duplicates, fenced, retried, dead-lettered}.
+-- Built by workers/scripts.py (commit_args), which tests check without a server.
+
+local group, me = ARGV[1], ARGV[2]
+local result_ttl, trace_ttl, reply_maxlen, dead_maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local m = tonumber(ARGV[7])
+local a, k, n = 8, 4, #ARGV - 2 * m
+local built = {}  -- reply stream -> {result count, payload} as the worker built them
+for j = 1, m do
+  built[KEYS[#KEYS - m + j]] = {tonumber(ARGV[n + 2 * j - 1]), ARGV[n + 2 * j]}
+end
+local byte = string.byte
+local R, D, Y, S, P, SAME, T, B, F = byte('rdySPpTBF', 1, 9)
+local acks = {}
+local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
+local replies = {}
+local owned = {}  -- per source stream: the entries pending on this consumer, read once
+local src, cur_reply
+while a <= n do
+  local eid, flags, v1 = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  a = a + 3
+  local outcome, fs, fp, ft, fb, ff = byte(flags, 1, 6)
+  local v2, rkey, reply, tkey, trace, bout, bcounts, bstatus, lo, hi
+  local nf = 0
+  if outcome ~= R then v2 = ARGV[a]; a = a + 1 end
+  if fs == S then
+    src = KEYS[k]
+    k = k + 1
+    lo, hi = ARGV[a], ARGV[a + 1]
+    a = a + 2
+  end
+  if outcome ~= Y then rkey = KEYS[k]; k = k + 1 end
+  if fp == P then
+    cur_reply = KEYS[k]
+    k = k + 1
+    reply = cur_reply
+  elseif fp == SAME then
+    reply = cur_reply
+  end
+  if ft == T then tkey = KEYS[k]; k = k + 1; trace = ARGV[a]; a = a + 1 end
+  if fb == B then
+    bout, bcounts = KEYS[k], KEYS[k + 1]
+    k = k + 2
+    bstatus = ARGV[a]
+    a = a + 1
+  end
+  if ff == F then nf = tonumber(ARGV[a]); a = a + 1 end
+  local mine = owned[src]
+  if mine == nil then
+    mine = {}
+    for _, p in ipairs(redis.call('XPENDING', src, group, lo, hi, 10000000, me)) do
+      mine[p[1]] = true
+    end
+    owned[src] = mine
+  end
+  if not mine[eid] then
+    fenced = fenced + 1
+  else
+    local events = {}
+    if trace then events[1] = trace end
+    if outcome == Y then
+      redis.call('ZADD', KEYS[2], v2, v1)
+      retried = retried + 1
+    elseif redis.call('SET', rkey, v1, 'NX', 'EX', result_ttl) then
+      written = written + 1
+      if reply then
+        local list = replies[reply]
+        if list == nil then
+          list = {}
+          replies[reply] = list
+        end
+        list[#list + 1] = v1
+      end
+      if bstatus then
+        redis.call('XADD', bout, '*', 'r', v1)
+        redis.call('HINCRBY', bcounts, bstatus, 1)
+      end
+      if outcome == D then
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_maxlen, '*', 'd', v2)
+        dead = dead + 1
+      end
+      for j = 0, nf - 1 do
+        redis.call('XADD', KEYS[k + j], '*', 'd', ARGV[a + 2 * j])
+        if trace then events[#events + 1] = ARGV[a + 2 * j + 1] end
+      end
+      followups = followups + nf
+    else
+      dups = dups + 1
+      events = {}
+    end
+    if #events > 0 and redis.call('RPUSH', tkey, unpack(events)) == #events then
+      redis.call('EXPIRE', tkey, trace_ttl)
+    end
+    local list = acks[src]
+    if list == nil then
+      list = {}
+      acks[src] = list
+    end
+    list[#list + 1] = eid
+    if #list == 1000 then
+      redis.call('XACK', src, group, unpack(list))
+      acks[src] = {}
+    end
+  end
+  a = a + 2 * nf
+  k = k + nf
+end
+for src, list in pairs(acks) do
+  if #list > 0 then redis.call('XACK', src, group, unpack(list)) end
+end
+-- One reply entry per producer per commit: a msgpack array of the results (array 32 header).
+for r, list in pairs(replies) do
+  local count = #list
+  local payload
+  local pre = built[r]
+  if pre and pre[1] == count then
+    payload = pre[2]  -- all written: the results in the same order
+  else
+    payload = string.char(0xdd, math.floor(count / 16777216) % 256,
+      math.floor(count / 65536) % 256, math.floor(count / 256) % 256, count % 256)
+      .. table.concat(list)
+  end
+  redis.call('XADD', r, 'MAXLEN', '~', reply_maxlen, '*', 'rs', payload)
+  redis.call('EXPIRE', r, result_ttl)
+end
+redis.call('HINCRBY', KEYS[1], 'written', written)
+if dups > 0 then redis.call('HINCRBY', KEYS[1], 'duplicates', dups) end
+if followups > 0 then redis.call('HINCRBY', KEYS[1], 'followups', followups) end
+if fenced > 0 then redis.call('HINCRBY', KEYS[1], 'fenced', fenced) end
+if retried > 0 then redis.call('HINCRBY', KEYS[1], 'retried', retried) end
+if dead > 0 then redis.call('HINCRBY', KEYS[1], 'dead_lettered', dead) end
+return {written, dups, fenced, retried, dead}

@@ -1,0 +1,180 @@
+"""The read side of a model runner: read a window, check it, hand it to the engine.
+
+The read loop keeps up to `max_inflight` tasks between read and commit (it refills as
+commits land, never waiting for a whole window): XREADGROUP up to `read_count` entries of
+the interactive lane, the bulk lane filling the room they leave (within the bulk cap), one
+blocking read of both when idle.  Each window is decoded and checked; tasks that cannot run
+(undecodable, invalid, delivered too often, past their deadline, cancelled) go straight to
+the commit side with their error code, the rest go to the engine in one `submit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import AgentFleetError, DecodeError, ErrorCode, ValidationError
+from agentfleet.schemas.validate import TaskChecker
+from agentfleet.schemas.wire import Task, decode_task
+from agentfleet.workers.inflight import InFlight
+from agentfleet.workers.transient import TRANSIENT
+
+if TYPE_CHECKING:
+    from agentfleet.workers.runner import ModelRunner
+
+log = logging.getLogger("agentfleet.worker")
+
+
+class Reader:
+    """Reads one model's lanes for its runner and starts what it reads."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        r = runner
+        # A client of our own on the same pool: stream replies stay raw lists, not dicts.
+        self._redis = aioredis.Redis(connection_pool=r.redis.connection_pool)
+        self._redis.set_response_callback("XREADGROUP", _raw)
+        self._check_task = TaskChecker(r.settings)
+        self._window_seq = 0
+        self._bulk_check_at = 0.0  # monotonic time the bulk lane is worth reading again
+        self._backlog = True  # the last read found a backlog: poll lanes before blocking
+
+    async def read_loop(self) -> None:
+        r = self.runner
+        s = r.settings
+        backoff_s = 0.05
+        while not r.stopping:
+            free = r.slots.free
+            if free <= 0:
+                r.slot_free.clear()
+                await r.slot_free.wait()
+                continue
+            try:
+                windows = await self.read_window(min(free, s.read_count))
+            except TRANSIENT as exc:
+                log.warning("model %s: read failed (%s); retrying in %.2fs", r.model, exc,
+                            backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):  # the stream was deleted: make it again
+                    raise
+                await r.ensure_groups()
+                continue
+            backoff_s = 0.05
+            for source, entries in windows:
+                self.dispatch(entries, source=source)
+
+    async def read_window(self, want: int) -> list[tuple[str, list]]:
+        """Interactive tasks first; the bulk lane fills what they leave; block when idle."""
+        windows = await self._read_lanes(want)
+        # A backlog: poll the lanes in priority order next time.  Otherwise go straight to
+        # one blocking read of both, rather than two empty polls (round trips) before it.
+        self._backlog = sum(len(entries) for _, entries in windows) >= max(1, want // 2)
+        return windows
+
+    async def _read_lanes(self, want: int) -> list[tuple[str, list]]:
+        r = self.runner
+        s = r.settings
+        read = self._redis.xreadgroup
+        me = r.worker_id
+        interactive, bulk = r.interactive, r.bulk
+        plan = r.slots.plan(want, self._backlog or bool(s.window_ms))
+        if not plan.blocking:
+            got = await read(keys.GROUP, me, {interactive: ">"}, count=plan.interactive)
+            if got and s.window_ms and len(got[0][1]) < plan.interactive:
+                # Gather a fuller window: the latency/throughput knob.
+                await asyncio.sleep(s.window_ms / 1000)
+                more = await read(keys.GROUP, me, {interactive: ">"},
+                                  count=plan.interactive - len(got[0][1]))
+                if more:
+                    got[0][1].extend(more[0][1])
+            windows = [(interactive, got[0][1])] if got else []
+            room = min(plan.interactive - (len(got[0][1]) if got else 0), plan.bulk)
+            now = time.monotonic()
+            if room > 0 and (now >= self._bulk_check_at or not got):
+                more_bulk = await read(keys.GROUP, me, {bulk: ">"}, count=room)
+                if more_bulk:
+                    windows.append((bulk, more_bulk[0][1]))
+                else:  # an idle bulk lane is looked at again in 50 ms, or when all is idle
+                    self._bulk_check_at = now + 0.05
+            if windows:
+                return windows
+            plan = r.slots.plan(want, False)
+        lanes = {interactive: ">", bulk: ">"} if plan.bulk else {interactive: ">"}
+        got = await read(keys.GROUP, me, lanes, count=plan.interactive, block=s.block_ms)
+        return [(stream.decode(), entries) for stream, entries in got or ()]
+
+    def dispatch(self, entries: list, deliveries: dict[bytes, int] | None = None,
+                 source: str = "") -> None:
+        """Decode and check a window of stream entries and start the valid ones."""
+        r = self.runner
+        now = time.time()
+        self._window_seq += 1
+        window_id = f"{r.worker_id}/{r.model}/{self._window_seq}"
+        size = len(entries)
+        r.stats.read += size
+        r.stats.windows += 1
+        source = source or r.interactive
+        bulk = source == r.bulk
+        r.slots.take(size, bulk=bulk)
+        r.metrics.observe_read(size)
+        start: list[tuple[str, Task]] = []
+        prefix = "b" if bulk else ""  # entry ids repeat across streams
+        max_deliveries = r.settings.max_deliveries
+        cancelled = r.cancelled
+        for entry_id, fields in entries:
+            rec = InFlight(source, bulk, entry_id, now, window_id, size)
+            if deliveries is not None:
+                rec.deliveries = deliveries[entry_id]
+            try:
+                rec.task = task = _decode(fields)
+                self._check(task)
+            except AgentFleetError as exc:
+                rec.payload = fields[1] if len(fields) > 1 else b""
+                r.finish_now(rec, exc.code, str(exc), now)
+                continue
+            if rec.deliveries > max_deliveries:
+                rec.payload = fields[1]
+                r.finish_now(rec, ErrorCode.DELIVERY_LIMIT,
+                             f"delivered {rec.deliveries - 1} times without finishing: "
+                             f"it may be killing workers", now)
+                continue
+            if task.deadline is not None and task.deadline < now:
+                r.finish_now(rec, ErrorCode.DEADLINE_EXCEEDED,
+                             f"deadline {task.deadline:.3f} passed before the task ran", now)
+                continue
+            if cancelled and (task.id in cancelled or (
+                    task.batch_id and "batch:" + task.batch_id in cancelled)):
+                r.finish_now(rec, ErrorCode.CANCELLED, "cancelled before it ran", now)
+                continue
+            request_id = prefix + entry_id.decode()
+            r.inflight[request_id] = rec
+            start.append((request_id, task))
+        if start:
+            r.start(start, now)
+
+    def _check(self, task: Task) -> None:
+        model = self.runner.model
+        if task.model != model:
+            raise ValidationError("model", f"task for model {task.model!r} sits in the stream "
+                                  f"of {model!r}", value=task.model)
+        self._check_task(task)  # decoded here, never mutated: a repeated sampling is not rechecked
+
+
+def _raw(response, **options):
+    return response
+
+
+def _decode(fields: list[bytes]) -> Task:
+    """A raw entry's fields are [name, value, ...]; the task is the value of 'd'."""
+    if len(fields) != 2 or fields[0] != b"d":
+        raise DecodeError("stream entry is not a single 'd' field")
+    return decode_task(fields[1])

@@ -1,0 +1,152 @@
+"""The worker's scripts (workers/lua/*.lua) and the arguments they take.
+
+`commit.lua` applies a group of finished tasks in one atomic call; its KEYS/ARGV contract is
+at the top of the file, and `commit_args` is the only code that builds it (tested without a
+server in tests/test_scripts.py).  `reclaim.lua`, `renew.lua` and `promote.lua` are the
+housekeeping steps (workers/housekeeping.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from operator import attrgetter
+
+import msgspec
+
+from agentfleet.schemas.errors import ErrorCode
+from agentfleet.schemas.scripts import lua
+from agentfleet.schemas.wire import Status
+
+_PACKAGE = "agentfleet.workers"
+
+
+def commit_lua() -> str:
+    return lua(_PACKAGE, "commit")
+
+
+def reclaim_lua() -> str:
+    return lua(_PACKAGE, "reclaim")
+
+
+def renew_lua() -> str:
+    return lua(_PACKAGE, "renew")
+
+
+def promote_lua() -> str:
+    return lua(_PACKAGE, "promote")
+
+
+class CommitHead(msgspec.Struct, kw_only=True, frozen=True):
+    """The fixed head of every commit of one model: KEYS 1-3 and ARGV 1-6 of commit.lua."""
+
+    stats_key: str
+    delayed_key: str
+    dead_stream: str
+    group: str
+    consumer: str
+    result_ttl_s: int
+    trace_ttl_s: int
+    reply_maxlen: int
+    dead_maxlen: int
+
+
+class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
+    """One task's outcome, encoded and ready for commit.lua (one per task, never in a cycle:
+    untracked by the cyclic collector).  `status` and `error_code` stay in Python for the
+    metrics and logs, so nobody decodes `v1` again to learn them."""
+
+    source: str  # the stream the task was read from
+    entry_id: bytes
+    outcome: bytes  # b"r" result, b"d" dead letter, b"y" retry
+    v1: bytes
+    v2: bytes | str
+    result_key: str
+    reply_key: str  # "" when nobody waits on a reply stream
+    trace_key: str
+    trace: bytes  # b"" when not traced
+    followups: Sequence[tuple[str, bytes, bytes]]  # (stream, task payload, trace event)
+    status: Status | None = None  # None for a retry: not an end
+    error_code: ErrorCode | None = None
+    batch_out: str = ""  # bulk job's output stream; "" when not part of one
+    batch_counts: str = ""
+    batch_status: str = ""
+
+
+def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list, list]:
+    """Flatten records into the KEYS and ARGV of commit.lua (the contract atop that file)."""
+    keys: list = [head.stats_key, head.delayed_key, head.dead_stream]
+    args: list = [head.group, head.consumer, head.result_ttl_s, head.trace_ttl_s,
+                  head.reply_maxlen, head.dead_maxlen, 0]  # 0: m, set at the end
+    payloads: dict[str, list[bytes]] = {}  # reply stream -> its results, in script order
+    by_source: dict[str, list[CommitRecord]] = {}
+    for r in records:
+        group = by_source.get(r.source)
+        if group is None:
+            group = by_source[r.source] = []
+        group.append(r)
+    reply = None
+    for source, group in by_source.items():
+        first = True
+        group.sort(key=_REPLY_OF)  # one producer's results in a row: its stream named once
+        for r in group:
+            outcome = r.outcome
+            flags = [outcome.decode(), "-", "-", "-", "-", "-"]
+            args += (r.entry_id, "", r.v1)
+            at = len(args) - 2
+            if outcome != b"r":
+                args.append(r.v2)
+            if first:
+                first = False
+                flags[1] = "S"
+                keys.append(source)
+                ids = [(id_key(x.entry_id), x.entry_id) for x in group]
+                args += (min(ids)[1], max(ids)[1])
+            if outcome != b"y":
+                keys.append(r.result_key)
+            if r.reply_key:
+                if r.reply_key == reply:
+                    flags[2] = "p"
+                else:
+                    reply = r.reply_key
+                    flags[2] = "P"
+                    keys.append(reply)
+                if outcome != b"y":
+                    results = payloads.get(reply)
+                    if results is None:
+                        results = payloads[reply] = []
+                    results.append(r.v1)
+            if r.trace:
+                flags[3] = "T"
+                keys.append(r.trace_key)
+                args.append(r.trace)
+            if r.batch_status:
+                flags[4] = "B"
+                keys += (r.batch_out, r.batch_counts)
+                args.append(r.batch_status)
+            if r.followups:
+                flags[5] = "F"
+                args.append(len(r.followups))
+                for f_stream, payload, event in r.followups:
+                    keys.append(f_stream)
+                    args += (payload, event)
+            args[at] = "".join(flags)
+    args[6] = len(payloads)
+    for reply, results in payloads.items():
+        args += (len(results), reply_entry(results))
+        keys.append(reply)
+    return keys, args
+
+
+_REPLY_OF = attrgetter("reply_key")
+
+
+def reply_entry(results: Sequence[bytes]) -> bytes:
+    """A reply stream's entry: encoded results as one msgpack array (array 32 header, as
+    commit.lua writes it when it joins them itself), read by `schemas.wire.decode_results`."""
+    return b"".join((b"\xdd", len(results).to_bytes(4, "big"), *results))
+
+
+def id_key(entry_id: str | bytes) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>") as numbers, so that ids order as the stream does."""
+    ms, _, seq = entry_id.partition(b"-" if isinstance(entry_id, bytes) else "-")
+    return int(ms), int(seq)

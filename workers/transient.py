@@ -1,0 +1,30 @@
+"""Errors a worker waits out (the server restarting, a network blip), and how it waits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("agentfleet.worker")
+
+# The server is unreachable or slow: retry with backoff; anything else is a bug or a refusal.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+T = TypeVar("T")
+
+
+async def with_retries(step: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run `step`, waiting out a server that is down or still loading, with backoff."""
+    backoff_s = 0.1
+    while True:
+        try:
+            return await step()
+        except TRANSIENT as exc:
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc, backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
