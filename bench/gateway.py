@@ -670,16 +670,20 @@ def _measure(fleet: Fleet, args, figures: dict, results: list, url: str, key: st
                     f"{figures['submits']['with_worker_per_s']:,.0f}/s with it running"))
     _drain(url)
     # 3. chat round trips
+    cpu = gateway.cpu_times()
     chat = fleet.run("http_closed", port, key, "/v1/chat/completions",
                      json.dumps(CHAT_BODY).encode(), args.connections, d)
+    cpu_s = sum(gateway.cpu_times()[:2]) - sum(cpu[:2])
     rate = chat["requests"] / chat["elapsed_s"]
     figures["chat"] = {"per_s": rate, "p50_ms": _pct(chat["latencies"], 50) * 1000,
                        "p99_ms": _pct(chat["latencies"], 99) * 1000,
+                       "gateway_cpu_us": cpu_s / chat["requests"] * 1e6,
                        "errors": chat["error_count"]}
     results.append(("chat", rate >= TARGETS["chat_per_s"] and not chat["error_count"],
                     f"{rate:,.0f} chat completions per s round trip (>= 2,000), p50 "
                     f"{figures['chat']['p50_ms']:.1f} ms p99 {figures['chat']['p99_ms']:.1f} ms "
-                    f"at {args.connections} connections"))
+                    f"at {args.connections} connections, "
+                    f"{figures['chat']['gateway_cpu_us']:.0f} us gateway CPU each"))
     # 4. streaming
     streamed = fleet.run("http_streams", port, key, args.streams, d)
     delays = streamed["delays"]

@@ -153,11 +153,23 @@ class Gateway:
     async def wait(self, receive, task: Task) -> Result:
         """The task's result; if the client leaves first (the ASGI `receive` says so) or the
         wait times out, the task is cancelled."""
-        waiter = asyncio.ensure_future(
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_task(
             self.producer.wait(task.id, timeout_s=self.settings.gateway_wait_timeout_s))
-        gone = asyncio.ensure_future(disconnected(receive))
+        gone = loop.create_task(disconnected(receive))
+        first = loop.create_future()  # the first of the two to end (lighter than asyncio.wait)
+
+        def wake(_: asyncio.Future) -> None:
+            if not first.done():
+                first.set_result(None)
+
+        waiter.add_done_callback(wake)
+        gone.add_done_callback(wake)
         try:
-            await asyncio.wait((waiter, gone), return_when=asyncio.FIRST_COMPLETED)
+            await first
+        except BaseException:  # this request was cancelled (the server stops): so is the wait
+            waiter.cancel()
+            raise
         finally:
             gone.cancel()
         if waiter.done():

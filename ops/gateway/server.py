@@ -28,9 +28,12 @@ def serve(redis_url: str, *, host: str, port: int, server: str = "uvicorn",
     elif server == "uvicorn":
         import uvicorn
 
+        # No proxy-headers middleware (a layer per request; the gateway never reads the
+        # client's address) and no Server header.
         uvicorn.run(FACTORY, factory=True, host=host, port=port, loop="uvloop",
                     http="httptools", ws="none", lifespan="on", access_log=False,
-                    log_config=None, log_level="debug" if verbose else "info", backlog=2048)
+                    proxy_headers=False, server_header=False, log_config=None,
+                    log_level="debug" if verbose else "info", backlog=2048)
     else:
         raise FatalConfigError(f"AGENTFLEET_GATEWAY_SERVER={server!r}: use one of {SERVERS}")
 
