@@ -484,6 +484,29 @@ class RssSampler(threading.Thread):
             self.stopping.wait(0.1)
 
 
+def _run_cli(fleet: Fleet, env: dict[str, str], tmp: Path, args: list[str],
+             timeout_s: float = 900) -> None:
+    """`agentfleet ARGS` to its end, stopping at once if a process of the fleet dies."""
+    log = tmp / "cli.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agentfleet", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while proc.poll() is None:
+                fleet.check()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"agentfleet {args[0]} {args[1]}: still running after "
+                                       f"{timeout_s}s")
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"agentfleet {' '.join(args[:2])}: {log.read_text()[-2000:]}")
+
+
 def _normalised(path: Path) -> dict[str, tuple]:
     out = {}
     with path.open() as f:
@@ -531,11 +554,7 @@ def run_batch(fleet: Fleet, http: _Http, gateway_pid: int, env: dict[str, str], 
     cli_started = time.monotonic()
     for args in (["submit", str(source), "--batch-id", "cli-run", "--wait"],
                  ["results", "cli-run", "-o", str(cli_out)]):
-        fleet.check()
-        made = subprocess.run([sys.executable, "-m", "agentfleet", "batch", *args], env=env,
-                              capture_output=True, text=True, timeout=900)
-        if made.returncode != 0:
-            raise RuntimeError(f"agentfleet batch {args[0]}: {made.stderr[-2000:]}")
+        _run_cli(fleet, env, tmp, ["batch", *args])
     cli_s = time.monotonic() - cli_started
     ours, theirs = _normalised(through_gateway), _normalised(cli_out)
     differing = [k for k in theirs if ours.get(k) != theirs[k]]
