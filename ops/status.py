@@ -49,6 +49,8 @@ class ModelStatus(msgspec.Struct, kw_only=True):
     p99_s: float | None
     errors: int
     window_s: float
+    # the tenants with the most queued work: (tenant, queued and not ended, never delivered)
+    tenants: list[tuple[str, int, int]] = []
 
 
 def snapshot(client: redis.Redis, models: Sequence[str],
@@ -85,8 +87,17 @@ def combine(queues: list[QueueStats], window: Window, now: float) -> list[ModelS
             tasks_per_s=ended / covered,
             p50_s=interactive.quantile(0.5) if interactive else None,
             p99_s=interactive.quantile(0.99) if interactive else None,
-            errors=errors, window_s=covered))
+            errors=errors, window_s=covered, tenants=_top_tenants(q)))
     return out
+
+
+def _top_tenants(q: QueueStats, n: int = 5) -> list[tuple[str, int, int]]:
+    lag: dict[str, int] = {}
+    for (_, tenant), st in q.tenants.items():
+        lag[tenant] = lag.get(tenant, 0) + (int(st.lag) if st.lag == st.lag else 0)
+    names = {t for t, v in lag.items() if v} | {t for t, v in q.queued.items() if v}
+    rows = [(t, q.queued.get(t, 0), lag.get(t, 0)) for t in names]
+    return sorted(rows, key=lambda r: (-r[1], -r[2], r[0]))[:n]
 
 
 def to_json(statuses: list[ModelStatus]) -> str:
@@ -113,6 +124,11 @@ def render_table(statuses: list[ModelStatus], url: str = ""):
             str(s.live_workers),
             f"{s.tasks_per_s:,.1f}", _ms(s.p50_s), _ms(s.p99_s),
             f"[red]{s.errors:,}[/red]" if s.errors else "0", f"{s.dead_letters:,}")
+    busiest = [(s.model, t) for s in statuses for t in s.tenants]
+    if busiest and any(t[0] != "default" for _, t in busiest):
+        table.caption += "\ntenants with the most queued: " + "; ".join(
+            f"{model}/{tenant} {queued:,} queued ({lag:,} unread)"
+            for model, (tenant, queued, lag) in busiest[:8])
     return table
 
 

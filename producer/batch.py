@@ -47,6 +47,7 @@ from agentfleet.producer.openai_batch import (
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import BatchError, BrokerError, InvalidBatchFileError, ValidationError
 from agentfleet.schemas.scripts import lua
+from agentfleet.schemas.tenants import check_name as check_tenant_name
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import Result, Status, Task, decode_result
 
@@ -275,8 +276,10 @@ class BatchClient:
         Raises `InvalidBatchFileError` (line numbers and reasons) before anything is queued
         when a line is invalid, unless `skip_invalid`; `BatchError` when `batch_id` holds
         another file or a finished job.  Safe to call again with the same batch id and file:
-        what is already queued is not queued twice.  Every task carries `tenant`.
+        what is already queued is not queued twice.  `tenant`: whose job it is (its tasks run
+        in that tenant's share; its quotas hold the job back, never refuse it halfway).
         """
+        check_tenant_name(tenant)
         batch_id = batch_id or new_batch_id()
         if not valid_batch_id(batch_id):
             raise ValidationError("batch_id", f"{batch_id!r}: letters, digits, '_' and '-', 64 "
@@ -296,9 +299,10 @@ class BatchClient:
         else:
             created_at = time.time()
             await self._create(batch_id, created_at, completion_window, window_s,
-                               input_name or _Source.name_of(source))
+                               input_name or _Source.name_of(source), tenant)
         ctx = LineContext(batch_id=batch_id, endpoint=endpoint, deadline=created_at + window_s,
-                          settings=self.settings, model_map=mapping, tenant=tenant)
+                          settings=self.settings, model_map=mapping,
+                          tenant=meta.get("tenant", tenant) if resumed else tenant)
         seen_key = keys.batch_seen(batch_id, secrets.token_hex(4))
         src = _Source(source)
         try:
@@ -322,7 +326,7 @@ class BatchClient:
                             resumed=resumed, validate_s=validate_s, submit_s=submit_s)
 
     async def _create(self, batch_id: str, created_at: float, window: str, window_s: float,
-                      name: str) -> None:
+                      name: str, tenant: str) -> None:
         key = keys.batch_meta(batch_id)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -330,7 +334,7 @@ class BatchClient:
                 pipe.hset(key, mapping={
                     "id": batch_id, "status": VALIDATING, "created_at": repr(created_at),
                     "completion_window": window, "completion_window_s": repr(window_s),
-                    "input_file": name})
+                    "input_file": name, "tenant": tenant})
                 pipe.expire(key, int(window_s) + self.settings.result_ttl_s)
                 pipe.zadd(keys.batch_index(), {batch_id: created_at})
                 await pipe.execute()
@@ -481,7 +485,7 @@ class BatchClient:
                 raise BrokerError(f"checking custom ids failed: {exc}") from exc
             tasks = [task for (line_no, task), first in zip(chunk, firsts, strict=True)
                      if first is not None and int(first) == line_no]
-        await self.producer.submit_many(tasks, reply=False)
+        await self.producer.submit_many(tasks, reply=False, on_quota="wait")  # held back, never refused
         return len(tasks)
 
     async def _progress(self, meta_key: str, sent: int, lanes: list[str]) -> None:

@@ -24,19 +24,21 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from agentfleet.producer.connection import connect
-from agentfleet.producer.enqueue import enqueue_args, enqueue_lua
+from agentfleet.producer.enqueue import Lane, enqueue_args, enqueue_lua
 from agentfleet.producer.tracing import current_traceparent
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import (
     BrokerError,
     FatalConfigError,
+    QuotaExceededError,
     ResultTimeoutError,
     ServerOutOfMemoryError,
     ValidationError,
 )
 from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.tenants import TableCache, estimate_tokens
 from agentfleet.schemas.validate import TaskChecker, validate_task
-from agentfleet.schemas.wire import Result, Task, decode_result, decode_results, encode
+from agentfleet.schemas.wire import Result, Task, TenantConfig, decode_result, decode_results, encode
 
 log = logging.getLogger("agentfleet.producer")
 
@@ -50,6 +52,21 @@ def _broker_error(exc: RedisError, count: int) -> BrokerError:
             f"the server is out of memory (maxmemory reached): {count} tasks were not "
             f"queued; drain the queues or raise maxmemory")
     return BrokerError(f"enqueue failed: {text}")
+
+
+def _retry_after_s(quota: str, now: float) -> float:
+    """When a refused submit may succeed: the next minute for a token quota; for queued
+    tasks, a second (they end at the fleet's pace, which the producer does not know)."""
+    if quota == "tokens_per_minute":
+        return 60.0 - now % 60.0 + 0.05
+    return 1.0
+
+
+def _quota_error(lane: Lane, quota: str, limits: TenantConfig,
+                 queued_ids: list[str] | None = None) -> QuotaExceededError:
+    limit = limits.max_queued if quota == "max_queued" else limits.tokens_per_minute
+    return QuotaExceededError(lane.tenant, lane.model, quota, limit,
+                              _retry_after_s(quota, time.time()), queued_ids)
 
 
 def _time_out(waker: asyncio.Future) -> None:
@@ -80,6 +97,7 @@ class Producer:
         self._id_prefix = self.id + "-"
         self._seq = itertools.count(1)
         self._enqueue = redis.register_script(enqueue_lua())
+        self.tenants = TableCache(redis)  # quotas, reloaded when the registry changes
         self._waiters: dict[str, _Waiting] = {}
         self._arrived: dict[str, Result] = {}
         self._listener: asyncio.Task | None = None
@@ -127,8 +145,7 @@ class Producer:
             self._ensure_listener()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queued.append((self._lane(task.model, bool(task.batch_id)), self._item(task, -1),
-                             fut))
+        self._queued.append((self._lane(task), self._item(task, -1), fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         return await fut
@@ -138,45 +155,61 @@ class Producer:
         await asyncio.sleep(0)  # let the rest of this loop pass queue theirs
         while self._queued:
             queued, self._queued = self._queued, []
-            by_stream: dict[str, list] = {}
-            for stream, item, fut in queued:
-                by_stream.setdefault(stream, []).append((item, fut))
-            for stream, entries in by_stream.items():
-                keys_, args = enqueue_args(stream, self.settings.result_ttl_s,
-                                           [item for item, _ in entries])
+            by_lane: dict[Lane, list] = {}
+            for lane, item, fut in queued:
+                by_lane.setdefault(lane, []).append((item, fut))
+            for lane, entries in by_lane.items():
                 try:
-                    dups = await self._enqueue(keys=keys_, args=args)
-                except RedisError as exc:
-                    error = _broker_error(exc, len(entries))
+                    limits = (await self.tenants.current()).get(lane.tenant)
+                    keys_, args = enqueue_args(lane, self.settings.result_ttl_s,
+                                               [item for item, _ in entries], quota=limits)
+                    out = await self._enqueue(keys=keys_, args=args)
+                except (RedisError, BrokerError) as exc:
+                    error = (BrokerError(f"enqueue failed: {exc}") if isinstance(exc, BrokerError)
+                             else _broker_error(exc, len(entries)))
                     for _, fut in entries:
                         if not fut.done():
                             fut.set_exception(error)
                     continue
-                accepted = {int(dups[j]): dups[j + 1].decode() for j in range(0, len(dups), 2)}
+                if int(out[0]):  # refused by a quota: nothing of this lane's group went in
+                    error = _quota_error(lane, out[1].decode(), limits)
+                    for _, fut in entries:
+                        if not fut.done():
+                            fut.set_exception(error)
+                    continue
+                accepted = {int(out[j]): out[j + 1].decode() for j in range(2, len(out), 2)}
                 for i, (item, fut) in enumerate(entries):
                     if not fut.done():
                         fut.set_result(accepted.get(i, item[0]))
 
     @staticmethod
-    def _lane(model: str, bulk: bool) -> str:
-        # Tasks of a bulk job go to the model's bulk lane, served after interactive ones.
-        return keys.bulk_stream(model) if bulk else keys.task_stream(model)
+    def _lane(task: Task) -> Lane:
+        # Tasks of a bulk job go to the model's bulk lane, served after interactive ones;
+        # each tenant has its own stream in each lane.
+        return Lane(task.model, "b" if task.batch_id else "i", task.tenant)
 
     @staticmethod
-    def _item(task: Task, index: int) -> tuple[str, str | None, bytes, int]:
+    def _item(task: Task, index: int) -> tuple[str, str | None, bytes, int, int]:
         idem = task.idempotency_key
         return (task.id, keys.idempotency_key(task.model, idem) if idem else None,
-                encode(task), index)
+                encode(task), index, estimate_tokens(task))
 
-    async def submit_many(self, tasks: Iterable[Task], *, reply: bool = True) -> list[str]:
+    async def submit_many(self, tasks: Iterable[Task], *, reply: bool = True,
+                          on_quota: str = "raise") -> list[str]:
         """Check every task, then queue them in chunks of `chunk_size`, one round trip each.
 
         Tasks are filled in place (id, correlation id, reply stream, enqueue time).  Returns
         their ids; a task whose idempotency key was used before gets the earlier task's id.
+
+        Tenants' quotas: with `on_quota="raise"` a call that would pass one is refused with
+        `QuotaExceededError` before anything is queued; with `"wait"` (bulk jobs) the tasks
+        that do not fit are held back and queued as the quota frees, never refused.
         """
+        if on_quota not in ("raise", "wait"):
+            raise ValueError(f"on_quota={on_quota!r}: use 'raise' or 'wait'")
         s = self.settings
         now = time.time()
-        by_lane: dict[tuple[str, bool], list[tuple[str, str | None, bytes, int]]] = {}
+        by_lane: dict[Lane, list[tuple[str, str | None, bytes, int, int]]] = {}
         ids: list[str] = []
         traceparent = current_traceparent()
         check = TaskChecker(s)  # one per call: nothing mutates the tasks while it runs
@@ -188,42 +221,112 @@ class Producer:
                 if i or not isinstance(tasks, Sequence) or len(tasks) > 1:
                     exc.args = (f"tasks[{i}].{exc.args[0]}",)
                 raise
-            by_lane.setdefault((task.model, bool(task.batch_id)), []).append(
-                self._item(task, i))
+            by_lane.setdefault(self._lane(task), []).append(self._item(task, i))
             ids.append(task.id)
-        if reply and ids:
+        if not ids:
+            return ids
+        table = await self.tenants.current()
+        if on_quota == "raise":
+            await self._check_quotas(by_lane, table)
+        if reply:
             self._ensure_listener()
+        queued: list[str] = []  # ids of chunks that went in, for a refusal's report
         calls: list[tuple[asyncio.Future, list]] = []
         try:
-            for (model, bulk), items in by_lane.items():
-                stream = self._lane(model, bulk)
+            for lane, items in by_lane.items():
+                limits = table.get(lane.tenant)
+                if limits.max_queued or limits.tokens_per_minute:  # chunk by chunk, checked
+                    await self._submit_limited(lane, items, limits, ids, queued, on_quota)
+                    continue
                 # Overlap: the next chunk is built while Redis runs the previous one.
                 for start in range(0, len(items), self.chunk_size):
                     chunk = items[start:start + self.chunk_size]
-                    keys_, args = enqueue_args(stream, s.result_ttl_s, chunk)
+                    keys_, args = enqueue_args(lane, s.result_ttl_s, chunk, now=now)
                     if len(items) <= self.chunk_size:  # one chunk: nothing to overlap
-                        await self._settle(self._enqueue(keys=keys_, args=args), chunk, ids)
+                        await self._settle(self._enqueue(keys=keys_, args=args), chunk, ids,
+                                           lane, limits, queued)
                         continue
                     calls.append((asyncio.ensure_future(self._enqueue(keys=keys_, args=args)),
                                   chunk))
                     await asyncio.sleep(0)
                     if len(calls) >= 2:
-                        await self._settle(*calls.pop(0), ids)
+                        await self._settle(*calls.pop(0), ids, lane, limits, queued)
                 while calls:
-                    await self._settle(*calls.pop(0), ids)
+                    await self._settle(*calls.pop(0), ids, lane, limits, queued)
         finally:
             for fut, _ in calls:  # after a failure: nothing left unawaited
                 fut.cancel()
         return ids
 
-    @staticmethod
-    async def _settle(fut: Awaitable, chunk: list, ids: list[str]) -> None:
+    async def _submit_limited(self, lane: Lane, items: list, limits: TenantConfig,
+                              ids: list[str], queued: list[str], on_quota: str) -> None:
+        """A quota-limited tenant's tasks, a chunk at a time; with "wait", what does not fit
+        waits for the quota (a bulk job is held back, never refused halfway)."""
+        wait = on_quota == "wait"
+        pending = list(items)
+        while pending:
+            chunk = pending[:self.chunk_size]
+            keys_, args = enqueue_args(lane, self.settings.result_ttl_s, chunk, quota=limits,
+                                       partial=wait)
+            try:
+                out = await self._enqueue(keys=keys_, args=args)
+            except RedisError as exc:
+                raise _broker_error(exc, len(pending)) from exc
+            if int(out[0]):
+                if not wait:
+                    raise _quota_error(lane, out[1].decode(), limits, queued)
+                await asyncio.sleep(_retry_after_s(out[1].decode(), time.time()))
+                continue
+            taken = int(out[1])
+            self._take_dups(out, chunk, ids)
+            queued.extend(ids[item[3]] for item in chunk[:taken])
+            pending = pending[taken:]
+
+    async def _check_quotas(self, by_lane: dict[Lane, list], table) -> None:
+        """Refuse a call that cannot fit its tenants' quotas before anything is queued (the
+        enqueue script checks again, atomically, per chunk)."""
+        need: dict[tuple[str, str], list[int]] = {}  # (model, tenant) -> [tasks, tokens]
+        for lane, items in by_lane.items():
+            limits = table.get(lane.tenant)
+            if limits.max_queued or limits.tokens_per_minute:
+                want = need.setdefault((lane.model, lane.tenant), [0, 0])
+                want[0] += len(items)
+                want[1] += sum(item[4] for item in items)
+        if not need:
+            return
+        minute = int(time.time() // 60) * 60
         try:
-            dups = await fut
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for model, tenant in need:
+                    pipe.hget(keys.queued_counts(model), tenant)
+                    pipe.hget(keys.tokens_minute(model, minute), tenant)
+                got = await pipe.execute()
+        except RedisError as exc:
+            raise _broker_error(exc, sum(n for n, _ in need.values())) from exc
+        for j, ((model, tenant), (tasks, tokens)) in enumerate(need.items()):
+            limits = table.get(tenant)
+            queued, used = int(got[2 * j] or 0), int(got[2 * j + 1] or 0)
+            lane = Lane(model, "i", tenant)
+            if limits.max_queued and queued + tasks > limits.max_queued:
+                raise _quota_error(lane, "max_queued", limits)
+            if limits.tokens_per_minute and used + tokens > limits.tokens_per_minute:
+                raise _quota_error(lane, "tokens_per_minute", limits)
+
+    @staticmethod
+    def _take_dups(out: list, chunk: list, ids: list[str]) -> None:
+        for j in range(2, len(out), 2):
+            ids[chunk[int(out[j])][3]] = out[j + 1].decode()
+
+    async def _settle(self, fut: Awaitable, chunk: list, ids: list[str], lane: Lane,
+                      limits: TenantConfig, queued: list[str]) -> None:
+        try:
+            out = await fut
         except RedisError as exc:
             raise _broker_error(exc, len(chunk)) from exc
-        for j in range(0, len(dups), 2):
-            ids[chunk[int(dups[j])][3]] = dups[j + 1].decode()
+        if int(out[0]):  # a quota set meanwhile: what went in before is reported
+            raise _quota_error(lane, out[1].decode(), limits, queued)
+        self._take_dups(out, chunk, ids)
+        queued.extend(ids[item[3]] for item in chunk)
 
     async def cancel(self, task_id: str, model: str) -> None:
         """Cancel a task: if still queued it never runs; if running, the engine aborts it.

@@ -1,29 +1,49 @@
-"""The enqueue script (producer/lua/enqueue.lua): a chunk of tasks for one model, with their idempotency keys.
-
-One EVALSHA per chunk, so a chunk costs one round trip.  A task whose idempotency key was
-seen before is not added again; the script answers with the id of the task holding the key.
-"""
+"""The enqueue script (producer/lua/enqueue.lua): a chunk of one tenant's tasks for one lane,
+with their idempotency keys, within the tenant's quotas, in one round trip."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
+import msgspec
+
+from agentfleet.schemas import keys
 from agentfleet.schemas.scripts import lua
+from agentfleet.schemas.wire import TenantConfig
 
 
 def enqueue_lua() -> str:
     return lua("agentfleet.producer", "enqueue")
 
 
-def enqueue_args(stream: str, idem_ttl_s: int,
-                 items: Sequence[tuple]) -> tuple[list, list]:
-    """KEYS and ARGV of enqueue.lua for (task id, idempotency key or None, payload, ...)."""
-    keys: list = [stream]
-    args: list = [idem_ttl_s]
-    for task_id, idem_key, payload, *_ in items:
+class Lane(msgspec.Struct, frozen=True):
+    """Where a chunk goes: one tenant's stream of one lane ("i" or "b") of a model."""
+
+    model: str
+    lane: str
+    tenant: str
+
+    @property
+    def stream(self) -> str:
+        return keys.lane_stream(self.model, self.lane, self.tenant)
+
+
+def enqueue_args(lane: Lane, idem_ttl_s: int, items: Sequence[tuple], *,
+                 quota: TenantConfig | None = None, partial: bool = False,
+                 now: float | None = None) -> tuple[list, list]:
+    """KEYS and ARGV of enqueue.lua for items (task id, idempotency key or None, payload,
+    index, tokens)."""
+    minute = int((time.time() if now is None else now) // 60) * 60
+    m = lane.model
+    keys_: list = [lane.stream, keys.tenant_lanes(m, lane.lane), keys.queued_counts(m),
+                   keys.tokens_minute(m, minute), keys.quota_refusals(m)]
+    args: list = [idem_ttl_s, lane.tenant, quota.max_queued if quota else 0,
+                  quota.tokens_per_minute if quota else 0, 1 if partial else 0, keys.GROUP]
+    for task_id, idem_key, payload, _, tokens in items:
         if idem_key is None:
-            args += (0, payload)
+            args += (tokens, 0, payload)
         else:
-            keys.append(idem_key)
-            args += (len(keys), task_id, payload)
-    return keys, args
+            keys_.append(idem_key)
+            args += (tokens, len(keys_), task_id, payload)
+    return keys_, args

@@ -118,7 +118,7 @@ class LineContext(msgspec.Struct, kw_only=True):
     deadline: float  # epoch seconds: created + completion window
     settings: Settings
     model_map: dict[str, str] = {}
-    tenant: str = "default"  # written into every task (the gateway's caller's tenant)
+    tenant: str = "default"  # whose job it is: its tasks run within that tenant's share
 
 
 def valid_batch_id(batch_id: str) -> bool:

@@ -71,6 +71,24 @@ class UnsupportedVersionError(DecodeError):
     code = ErrorCode.UNSUPPORTED_VERSION
 
 
+class QuotaExceededError(AgentFleetError):
+    """Raised at submit when a tenant's quota (`max_queued` or `tokens_per_minute` of its
+    registry entry, per model) would be passed: nothing of the call was queued, unless
+    `queued_ids` says otherwise (another producer of the tenant raced in between the chunks
+    of one large call).  Retry after `retry_after_s`."""
+
+    def __init__(self, tenant: str, model: str, quota: str, limit: int, retry_after_s: float,
+                 queued_ids: list[str] | None = None):
+        self.tenant = tenant
+        self.model = model
+        self.quota = quota
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.queued_ids = queued_ids or []
+        super().__init__(f"tenant {tenant!r} is over its {quota} quota ({limit}) on model "
+                         f"{model!r}; retry after {retry_after_s:.1f}s")
+
+
 class ResultTimeoutError(AgentFleetError, TimeoutError):
     """Raised by `Producer.wait*` when results do not arrive within `timeout_s`."""
 

@@ -11,6 +11,8 @@ import re
 
 PREFIX = "af"
 GROUP = "workers"  # one consumer group per model stream
+DEFAULT_TENANT = "default"  # its streams keep the short names af:{m}:tasks and af:{m}:bulk
+LANES = ("i", "b")  # interactive, bulk: the two lanes of a model, as their keys name them
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
 
@@ -32,9 +34,42 @@ def _tag(model: str) -> str:
     return f"{PREFIX}:{{{model}}}"
 
 
-def task_stream(model: str) -> str:
-    """The stream producers add tasks to and the model's consumer group reads."""
-    return f"{_tag(model)}:tasks"
+def task_stream(model: str, tenant: str = DEFAULT_TENANT) -> str:
+    """A tenant's interactive lane of a model: the stream its producers add tasks to and the
+    model's consumer group reads.  Each tenant has its own, so that one tenant's backlog never
+    sits in front of another's next task (workers read them by fair share: docs/tenants.md)."""
+    if tenant == DEFAULT_TENANT:
+        return f"{_tag(model)}:tasks"
+    return f"{_tag(model)}:tasks:{tenant}"
+
+
+def lane_stream(model: str, lane: str, tenant: str = DEFAULT_TENANT) -> str:
+    """`task_stream` for lane "i", `bulk_stream` for lane "b"."""
+    return bulk_stream(model, tenant) if lane == "b" else task_stream(model, tenant)
+
+
+def tenant_lanes(model: str, lane: str) -> str:
+    """The tenants that have a stream in one lane of a model (a sorted set: tenant -> 1 while
+    its stream holds undelivered tasks, 0 once a worker found it drained).  Producers set 1
+    with every enqueue; workers read the streams of the tenants at 1."""
+    return f"{_tag(model)}:tenants:{lane}"
+
+
+def queued_counts(model: str) -> str:
+    """Tasks of each tenant queued on a model and not yet ended (a hash: tenant -> count),
+    kept by the enqueue and commit scripts: the `max_queued` quota reads it."""
+    return f"{_tag(model)}:queued"
+
+
+def tokens_minute(model: str, minute: int) -> str:
+    """Tokens each tenant enqueued on a model in one minute (a hash: tenant -> tokens, TTL two
+    minutes; `minute` is epoch seconds of its start): the `tokens_per_minute` quota."""
+    return f"{_tag(model)}:tpm:{minute}"
+
+
+def quota_refusals(model: str) -> str:
+    """Submits refused by a quota, by tenant and quota (a hash: "<tenant>|<quota>" -> count)."""
+    return f"{_tag(model)}:refused"
 
 
 def result_key(model: str, task_id: str) -> str:
@@ -92,9 +127,12 @@ def cancel_channel(model: str) -> str:
     return f"{_tag(model)}:cancel"
 
 
-def bulk_stream(model: str) -> str:
-    """The model's bulk lane: tasks of bulk jobs, read only when interactive work leaves room."""
-    return f"{_tag(model)}:bulk"
+def bulk_stream(model: str, tenant: str = DEFAULT_TENANT) -> str:
+    """A tenant's bulk lane of a model: tasks of bulk jobs, run when interactive work leaves
+    room."""
+    if tenant == DEFAULT_TENANT:
+        return f"{_tag(model)}:bulk"
+    return f"{_tag(model)}:bulk:{tenant}"
 
 
 def batch_output(model: str, batch_id: str) -> str:
@@ -149,6 +187,25 @@ def batch_index() -> str:
 def api_keys() -> str:
     """Every API key (a hash: key id -> msgpack ApiKeyRecord, holding the secret's digest)."""
     return f"{PREFIX}:apikeys"
+
+
+# The tenant registry (producer/tenants.py) and the audit record: global keys.
+
+def tenants() -> str:
+    """Every configured tenant (a hash: tenant -> msgpack TenantConfig); "default" holds the
+    settings of tenants without an entry of their own."""
+    return f"{PREFIX}:tenants"
+
+
+def tenants_version() -> str:
+    """A counter bumped by every registry change: running processes reload when it moves."""
+    return f"{PREFIX}:tenants:version"
+
+
+def audit_log() -> str:
+    """Every change to the registries (tenants, models, routing, canaries): an append-only
+    stream of msgpack AuditEntry under field 'd'."""
+    return f"{PREFIX}:audit"
 
 
 # Streaming (workers/streaming.py publishes, the gateway reads): in the model's slot.

@@ -73,6 +73,7 @@ class Settings(msgspec.Struct, kw_only=True):
     # Share of the engine's slots (max_num_seqs) bulk-job tasks may hold: the rest is kept
     # for interactive tasks, which then start within an engine step or two.
     bulk_max_share: float = 0.875
+    fairness: bool = True  # tenants share engine slots by weight (VTC); False: first come
     # delivery guarantees
     claim_idle_ms: int = 30_000  # a pending task idle this long on its consumer is reclaimed
     max_attempts: int = 3  # engine attempts of a task failing with transient errors

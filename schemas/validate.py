@@ -6,6 +6,8 @@ Each failure raises a `ValidationError` naming the field (dotted path) and the l
 from __future__ import annotations
 
 from agentfleet.schemas.errors import PromptTooLongError, UnknownModelError, ValidationError
+from agentfleet.schemas.keys import DEFAULT_TENANT, valid_tenant_name
+from agentfleet.schemas.tenants import check_name
 from agentfleet.schemas.settings import ModelSpec, Settings
 from agentfleet.schemas.wire import SCHEMA_VERSION, FollowUp, Message, Sampling, Task
 
@@ -27,6 +29,8 @@ def validate_task(task: Task, settings: Settings, *, sampling_checked: bool = Fa
             or len(task.parent_id) > MAX_ID_CHARS or len(task.agent_id) > MAX_ID_CHARS
             or len(task.tenant) > MAX_ID_CHARS):
         _too_long_id(task)
+    if task.tenant != DEFAULT_TENANT and not valid_tenant_name(task.tenant):
+        check_name(task.tenant)  # a tenant's name goes into its stream's key
     _check_input(task.prompt, task.messages, "", spec, settings, required=True)
     if not sampling_checked:
         _check_sampling(task.sampling, "sampling.", spec)

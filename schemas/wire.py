@@ -209,6 +209,35 @@ class ApiKeyRecord(Base, kw_only=True):
     revoked_at: float = 0.0  # 0: live
 
 
+class TenantConfig(Base, kw_only=True):
+    """A tenant's entry in the registry (producer/tenants.py; docs/tenants.md).  Limits apply
+    per model; 0 means no limit.  Bounds are checked by `schemas.tenants.check_config`."""
+
+    weight: float = 1.0  # its fair share of a model's engine, against the others' weights
+    max_queued: int = 0  # tasks queued and not ended, per model
+    tokens_per_minute: int = 0  # prompt + max_tokens enqueued per minute, per model
+    max_running: int = 0  # tasks in the engines at once, per model (split across workers)
+    cache_group: str = ""  # "": a prefix cache of its own; tenants naming one group share it
+    result_ttl_s: int = 0  # how long its results live; 0: the fleet's result_ttl_s
+    trace_ttl_s: int = 0  # how long its traces live; 0: the fleet's trace_ttl_s
+    redact: bool = False  # keep its prompts and outputs out of traces, logs and Sentry
+    note: str = ""
+
+
+class AuditEntry(Base, kw_only=True):
+    """One change to a registry (tenants, models, routing, canaries): who, when, what before
+    and after, and why.  Appended to `keys.audit_log()`, never edited."""
+
+    kind: str  # "tenant", "model", "route", "canary", ...
+    subject: str  # the tenant's or model's name
+    action: str  # "set", "remove", "promote", ...
+    who: str = ""
+    why: str = ""
+    at: float = 0.0
+    before: object = None  # the entry before (msgspec builtins), None when there was none
+    after: object = None
+
+
 # Built once: encoders and decoders are reused on the hot path (msgspec performance tips).
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
@@ -251,6 +280,8 @@ decode_results = msgspec.msgpack.Decoder(list[Result]).decode  # a reply-stream 
 decode_event = _event_decoder.decode
 decode_dead_letter = msgspec.msgpack.Decoder(DeadLetter).decode
 decode_api_key = msgspec.msgpack.Decoder(ApiKeyRecord).decode
+decode_tenant = msgspec.msgpack.Decoder(TenantConfig).decode
+decode_audit = msgspec.msgpack.Decoder(AuditEntry).decode
 
 
 def result_to_dict(result: Result) -> dict:

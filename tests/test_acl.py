@@ -44,7 +44,8 @@ async def users(server, redis):
 
 async def test_each_part_does_its_job_under_its_own_user(users, settings, redis):
     worker_redis = connect(users["worker"])
-    worker = Worker(settings, worker_redis, {"m1": FakeEngine(), "m2": FakeEngine()},
+    engines = {"m1": FakeEngine(slots=64), "m2": FakeEngine(slots=64)}
+    worker = Worker(settings, worker_redis, engines,
                     worker_id="w-acl")
     running = asyncio.create_task(worker.run(drain_timeout_s=5))
     await asyncio.wait_for(worker.ready.wait(), 10)
@@ -95,6 +96,8 @@ REFUSED = [
     ("producer", ["HGET", keys.api_keys(), "x"]),
     ("producer", ["HSET", "af:registry", "m1", "x"]),
     ("producer", ["HSET", "af:tenant:acme", "share", "9"]),
+    ("producer", ["HSET", keys.tenants(), "acme", "x"]),
+    ("producer", ["INCR", keys.tenants_version()]),
     # ... and a script runs with the caller's rights
     ("producer", ["EVAL", "return redis.call('XREADGROUP', 'GROUP', 'workers', 'c', "
                   "'STREAMS', KEYS[1], '>')", "1", keys.task_stream("m1")]),
@@ -104,6 +107,7 @@ REFUSED = [
     ("worker", ["HGET", keys.api_keys(), "x"]),
     ("worker", ["HSET", "af:registry", "m1", "x"]),
     ("worker", ["DEL", "af:tenant:acme"]),
+    ("worker", ["HSET", keys.tenants(), "acme", "x"]),
     ("worker", ["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]),
     ("worker", ["FLUSHALL"]),
     # the gateway reads keys (HGET) but never writes them, and takes no tasks
@@ -120,6 +124,7 @@ REFUSED = [
     ("producer-acme", ["LRANGE", keys.trace_key("m1", "other:c"), "0", "-1"]),
     ("producer-acme", ["XREAD", "STREAMS", keys.reply_stream("m1", "other-p"), "0"]),
     ("producer-acme", ["HGETALL", keys.batch_meta("batch_other")]),
+    ("producer-acme", ["XADD", keys.task_stream("m1", "other"), "*", "d", "x"]),
     ("producer-acme", ["XRANGE", keys.batch_output("m1", "batch_other"), "-", "+"]),
     ("producer-acme", ["ZRANGE", keys.batch_index(), "0", "-1"]),
 ]
@@ -151,15 +156,15 @@ async def test_a_tenants_producer_reads_its_own_keys(users, redis):
         assert await client.get(keys.result_key("m1", "acme:1")) == b"r"
         assert await client.xread({keys.reply_stream("m1", "acme:p1"): "0"}) == []
         assert await client.hgetall(keys.batch_meta("acme-job-1")) == {}
-        await client.xadd(keys.task_stream("m1"), {"d": b"x"})  # what the script does
+        await client.xadd(keys.task_stream("m1", "acme"), {"d": b"x"})  # what the script does
         with pytest.raises(ResponseError):
-            await client.xlen(keys.task_stream("m1"))
+            await client.xlen(keys.task_stream("m1", "acme"))
     finally:
         await client.aclose()
 
 
 async def test_the_gateway_serves_under_its_own_user(users, gateway, api_key, start_worker):
-    await start_worker()
+    await start_worker(engines={"m1": FakeEngine(slots=64), "m2": FakeEngine(slots=64)})
     url, _ = await gateway(redis_url=users["gateway"])
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=await api_key(),
                                   max_retries=0) as ai:

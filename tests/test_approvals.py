@@ -44,7 +44,7 @@ async def test_a_held_task_waits_until_an_admin_approves_it(gateway, api_key, st
         task_id = made.json()["id"]
         await asyncio.sleep(0.2)  # a worker is running: nothing reaches it
         assert (await http.get(f"/v1/tasks/{task_id}")).json()["status"] == "awaiting_approval"
-        assert await redis.xlen(keys.task_stream("m1")) == 0
+        assert await redis.xlen(keys.task_stream("m1", "acme")) == 0
         listed = (await http.get("/v1/approvals")).json()["data"]
         assert [a["id"] for a in listed] == [task_id] and listed[0]["prompt"] == "wire 1M to X"
         assert (await http.post(f"/v1/approvals/{task_id}/approve")).status_code == 403
@@ -71,7 +71,7 @@ async def test_a_rejected_task_gets_a_typed_result_and_its_waiter_hears(producer
     assert result.error_message == "rejected by bob: too risky" and result.tenant == "acme"
     assert await approvals.list_held(redis, settings) == []
     with pytest.raises(approvals.NotHeldError):
-        await approvals.approve(redis, settings, "t-reject", by="bob")
+        await approvals.approve(producer, settings, "t-reject", by="bob")
 
 
 async def test_a_held_task_expires_when_its_deadline_passes(producer, redis, settings):
@@ -87,16 +87,20 @@ async def test_a_held_task_expires_when_its_deadline_passes(producer, redis, set
     assert await redis.zcard(keys.approvals_due("m2")) == 0
 
 
-async def test_two_decisions_at_once_one_wins(redis, settings):
+async def test_two_decisions_at_once_one_wins(producer, redis, settings):
     await approvals.hold(redis, Task(id="t-race", model="m1", prompt="x"), settings)
     outcomes = await asyncio.gather(
-        approvals.approve(redis, settings, "t-race", by="a"),
+        approvals.approve(producer, settings, "t-race", by="a"),
         approvals.reject(redis, settings, "t-race", by="b"), return_exceptions=True)
     assert sum(isinstance(o, approvals.NotHeldError) for o in outcomes) == 1
-    assert len(await approvals.decisions(redis, settings)) == 1
-    queued = await redis.xlen(keys.task_stream("m1"))
-    written = await redis.exists(keys.result_key("m1", "t-race"))
-    assert queued + written == 1
+    [decision] = await approvals.decisions(redis, settings)
+    stored = await redis.get(keys.result_key("m1", "t-race"))
+    if decision.decision == "rejected":  # the copy the approval queued is cancelled
+        assert stored is not None and b"rejected" in stored
+        queued = await redis.xlen(keys.task_stream("m1"))
+        assert not queued or await redis.zscore(keys.cancelled_key("m1"), "t-race")
+    else:
+        assert stored is None and await redis.xlen(keys.task_stream("m1")) == 1
 
 
 async def test_an_idempotency_key_holds_once(gateway, api_key, redis):
@@ -137,7 +141,7 @@ async def test_a_script_can_hold_a_follow_up_as_the_commit_script_will(redis, se
     assert held.id == "p.1" and held.parent_id == "p"
     await start_worker()
     waiting = asyncio.ensure_future(producer.wait("p.1", timeout_s=10))
-    await approvals.approve(redis, settings, "p.1", by="carol")
+    await approvals.approve(producer, settings, "p.1", by="carol")
     assert (await waiting).text == "echo: step two"
 
 

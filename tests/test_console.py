@@ -120,12 +120,12 @@ def test_dead_letters_by_tenant_and_replay_only_for_admins(fleet, server):
         assert stale.status_code == 403  # a form from elsewhere
         redis = connect(server.url)
         try:
-            before = asyncio.run(_xlen(server.url, keys.task_stream("m1")))
+            before = asyncio.run(_xlen(server.url, keys.task_stream("m1", "globex")))
             csrf = re.search(r'name=csrf value="([0-9a-f]+)"', page).group(1)
             done = c.post(f"/dead-letters/m1/{globex_entry}/replay", data={"csrf": csrf})
             assert done.status_code == 303
             assert "Replayed" in c.get(done.headers["location"]).text
-            assert asyncio.run(_xlen(server.url, keys.task_stream("m1"))) == before + 1
+            assert asyncio.run(_xlen(server.url, keys.task_stream("m1", "globex"))) == before + 1
             assert c.get(f"/dead-letters/m1/{globex_entry}").status_code == 404
         finally:
             asyncio.run(redis.aclose())

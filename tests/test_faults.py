@@ -89,11 +89,20 @@ async def producer(fleet):
     await p.close()
 
 
+# The chains belong to three tenants: every guarantee holds across their streams.
+TENANTS = ("default", "acme", "globex")
+
+
 def chains(n: int, delay_s: float = 0.0, tag: str = "t") -> list[Task]:
     meta = {"fake_delay_s": str(delay_s)} if delay_s else {}
     return [Task(model=MODEL, id=f"{tag}{i}", prompt=f"step one of {tag}{i}", metadata=meta,
-                 idempotency_key=f"{tag}{i}", followups=[FollowUp(prompt="two: {output}")])
+                 idempotency_key=f"{tag}{i}", followups=[FollowUp(prompt="two: {output}")],
+                 tenant=TENANTS[i % len(TENANTS)])
             for i in range(n)]
+
+
+def streams() -> list[str]:
+    return [keys.task_stream(MODEL, t) for t in TENANTS]
 
 
 async def wait_until(predicate, timeout_s: float = 20.0, every_s: float = 0.05) -> None:
@@ -104,10 +113,13 @@ async def wait_until(predicate, timeout_s: float = 20.0, every_s: float = 0.05) 
 
 
 async def pending(redis) -> int:
-    try:
-        return (await redis.xpending(keys.task_stream(MODEL), keys.GROUP))["pending"]
-    except Exception:
-        return 0
+    total = 0
+    for stream in streams():
+        try:
+            total += (await redis.xpending(stream, keys.GROUP))["pending"]
+        except Exception:  # not created yet
+            pass
+    return total
 
 
 async def audit(producer: Producer, roots: list[str], timeout_s: float = 30.0,
@@ -125,6 +137,8 @@ async def audit(producer: Producer, roots: list[str], timeout_s: float = 30.0,
     assert stats["written"] == 2 * len(roots) + others, stats  # each result written once
     assert stats.get("followups", 0) == len(roots), stats  # each follow-up enqueued once
     await wait_until(lambda: _zero(pending(redis)), 10)
+    queued = await redis.hgetall(keys.queued_counts(MODEL))  # every task ended exactly once
+    assert all(int(v) == 0 for v in queued.values()), queued
     return stats
 
 
@@ -137,9 +151,10 @@ async def lane_stats(redis) -> dict[str, int]:
 async def _whereabouts(producer: Producer, task_ids: list[str]) -> dict:
     """Where a missing task is: result, pending, still in a stream, waiting for a retry."""
     redis = producer.redis
-    stream = keys.task_stream(MODEL)
-    pend = await redis.xpending_range(stream, keys.GROUP, "-", "+", 10_000)
-    entries = await redis.xrange(stream)
+    pend, entries = [], []
+    for stream in streams():
+        pend += await redis.xpending_range(stream, keys.GROUP, "-", "+", 10_000)
+        entries += await redis.xrange(stream)
     ids_in_stream = {}
     for eid, fields in entries:
         ids_in_stream[decode_task(fields[b"d"]).id] = eid

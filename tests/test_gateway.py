@@ -28,7 +28,13 @@ def auth(key: str) -> dict[str, str]:
 
 
 async def queued(redis) -> int:
-    return sum([await redis.xlen(keys.task_stream(m)) for m in ("m1", "m2")])
+    """Tasks in every lane stream of every tenant (a tenant has its own streams)."""
+    total = 0
+    async for key in redis.scan_iter(match="af:{*}:*", count=1000):
+        name = key.decode()
+        if (":tasks" in name or ":bulk" in name) and await redis.type(key) == b"stream":
+            total += await redis.xlen(key)
+    return total
 
 
 async def test_chat_completion_through_the_openai_client(gateway, api_key, start_worker):
@@ -157,7 +163,8 @@ async def test_idempotency_keys_are_per_tenant(gateway, api_key, redis):
         b1 = (await http.post("/v1/tasks", json=body, headers=auth(await api_key("b")))).json()
     assert a2.status_code == 200 and a2.json()["status"] == "duplicate"
     assert a2.json()["id"] == a1["id"] and b1["id"] != a1["id"]
-    assert await redis.xlen(keys.task_stream("m1")) == 2  # a once, b once
+    assert await redis.xlen(keys.task_stream("m1", "a")) == 1  # a once, b once
+    assert await redis.xlen(keys.task_stream("m1", "b")) == 1
 
 
 async def test_one_tenant_cannot_read_or_cancel_another_tenants_work(gateway, api_key,
@@ -229,6 +236,22 @@ async def test_quota_hook_answers_429_with_retry_after_and_queues_nothing(gatewa
         http.headers.update(auth(await api_key("fine")))
         assert (await http.post("/v1/tasks", json={"model": "m1",
                                                    "prompt": "x"})).status_code == 202
+    assert await queued(redis) == 1
+
+
+async def test_a_registry_quota_is_a_429_with_retry_after(gateway, api_key, redis):
+    from agentfleet.producer.tenants import TenantRegistry
+    from agentfleet.schemas.wire import TenantConfig
+
+    await TenantRegistry(redis).set("small", TenantConfig(max_queued=1), who="test")
+    url, _ = await gateway()
+    async with httpx.AsyncClient(base_url=url, headers=auth(await api_key("small"))) as http:
+        first = await http.post("/v1/tasks", json={"model": "m1", "prompt": "one"})
+        second = await http.post("/v1/tasks", json={"model": "m1", "prompt": "two"})
+    assert first.status_code == 202
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    assert second.json()["error"]["code"] == "quota_exceeded"
+    assert second.json()["error"]["param"] == "max_queued"
     assert await queued(redis) == 1
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import httpx
+import msgspec
 import openai
 
 from agentfleet.ops import approvals, datarules
@@ -20,6 +21,7 @@ from agentfleet.ops.purge import purge_log, purge_tenant
 from agentfleet.schemas import keys
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import FollowUp, Task, decode_result
+from agentfleet.workers.fake_engine import FakeEngine
 
 A_TEXT, B_TEXT = "alpha-secret-0451", "bravo-public-9921"
 
@@ -83,7 +85,9 @@ async def tenant_text_in_redis(redis, text: str) -> list[bytes]:
 
 async def test_purge_erases_a_tenants_data_and_records_it(gateway, api_key, start_worker, redis,
                                                           settings):
-    await start_worker(models=("m1",))  # m2 has no worker: its tasks stay queued
+    # m2 has no worker: its tasks stay queued; slots, as a real engine has (bulk lanes get a
+    # share of them)
+    await start_worker(models=("m1",), engines={"m1": FakeEngine(slots=64)})
     url, gw = await gateway()
     key_a, key_b = await api_key("a"), await api_key("b")
     a = await make_data(url, key_a, A_TEXT)
@@ -95,7 +99,7 @@ async def test_purge_erases_a_tenants_data_and_records_it(gateway, api_key, star
     assert report.task_entries == 4  # chat, batch line, chain of two: done, not trimmed
     # the queued task may be in m2's stream still: its payload holds the prompt until it runs
     leftover = [k for k in await tenant_text_in_redis(redis, A_TEXT)
-                if k != keys.task_stream("m2").encode()]
+                if k != keys.task_stream("m2", "a").encode()]
     assert leftover == []
     assert await redis.zscore(keys.cancelled_key("m2"), a["queued"])
     assert not list(gw.files.dir.glob(a["file"])) and not list(gw.files.dir.glob(a["output"]))
@@ -158,6 +162,26 @@ def test_sentry_events_follow_their_tenants_rules(settings):
     assert closed["extra"]["prompt"] == "[scrubbed]" and contextual["extra"]["prompt"] == \
         "[scrubbed]"
     assert kept["extra"]["prompt"] == A_TEXT
+
+
+async def test_a_tenants_registry_entry_sets_its_rules(redis, settings):
+    from agentfleet.producer.tenants import TenantRegistry
+    from agentfleet.schemas.tenants import TableCache
+    from agentfleet.schemas.wire import TenantConfig
+
+    open_settings = msgspec.structs.replace(settings, sentry_include_text=True)
+    await TenantRegistry(redis).set("careful", TenantConfig(redact=True, result_ttl_s=60),
+                                    who="test")
+    cache = TableCache(redis)
+    await cache.current()
+    datarules.use_registry(lambda: cache.table)
+    try:
+        careful = datarules.rules_for("careful", open_settings)
+        other = datarules.rules_for("other", open_settings)
+    finally:
+        datarules.use_registry(None)
+    assert careful.redact_text and careful.result_ttl_s == 60
+    assert not other.redact_text and other.result_ttl_s == settings.result_ttl_s
 
 
 async def test_cli_purge_needs_yes_and_records_who(server, redis):

@@ -13,10 +13,17 @@ import openai
 import pytest
 
 from agentfleet.schemas import keys
+from agentfleet.workers.fake_engine import FakeEngine
 
 
 def client(url: str, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def engines_with_slots() -> dict[str, FakeEngine]:
+    """Fake engines with slots, as a real engine has: the runner gives a tenant's bulk lane a
+    share of them (without, a bulk lane other than the default tenant's is not read)."""
+    return {"m1": FakeEngine(slots=64), "m2": FakeEngine(slots=64)}
 
 
 def chat_line(custom_id: str, content: str, **body) -> bytes:
@@ -81,7 +88,7 @@ async def wait_batch(ai: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 3
 
 async def test_a_batch_from_an_uploaded_file_to_its_output_file(gateway, api_key, start_worker,
                                                                 redis):
-    await start_worker()
+    await start_worker(engines=engines_with_slots())
     url, _ = await gateway()
     lines = [chat_line(f"req-{i}", f"doc {i}") for i in range(200)]
     async with client(url, await api_key("acme")) as ai:
@@ -113,7 +120,7 @@ async def test_requests_that_expire_go_to_the_error_file(gateway, api_key, start
         batch = await ai.batches.create(input_file_id=upload.id,
                                         endpoint="/v1/chat/completions", completion_window="1s")
         await asyncio.sleep(1.2)  # no worker yet: the window passes
-        await start_worker()
+        await start_worker(engines=engines_with_slots())
         done = await wait_batch(ai, batch.id)
         assert done.status == "expired" and done.output_file_id is None
         errors = (await ai.files.content(done.error_file_id)).content.splitlines()
@@ -138,7 +145,7 @@ async def test_a_batch_with_invalid_lines_fails_with_them_and_queues_nothing(gat
                                     completion_window="24h")
     assert done.status == "failed"
     assert [e.line for e in done.errors.data] == [2, 3]
-    assert await redis.xlen(keys.bulk_stream("m1")) == 0
+    assert await redis.xlen(keys.bulk_stream("m1", "acme")) == 0
 
 
 async def test_cancel_a_batch_and_other_tenants_cannot_see_it(gateway, api_key, redis):

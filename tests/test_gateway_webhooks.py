@@ -108,7 +108,7 @@ async def test_webhooks_are_refused_when_off_and_nothing_is_queued(gateway, api_
         off = await http.post("/v1/tasks", json={"model": "m1", "prompt": "x",
                                                  "webhook_url": "http://127.0.0.1:1/x"})
     assert off.status_code == 400 and off.json()["error"]["param"] == "webhook_url"
-    assert await redis.xlen(keys.task_stream("m1")) == 0
+    assert await redis.xlen(keys.task_stream("m1", "acme")) == 0
 
 
 async def test_a_restarted_gateway_resumes_pending_webhooks(gateway, serve_app, producer,

@@ -148,8 +148,8 @@ async def test_commit_replies_carry_exactly_the_results_it_wrote(redis):
     await redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
     commit = redis.register_script(commit_lua())
     head = CommitHead(stats_key=keys.stats_key("m1"), delayed_key=keys.delayed_key("m1"),
-                      dead_stream=keys.dead_stream("m1"), group=keys.GROUP, consumer="me",
-                      result_ttl_s=60, trace_ttl_s=60, reply_maxlen=1000, dead_maxlen=1000)
+                      dead_stream=keys.dead_stream("m1"), queued_key=keys.queued_counts("m1"),
+                      group=keys.GROUP, consumer="me", reply_maxlen=1000, dead_maxlen=1000)
 
     async def read(n: int, consumer: str = "me") -> list[bytes]:
         for i in range(n):
@@ -161,7 +161,8 @@ async def test_commit_replies_carry_exactly_the_results_it_wrote(redis):
         return CommitRecord(source=stream, entry_id=entry_id, outcome=b"r",
                             v1=msgspec.msgpack.encode(name), v2=b"",
                             result_key=keys.result_key("m1", name), reply_key=reply,
-                            trace_key="", trace=b"", followups=())
+                            trace_key="", trace=b"", followups=(), result_ttl_s=60,
+                            trace_ttl_s=60)
 
     async def run(records: list[CommitRecord]) -> tuple[list, list[str]]:
         keys_, args = commit_args(head, records)

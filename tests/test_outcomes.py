@@ -65,11 +65,13 @@ def test_followups_get_deterministic_ids_the_output_and_the_parents_trace():
     task = Task(id="t1", model="m1", prompt="hi", correlation_id="c1",
                 followups=[FollowUp(prompt="Again: {output}"), FollowUp(model="m2", prompt="x")])
     record = _outcomes().record(_rec(task, _ok("42")), NOW, 0.0)
-    (s1, p1, e1), (s2, p2, _) = record.followups
-    first, second = decode_task(p1), decode_task(p2)
+    f1, f2 = record.followups
+    first, second = decode_task(f1.payload), decode_task(f2.payload)
     assert (first.id, first.prompt, first.parent_id, first.depth) == ("t1.1", "Again: 42", "t1", 1)
-    assert (s1, s2, second.model) == ("af:{m1}:tasks", "af:{m2}:tasks", "m2")
-    assert decode_event(e1).task_id == "t1.1"
+    assert (f1.stream, f2.stream, second.model) == ("af:{m1}:tasks", "af:{m2}:tasks", "m2")
+    assert (f2.lanes_key, f2.queued_key, f2.tenant) == ("af:{m2}:tenants:i", "af:{m2}:queued",
+                                                        "default")
+    assert decode_event(f1.event).task_id == "t1.1"
     assert decode_result(record.v1).followup_ids == ["t1.1", "t1.2"]
     assert record.trace and record.trace_key == "af:{m1}:trace:c1"
 

@@ -5,23 +5,31 @@ from __future__ import annotations
 
 from importlib import resources
 
-from agentfleet.workers.scripts import CommitHead, CommitRecord, commit_args, reply_entry
+from agentfleet.workers.scripts import (
+    CommitHead,
+    CommitRecord,
+    FollowUpWrite,
+    commit_args,
+    reply_entry,
+)
 
-HEAD = CommitHead(stats_key="st", delayed_key="dl", dead_stream="dd", group="g", consumer="me",
-                  result_ttl_s=60, trace_ttl_s=70, reply_maxlen=80, dead_maxlen=90)
+HEAD = CommitHead(stats_key="st", delayed_key="dl", dead_stream="dd", queued_key="qu", group="g",
+                  consumer="me", reply_maxlen=80, dead_maxlen=90)
 
 
 def _rec(entry_id: bytes, **kw) -> CommitRecord:
     base = dict(source="s1", entry_id=entry_id, outcome=b"r", v1=b"R" + entry_id, v2=b"",
                 result_key=f"res:{entry_id.decode()}", reply_key="", trace_key="", trace=b"",
-                followups=())
+                followups=(), tenant="acme", result_ttl_s=60, trace_ttl_s=70)
     return CommitRecord(**{**base, **kw})
 
 
-def test_a_lone_result_costs_one_key_and_three_arguments():
+def test_a_lone_result_costs_one_key_and_three_arguments_besides_its_source():
     keys, args = commit_args(HEAD, [_rec(b"5-0")])
-    assert keys == ["st", "dl", "dd", "s1", "res:5-0"]
-    assert args == ["g", "me", 60, 70, 80, 90, 0, b"5-0", "rS----", b"R5-0", b"5-0", b"5-0"]
+    assert keys == ["st", "dl", "dd", "qu", "s1", "res:5-0"]
+    # the source: its id range, then its tenant and that tenant's retention
+    assert args == ["g", "me", 80, 90, 0, b"5-0", "rS----", b"R5-0",
+                    b"5-0", b"5-0", "acme", 60, 70]
 
 
 def test_records_are_grouped_by_source_and_reply_stream_each_named_once():
@@ -33,7 +41,7 @@ def test_records_are_grouped_by_source_and_reply_stream_each_named_once():
     first = args.index(b"3-0")
     assert args[first + 1] == "rSP---" and args[first + 3:first + 5] == [b"1-0", b"3-0"]
     assert args[args.index(b"2-0") + 1] == "r-p---"  # same reply stream as the record before
-    assert args[6] == 2  # m: two reply payloads built, their streams last in KEYS
+    assert args[4] == 2  # m: two reply payloads built, their streams last in KEYS
     assert keys[-2:] == ["rpA", "rpB"]
     assert args[-4:] == [3, reply_entry([b"R3-0", b"R2-0", b"R9-1"]), 1, reply_entry([b"R1-0"])]
 
@@ -43,14 +51,16 @@ def test_retries_dead_letters_traces_bulk_jobs_and_followups_carry_their_flags()
         _rec(b"1-0", outcome=b"y", v1=b"itask", v2="12.5", result_key="s1"),
         _rec(b"2-0", outcome=b"d", v2=b"DEAD", trace_key="tr", trace=b"EV"),
         _rec(b"3-0", batch_out="bo", batch_counts="bc", batch_status="succeeded",
-             followups=[("f1", b"T1", b"E1"), ("f2", b"T2", b"")]),
+             followups=[FollowUpWrite("f1", b"T1", b"E1", "z1", "q1", "acme"),
+                        FollowUpWrite("f2", b"T2", b"", "z2", "q2", "acme")]),
     ]
     keys, args = commit_args(HEAD, recs)
-    assert keys == ["st", "dl", "dd", "s1", "res:2-0", "tr", "res:3-0", "bo", "bc", "f1", "f2"]
-    assert args[7:] == [
-        b"1-0", "yS----", b"itask", "12.5", b"1-0", b"3-0",  # retry: v2 is the due time
+    assert keys == ["st", "dl", "dd", "qu", "s1", "res:2-0", "tr", "res:3-0", "bo", "bc",
+                    "f1", "z1", "q1", "f2", "z2", "q2"]
+    assert args[5:] == [
+        b"1-0", "yS----", b"itask", "12.5", b"1-0", b"3-0", "acme", 60, 70,  # retry: v2 = due
         b"2-0", "d--T--", b"R2-0", b"DEAD", b"EV",
-        b"3-0", "r---BF", b"R3-0", "succeeded", 2, b"T1", b"E1", b"T2", b""]
+        b"3-0", "r---BF", b"R3-0", "succeeded", 2, b"T1", b"E1", "acme", b"T2", b"", "acme"]
 
 
 def test_every_script_file_opens_with_its_contract():

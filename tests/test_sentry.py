@@ -95,7 +95,7 @@ WORKER_SCRIPT = textwrap.dedent('''
 
     class BuggyEngine(FakeEngine):
         """A test double: raises in submit for 'BREAK' prompts, answers a secret otherwise."""
-        def submit(self, requests, on_done):
+        def submit(self, requests, on_done, *, salts=None):
             for _, task in requests:
                 if "BREAK" in task.prompt:
                     raise RuntimeError("engine bug while starting a window")

@@ -97,12 +97,13 @@ async def test_long_bulk_prompts_under_interactive_arrivals_never_break_the_read
     bulk = [Task(model="m1", prompt=long_prompt, batch_id="job-long",
                  sampling=Sampling(max_tokens=8)) for _ in range(300)]
     bulk_ids = await producer.submit_many(bulk)
-    peak = 0
+    peak = peak_engine = 0
 
     async def watch() -> None:
-        nonlocal peak
+        nonlocal peak, peak_engine
         while True:
             peak = max(peak, runner.slots.bulk)
+            peak_engine = max(peak_engine, runner.admission.running_bulk)
             await asyncio.sleep(0.002)
 
     watcher = asyncio.create_task(watch())
@@ -115,6 +116,8 @@ async def test_long_bulk_prompts_under_interactive_arrivals_never_break_the_read
     finally:
         watcher.cancel()
     assert all(r.ok for r in results)
-    assert peak <= runner.slots.bulk_cap == 3  # 10% of the engine's 30 slots
+    assert peak <= runner.slots.bulk_cap == 4  # read ahead: 10% of max_inflight 40
+    assert 0 < peak_engine <= runner.admission.bulk_cap == 3  # 10% of the engine's 30 slots
+    assert engine.peak_running <= 30
     assert worker.failure is None
     assert (runner.slots.held, runner.slots.bulk) == (0, 0)

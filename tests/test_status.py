@@ -84,7 +84,7 @@ async def _run_some_work(producer, start_worker):
     which writes its last aggregates."""
     worker = await start_worker()
     tasks = [Task(model="m1", prompt=f"a {i}", tenant="acme") for i in range(30)]
-    tasks += [Task(model="m1", prompt=f"g {i}", tenant="<globex>") for i in range(10)]
+    tasks += [Task(model="m1", prompt=f"g {i}", tenant="globex") for i in range(10)]
     tasks.append(Task(model="m1", prompt="x", tenant="acme", metadata={"fake_error": "internal"}))
     tasks.append(Task(model="m2", prompt="other", tenant="acme"))
     results = await producer.wait_many(await producer.submit_many(tasks), timeout_s=10)
@@ -117,7 +117,7 @@ async def test_workers_keep_per_minute_aggregates_in_redis(producer, start_worke
     assert acme.error_codes == {"internal": 1}
     assert acme.timed == 31 and 0 < acme.quantile(0.5) < 5 and acme.within_slo == 1.0
     assert acme.prompt_tokens == sum(len(f"a {i}".split()) for i in range(30))
-    assert rows[("m1", "interactive", "<globex>")].statuses == {"succeeded": 10}
+    assert rows[("m1", "interactive", "globex")].statuses == {"succeeded": 10}
     assert rows[("m2", "interactive", "acme")].statuses == {"succeeded": 1}
     kpi_keys = await redis.keys(keys.kpi_key("m1", 0).replace(":0", ":*"))
     assert kpi_keys

@@ -54,9 +54,12 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load the model; raise `FatalConfigError` if it cannot be loaded."""
 
-    def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone) -> None:
+    def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone, *,
+               salts: Sequence[str] | None = None) -> None:
         """Start every (request_id, task); call `on_done` once per request when it ends.
 
+        `salts`, one per request: its prefix-cache salt (vLLM's `cache_salt`): requests only
+        share cached prefixes with requests of the same salt (a tenant, or its cache group).
         Must not raise for one bad request: report it through `on_done` with an error code.
         """
 

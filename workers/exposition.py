@@ -78,9 +78,57 @@ def render(metrics: WorkerMetrics) -> bytes:
     reporting = [(lm, lv) for lm, lv, _ in lanes if lm.kv_cache_usage is not None]
     if reporting:
         _engine_lines(out, reporting)
+    _tenant_lines(out, [(lm, lv) for lm, lv, _ in lanes])
     out.append(_HEADERS["agentfleet_worker_start_time_seconds"])
     out.append(f"agentfleet_worker_start_time_seconds {floatToGoString(metrics.started_at)}\n")
     return "".join(out).encode()
+
+TOP_TENANTS = 10  # tenants named per model; the rest are summed as "other"
+
+
+def _tenant_lines(out: list[str], lanes: list) -> None:
+    """Per-tenant figures of each runner's admission: the top tenants by name (by tokens
+    served and tasks waiting), the rest as "other", so that labels stay bounded."""
+    rows: list[tuple[str, str, str, int, int, int, float | None]] = []
+    for lm, lv in lanes:
+        admission = getattr(lm.runner, "admission", None)
+        if admission is None:
+            continue
+        figures = admission.tenant_figures()
+        if not figures:
+            continue
+        weight_of = {t: w for (_, t), (*_, w) in figures.items()}
+        work: dict[str, float] = {}
+        for (_, tenant), (waiting, _, served, _) in figures.items():
+            work[tenant] = work.get(tenant, 0) + served + waiting
+        top = set(sorted(work, key=lambda t: (-work[t], t))[:TOP_TENANTS])
+        shares = lm.tenant_shares(figures, weight_of)
+        merged: dict[tuple[str, str], list] = {}
+        for (lane, tenant), (waiting, running, served, _) in figures.items():
+            name = tenant if tenant in top else "other"
+            row = merged.setdefault((lane, name), [0, 0, 0, None])
+            row[0] += waiting
+            row[1] += running
+            row[2] += served
+            if name != "other":
+                row[3] = shares.get((lane, tenant))
+        for (lane, name), (waiting, running, served, share) in sorted(merged.items()):
+            rows.append((lv, lane, name, waiting, running, served, share))
+    if not rows:
+        return
+    for metric, index in (("agentfleet_tenant_waiting_tasks", 3),
+                          ("agentfleet_tenant_running_tasks", 4),
+                          ("agentfleet_tenant_tokens_total", 5)):
+        out.append(_HEADERS[metric])
+        for row in rows:
+            out.append(f'{metric}{{{row[0]},lane="{row[1]}",tenant="{escape_label(row[2])}"}} '
+                       f"{row[index]}\n")
+    out.append(_HEADERS["agentfleet_tenant_share_ratio"])
+    for lv, lane, name, *_, share in rows:
+        if share is not None:
+            out.append(f'agentfleet_tenant_share_ratio{{{lv},lane="{lane}",'
+                       f'tenant="{escape_label(name)}"}} {floatToGoString(share)}\n')
+
 
 def _engine_lines(out: list[str], reporting: list) -> None:
     """The engine's own figures, for lanes whose engine reports them."""
@@ -142,6 +190,19 @@ _HEADERS = {
     "agentfleet_engine_prefix_cache_hits_total": _header(
         "agentfleet_engine_prefix_cache_hits_total", "counter", "Prompt tokens found in the "
         "prefix cache (hit rate: rate(hits) / rate(queries))."),
+    "agentfleet_tenant_waiting_tasks": _header(
+        "agentfleet_tenant_waiting_tasks", "gauge", "Tasks of a tenant read and waiting for "
+        "an engine slot on this worker (the top tenants by name, the rest as \"other\")."),
+    "agentfleet_tenant_running_tasks": _header(
+        "agentfleet_tenant_running_tasks", "gauge", "Tasks of a tenant in this worker's "
+        "engine."),
+    "agentfleet_tenant_tokens_total": _header(
+        "agentfleet_tenant_tokens_total", "counter", "Prompt and output tokens of a tenant's "
+        "tasks this worker's engine ran."),
+    "agentfleet_tenant_share_ratio": _header(
+        "agentfleet_tenant_share_ratio", "gauge", "Tokens a backlogged tenant got since the "
+        "last scrape, as a share of all served, over the share its weight entitles it to "
+        "among the tenants served or waiting (1: its fair share; below: held back)."),
     "agentfleet_engine_preemptions_total": _header(
         "agentfleet_engine_preemptions_total", "counter", "Requests the engine preempted for "
         "lack of KV-cache space."),

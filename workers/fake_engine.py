@@ -62,7 +62,8 @@ class FakeEngine:
     async def start(self) -> None:
         return None
 
-    def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone) -> None:
+    def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone, *,
+               salts: Sequence[str] | None = None) -> None:
         self.submitted += len(requests)
         now = time.time()
         for request_id, task in requests:

@@ -4,7 +4,7 @@
             worker); suspects (delivered twice already) one at a time
   renew     keep our claim on tasks still in the engine, so that a slow worker is not taken
             for a dead one
-  promote   move retries that are due from the delayed set back into their lane
+  promote   move retries that are due from the delayed set back into their tenant's lane
   trim      drop acknowledged stream entries, never one pending or undelivered; forget
             expired cancellation marks
 """
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 
 from agentfleet.schemas import keys
-from agentfleet.schemas.errors import ErrorCode
-from agentfleet.schemas.wire import DeadLetter, encode
+from agentfleet.schemas.errors import AgentFleetError, ErrorCode
+from agentfleet.schemas.wire import DeadLetter, decode_task, encode
 from agentfleet.workers.scripts import id_key, promote_lua, reclaim_lua, renew_lua
 from agentfleet.workers.transient import TRANSIENT
 
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentfleet.worker")
 
 RECLAIM_BATCH = 100  # most stalled tasks one reclaim call takes
+RECLAIM_STREAMS = 64  # tenant streams one reclaim pass looks at (the rest in later passes)
+PROMOTE_BATCH = 500  # most due retries one promote pass moves
 
 
 class Housekeeping:
@@ -41,6 +43,7 @@ class Housekeeping:
         self._reclaim = redis.register_script(reclaim_lua())
         self._renew = redis.register_script(renew_lua())
         self._promote = redis.register_script(promote_lua())
+        self._reclaim_turn = 0
 
     async def reclaim_loop(self) -> None:
         """Take over tasks idle longer than claim_idle_ms on any consumer (dead workers)."""
@@ -54,15 +57,29 @@ class Housekeeping:
             r.suspect_done.clear()
             if r.slots.free <= 0 or r.stopping:
                 continue
-            for source in (r.interactive, r.bulk):
+            try:
+                streams = await self._next_streams()
+            except TRANSIENT as exc:
+                log.warning("model %s: listing streams to reclaim failed (%s)", r.model, exc)
+                continue
+            for lane, _, source in streams:
                 # The bulk lane's reclaims count against its cap like its reads do.
-                room = r.slots.bulk_room if source == r.bulk else r.slots.free
+                room = r.slots.bulk_room if lane == "b" else r.slots.free
                 if room <= 0:
                     continue
                 try:
                     await self._reclaim_from(source, min(room, RECLAIM_BATCH))
                 except TRANSIENT as exc:
                     log.warning("model %s: reclaim failed (%s)", r.model, exc)
+
+    async def _next_streams(self) -> list[tuple[str, str, str]]:
+        """The next RECLAIM_STREAMS tenant streams in turn (all of them in a few passes)."""
+        streams = await self.runner.streams.all_streams()
+        if len(streams) <= RECLAIM_STREAMS:
+            return streams
+        start = self._reclaim_turn % len(streams)
+        self._reclaim_turn += RECLAIM_STREAMS
+        return (streams + streams)[start:start + RECLAIM_STREAMS]
 
     async def _reclaim_from(self, source: str, count: int) -> None:
         r = self.runner
@@ -79,7 +96,7 @@ class Housekeeping:
             r.stats.reclaimed += len(fresh)
             log.info("model %s: reclaimed %d stalled tasks", r.model, len(fresh))
             if fresh:
-                r.reader.dispatch(fresh, {eid: n + 1 for eid, _, n in claimed}, source=source)
+                r.reader.dispatch(fresh, source, {eid: n + 1 for eid, _, n in claimed})
 
     async def _report_lost(self, lost: list[bytes]) -> None:
         """An entry that vanished while pending is dead-lettered as lost, never skipped."""
@@ -116,13 +133,28 @@ class Housekeeping:
                     log.warning("model %s: renewing claims failed (%s)", r.model, exc)
 
     async def promote_loop(self, every_s: float = 0.25) -> None:
-        """Move retries that are due back into the stream (a timer, not a busy loop)."""
+        """Move retries that are due back into their tenant's stream (a timer, not a busy
+        loop): read the due members, then move them with one script per lane and tenant."""
         r = self.runner
-        keys_ = [r.interactive, keys.delayed_key(r.model), r.bulk]
+        delayed = keys.delayed_key(r.model)
         while not r.stopping:
             await asyncio.sleep(every_s)
             try:
-                await self._promote(keys=keys_, args=[time.time(), 500])
+                due = await r.redis.zrangebyscore(delayed, "-inf", time.time(), start=0,
+                                                  num=PROMOTE_BATCH)
+                groups: dict[tuple[str, str], list[bytes]] = {}
+                for member in due:
+                    lane = "b" if member[:1] == b"b" else "i"
+                    try:
+                        tenant = decode_task(member[1:]).tenant
+                    except AgentFleetError:  # not a task: its own stream's worker dead-letters it
+                        tenant = keys.DEFAULT_TENANT
+                    groups.setdefault((lane, tenant), []).append(member)
+                for (lane, tenant), members in groups.items():
+                    await self._promote(
+                        keys=[delayed, r.streams.stream(lane, tenant),
+                              keys.tenant_lanes(r.model, lane)],
+                        args=[tenant, keys.GROUP, *members])
             except TRANSIENT as exc:
                 log.warning("model %s: moving due retries failed (%s)", r.model, exc)
 
@@ -132,8 +164,8 @@ class Housekeeping:
         while not r.stopping:
             await asyncio.sleep(r.settings.trim_interval_s)
             try:
-                await trim_stream(r.redis, r.interactive)
-                await trim_stream(r.redis, r.bulk)
+                for _, _, stream in await r.streams.all_streams():
+                    await trim_stream(r.redis, stream)
             except TRANSIENT as exc:
                 log.warning("model %s: trimming failed (%s)", r.model, exc)
             r.forget_expired_cancellations()

@@ -18,13 +18,14 @@ from agentfleet.workers.engine import EngineOutput
 class InFlight:
     """A task between its read and its commit."""
 
-    __slots__ = ("source", "bulk", "entry_id", "task", "read_at", "window_id", "window_size",
-                 "output", "payload", "deliveries", "cancelled")
+    __slots__ = ("source", "bulk", "tenant", "entry_id", "task", "read_at", "window_id",
+                 "window_size", "output", "payload", "deliveries", "cancelled")
 
     def __init__(self, source: str, bulk: bool, entry_id: bytes, read_at: float,
-                 window_id: str, window_size: int):
-        self.source = source  # the lane's stream it was read from
+                 window_id: str, window_size: int, tenant: str = "default"):
+        self.source = source  # the tenant's lane stream it was read from
         self.bulk = bulk  # read from the bulk lane
+        self.tenant = tenant  # whose stream it is (its task says the same, when it decodes)
         self.entry_id = entry_id
         self.task: Task | None = None
         self.read_at = read_at

@@ -148,6 +148,7 @@ class LaneMetrics:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.preemptions = 0
+        self._served_before: dict[tuple[str, str], int] = {}  # for tenant_shares
         self._labels = ""
         self._labels_version: str | None = None
         self._prefixes: dict[tuple[str, str | None], tuple[list[str], str, str]] = {}
@@ -347,6 +348,27 @@ class LaneMetrics:
         self.preemptions += preemptions
 
     # ---- scrape side ---------------------------------------------------------------------
+
+    def tenant_shares(self, figures: dict, weight_of: dict[str, float]
+                      ) -> dict[tuple[str, str], float]:
+        """(lane, tenant) -> served share / entitled share since the previous call, for the
+        tenants waiting now (`figures`: Admission.tenant_figures)."""
+        previous = self._served_before
+        now = {key: served for key, (_, _, served, _) in figures.items()}
+        self._served_before = now
+        out: dict[tuple[str, str], float] = {}
+        for lane in ("interactive", "bulk"):
+            delta = {t: now[(ln, t)] - previous.get((ln, t), 0) for (ln, t) in now if ln == lane}
+            total = sum(delta.values())
+            if total <= 0:
+                continue
+            waiting = [t for (ln, t), (w, *_) in figures.items() if ln == lane and w > 0]
+            contending = {t for t, d in delta.items() if d > 0} | set(waiting)
+            weights = sum(weight_of[t] for t in contending)
+            for tenant in waiting:
+                entitled = weight_of[tenant] / weights
+                out[(lane, tenant)] = (delta[tenant] / total) / entitled
+        return out
 
     def snapshot(self) -> _Snapshot:
         """Fold what is pending and copy the figures (called from the scrape thread)."""

@@ -35,7 +35,7 @@ from agentfleet.schemas.wire import (
     encode,
 )
 from agentfleet.workers.inflight import InFlight
-from agentfleet.workers.scripts import CommitRecord
+from agentfleet.workers.scripts import CommitRecord, FollowUpWrite
 
 STATUS_BY_CODE = {
     ErrorCode.DEADLINE_EXCEEDED: Status.EXPIRED,
@@ -86,8 +86,12 @@ class Outcomes:
     """Builds the CommitRecords of one model runner."""
 
     def __init__(self, *, model: str, worker_id: str, settings: Settings,
-                 model_version: Callable[[], str], spans=None):
+                 model_version: Callable[[], str], spans=None,
+                 retention: Callable[[str], tuple[int, int]] | None = None):
         self.model = model
+        # tenant -> (result ttl s, trace ttl s): its registry entry, else the fleet's settings
+        self.retention = retention or (lambda tenant: (settings.result_ttl_s,
+                                                       settings.trace_ttl_s))
         self.worker_id = worker_id
         self.settings = settings
         self._model_version = model_version
@@ -112,7 +116,7 @@ class Outcomes:
                                  f"{out.error_message}")
             code = ErrorCode.ATTEMPTS_EXHAUSTED
         status = Status.SUCCEEDED if code is None else STATUS_BY_CODE.get(code, Status.FAILED)
-        followups: list[tuple[str, bytes, bytes]] = []
+        followups: list[FollowUpWrite] = []
         trace_on = traced(task, self.settings)
         traceparent = task.traceparent
         if self._spans is not None:
@@ -126,7 +130,10 @@ class Outcomes:
                 kid = child(task, i, spec, out.text, now, traceparent)
                 event = encode(Enqueued(task_id=kid.id, parent_id=task.id, model=kid.model,
                                         agent_id=kid.agent_id, at=now)) if trace_on else b""
-                followups.append((keys.task_stream(kid.model), encode(kid), event))
+                followups.append(FollowUpWrite(
+                    keys.task_stream(kid.model, kid.tenant), encode(kid), event,
+                    keys.tenant_lanes(kid.model, "i"), keys.queued_counts(kid.model),
+                    kid.tenant))
         # Only the fields that differ from their defaults go through the constructor:
         # msgspec matches keyword arguments one by one, and most tasks leave these empty.
         result = Result(
@@ -163,12 +170,14 @@ class Outcomes:
                 payload=rec.payload or encode(task), attempts=task.attempt + 1,
                 deliveries=rec.deliveries, history=task.history, worker_id=self.worker_id,
                 at=now))
+        result_ttl_s, trace_ttl_s = self.retention(rec.tenant)
         record = CommitRecord(
             source=rec.source, entry_id=rec.entry_id, outcome=outcome, v1=encode(result),
             v2=dead, result_key=self._result_prefix + task.id,
             reply_key=self._reply_key(task.reply_to),
             trace_key=keys.trace_key(self.model, task.correlation_id) if trace else "",
             trace=trace, followups=followups, status=status, error_code=code,
+            tenant=rec.tenant, result_ttl_s=result_ttl_s, trace_ttl_s=trace_ttl_s,
         )
         if task.batch_id:
             record.batch_out = keys.batch_output(self.model, task.batch_id)
@@ -186,13 +195,15 @@ class Outcomes:
         again = msgspec.structs.replace(task, attempt=task.attempt + 1,
                                         history=[*task.history, line][-10:])
         lane = b"b" if rec.bulk else b"i"
+        result_ttl_s, trace_ttl_s = self.retention(rec.tenant)
         return CommitRecord(
             source=rec.source, entry_id=rec.entry_id, outcome=b"y", v1=lane + encode(again),
             v2=repr(due), result_key=rec.source, reply_key="",
             trace_key=keys.trace_key(self.model, task.correlation_id or task.id),
             trace=encode(Retried(task_id=task.id, attempt=task.attempt + 1, error=line,
                                  at=now, due=due)) if traced(task, s) else b"",
-            followups=(), error_code=code,
+            followups=(), error_code=code, tenant=rec.tenant, result_ttl_s=result_ttl_s,
+            trace_ttl_s=trace_ttl_s,
         )
 
     def _reply_key(self, producer_id: str) -> str:

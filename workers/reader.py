@@ -23,6 +23,7 @@ from agentfleet.schemas.errors import AgentFleetError, DecodeError, ErrorCode, V
 from agentfleet.schemas.validate import TaskChecker
 from agentfleet.schemas.wire import Task, decode_task
 from agentfleet.workers.inflight import InFlight
+from agentfleet.workers.streams import MAX_STREAMS_PER_READ
 from agentfleet.workers.transient import TRANSIENT
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Reader:
         self._window_seq = 0
         self._bulk_check_at = 0.0  # monotonic time the bulk lane is worth reading again
         self._backlog = True  # the last read found a backlog: poll lanes before blocking
+        self._last_streams: list[str] = []
 
     async def read_loop(self) -> None:
         r = self.runner
@@ -64,16 +66,18 @@ class Reader:
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):  # the stream was deleted: make it again
+                if "NOGROUP" not in str(exc):
                     raise
-                await r.ensure_groups()
+                # A stream without the group (deleted, or made by hand): make it again.
+                await r.ensure_groups(self._last_streams)
                 continue
             backoff_s = 0.05
             for source, entries in windows:
-                self.dispatch(entries, source=source)
+                self.dispatch(entries, source)
 
     async def read_window(self, want: int) -> list[tuple[str, list]]:
         """Interactive tasks first; the bulk lane fills what they leave; block when idle."""
+        await self.runner.streams.refresh()
         windows = await self._read_lanes(want)
         # A backlog: poll the lanes in priority order next time.  Otherwise go straight to
         # one blocking read of both, rather than two empty polls (round trips) before it.
@@ -83,37 +87,59 @@ class Reader:
     async def _read_lanes(self, want: int) -> list[tuple[str, list]]:
         r = self.runner
         s = r.settings
-        read = self._redis.xreadgroup
-        me = r.worker_id
-        interactive, bulk = r.interactive, r.bulk
         plan = r.slots.plan(want, self._backlog or bool(s.window_ms))
         if not plan.blocking:
-            got = await read(keys.GROUP, me, {interactive: ">"}, count=plan.interactive)
-            if got and s.window_ms and len(got[0][1]) < plan.interactive:
+            windows = await self._read({"i": plan.interactive})
+            got = sum(len(entries) for _, entries in windows)
+            if windows and s.window_ms and got < plan.interactive:
                 # Gather a fuller window: the latency/throughput knob.
                 await asyncio.sleep(s.window_ms / 1000)
-                more = await read(keys.GROUP, me, {interactive: ">"},
-                                  count=plan.interactive - len(got[0][1]))
-                if more:
-                    got[0][1].extend(more[0][1])
-            windows = [(interactive, got[0][1])] if got else []
-            room = min(plan.interactive - (len(got[0][1]) if got else 0), plan.bulk)
+                windows += await self._read({"i": plan.interactive - got})
+                got = sum(len(entries) for _, entries in windows)
+            room = min(plan.interactive - got, plan.bulk)
             now = time.monotonic()
-            if room > 0 and (now >= self._bulk_check_at or not got):
-                more_bulk = await read(keys.GROUP, me, {bulk: ">"}, count=room)
-                if more_bulk:
-                    windows.append((bulk, more_bulk[0][1]))
+            if room > 0 and (now >= self._bulk_check_at or not windows):
+                bulk = await self._read({"b": room})
+                if bulk:
+                    windows += bulk
                 else:  # an idle bulk lane is looked at again in 50 ms, or when all is idle
                     self._bulk_check_at = now + 0.05
             if windows:
                 return windows
             plan = r.slots.plan(want, False)
-        lanes = {interactive: ">", bulk: ">"} if plan.bulk else {interactive: ">"}
-        got = await read(keys.GROUP, me, lanes, count=plan.interactive, block=s.block_ms)
-        return [(stream.decode(), entries) for stream, entries in got or ()]
+        counts = {"i": plan.interactive, "b": plan.bulk} if plan.bulk else {"i": plan.interactive}
+        return await self._read(counts, block_ms=s.block_ms)
 
-    def dispatch(self, entries: list, deliveries: dict[bytes, int] | None = None,
-                 source: str = "") -> None:
+    async def _read(self, counts: dict[str, int], block_ms: int | None = None
+                    ) -> list[tuple[str, list]]:
+        """One XREADGROUP over the picked tenants' streams of the given lanes, `counts[lane]`
+        entries at most per lane (COUNT applies to each stream: split between them)."""
+        r = self.runner
+        streams = r.streams
+        waiting = r.admission.waiting_by_tenant()
+        total = sum(counts.values())
+        picked = {lane: streams.lanes[lane].pick(max(1, min(count, MAX_STREAMS_PER_READ)),
+                                                 waiting)
+                  for lane, count in counts.items()}
+        per_stream = max(1, total // sum(len(t) for t in picked.values()))
+        if "b" in picked and per_stream * len(picked["b"]) > counts["b"]:
+            # within the bulk room: fewer bulk streams this time (they take turns)
+            picked["b"] = picked["b"][:max(1, counts["b"] // per_stream)]
+            if per_stream > counts["b"]:
+                del picked["b"]
+        names = {streams.stream(lane, t): ">" for lane, ts in picked.items() for t in ts}
+        self._last_streams = list(names)
+        got = await self._redis.xreadgroup(keys.GROUP, r.worker_id, names, count=per_stream,
+                                           block=block_ms)
+        windows = [(stream.decode(), entries) for stream, entries in got or ()]
+        seen = {stream: len(entries) for stream, entries in windows}
+        for name in names:
+            lane, tenant = streams.source[name]
+            streams.lanes[lane].saw(tenant, seen.get(name, 0))
+        return windows
+
+    def dispatch(self, entries: list, source: str,
+                 deliveries: dict[bytes, int] | None = None) -> None:
         """Decode and check a window of stream entries and start the valid ones."""
         r = self.runner
         now = time.time()
@@ -122,16 +148,17 @@ class Reader:
         size = len(entries)
         r.stats.read += size
         r.stats.windows += 1
-        source = source or r.interactive
-        bulk = source == r.bulk
+        lane, tenant = r.streams.source[source]  # named by this runner before it read
+        bulk = lane == "b"
         r.slots.take(size, bulk=bulk)
         r.metrics.observe_read(size)
-        start: list[tuple[str, Task]] = []
-        prefix = "b" if bulk else ""  # entry ids repeat across streams
+        start: list[tuple[str, Task, bool]] = []
+        # Entry ids repeat across streams: a request id names its stream's lane and tenant.
+        prefix = f"{lane}{tenant}/"
         max_deliveries = r.settings.max_deliveries
         cancelled = r.cancelled
         for entry_id, fields in entries:
-            rec = InFlight(source, bulk, entry_id, now, window_id, size)
+            rec = InFlight(source, bulk, entry_id, now, window_id, size, tenant)
             if deliveries is not None:
                 rec.deliveries = deliveries[entry_id]
             try:
@@ -155,9 +182,13 @@ class Reader:
                     task.batch_id and "batch:" + task.batch_id in cancelled)):
                 r.finish_now(rec, ErrorCode.CANCELLED, "cancelled before it ran", now)
                 continue
+            if task.tenant != tenant:
+                r.finish_now(rec, ErrorCode.INVALID_TASK, f"tenant: a task of {task.tenant!r} "
+                             f"in the stream of {tenant!r}", now)
+                continue
             request_id = prefix + entry_id.decode()
             r.inflight[request_id] = rec
-            start.append((request_id, task))
+            start.append((request_id, task, bulk))
         if start:
             r.start(start, now)
 

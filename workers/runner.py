@@ -8,16 +8,19 @@
                                        script call per group, with the XACK
     Housekeeping (workers/housekeeping.py)  reclaim, renew, promote, trim
 
-"Lane" means one of a model's two streams: interactive (`af:{m}:tasks`) and bulk
-(`af:{m}:bulk`, tasks of bulk jobs, read only when interactive work leaves room).  The runner
-holds the state the rooms share: the in-flight records, the slot accounting, the outbox,
-cancellation marks and counters.
+"Lane" means one of a model's two kinds of stream: interactive and bulk (tasks of bulk jobs,
+run when interactive work leaves room); every tenant has its own stream in each lane
+(workers/streams.py).  Between the reader and the engine, tasks wait in `Admission`
+(workers/admission.py) for an engine slot and leave in fair order.  The runner holds the
+state the rooms share: the in-flight records, the slot accounting, the outbox, cancellation
+marks and counters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -27,7 +30,9 @@ from redis.exceptions import ResponseError
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.settings import ModelSpec, Settings
+from agentfleet.schemas.tenants import TenantTable
 from agentfleet.schemas.wire import Task
+from agentfleet.workers.admission import Admission
 from agentfleet.workers.committer import Committer
 from agentfleet.workers.engine import Engine, EngineOutput
 from agentfleet.workers.housekeeping import Housekeeping
@@ -36,6 +41,7 @@ from agentfleet.workers.metrics import NULL_LANE_METRICS
 from agentfleet.workers.outcomes import Outcomes
 from agentfleet.workers.reader import Reader
 from agentfleet.workers.scripts import CommitHead
+from agentfleet.workers.streams import TenantStreams
 
 log = logging.getLogger("agentfleet.worker")
 
@@ -58,10 +64,6 @@ class Outbox:
         return items
 
 
-def engine_slots(engine: Engine, spec: ModelSpec, settings: Settings) -> int:
-    """How many requests the engine runs at once (its batch size), for the bulk cap."""
-    slots = getattr(engine, "slots", None)
-    return min(slots or settings.max_inflight, settings.max_inflight)
 
 
 class ModelRunner:
@@ -75,13 +77,21 @@ class ModelRunner:
         self.redis = redis
         self.settings = settings
         self.worker_id = worker_id
-        self.interactive = keys.task_stream(self.model)
-        self.bulk = keys.bulk_stream(self.model)
+        self.streams = TenantStreams(redis, self.model)
         self.stats = RunnerStats()
-        # Bulk-job tasks hold at most their share of the engine's slots: the rest is kept for
-        # interactive tasks, which then start within an engine step or two.
-        self.slots = Slots(settings.max_inflight, max(1, int(
-            engine_slots(engine, spec, settings) * settings.bulk_max_share)))
+        share = settings.bulk_max_share
+        # Reads: bulk-job tasks hold at most their share of what is read ahead, so that
+        # interactive tasks always find room to be read.
+        self.slots = Slots(settings.max_inflight, max(1, int(settings.max_inflight * share)))
+        # The engine: bulk-job tasks hold at most their share of its slots; the rest is kept
+        # for interactive tasks, which then start within an engine step or two.
+        engine_slots = getattr(engine, "slots", None)
+        self.admission = Admission(
+            slots=engine_slots, bulk_cap=max(1, int((engine_slots or 1) * share)),
+            fair=settings.fairness, policy=self._policy)
+        self.tenants = TenantTable()  # the registry; the Worker keeps it current
+        self.live_workers = 1  # of this model, from the heartbeats: splits max_running
+        self._dispatch_soon = False
         self.inflight: dict[str, InFlight] = {}  # request id -> task, while in the engine
         self.outbox = Outbox()
         self.cancelled: dict[str, float] = {}  # task id -> when the mark expires
@@ -96,13 +106,14 @@ class ModelRunner:
 
             spans = TaskSpans()
         self.outcomes = Outcomes(model=self.model, worker_id=worker_id, settings=settings,
-                                 model_version=lambda: engine.model_version, spans=spans)
+                                 model_version=lambda: engine.model_version, spans=spans,
+                                 retention=self._retention)
         self.reader = Reader(self)
         self.committer = Committer(self, CommitHead(
             stats_key=keys.stats_key(self.model), delayed_key=keys.delayed_key(self.model),
-            dead_stream=keys.dead_stream(self.model), group=keys.GROUP, consumer=worker_id,
-            result_ttl_s=settings.result_ttl_s, trace_ttl_s=settings.trace_ttl_s,
-            reply_maxlen=settings.reply_maxlen, dead_maxlen=settings.dead_maxlen))
+            dead_stream=keys.dead_stream(self.model), queued_key=keys.queued_counts(self.model),
+            group=keys.GROUP, consumer=worker_id, reply_maxlen=settings.reply_maxlen,
+            dead_maxlen=settings.dead_maxlen))
         self.housekeeping = Housekeeping(self)
 
     @property
@@ -119,9 +130,28 @@ class ModelRunner:
         h = self.housekeeping
         return [self.reader.read_loop, h.reclaim_loop, h.promote_loop, h.trim_loop]
 
-    async def ensure_groups(self) -> None:
-        """Create each lane's consumer group, reading from the start of the stream."""
-        for stream in (self.interactive, self.bulk):
+    def set_tenants(self, table: TenantTable, live_workers: int) -> None:
+        """A new registry version, or another count of live workers: weights and limits
+        apply from the next dispatch, retention and salts from the next task."""
+        self.tenants = table
+        self.live_workers = max(1, live_workers)
+        self.admission.set_policy(self._policy)
+
+    def _policy(self, tenant: str) -> tuple[float, int]:
+        config = self.tenants.get(tenant)
+        limit = math.ceil(config.max_running / self.live_workers) if config.max_running else 0
+        return config.weight, limit
+
+    def _retention(self, tenant: str) -> tuple[int, int]:
+        config = self.tenants.get(tenant)
+        s = self.settings
+        return config.result_ttl_s or s.result_ttl_s, config.trace_ttl_s or s.trace_ttl_s
+
+    async def ensure_groups(self, streams: Sequence[str] = ()) -> None:
+        """Create the consumer group of the given streams (the default tenant's two when
+        none are given), reading from the start of each."""
+        for stream in streams or (self.streams.stream("i", keys.DEFAULT_TENANT),
+                                  self.streams.stream("b", keys.DEFAULT_TENANT)):
             try:
                 await self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
             except ResponseError as exc:
@@ -133,16 +163,41 @@ class ModelRunner:
         self.slot_free.set()
         self.outbox.ready.set()
 
-    def start(self, requests: Sequence[tuple[str, Task]], now: float) -> None:
-        """Hand checked tasks to the engine; an engine bug fails them, not the worker."""
+    def start(self, requests: list[tuple[str, Task, bool]], now: float) -> None:
+        """Checked tasks (request id, task, bulk?): to the engine now, or to wait in
+        admission for a slot."""
+        ready = self.admission.offer(requests)
+        if ready:
+            self._submit(ready)
+
+    def _submit(self, ready: Sequence[tuple[str, Task]]) -> None:
+        """Hand tasks to the engine; an engine bug fails them, not the worker."""
+        table = self.tenants
+        salts = [table.cache_salt(task.tenant) for _, task in ready]
         try:
-            self.engine.submit(requests, self.on_done)
+            self.engine.submit(ready, self.on_done, salts=salts)
         except Exception as exc:
             log.exception("model %s: engine.submit failed", self.model)
-            for request_id, _ in requests:
+            now = time.time()
+            for request_id, _ in ready:
                 rec = self.inflight.pop(request_id, None)
+                self.admission.done(request_id, 0, 0)
                 if rec is not None:
                     self.finish_now(rec, ErrorCode.ENGINE_ERROR, f"engine.submit: {exc}", now)
+            self._schedule_dispatch()
+
+    def _schedule_dispatch(self) -> None:
+        # Slots freed inside the engine's callback: start more on the next loop pass, so a
+        # synchronous engine (the fake one) does not recurse through submit and on_done.
+        if not self._dispatch_soon and self.admission.waiting:
+            self._dispatch_soon = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_soon = False
+        ready = self.admission.dispatch()
+        if ready:
+            self._submit(ready)
 
     def finish_now(self, rec: InFlight, code: ErrorCode, message: str, now: float) -> None:
         """A task that ends without running (invalid, expired, cancelled, ...)."""
@@ -153,6 +208,9 @@ class ModelRunner:
     def on_done(self, out: EngineOutput) -> None:
         """Engine callback: a request finished (or failed)."""
         rec = self.inflight.pop(out.request_id, None)
+        self.admission.done(out.request_id, out.prompt_tokens, out.output_tokens)
+        if self.admission.waiting:
+            self._schedule_dispatch()
         if rec is None:
             return
         rec.output = out
@@ -165,8 +223,13 @@ class ModelRunner:
         self.cancelled[task_id] = until
         for request_id, rec in self.inflight.items():
             if rec.task is not None and rec.task.id == task_id:
-                rec.cancelled = True
-                self.engine.abort([request_id])
+                if self.admission.drop(request_id) is not None:  # waiting: never starts
+                    del self.inflight[request_id]
+                    self.finish_now(rec, ErrorCode.CANCELLED, "cancelled before it ran",
+                                    time.time())
+                else:
+                    rec.cancelled = True
+                    self.engine.abort([request_id])
                 break
 
     def forget_expired_cancellations(self, now: float | None = None) -> None:

@@ -2,8 +2,8 @@
 
 `commit.lua` applies a group of finished tasks in one atomic call; its KEYS/ARGV contract is
 at the top of the file, and `commit_args` is the only code that builds it (tested without a
-server in tests/test_scripts.py).  `reclaim.lua`, `renew.lua` and `promote.lua` are the
-housekeeping steps (workers/housekeeping.py).
+server in tests/test_scripts.py).  `reclaim.lua`, `renew.lua`, `promote.lua` and
+`deactivate.lua` are the housekeeping steps (workers/housekeeping.py, workers/streams.py).
 """
 
 from __future__ import annotations
@@ -36,18 +36,32 @@ def promote_lua() -> str:
     return lua(_PACKAGE, "promote")
 
 
+def deactivate_lua() -> str:
+    return lua(_PACKAGE, "deactivate")
+
+
 class CommitHead(msgspec.Struct, kw_only=True, frozen=True):
-    """The fixed head of every commit of one model: KEYS 1-3 and ARGV 1-6 of commit.lua."""
+    """The fixed head of every commit of one model: KEYS 1-4 and ARGV 1-4 of commit.lua."""
 
     stats_key: str
     delayed_key: str
     dead_stream: str
+    queued_key: str
     group: str
     consumer: str
-    result_ttl_s: int
-    trace_ttl_s: int
     reply_maxlen: int
     dead_maxlen: int
+
+
+class FollowUpWrite(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """A follow-up task as commit.lua writes it: into its tenant's stream of its model."""
+
+    stream: str
+    payload: bytes
+    event: bytes  # its trace event, b"" when not traced
+    lanes_key: str  # its lane's tenant set (keys.tenant_lanes)
+    queued_key: str  # its model's queued counts
+    tenant: str
 
 
 class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
@@ -64,19 +78,24 @@ class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
     reply_key: str  # "" when nobody waits on a reply stream
     trace_key: str
     trace: bytes  # b"" when not traced
-    followups: Sequence[tuple[str, bytes, bytes]]  # (stream, task payload, trace event)
+    followups: Sequence[FollowUpWrite]
     status: Status | None = None  # None for a retry: not an end
     error_code: ErrorCode | None = None
     batch_out: str = ""  # bulk job's output stream; "" when not part of one
     batch_counts: str = ""
     batch_status: str = ""
+    # The source tenant's retention (its registry entry, else the fleet's settings); every
+    # record of one source stream is the same tenant's.
+    tenant: str = "default"
+    result_ttl_s: int = 86_400
+    trace_ttl_s: int = 86_400
 
 
 def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list, list]:
     """Flatten records into the KEYS and ARGV of commit.lua (the contract atop that file)."""
-    keys: list = [head.stats_key, head.delayed_key, head.dead_stream]
-    args: list = [head.group, head.consumer, head.result_ttl_s, head.trace_ttl_s,
-                  head.reply_maxlen, head.dead_maxlen, 0]  # 0: m, set at the end
+    keys: list = [head.stats_key, head.delayed_key, head.dead_stream, head.queued_key]
+    args: list = [head.group, head.consumer, head.reply_maxlen, head.dead_maxlen,
+                  0]  # 0: m, set at the end
     payloads: dict[str, list[bytes]] = {}  # reply stream -> its results, in script order
     by_source: dict[str, list[CommitRecord]] = {}
     for r in records:
@@ -100,7 +119,7 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
                 flags[1] = "S"
                 keys.append(source)
                 ids = [(id_key(x.entry_id), x.entry_id) for x in group]
-                args += (min(ids)[1], max(ids)[1])
+                args += (min(ids)[1], max(ids)[1], r.tenant, r.result_ttl_s, r.trace_ttl_s)
             if outcome != b"y":
                 keys.append(r.result_key)
             if r.reply_key:
@@ -126,11 +145,11 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
             if r.followups:
                 flags[5] = "F"
                 args.append(len(r.followups))
-                for f_stream, payload, event in r.followups:
-                    keys.append(f_stream)
-                    args += (payload, event)
+                for f in r.followups:
+                    keys += (f.stream, f.lanes_key, f.queued_key)
+                    args += (f.payload, f.event, f.tenant)
             args[at] = "".join(flags)
-    args[6] = len(payloads)
+    args[4] = len(payloads)
     for reply, results in payloads.items():
         args += (len(results), reply_entry(results))
         keys.append(reply)

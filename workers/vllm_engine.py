@@ -32,12 +32,19 @@ from agentfleet.workers.engine import EngineOutput, OnDone, engine_priority
 from agentfleet.workers.models import model_version
 
 try:  # vLLM 0.26 and later: an already-rendered input, skipping the deprecated raw-prompt path
-    from vllm.inputs import tokens_input as _token_prompt
+    from vllm.inputs import tokens_input as _tokens_input
+
+    def _token_prompt(prompt_token_ids: list[int], salt: str | None = None):
+        # cache_salt: prefix-cache blocks are shared only between requests of one salt
+        return _tokens_input(prompt_token_ids, cache_salt=salt)
 except ImportError:  # older releases take a TokensPrompt dict
     from vllm.inputs import TokensPrompt
 
-    def _token_prompt(prompt_token_ids: list[int]) -> TokensPrompt:
-        return TokensPrompt(prompt_token_ids=prompt_token_ids)
+    def _token_prompt(prompt_token_ids: list[int], salt: str | None = None) -> TokensPrompt:
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        if salt:
+            prompt["cache_salt"] = salt
+        return prompt
 
 
 try:  # 0.32 moved request errors off ValueError onto their own base class
@@ -114,10 +121,12 @@ class VllmEngine:
             time.monotonic() - started_s,
         )
 
-    def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone) -> None:
+    def submit(self, requests: Sequence[tuple[str, Task]], on_done: OnDone, *,
+               salts: Sequence[str] | None = None) -> None:
         engine_start = time.time()
         prompts = self._tokenize_window([task for _, task in requests])
-        for (request_id, task), prompt_ids in zip(requests, prompts):
+        salts = salts or [None] * len(requests)
+        for (request_id, task), prompt_ids, salt in zip(requests, prompts, salts):
             failure = self._refusal(request_id)
             streaming = False
             if failure is None:
@@ -134,10 +143,11 @@ class VllmEngine:
                 _report(on_done, _failed(request_id, engine_start, *failure))
                 continue
             if streaming:
-                run = self._run_stream(request_id, task, prompt_ids, params, engine_start)
+                run = self._run_stream(request_id, task, prompt_ids, params, engine_start,
+                                       salt)
             else:
                 run = self._run(request_id, prompt_ids, params, engine_start,
-                                engine_priority(task))
+                                engine_priority(task), salt)
             request = asyncio.create_task(run)
             request.add_done_callback(
                 functools.partial(self._request_done, request_id, on_done, engine_start)
@@ -280,21 +290,22 @@ class VllmEngine:
 
     async def _run(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine_start: float,
-        priority: int = 0,
+        priority: int = 0, salt: str | None = None,
     ) -> EngineOutput:
         """Drive one request to its end; a cancel (abort) propagates to `_request_done`."""
         final: RequestOutput | None = None
         kwargs = {"priority": priority} if self.spec.scheduling_policy == "priority" else {}
         try:
-            async for output in self._llm.generate(_token_prompt(prompt_ids), params, request_id,
-                                                   **kwargs):
+            async for output in self._llm.generate(_token_prompt(prompt_ids, salt), params,
+                                                   request_id, **kwargs):
                 final = output
         except Exception as exc:
             return _failed(request_id, engine_start, *_classify(exc))
         return _finished(request_id, final, len(prompt_ids), engine_start)
 
     async def _run_stream(self, request_id: str, task: Task, prompt_ids: list[int],
-                          params: SamplingParams, engine_start: float) -> EngineOutput:
+                          params: SamplingParams, engine_start: float,
+                          salt: str | None = None) -> EngineOutput:
         """Drive a streaming request: every delta vLLM yields is published as it comes."""
         kwargs = {"priority": engine_priority(task)} \
             if self.spec.scheduling_policy == "priority" else {}
@@ -303,7 +314,7 @@ class VllmEngine:
         first = 0.0
         finish = ""
         try:
-            async for output in self._llm.generate(_token_prompt(prompt_ids), params,
+            async for output in self._llm.generate(_token_prompt(prompt_ids, salt), params,
                                                    request_id, **kwargs):
                 completion = output.outputs[0] if output.outputs else None
                 if completion is None:

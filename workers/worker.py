@@ -25,12 +25,14 @@ from redis.exceptions import RedisError
 
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import (
+    BrokerError,
     EvictingServerError,
     FatalConfigError,
     ServerUnreachableError,
     WorkerCrashedError,
 )
 from agentfleet.schemas.settings import ModelSpec, Settings
+from agentfleet.schemas.tenants import TableCache
 from agentfleet.workers.engine import Engine
 from agentfleet.workers.housekeeping import trim_stream
 from agentfleet.workers.metrics import WorkerMetrics
@@ -41,6 +43,8 @@ from agentfleet.workers.transient import TRANSIENT, with_retries
 __all__ = ["Worker", "check_server", "make_engine", "quiet_gc", "trim_stream"]
 
 log = logging.getLogger("agentfleet.worker")
+
+HEARTBEAT_S = 2.0  # how often a worker says it is alive; three missed: taken for gone
 
 
 class Worker:
@@ -112,6 +116,8 @@ class Worker:
             await runner.engine.start()
             await with_retries(runner.ensure_groups, f"creating the groups of {runner.model}")
         await with_retries(self._load_cancellations, "loading cancellation marks")
+        self._tenants = TableCache(self.redis, refresh_s=0)
+        await with_retries(self._refresh_tenants, "reading the tenant registry")
         try:
             with quiet_gc():
                 await self._serve(drain_timeout_s)
@@ -151,6 +157,7 @@ class Worker:
             side = [guarded(f"{loop.__name__} {r.model}", loop)
                     for r in self.runners for loop in r.loops()]
             side += [guarded("heartbeat", self._heartbeat),
+                     guarded("tenants", self._follow_tenants),
                      guarded("kpi", lambda: self.metrics.kpi_loop(self.redis)),
                      guarded("cancellations", self._listen_cancellations)]
             side += [guarded(f"engine watch {r.model}", self._watch_engine(r))
@@ -221,7 +228,29 @@ class Worker:
             for task_id, until in marks:
                 runner.cancel(task_id.decode(), until)
 
-    async def _heartbeat(self, every_s: float = 2.0) -> None:
+    async def _follow_tenants(self, every_s: float = 1.0) -> None:
+        """Registry changes reach the runners within a second, without a restart."""
+        while not self.draining:
+            await asyncio.sleep(every_s)
+            try:
+                await self._refresh_tenants()
+            except (*TRANSIENT, BrokerError) as exc:
+                log.warning("worker %s: reading the tenant registry failed (%s)",
+                            self.worker_id, exc)
+
+    async def _refresh_tenants(self) -> None:
+        table = await self._tenants.current()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for runner in self.runners:
+                pipe.hvals(keys.workers_key(runner.model))
+            beats = await pipe.execute()
+        alive_after = time.time() - 3 * HEARTBEAT_S
+        for runner, seen in zip(self.runners, beats):
+            live = sum(1 for at in seen if float(at) >= alive_after) or 1
+            if table is not runner.tenants or live != runner.live_workers:
+                runner.set_tenants(table, live)
+
+    async def _heartbeat(self, every_s: float = HEARTBEAT_S) -> None:
         """Tell SREs, producers and `agentfleet status` which workers serve which model."""
         while not self.draining:
             await self._beat(alive=True)

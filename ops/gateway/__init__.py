@@ -7,7 +7,7 @@
   approvals_routes.py  approval gates over HTTP (the store: ops/approvals.py)
   webhooks.py   signed completion webhooks, retried with backoff
   types.py      request bodies;  convert.py  requests into tasks, results into answers
-  errors.py     OpenAI's error shape;  quota.py  the tenants' quota hook;  metrics.py
+  errors.py     OpenAI's error shape;  quota.py  an admission hook;  metrics.py
   openapi.py    the OpenAPI document;  server.py  the HTTP server (uvicorn or granian)
 See docs/gateway.md.
 """

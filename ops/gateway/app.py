@@ -26,6 +26,7 @@ from litestar.exceptions import HTTPException
 from redis.exceptions import RedisError
 
 from agentfleet.ops import apikeys
+from agentfleet.ops import datarules
 from agentfleet.ops.datarules import current_tenant
 from agentfleet.ops.gateway import convert
 from agentfleet.ops.gateway.common import JSON, gateway_of, json_response
@@ -38,6 +39,7 @@ from agentfleet.producer.client import Producer
 from agentfleet.producer.connection import connect
 from agentfleet.schemas.errors import BrokerError
 from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.tenants import TableCache
 from agentfleet.schemas.wire import ApiKeyRecord, Finished, Result, Role, Task
 
 log = logging.getLogger("agentfleet.gateway")
@@ -62,6 +64,7 @@ class Gateway:
         self.ids: convert.TaskIds | None = None
         self.files = None
         self.webhooks = None
+        self.tenants: TableCache | None = None
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -75,6 +78,9 @@ class Gateway:
         self.keys = apikeys.KeyCache(self.redis, ttl_s=s.gateway_key_cache_s)
         self.batches = BatchClient(self.producer, chunk_lines=_BATCH_CHUNK_LINES)
         self.files = FileStore(self.redis, s)
+        self.tenants = TableCache(self.redis)  # the registry: data rules (datarules.py)
+        await self.tenants.current()
+        datarules.use_registry(lambda: self.tenants.table)
         self.webhooks = Webhooks(self)
         await self.webhooks.start()
         self.spawn(self._expire_held(), vital=True)
@@ -137,6 +143,7 @@ class Gateway:
             raise ApiError(401, "incorrect API key provided (unknown, malformed or revoked)",
                            code="invalid_api_key")
         current_tenant.set(record.tenant)  # logs and Sentry events follow its data rules
+        await self.tenants.current()  # the registry, re-read at most once a second
         if not record.role.allows(needed):
             raise ApiError(403, f"this key's role is {record.role.value}; this route needs "
                            f"{needed.value}", code="insufficient_role")

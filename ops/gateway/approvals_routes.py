@@ -48,7 +48,7 @@ async def approve(request: Request, task_id: FromPath[str]) -> Response:
     caller = await gw.auth(request, Role.ADMIN)
     body = await _decision(request)
     try:
-        task = await approvals.approve(gw.redis, gw.settings, task_id, by=who(caller),
+        task = await approvals.approve(gw.producer, gw.settings, task_id, by=who(caller),
                                        reason=body.reason)
     except approvals.NotHeldError as exc:
         raise ApiError(409 if "decided" in str(exc) or "deadline" in str(exc) else 404,

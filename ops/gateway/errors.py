@@ -17,6 +17,7 @@ Nothing is queued when a request fails.
 from __future__ import annotations
 
 import logging
+import math
 
 import msgspec
 from litestar import Request, Response
@@ -28,6 +29,7 @@ from agentfleet.schemas.errors import (
     AgentFleetError,
     BrokerError,
     ErrorCode,
+    QuotaExceededError,
     ResultTimeoutError,
     UnknownModelError,
     ValidationError,
@@ -74,6 +76,9 @@ def from_exception(exc: BaseException) -> ApiError:
             return ApiError(404, str(exc), code="model_not_found", param=exc.field)
         case ValidationError():
             return ApiError(400, str(exc), code=exc.code.value, param=exc.field)
+        case QuotaExceededError():
+            return ApiError(429, str(exc), code="quota_exceeded", param=exc.quota,
+                            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
         case ResultTimeoutError():
             return ApiError(504, f"no result yet: {exc}; the task goes on, GET /v1/tasks/{{id}} "
                             "reads it later", code="timeout")

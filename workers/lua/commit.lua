@@ -11,14 +11,21 @@
 -- acknowledged, and is counted as fenced.  The claim is read once per source stream, and
 -- only between the group's lowest and highest entry id.
 --
--- KEYS: 1 stats hash, 2 delayed set, 3 dead-letter stream, then per record only the keys it
---       uses, in this order: its source stream (flag S), result key (not for y), reply
---       stream (flag P), trace list (flag T), bulk-job output and counts (flag B), one task
---       stream per follow-up (flag F); last the m reply streams of the built payloads.
--- ARGV: 1 group, 2 consumer, 3 result ttl s, 4 trace ttl s, 5 reply maxlen, 6 dead maxlen,
---       7 m; then per record: entry id, flags, v1, v2 (not for r), the source's lowest and
---       highest entry id in this commit (only with S), trace event (T), bulk-job status (B),
---       follow-up count n and n x (task, trace event) (F); last m x (result count, payload).
+-- Each source stream is one tenant's lane: a task that ends (its result or dead letter
+-- written) leaves the tenant's queued count; a follow-up joins its own tenant's count and
+-- marks its stream as holding work.  Results and traces live as long as the source
+-- tenant's retention says.
+--
+-- KEYS: 1 stats hash, 2 delayed set, 3 dead-letter stream, 4 queued counts, then per record
+--       only the keys it uses, in this order: its source stream (flag S), result key (not
+--       for y), reply stream (flag P), trace list (flag T), bulk-job output and counts (flag
+--       B), per follow-up its task stream, its lane's tenant set and its model's queued
+--       counts (flag F); last the m reply streams of the built payloads.
+-- ARGV: 1 group, 2 consumer, 3 reply maxlen, 4 dead maxlen, 5 m; then per record: entry id,
+--       flags, v1, v2 (not for r), with S the source's lowest and highest entry id in this
+--       commit, its tenant, result ttl s and trace ttl s; trace event (T), bulk-job status
+--       (B), follow-up count n and n x (task, trace event, tenant) (F); last m x (result
+--       count, payload).
 --   flags: six bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P reply to the
 --       stream named next in KEYS or p to the same one as the record before, 4 T, 5 B, 6 F.
 --       Records come grouped by source and by reply stream, so each is named once.
@@ -29,9 +36,9 @@
 -- Built by workers/scripts.py (commit_args), which tests check without a server.
 
 local group, me = ARGV[1], ARGV[2]
-local result_ttl, trace_ttl, reply_maxlen, dead_maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local m = tonumber(ARGV[7])
-local a, k, n = 8, 4, #ARGV - 2 * m
+local reply_maxlen, dead_maxlen = ARGV[3], ARGV[4]
+local m = tonumber(ARGV[5])
+local a, k, n = 6, 5, #ARGV - 2 * m
 local built = {}  -- reply stream -> {result count, payload} as the worker built them
 for j = 1, m do
   built[KEYS[#KEYS - m + j]] = {tonumber(ARGV[n + 2 * j - 1]), ARGV[n + 2 * j]}
@@ -42,7 +49,8 @@ local acks = {}
 local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
 local replies = {}
 local owned = {}  -- per source stream: the entries pending on this consumer, read once
-local src, cur_reply
+local ended = {}  -- tenant -> tasks of its that ended here
+local src, cur_reply, tenant, result_ttl, trace_ttl
 while a <= n do
   local eid, flags, v1 = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3
@@ -54,7 +62,8 @@ while a <= n do
     src = KEYS[k]
     k = k + 1
     lo, hi = ARGV[a], ARGV[a + 1]
-    a = a + 2
+    tenant, result_ttl, trace_ttl = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+    a = a + 5
   end
   if outcome ~= Y then rkey = KEYS[k]; k = k + 1 end
   if fp == P then
@@ -90,6 +99,7 @@ while a <= n do
       retried = retried + 1
     elseif redis.call('SET', rkey, v1, 'NX', 'EX', result_ttl) then
       written = written + 1
+      ended[tenant] = (ended[tenant] or 0) + 1
       if reply then
         local list = replies[reply]
         if list == nil then
@@ -107,8 +117,15 @@ while a <= n do
         dead = dead + 1
       end
       for j = 0, nf - 1 do
-        redis.call('XADD', KEYS[k + j], '*', 'd', ARGV[a + 2 * j])
-        if trace then events[#events + 1] = ARGV[a + 2 * j + 1] end
+        local stream, lanes, queued = KEYS[k + 3 * j], KEYS[k + 3 * j + 1], KEYS[k + 3 * j + 2]
+        local child_tenant = ARGV[a + 3 * j + 2]
+        if redis.call('EXISTS', stream) == 0 then
+          redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+        end
+        redis.call('XADD', stream, '*', 'd', ARGV[a + 3 * j])
+        redis.call('ZADD', lanes, 1, child_tenant)
+        redis.call('HINCRBY', queued, child_tenant, 1)
+        if trace then events[#events + 1] = ARGV[a + 3 * j + 1] end
       end
       followups = followups + nf
     else
@@ -129,8 +146,8 @@ while a <= n do
       acks[src] = {}
     end
   end
-  a = a + 2 * nf
-  k = k + nf
+  a = a + 3 * nf
+  k = k + 3 * nf
 end
 for src, list in pairs(acks) do
   if #list > 0 then redis.call('XACK', src, group, unpack(list)) end
@@ -150,6 +167,7 @@ for r, list in pairs(replies) do
   redis.call('XADD', r, 'MAXLEN', '~', reply_maxlen, '*', 'rs', payload)
   redis.call('EXPIRE', r, result_ttl)
 end
+for t, count in pairs(ended) do redis.call('HINCRBY', KEYS[4], t, -count) end
 redis.call('HINCRBY', KEYS[1], 'written', written)
 if dups > 0 then redis.call('HINCRBY', KEYS[1], 'duplicates', dups) end
 if followups > 0 then redis.call('HINCRBY', KEYS[1], 'followups', followups) end
