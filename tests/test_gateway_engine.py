@@ -42,6 +42,7 @@ class _Kept:
     def __init__(self, engine):
         self._engine = engine
         self.model_version = engine.model_version
+        self.slots = engine.slots
 
     @property
     def partials(self):
@@ -54,8 +55,8 @@ class _Kept:
     async def start(self) -> None:
         return None
 
-    def submit(self, requests, on_done) -> None:
-        self._engine.submit(requests, on_done)
+    def submit(self, requests, on_done, *, salts=None) -> None:
+        self._engine.submit(requests, on_done, salts=salts)
 
     def abort(self, request_ids) -> None:
         self._engine.abort(request_ids)
