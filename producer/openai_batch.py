@@ -205,9 +205,29 @@ def parse_line(raw: bytes | str, ctx: LineContext, *, check: bool = True) -> tup
 def to_task(line: RequestLine, ctx: LineContext) -> Task:
     """The Task of a decoded request line (bounds are checked by validate_task after)."""
     body = line.body
-    chat = line.url == CHAT_URL
     model = ctx.model_map.get(body.model, body.model)
-    _refuse_unsupported(body)
+    prompt, messages, sampling = request_input(body, line.url == CHAT_URL, model, ctx.settings)
+    id_ = task_id(ctx.batch_id, line.custom_id)
+    return Task(
+        id=id_,
+        tenant=ctx.tenant,
+        model=model,
+        prompt=prompt,
+        messages=messages,
+        sampling=sampling,
+        deadline=ctx.deadline,
+        idempotency_key=id_,
+        metadata={"custom_id": line.custom_id, "batch_url": line.url},
+        batch_id=ctx.batch_id,
+    )
+
+
+def request_input(body: RequestBody, chat: bool, model: str, settings: Settings, *,
+                  stream_ok: bool = False) -> tuple[str | None, list[Message] | None, Sampling]:
+    """The prompt or messages and the sampling of a chat (`chat`) or text completion request
+    body; raises `ValidationError` for what it cannot serve (`n` > 1, tools, ...).  Shared by
+    batch lines and the gateway (ops/gateway/), which can stream (`stream_ok`)."""
+    _refuse_unsupported(body, stream_ok)
     prompt: str | None = None
     messages: list[Message] | None = None
     if chat:
@@ -220,33 +240,21 @@ def to_task(line: RequestLine, ctx: LineContext) -> Task:
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
                 raise ValidationError("prompt", f"{len(body.prompt)} prompts; one per request "
-                                      "line", limit=1, value=len(body.prompt))
+                                      "is supported", limit=1, value=len(body.prompt))
             prompt = body.prompt[0]
         else:
             prompt = body.prompt
-    id_ = task_id(ctx.batch_id, line.custom_id)
-    return Task(
-        id=id_,
-        model=model,
-        prompt=prompt,
-        messages=messages,
-        sampling=_sampling(body, chat, model, ctx.settings),
-        deadline=ctx.deadline,
-        idempotency_key=id_,
-        metadata={"custom_id": line.custom_id, "batch_url": line.url},
-        batch_id=ctx.batch_id,
-        tenant=ctx.tenant,
-    )
+    return prompt, messages, _sampling(body, chat, model, settings)
 
 
-def _refuse_unsupported(body: RequestBody) -> None:
+def _refuse_unsupported(body: RequestBody, stream_ok: bool = False) -> None:
     if body.n not in (None, 1):
         raise ValidationError("n", f"{body.n} choices: one choice per request is supported",
                               limit=1, value=body.n)
     if body.best_of not in (None, 1):
         raise ValidationError("best_of", f"{body.best_of} is not supported", limit=1,
                               value=body.best_of)
-    if body.stream:
+    if body.stream and not stream_ok:
         raise ValidationError("stream", "streaming is not supported in a batch")
     if body.logprobs or body.top_logprobs:
         raise ValidationError("logprobs", "log probabilities are not supported")
@@ -354,7 +362,7 @@ def output_line(result: Result, endpoint: str) -> tuple[bool, bytes]:
                                "custom_id": custom_id_of(result.task_id)}
     status = result.status
     if status is Status.SUCCEEDED:
-        body = _completion_body(result, endpoint, digest)
+        body = completion_body(result, endpoint, digest)
         line["response"] = {"status_code": 200, "request_id": result.task_id, "body": body}
         line["error"] = None
         return True, _encode(line)
@@ -375,7 +383,9 @@ def output_line(result: Result, endpoint: str) -> tuple[bool, bytes]:
     return False, _encode(line)
 
 
-def _completion_body(result: Result, endpoint: str, digest: str) -> dict[str, object]:
+def completion_body(result: Result, endpoint: str, digest: str) -> dict[str, object]:
+    """A succeeded result as OpenAI's chat.completion (or text_completion) object, its id
+    made from `digest`."""
     created = int(result.timings.finished or result.timings.written)
     finish_reason = result.finish_reason or "stop"
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,

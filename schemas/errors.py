@@ -25,6 +25,7 @@ class ErrorCode(str, enum.Enum):
     DELIVERY_LIMIT = "delivery_limit"  # delivered again and again: it keeps killing workers
     LOST = "lost"  # its stream entry vanished while pending (trimmed or deleted by hand)
     INTERNAL = "internal"  # a bug in agentfleet: the message says where
+    REJECTED = "rejected"  # an admin rejected a task that needed approval (ops/approvals.py)
 
 
 class AgentFleetError(Exception):

@@ -187,6 +187,22 @@ class Settings(msgspec.Struct, kw_only=True):
     # (0: no limit) and how long each takes, for queue and headroom benchmarks
     fake_slots: Count0 = 0
     fake_delay_s: NonNegative = 0.0
+    # streaming (workers/streaming.py)
+    stream_ttl_s: Count = 600  # how long a streaming task's partial output is kept
+    # the gateway (ops/gateway/, docs/gateway.md)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: Port = 8000  # the console (ops/console) takes 8080
+    gateway_server: Annotated[str, Bound(one_of=("uvicorn", "granian"))] = "uvicorn"
+    gateway_files_dir: str = ""  # "" is <home>/files; a volume in a pod
+    gateway_max_file_bytes: Count = 200 * 1024 * 1024  # an uploaded file's limit
+    gateway_max_body_bytes: Count = 4 * 1024 * 1024  # a JSON request's limit
+    gateway_wait_timeout_s: Positive = 600.0  # how long a completion request waits
+    gateway_key_cache_s: NonNegative = 5.0  # a revoked key is refused within this long
+    webhook_secret: str = ""  # signs webhooks (a key per tenant is derived); "" turns them off
+    webhook_max_attempts: Count = 8
+    webhook_retry_base_s: Positive = 1.0  # first retry delay; doubles per attempt, with jitter
+    webhook_retry_max_s: Positive = 300.0
+    webhook_timeout_s: Positive = 10.0
 
     def __post_init__(self) -> None:
         check_bounds(self, variable)

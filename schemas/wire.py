@@ -58,6 +58,7 @@ class FollowUp(Base, kw_only=True):
     agent_id: str = ""
     metadata: dict[str, str] = {}
     followups: list[FollowUp] = []
+    needs_approval: bool = False  # the follow-up waits for an admin's approval (ops/approvals.py)
 
 
 class Task(Base, kw_only=True):
@@ -85,6 +86,8 @@ class Task(Base, kw_only=True):
     history: list[str] = []  # one line per failed attempt: "<code>: <message>"
     batch_id: str = ""  # set for tasks of a bulk job: they run in the model's bulk lane
     traceparent: str = ""  # W3C trace context of the submitting span (OpenTelemetry)
+    stream: bool = False  # the engine publishes partial output (keys.partial_stream)
+    needs_approval: bool = False  # held in the model's approval store until an admin decides
 
 
 class Status(str, enum.Enum):

@@ -18,6 +18,12 @@ Test hooks, set through a task's metadata:
     fake_delay_s = "0.05"             -> the request finishes after that many seconds
     fake_crash = "1"                  -> the whole process dies at once (a poison task)
     fake_fail_attempts = "2"          -> engine_error on attempts before the 3rd (transient)
+    fake_token_delay_s = "0.01"       -> a streaming task's words come one per that many
+                                         seconds (also the engine's `token_delay_s`)
+
+A streaming task (`Task.stream`) publishes its text word by word (each word with the
+whitespace before it is one token) to `partials` (workers/streaming.py), then its end; it
+takes no slot.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import heapq
 import itertools
 import os
+import re
 import time
 from collections.abc import Sequence
 
@@ -38,10 +45,13 @@ class FakeEngine:
     """Answers at once (or after `delay_s`), with no model: a test double, not an engine."""
 
     def __init__(self, model_version: str = "fake-1", delay_s: float = 0.0,
-                 slots: int | None = None):
+                 slots: int | None = None, token_delay_s: float = 0.0):
         self.model_version = model_version
         self.delay_s = delay_s
         self.slots = slots  # None: no limit, every request runs at once
+        self.token_delay_s = token_delay_s
+        self.partials = None  # a PartialPublisher, set by the worker (workers/streaming.py)
+        self._streams: dict[str, _Stream] = {}
         self.submitted = 0
         self.peak_running = 0  # most requests that ran at once
         self._timers: dict[str, tuple[asyncio.TimerHandle, EngineOutput, OnDone]] = {}
@@ -58,6 +68,9 @@ class FakeEngine:
         now = time.time()
         for request_id, task in requests:
             out = answer(request_id, task, now)
+            if task.stream and self.partials is not None and out.error_code is None:
+                self._stream(request_id, task, out, on_done)
+                continue
             delay = self.delay_s
             if task.metadata:
                 if "fake_crash" in task.metadata:
@@ -94,7 +107,52 @@ class FakeEngine:
         if self._waiting:
             self._start_waiting()
 
+    def _stream(self, request_id: str, task: Task, out: EngineOutput, on_done: OnDone) -> None:
+        """Publish the answer a word at a time, `token_delay_s` apart, then finish it."""
+        delay = float(task.metadata.get("fake_token_delay_s", self.token_delay_s)) \
+            if task.metadata else self.token_delay_s
+        words = re.findall(r"\s*\S+", out.text)
+        joined = "".join(words)
+        if joined != out.text:  # trailing whitespace: part of the last token
+            words = [*words[:-1], (words[-1] if words else "") + out.text[len(joined):]]
+        stream = _Stream(request_id, task, out, on_done, words)
+        self._streams[request_id] = stream
+        if delay <= 0:
+            while stream.left():
+                self._next_token(stream, 0.0)
+            return
+        stream.handle = asyncio.get_running_loop().call_later(delay, self._next_token, stream,
+                                                              delay)
+
+    def _next_token(self, stream: _Stream, delay: float) -> None:
+        now = time.time()
+        word = stream.words[stream.sent]
+        stream.sent += 1
+        if stream.sent == 1:
+            stream.out.first_token = now
+        self.partials.delta(stream.task, word, stream.sent, now)
+        if stream.left():
+            if delay > 0:
+                stream.handle = asyncio.get_running_loop().call_later(delay, self._next_token,
+                                                                      stream, delay)
+            return
+        self._end_stream(stream, stream.out.finish_reason)
+
+    def _end_stream(self, stream: _Stream, finish_reason: str) -> None:
+        self._streams.pop(stream.request_id, None)
+        out = stream.out
+        out.finished = time.time()
+        out.finish_reason = finish_reason
+        self.partials.final(stream.task, finish_reason, stream.sent)
+        stream.on_done(out)
+
     def abort(self, request_ids: Sequence[str]) -> None:
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                if stream.handle is not None:
+                    stream.handle.cancel()
+                self._end_stream(stream, "abort")
         aborted = set(request_ids)
         waiting = [w for w in self._waiting if w[2] in aborted]
         if waiting:
@@ -117,7 +175,26 @@ class FakeEngine:
             self._start_waiting()
 
     async def stop(self) -> None:
-        self.abort([w[2] for w in self._waiting] + list(self._timers))
+        self.abort([w[2] for w in self._waiting] + list(self._timers) + list(self._streams))
+
+
+class _Stream:
+    """A streaming request in the fake engine: its words and how many are out."""
+
+    __slots__ = ("request_id", "task", "out", "on_done", "words", "sent", "handle")
+
+    def __init__(self, request_id: str, task: Task, out: EngineOutput, on_done: OnDone,
+                 words: list[str]):
+        self.request_id = request_id
+        self.task = task
+        self.out = out
+        self.on_done = on_done
+        self.words = words
+        self.sent = 0
+        self.handle: asyncio.TimerHandle | None = None
+
+    def left(self) -> bool:
+        return self.sent < len(self.words)
 
 
 def answer(request_id: str, task: Task, now: float) -> EngineOutput:

@@ -75,6 +75,9 @@ class VllmEngine:
         self._inflight: dict[str, asyncio.Task] = {}
         self._stats_sink = None
         self.slots = spec.max_num_seqs
+        self._last_stream_sampling: Sampling | None = None
+        self._last_stream_params: SamplingParams | None = None
+        self.partials = None  # a PartialPublisher, set by the worker (workers/streaming.py)
 
     def set_stats_sink(self, sink) -> None:
         """Where vLLM's own statistics go (KV-cache use, prefix-cache hits); before start()."""
@@ -125,20 +128,27 @@ class VllmEngine:
         salts = salts or [None] * len(requests)
         for (request_id, task), prompt_ids, salt in zip(requests, prompts, salts):
             failure = self._refusal(request_id)
+            streaming = False
             if failure is None:
                 try:
                     if isinstance(prompt_ids, Exception):
                         raise prompt_ids
-                    params = self._params(task.sampling)
+                    streaming = task.stream and self.partials is not None
+                    params = self._stream_params(task.sampling) if streaming \
+                        else self._params(task.sampling)
                     failure = self._check_prompt(prompt_ids)
                 except Exception as exc:  # a bad task must not stop the rest of the window
                     failure = _classify(exc)
             if failure is not None:
                 _report(on_done, _failed(request_id, engine_start, *failure))
                 continue
-            request = asyncio.create_task(
-                self._run(request_id, prompt_ids, params, engine_start, engine_priority(task),
-                          salt))
+            if streaming:
+                run = self._run_stream(request_id, task, prompt_ids, params, engine_start,
+                                       salt)
+            else:
+                run = self._run(request_id, prompt_ids, params, engine_start,
+                                engine_priority(task), salt)
+            request = asyncio.create_task(run)
             request.add_done_callback(
                 functools.partial(self._request_done, request_id, on_done, engine_start)
             )
@@ -208,6 +218,13 @@ class VllmEngine:
             self._last_params = _sampling_params(sampling)
             self._last_sampling = sampling
         return self._last_params
+
+    def _stream_params(self, sampling: Sampling) -> SamplingParams:
+        """Streaming tasks only: outputs as deltas (the others stay FINAL_ONLY: one output)."""
+        if sampling != self._last_stream_sampling:
+            self._last_stream_params = _sampling_params(sampling, RequestOutputKind.DELTA)
+            self._last_stream_sampling = sampling
+        return self._last_stream_params
 
     def _tokenize_window(self, tasks: Sequence[Task]) -> list[list[int] | Exception]:
         """Token ids of each task, or the exception that task raised.
@@ -286,6 +303,42 @@ class VllmEngine:
             return _failed(request_id, engine_start, *_classify(exc))
         return _finished(request_id, final, len(prompt_ids), engine_start)
 
+    async def _run_stream(self, request_id: str, task: Task, prompt_ids: list[int],
+                          params: SamplingParams, engine_start: float,
+                          salt: str | None = None) -> EngineOutput:
+        """Drive a streaming request: every delta vLLM yields is published as it comes."""
+        kwargs = {"priority": engine_priority(task)} \
+            if self.spec.scheduling_policy == "priority" else {}
+        texts: list[str] = []
+        tokens = 0
+        first = 0.0
+        finish = ""
+        try:
+            async for output in self._llm.generate(_token_prompt(prompt_ids, salt), params,
+                                                   request_id, **kwargs):
+                completion = output.outputs[0] if output.outputs else None
+                if completion is None:
+                    continue
+                if completion.token_ids:
+                    now = time.time()
+                    first = first or now
+                    tokens += len(completion.token_ids)
+                    texts.append(completion.text)
+                    self.partials.delta(task, completion.text, tokens, now)
+                finish = completion.finish_reason or finish
+        except Exception as exc:
+            self.partials.final(task, "error", tokens)
+            return _failed(request_id, engine_start, *_classify(exc))
+        except asyncio.CancelledError:
+            self.partials.final(task, "abort", tokens)
+            raise
+        self.partials.final(task, finish or "stop", tokens)
+        finished = time.time()
+        return EngineOutput(request_id=request_id, text="".join(texts), finish_reason=finish,
+                            prompt_tokens=len(prompt_ids), output_tokens=tokens,
+                            engine_start=engine_start, first_token=first or finished,
+                            finished=finished)
+
     def _request_done(
         self, request_id: str, on_done: OnDone, engine_start: float, request: asyncio.Task
     ) -> None:
@@ -318,7 +371,8 @@ def _prepare_environment(spec: ModelSpec) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_space_gib))
 
 
-def _sampling_params(sampling: Sampling) -> SamplingParams:
+def _sampling_params(sampling: Sampling,
+                     kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> SamplingParams:
     return SamplingParams(
         max_tokens=sampling.max_tokens,
         temperature=sampling.temperature,
@@ -331,8 +385,9 @@ def _sampling_params(sampling: Sampling) -> SamplingParams:
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
         repetition_penalty=sampling.repetition_penalty,
-        # One output per request; the first-token time comes from the request metrics.
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        # One output per request (the first-token time comes from the request metrics),
+        # except for streaming tasks: DELTA, each step's new text.
+        output_kind=kind,
     )
 
 
