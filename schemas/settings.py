@@ -47,6 +47,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_prompt_chars: int = 0  # 0: 8 characters per token of max_model_len
     seed: int = 0
     scheduling_policy: str = "priority"  # "priority": interactive before bulk inside vLLM
+    # vLLM's tool parser for this model family ("hermes", "llama3_json", ...): tool calls of
+    # tasks with tool_choice "auto" are read by it; "": by structured outputs instead.
+    tool_parser: str = ""
 
     @property
     def prompt_chars_limit(self) -> int:
@@ -96,6 +99,7 @@ class Settings(msgspec.Struct, kw_only=True):
     max_chain_depth: int = 8  # follow-up nesting
     max_messages: int = 256
     max_metadata_items: int = 64
+    max_children: int = 100  # children one step may enqueue (after for_each/items): a join's inputs
     # observability (docs/observability.md)
     metrics_port: int = 9464  # `agentfleet worker` serves /metrics here; 0: metrics off
     log_format: str = "auto"  # auto (text on a terminal, else JSON lines), json or text
