@@ -22,6 +22,7 @@ from agentfleet.schemas.wire import (
     Status,
     Task,
     Tool,
+    decode_task,
     encode,
 )
 from agentfleet.workers.structured import schema_error
@@ -176,3 +177,51 @@ async def test_the_worker_refuses_bad_steps_and_stray_joins_without_dying(
     assert int(stats[b"join_missed"]) == 1 and b"joins" not in stats
     ok = await producer.wait(await producer.submit(model="m1", prompt="still here"), 5)
     assert ok.ok
+
+
+async def test_commit_script_enqueues_the_join_with_its_last_childs_result_once(redis, settings):
+    """commit.lua on its own, one commit per record: the join waits for the last child,
+    whatever order they end in; a child committed again (a second run) changes nothing."""
+    from agentfleet.workers.engine import EngineOutput
+    from agentfleet.workers.inflight import InFlight
+    from agentfleet.workers.outcomes import Outcomes
+    from agentfleet.workers.scripts import CommitHead, commit_args, commit_lua
+
+    source = keys.task_stream("m1")
+    await redis.xgroup_create(source, keys.GROUP, id="0", mkstream=True)
+    script = redis.register_script(commit_lua())
+    head = CommitHead(stats_key=keys.stats_key("m1"), delayed_key=keys.delayed_key("m1"),
+                      dead_stream=keys.dead_stream("m1"), queued_key=keys.queued_counts("m1"),
+                      group=keys.GROUP, consumer="me", reply_maxlen=100, dead_maxlen=100)
+    outcomes = Outcomes(model="m1", worker_id="me", settings=settings,
+                        model_version=lambda: "v")
+
+    async def commit(task: Task, text: str = "ok") -> None:
+        entry = await redis.xadd(source, {"d": encode(task)})
+        await redis.xreadgroup(keys.GROUP, "me", {source: ">"})
+        rec = InFlight(source, False, entry, 1.0, "w", 1)
+        rec.task = task
+        rec.output = EngineOutput(request_id="r", text=text, finish_reason="stop")
+        keys_, args = commit_args(head, [outcomes.record(rec, 2.0, 0.0)])
+        await script(keys=keys_, args=args)
+
+    parent = Task(id="p", correlation_id="p", model="m1", prompt="x",
+                  followups=[FollowUp(items=[1, 2, 3], prompt="{item}")],
+                  join=FollowUp(prompt="{results}"))
+    await commit(parent)
+    kids = [decode_task_payload(e) for e in await redis.xrange(source)][1:]
+    assert [k.id for k in kids] == ["p.1-1", "p.1-2", "p.1-3"]
+    seen = []
+    for kid in (kids[2], kids[0], kids[0], kids[1], kids[1]):  # out of order, twice
+        await commit(kid)
+        seen.append(sum(1 for e in await redis.xrange(source)
+                        if decode_task_payload(e).id == "p.join"))
+    assert seen == [0, 0, 0, 1, 1]
+    state = await redis.hgetall(keys.join_state("m1", "p"))
+    assert (state[b"ended"], state[b"fired"]) == (b"3", b"1")
+    stats = await redis.hgetall(keys.stats_key("m1"))
+    assert (int(stats[b"joins"]), int(stats[b"duplicates"])) == (1, 2)
+
+
+def decode_task_payload(entry) -> Task:
+    return decode_task(entry[1][b"d"])
