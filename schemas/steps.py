@@ -119,6 +119,24 @@ def describe(cond: Condition) -> str:
 
 # ---- tools by structured outputs ------------------------------------------------------------
 
+def tool_dict(tool: Tool) -> dict:
+    """A tool as OpenAI writes it (every field, where the wire leaves defaults out)."""
+    function: dict = {"name": tool.function.name}
+    if tool.function.description:
+        function["description"] = tool.function.description
+    if tool.function.parameters is not None:
+        function["parameters"] = tool.function.parameters
+    if tool.function.strict is not None:
+        function["strict"] = tool.function.strict
+    return {"type": tool.type, "function": function}
+
+
+def call_dict(call: ToolCall) -> dict:
+    """A tool call as OpenAI writes it: arguments as a JSON text."""
+    return {"id": call.id, "type": call.type,
+            "function": {"name": call.function.name, "arguments": call.function.arguments}}
+
+
 def choice_name(tool_choice: str | ToolChoice | None, tools: Sequence[Tool]) -> str:
     """"none", "auto", "required", or "named" (a ToolChoice); None is OpenAI's default."""
     if tool_choice is None:

@@ -238,7 +238,7 @@ def join_entry(r: Result) -> dict[str, object]:
     entry: dict[str, object] = {"task_id": r.task_id, "status": r.status.value,
                                 "output": r.parsed if r.parsed is not None else r.text}
     if r.tool_calls:
-        entry["tool_calls"] = [msgspec.to_builtins(c) for c in r.tool_calls]
+        entry["tool_calls"] = [steps.call_dict(c) for c in r.tool_calls]
     if r.error_code is not None:
         entry["error"] = f"{r.error_code.value}: {r.error_message}"
     return entry

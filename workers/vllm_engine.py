@@ -23,7 +23,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import msgspec
 from jinja2 import TemplateError
 from vllm import AsyncEngineArgs, SamplingParams
 from vllm.outputs import RequestOutput
@@ -300,7 +299,7 @@ class VllmEngine:
             raise ValueError(f"model {self.spec.name} has no chat template; send a prompt")
         extra = {}
         if task.tools:
-            extra["tools"] = [msgspec.to_builtins(t) for t in task.tools]
+            extra["tools"] = [steps.tool_dict(t) for t in task.tools]
         return self._tokenizer.apply_chat_template(
             [_chat_message(m) for m in task.messages],
             chat_template=self._chat_template,
@@ -438,7 +437,7 @@ def _chat_request(task: Task, model: str):
     return ChatCompletionRequest(
         model=model, messages=[_chat_message(m) for m in task.messages or ()]
         or [{"role": "user", "content": task.prompt or ""}],
-        tools=[msgspec.to_builtins(t) for t in task.tools], tool_choice="auto")
+        tools=[steps.tool_dict(t) for t in task.tools], tool_choice="auto")
 
 
 def _new_parser(cls: type, tokenizer, request):
