@@ -176,3 +176,26 @@ async def _until(condition, timeout_s: float = WAIT_S) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.001)
+
+
+async def test_a_models_tool_parser_reads_its_calls_out_of_the_text():
+    """tool_choice "auto" on a model whose tool_parser is set: vLLM's own parser (hermes here,
+    with the real tokenizer; no engine needed) finds the calls and leaves the content."""
+    from vllm.tokenizers import get_tokenizer
+
+    from agentfleet.schemas.wire import FunctionDef, Tool
+    from agentfleet.workers.models import prepare_default_model
+    from agentfleet.workers.vllm_engine import read_tool_calls, tool_parser_class
+
+    tokenizer = get_tokenizer(str(prepare_default_model(Settings.from_env().home_path)))
+    t = Task(model=DEFAULT_MODEL, messages=[Message(role="user", content="weather?")],
+             tools=[Tool(function=FunctionDef(name="weather", parameters={"type": "object"}))])
+    text = ('Let me look.<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n'
+            '</tool_call>')
+    content, calls = read_tool_calls(tool_parser_class(DEFAULT_MODEL, "hermes"), tokenizer, t,
+                                     text, DEFAULT_MODEL)
+    assert content.strip() == "Let me look."
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("weather", '{"city": "Paris"}')]
+    assert read_tool_calls(tool_parser_class(DEFAULT_MODEL, "hermes"), tokenizer, t,
+                           "No call here.", DEFAULT_MODEL) == ("No call here.", [])

@@ -241,16 +241,7 @@ class VllmEngine:
                 and steps.choice_name(task.tool_choice, task.tools) == "auto")
 
     def parse_tool_calls(self, task: Task, text: str) -> tuple[str, list[ToolCall]]:
-        """The calls vLLM's tool parser finds in `text`, and the text left (the content)."""
-        request = _chat_request(task, self.spec.name)
-        parser = _new_parser(self._tool_parser, self._tokenizer, request)
-        found = parser.extract_tool_calls(text, request)
-        if not found.tools_called:
-            return text, []
-        calls = [ToolCall(id=c.id, function=FunctionCall(name=c.function.name,
-                                                         arguments=c.function.arguments))
-                 for c in found.tool_calls]
-        return found.content or "", calls
+        return read_tool_calls(self._tool_parser, self._tokenizer, task, text, self.spec.name)
 
     def _tokenize_window(self, tasks: Sequence[Task]) -> list[list[int] | Exception]:
         """Token ids of each task, or the exception that task raised.
@@ -426,6 +417,20 @@ def tool_parser_class(model: str, name: str) -> type:
         known = getattr(ToolParserManager, "list_registered", lambda: [])()
         raise FatalConfigError(f"model {model}: tool_parser {name!r} is not one of vLLM's "
                                f"{sorted(known)}") from exc
+
+
+def read_tool_calls(parser_cls: type, tokenizer, task: Task, text: str,
+                    model: str) -> tuple[str, list[ToolCall]]:
+    """The calls a vLLM tool parser finds in `text`, and the text left (the content)."""
+    request = _chat_request(task, model)
+    parser = _new_parser(parser_cls, tokenizer, request)
+    found = parser.extract_tool_calls(text, request)
+    if not found.tools_called:
+        return text, []
+    calls = [ToolCall(id=c.id, function=FunctionCall(name=c.function.name,
+                                                     arguments=c.function.arguments))
+             for c in found.tool_calls]
+    return found.content or "", calls
 
 
 def _chat_request(task: Task, model: str):
