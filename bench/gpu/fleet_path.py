@@ -115,7 +115,9 @@ def _summarise(results: list[Result], wall_s: float, work: PromptSet) -> dict:
 
 
 async def run_fleet(ctx: Context, cfg: EngineConfig, work: PromptSet, *, workers: int = 1,
-                    priority: bool = False, mixed: Mixed | None = None) -> dict:
+                    priority: bool = False, mixed: Mixed | None = None, body=None) -> dict:
+    """`body(ctx, producer, work)`, when given, runs the measured part instead of one bulk
+    submission (the schema phase: bench/gpu/structured_outputs.py)."""
     global _run_seq
     _run_seq += 1
     run_dir = ctx.work_dir / f"fleet{_run_seq}"
@@ -145,7 +147,9 @@ async def run_fleet(ctx: Context, cfg: EngineConfig, work: PromptSet, *, workers
         await producer.wait_many(await producer.submit_many(warm), timeout_s=ctx.run_timeout_s)
         before = await fleet.snapshot()
         cpu = [ProcessCpu(p.pid) for p in fleet.procs]
-        if mixed is None:
+        if body is not None:
+            result = await body(ctx, producer, work)
+        elif mixed is None:
             t0 = time.perf_counter()
             ids = await producer.submit_many(_tasks(work))
             submit_s = time.perf_counter() - t0

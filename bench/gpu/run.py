@@ -11,6 +11,8 @@ Phases (each a workload and the runs on it; `--phase NAME` runs the default list
   mixed   the bulk prompts queued at once as a bulk job while interactive tasks arrive at a
           steady rate: interactive latency and bulk throughput
   twogpu  16,000 prompts: one fleet worker against two (one GPU each) on one stream
+  schema  the bulk prompts with and without a JSON schema on one fleet (structured outputs;
+          bench/gpu/structured_outputs.py)
 
 A run is PATH@CONFIG[+prio|+stats][xN]: PATH offline | serve | fleet; CONFIG a key of
 bench/gpu/engines.py (same, t512, t1024, t1024b8k, defaults); +prio the fleet's worker with
@@ -55,6 +57,7 @@ DEFAULT_RUNS = {
     "prefix": "offline@t1024,serve@defaults,fleet@t1024",
     "mixed": "fleet@t1024,fleet@t1024+prio,serve@defaults",
     "twogpu": "fleet@t512,fleet@t512x2",
+    "schema": "fleet@t512",
 }
 _RUN = re.compile(r"^(offline|serve|fleet)@([a-z0-9]+?)(\+prio|\+stats)?(?:x(\d+))?$")
 
@@ -123,7 +126,7 @@ def build_workloads(phases: set[str], tokens: Tokens, sizes: Sizes) -> dict[str,
     work: dict[str, PromptSet] = {}
     bulk = bulk_prompts(tokens, name="bulk", count=sizes.bulk, prompt_tokens=sizes.prompt_tokens,
                         max_tokens=sizes.max_tokens, seed=1)
-    if phases & {"bulk", "tuned", "mixed"}:
+    if phases & {"bulk", "tuned", "mixed", "schema"}:
         work["bulk"] = bulk
     if "mixed" in phases:
         work["interactive"] = bulk_prompts(
@@ -176,8 +179,15 @@ async def run_offline(ctx: Context, cfg: EngineConfig, work: PromptSet, stats: b
 async def execute(ctx: Context, run: Run, cfg: EngineConfig, work: dict[str, PromptSet],
                   sizes: Sizes) -> dict:
     name = {"bulk": "bulk", "tuned": "bulk", "mixed": "bulk", "prefix": "prefix",
-            "twogpu": "twogpu"}[run.phase]
+            "twogpu": "twogpu", "schema": "bulk"}[run.phase]
     prompts = work[name]
+    if run.phase == "schema":
+        if run.path != "fleet":
+            raise SystemExit("the schema phase runs the fleet only")
+        from bench.gpu.fleet_path import run_fleet
+        from bench.gpu.structured_outputs import alternate
+
+        return await run_fleet(ctx, cfg, prompts, workers=run.workers, body=alternate)
     mixed = None
     if run.phase == "mixed":
         mixed = Mixed(interactive=work["interactive"], rate_per_s=sizes.interactive_rate_per_s)
@@ -288,7 +298,9 @@ def check_targets(results: list[dict]) -> list[dict]:
                 and r.get("workers") == 2 and "tokens_per_s" in r), None)
     check("two GPUs: 2 workers >= 1.9 x 1", ratio(two and two["tokens_per_s"],
                                                    one and one["tokens_per_s"]), 1.9)
-    return checks
+    from bench.gpu.structured_outputs import targets
+
+    return checks + targets(results)
 
 
 def table(results: list[dict]) -> str:
@@ -416,6 +428,10 @@ def _expected_s(run: Run, done: list[dict], work: dict[str, PromptSet], sizes: S
     start_s = max(starts, default=sizes.engine_start_guess_s)
     name = "prefix" if run.phase == "prefix" else "twogpu" if run.phase == "twogpu" else "bulk"
     tokens = len(work[name].prompts) * work[name].max_tokens
+    if run.phase == "schema":
+        from bench.gpu.structured_outputs import ORDER
+
+        tokens *= len(ORDER)
     rate = max(rates, default=sizes.tokens_per_s_guess) * run.workers
     return start_s + tokens / rate + 20.0
 
