@@ -50,9 +50,11 @@ def render(correlation_id: str, events: list[TraceEvent]) -> str:
     enqueued: set[str] = set()
     for event in events:
         match event:
-            case Enqueued(task_id=task_id, model=model, parent_id=parent, at=at):
+            case Enqueued(task_id=task_id, model=model, parent_id=parent, at=at, via=via):
                 enqueued.add(task_id)
-                rows.append((at, task_id, "follow-up enqueued" if parent else "enqueued",
+                step = ("join enqueued" if via.startswith("join") else "follow-up enqueued") \
+                    if parent else "enqueued"
+                rows.append((at, task_id, step,
                              f"model {model}" + (f", parent {parent}" if parent else "")))
             case Finished(result=r):
                 finished[r.task_id] = r

@@ -240,5 +240,5 @@ def example(schema: object, source: str, root: object = None, index: int = 0) ->
         return False
     if kind == "null":
         return None
-    text = "echo: " + source[-24:] + (f" #{index}" if index else "")
+    text = (f"{index}. " if index else "") + "echo: " + source[-24:]  # items differ, even cut
     return text[:schema.get("maxLength", len(text))]
