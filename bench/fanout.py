@@ -11,7 +11,7 @@ tests/test_faults.py) checks every join's state (all children ended, each result
 place, fired once), every task's result written once, each child and join enqueued once,
 each trace event recorded once, nothing pending, no queued count left.  Prints PASS or FAIL
 and exits 1 on a FAIL; a worker or the server dying without being killed stops the run at
-once.
+once (bench.harness).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -147,13 +146,13 @@ async def _traces(redis, roots: list[str], children: int) -> list[str]:
 
 
 class Workers:
-    """Fake-engine worker processes, killed and replaced at random."""
+    """Fake-engine worker processes (bench.harness children), killed and replaced at random:
+    a worker that dies without being killed stops the benchmark (harness.ChildDied)."""
 
-    def __init__(self, url: str, home: Path, count: int, claim_idle_ms: int):
-        self.url, self.home, self.claim_idle_ms = url, home, claim_idle_ms
-        self.procs: list[subprocess.Popen] = []
-        self.logs: dict[int, object] = {}
-        self.killed: set[int] = set()
+    def __init__(self, procs: harness.Processes, url: str, home: Path, count: int,
+                 claim_idle_ms: int):
+        self.procs, self.url, self.home, self.claim_idle_ms = procs, url, home, claim_idle_ms
+        self.live: list[harness.Child] = []
         self.started = 0
         for _ in range(count):
             self.start()
@@ -166,33 +165,14 @@ class Workers:
                "AGENTFLEET_BLOCK_MS": "50", "AGENTFLEET_MAX_DELIVERIES": "1000",
                "AGENTFLEET_HOME": str(self.home), "AGENTFLEET_METRICS_PORT": "0",
                "AGENTFLEET_KPI_TTL_S": "0", "AGENTFLEET_LOG_FORMAT": "text"}
-        log = open(self.home / f"worker-{self.started}.log", "wb")  # a file: a pipe fills up
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "agentfleet", "worker"],
-                                           env=env, stdout=subprocess.DEVNULL, stderr=log))
-        self.logs[self.procs[-1].pid] = log
+        self.live.append(self.procs.command(
+            [sys.executable, "-m", "agentfleet", "worker"], name=f"worker{self.started}",
+            env=env))
 
     def kill_one(self, rng: random.Random) -> None:
-        live = [p for p in self.procs if p.poll() is None]
-        victim = rng.choice(live)
-        self.killed.add(victim.pid)
-        victim.kill()
-        victim.wait()
+        victim = self.live.pop(rng.randrange(len(self.live)))
+        victim.stop(signal.SIGKILL, grace_s=0.0)  # marked as stopping: not a death
         self.start()
-
-    def check(self) -> None:
-        """A worker that died without being killed stops the run."""
-        for p in self.procs:
-            if p.poll() is not None and p.pid not in self.killed:
-                err = Path(self.logs[p.pid].name).read_text(errors="replace")
-                raise RuntimeError(f"worker {p.pid} exited {p.returncode} on its own:\n"
-                                   f"{err[-3000:]}")
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            self.logs[p.pid].close()
 
 
 async def submit_all(producer: Producer, tasks: list[Task], chunk: int = 100) -> list[str]:
@@ -209,40 +189,33 @@ async def submit_all(producer: Producer, tasks: list[Task], chunk: int = 100) ->
     return roots
 
 
-async def run(args: argparse.Namespace) -> dict:
+async def run(args: argparse.Namespace, procs: harness.Processes, tmp: Path) -> dict:
     rng = random.Random(args.seed)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
     server = ServerProcess(tmp / "server", appendfsync="always")
     url = server.start()
-    workers = Workers(url, tmp, args.workers, args.claim_idle_ms)
+    watched = procs.adopt("server", server.proc, log_path=tmp / "server" / "server.log")
+    workers = Workers(procs, url, tmp, args.workers, args.claim_idle_ms)
     producer = Producer(connect(url), settings=Settings.from_env({}))
     try:
         started = time.monotonic()
-        tasks = fanout_tasks(args.fanouts, args.children)
-        submit = asyncio.ensure_future(submit_all(producer, tasks))
-        kills, restarted = 0, False
-        joins_done = 0
-        while True:
-            workers.check()
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"the server exited on its own ({server.proc.returncode}); "
-                                   f"see {tmp / 'server' / 'server.log'}")
-            if submit.done():
-                roots = submit.result()
-                joins_done = await joins_fired(producer)
-                if joins_done >= len(roots):
-                    break
+        submit = asyncio.ensure_future(submit_all(producer, fanout_tasks(args.fanouts,
+                                                                         args.children)))
+        kills, restarted, fired = 0, False, 0
+        while not submit.done() or (fired := await joins_fired(producer)) < args.fanouts:
             if time.monotonic() - started > args.timeout_s:
-                raise RuntimeError(f"not done in {args.timeout_s}s: {joins_done} joins fired")
+                raise TimeoutError(f"not done in {args.timeout_s}s: {fired} joins fired")
             await asyncio.sleep(rng.uniform(0.2, 2 * args.kill_every_s))
             workers.kill_one(rng)
             kills += 1
             if not restarted and time.monotonic() - started > args.restart_after_s:
+                watched.stopping = True
                 server.kill()
                 server.start()  # same port and append-only file
+                watched = procs.adopt("server", server.proc,
+                                      log_path=tmp / "server" / "server.log")
                 restarted = True
         run_s = time.monotonic() - started
-        problems = await audit(producer, roots, args.children, timeout_s=60)
+        problems = await audit(producer, submit.result(), args.children, timeout_s=60)
         return {"fanouts": args.fanouts, "children": args.children, "workers": args.workers,
                 "tasks": args.fanouts * (args.children + 2), "kills": kills,
                 "server_restarted": restarted, "run_s": round(run_s, 1),
@@ -250,7 +223,7 @@ async def run(args: argparse.Namespace) -> dict:
                 "problems": problems}
     finally:
         await producer.close()
-        workers.stop()
+        watched.stopping = True
         server.stop()
 
 
@@ -274,25 +247,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--claim-idle-ms", type=int, default=1000)
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=16)
-    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--json", help="write the result file here")
     args = parser.parse_args(argv)
-    try:
-        report = asyncio.run(run(args))
-    except RuntimeError as exc:
-        print(f"FAIL  fan-out under faults: {exc}")
-        return 1
-    print(json.dumps({k: v for k, v in report.items() if k != "problems"}))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    status = "FAIL" if report["problems"] else "PASS"
-    print(f"{status}  {args.fanouts} fan-outs x {args.children} children, "
-          f"{report['kills']} worker kills, server restarted "
-          f"{'once' if report['server_restarted'] else 'never'}: every join fired once with "
-          f"all children's results, nothing lost or doubled")
+    from bench import harness  # here: tests load this file by its path for `audit` alone
+
+    machine = harness.machine(packages=("redis", "msgspec"))
+    with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp, \
+            harness.Processes(Path(tmp) / "logs") as procs:
+        (Path(tmp) / "logs").mkdir()
+        report = procs.run(run(args, procs, Path(tmp)))
+    print(json.dumps({k: v for k, v in report.items() if k != "problems"}), flush=True)
     for problem in report["problems"][:20]:
         print("  " + problem)
-    return 1 if report["problems"] else 0
+    checks = [harness.Check(
+        f"{args.fanouts} fan-outs x {args.children} children, {report['kills']} worker "
+        f"kills, server restarted {'once' if report['server_restarted'] else 'never'}: every "
+        f"join fired once with all children's results, nothing lost or doubled",
+        not report["problems"], f"{len(report['problems'])} problems")]
+    status = harness.print_checks(checks)
+    harness.write_result(args.json, benchmark="fanout", checks=checks, machine_info=machine,
+                         **report)
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.harness import entry
+
+    sys.exit(entry(main))

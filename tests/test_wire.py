@@ -103,20 +103,3 @@ def test_result_ok():
     assert Result(task_id="t", status=Status.SUCCEEDED).ok
     assert not Result(task_id="t", status=Status.FAILED).ok
 
-
-def test_the_readme_configuration_tables_list_every_setting():
-    """Docs match the code: each Settings and ModelSpec field has its row (and the row its
-    variable)."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (\w+) \| ([^|]*) \|", readme,
-                                                        re.M)}
-    for field in msgspec.structs.fields(Settings):
-        assert field.name in rows, f"README: no row for setting {field.name}"
-        if field.name != "models":
-            assert f"AGENTFLEET_{field.name.upper()}" in rows[field.name], field.name
-    missing = [f.name for f in msgspec.structs.fields(ModelSpec)
-               if f.name != "name" and f.name not in rows]
-    assert not missing, f"README: no row for model fields {missing}"

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import time
 
-from bench.gpu.common import percentiles, summary
+from bench.gpu.common import summary
 from bench.gpu.workload import PromptSet
+from bench.harness import Check, percentiles
 from agentfleet.schemas.wire import JsonSchema, ResponseFormat, Task
 
 TARGET = 0.9  # schema tokens/s at least this share of plain tokens/s
@@ -90,11 +91,11 @@ def _total(runs: list[dict]) -> dict:
                    prompt_tokens=sum(r["prompt_tokens"] for r in runs))
 
 
-def targets(results: list[dict]) -> list[dict]:
-    """Issue 16's GPU target, from the schema phase's rows (n/a when it did not run)."""
+def targets(results: list[dict]) -> list[Check]:
+    """Issue 16's GPU target, from the schema phase's row (n/a when it did not run)."""
     rows = [r for r in results if r.get("phase") == "schema" and "vs_plain" in r]
     value = rows[0]["vs_plain"] if rows else None
-    status = "n/a" if value is None else "PASS" if value >= TARGET else "FAIL"
     label = rows[0]["label"] if rows else "fleet"
-    return [{"target": f"schema {label}: JSON-schema tasks >= {TARGET} x the same without "
-                       f"(tokens/s)", "value": value, "bound": TARGET, "status": status}]
+    return [Check(f"schema {label}: JSON-schema tasks >= {TARGET} x the same without "
+                  f"(tokens/s)", None if value is None else value >= TARGET,
+                  "" if value is None else value)]
