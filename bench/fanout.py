@@ -118,8 +118,10 @@ async def audit(producer: Producer, roots: list[str], children: int,
 
 
 async def _traces(redis, roots: list[str], children: int) -> list[str]:
-    """Each task of each fan-out enqueued (children, join) and finished once in its trace,
-    and the join enqueued by the commit of the child that ended last, not before."""
+    """Each task of each fan-out enqueued (children, join) and finished once in its trace.
+    (When a join fires is not read from the trace's times: each is taken as its record is
+    built, before the script runs, so two workers' commits can land in the other order.
+    tests/test_agent_steps.py checks it record by record.)"""
     problems = []
     async with redis.pipeline(transaction=False) as pipe:
         for root in roots:
@@ -134,12 +136,6 @@ async def _traces(redis, roots: list[str], children: int) -> list[str]:
                             f"({len(enq)} tasks)")
         if len(fin) != children + 2 or max(fin.values(), default=0) != 1:
             problems.append(f"{root}: finish events {dict(fin.most_common(2))} ({len(fin)})")
-        fired = [e.at for e in events if isinstance(e, Enqueued) and e.task_id == root + ".join"]
-        ended = [e.result.timings.written for e in events if isinstance(e, Finished)
-                 and e.result.parent_id == root and e.result.task_id != root + ".join"]
-        if fired and ended and fired[0] < max(ended):
-            problems.append(f"{root}: join enqueued at {fired[0]:.6f}, before its last child "
-                            f"ended at {max(ended):.6f}")
         if len(problems) > 10:
             break
     return problems

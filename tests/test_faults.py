@@ -481,14 +481,15 @@ def _bench_fanout():
 
 @pytest.mark.timeout(240)
 async def test_fan_outs_join_exactly_once_while_workers_are_killed(fleet, producer, request):
-    """Issue 16's target: 1,000 fan-outs of 20 children (on Valkey; 200 on Redis 7.0), three
-    workers killed at random and replaced, the server killed and restarted once: every join
-    fires once with all 20 children's results, nothing lost or doubled (bench/fanout.py's
-    audit; `python -m bench.fanout` runs the same on its own)."""
+    """Issue 16's target, smaller: 400 fan-outs of 20 children on Valkey (200 on Redis 7.0),
+    three workers killed at random and replaced, the server killed and restarted once: every
+    join fires once with all 20 children's results, nothing lost or doubled (bench/fanout.py's
+    audit).  The full 1,000 took 37 to 71 s here, by the machine's load: `python -m
+    bench.fanout` runs it."""
     bench = _bench_fanout()
     audit, fanout_tasks, joins_fired, submit_all = (bench.audit, bench.fanout_tasks,
                                                     bench.joins_fired, bench.submit_all)
-    count = 200 if "redis7" in request.node.name else 1000
+    count = 200 if "redis7" in request.node.name else 400
     rng = random.Random(16)
     env = {"AGENTFLEET_MAX_DELIVERIES": "1000", "AGENTFLEET_KPI_TTL_S": "0"}
     workers = [fleet.worker(f"f{i}", **env) for i in range(3)]
