@@ -227,3 +227,14 @@ def test_the_fake_engine_calls_the_tool_its_input_names():
     assert out.text == '[{"name":"lookup","parameters":{"id":0}}]'
     plain = answer("r", _task(prompt="hello", tools=TOOLS, sampling=Sampling(max_tokens=64)), 0)
     assert plain.text == '{"content":"echo: hello"}'
+
+
+def test_a_schema_that_cannot_be_applied_fails_the_output_not_the_worker():
+    broken = ResponseFormat(type="json_schema", json_schema=JsonSchema(schema={
+        "$ref": "#/$defs/nowhere"}))
+    got = _parse('{"a": 1}', response_format=broken)
+    assert got.error.startswith("output fails its schema: the schema cannot be applied")
+    looping = {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}
+    out = answer("r", _task(response_format=ResponseFormat(
+        type="json_schema", json_schema=JsonSchema(schema=looping))), 0.0)
+    assert out.text == "null"

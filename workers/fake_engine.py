@@ -206,33 +206,36 @@ def _mentioned(options: Sequence, source: str) -> object:
     return next((o for o in options if str(o).lower() in low), options[0])
 
 
-def example(schema: object, source: str, root: object = None, index: int = 0) -> object:
+def example(schema: object, source: str, root: object = None, index: int = 0,
+            depth: int = 0) -> object:
     """A small instance of a JSON schema, picked from the input where it has a choice."""
     root = schema if root is None else root
-    if not isinstance(schema, Mapping):
+    if not isinstance(schema, Mapping) or depth > 32:  # 32: a $ref that loops stops somewhere
         return None
+    depth += 1
     ref = schema.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/"):
         target: object = root
         for part in ref[2:].split("/"):
             target = target.get(part, {}) if isinstance(target, Mapping) else {}
-        return example(target, source, root, index)
+        return example(target, source, root, index, depth)
     if "const" in schema:
         return schema["const"]
     if schema.get("enum"):
         return _mentioned(schema["enum"], source)
     for key in ("anyOf", "oneOf"):
         if schema.get(key):
-            return example(schema[key][0], source, root, index)
+            return example(schema[key][0], source, root, index, depth)
     kind = schema.get("type", "object" if "properties" in schema else "string")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object":
-        return {name: example(sub, source, root, index)
+        return {name: example(sub, source, root, index, depth)
                 for name, sub in (schema.get("properties") or {}).items()}
     if kind == "array":
         count = schema.get("minItems") or min(1, schema.get("maxItems", 1))
-        return [example(schema.get("items", {}), source, root, k + 1) for k in range(count)]
+        return [example(schema.get("items", {}), source, root, k + 1, depth)
+                for k in range(count)]
     if kind in ("integer", "number"):
         low = schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1)
         return int(low) if kind == "integer" else float(low)

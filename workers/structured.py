@@ -182,15 +182,18 @@ def schema_error(schema: Mapping, value: object) -> str:
     """"" when `value` is an instance of `schema`, else the first error and where."""
     key = _json.encode(schema)
     validator = _validators.get(key)
-    if validator is None:
-        import jsonschema
+    try:
+        if validator is None:
+            import jsonschema
 
-        cls = jsonschema.validators.validator_for(schema)
-        validator = cls(schema)
-        if len(_validators) > 512:
-            _validators.clear()
-        _validators[key] = validator
-    error = next(iter(validator.iter_errors(value)), None)  # type: ignore[attr-defined]
+            cls = jsonschema.validators.validator_for(schema)
+            validator = cls(schema)
+            if len(_validators) > 512:
+                _validators.clear()
+            _validators[key] = validator
+        error = next(iter(validator.iter_errors(value)), None)  # type: ignore[attr-defined]
+    except Exception as exc:  # the task's schema (a $ref to nowhere, ...): its failure, not ours
+        return f"the schema cannot be applied: {type(exc).__name__}: {str(exc)[:200]}"
     if error is None:
         return ""
     where = ".".join(str(p) for p in error.absolute_path)
