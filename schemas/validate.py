@@ -334,19 +334,60 @@ def _check_format(fmt: ResponseFormat, at: str) -> None:
 
 
 def check_json_schema(schema: object, at: str) -> None:
-    """A JSON schema that compiles (by its own draft's meta-schema), or ValidationError."""
-    try:
-        import jsonschema
-    except ImportError:  # pragma: no cover - a dependency of the client (pyproject.toml)
-        raise ValidationError(at, "cannot check JSON schemas: install jsonschema") from None
+    """A JSON schema that compiles, or ValidationError: against its draft's meta-schema with
+    the jsonschema package (the `steps` extra; workers have it), else a structural check of
+    the keywords that shape an output (types, properties, items, required, enum)."""
     if not isinstance(schema, dict):
         raise ValidationError(at, "a JSON schema is an object")
+    try:
+        import jsonschema
+    except ImportError:
+        _check_shape(schema, at, "")
+        return
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         raise ValidationError(at, f"does not compile: {exc.message}"
                               + (f" (at {where})" if where else "")) from None
+
+
+_JSON_TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", "null"))
+
+
+def _check_shape(schema: object, at: str, where: str) -> None:
+    def bad(message: str) -> ValidationError:
+        return ValidationError(at, f"does not compile: {message}"
+                               + (f" (at {where.lstrip('/')})" if where else ""))
+
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise bad(f"{schema!r} is not a schema")
+    kinds = schema.get("type", [])
+    for kind in kinds if isinstance(kinds, list) else [kinds]:
+        if kind not in _JSON_TYPES:
+            raise bad(f"type {kind!r} is not one of {sorted(_JSON_TYPES)}")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise bad("required is not a list of names")
+    if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
+        raise bad("enum is not a non-empty list")
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        sub = schema.get(key, {})
+        if not isinstance(sub, dict):
+            raise bad(f"{key} is not an object")
+        for name, value in sub.items():
+            _check_shape(value, at, f"{where}/{key}/{name}")
+    for key in ("items", "additionalProperties", "not"):
+        if key in schema:
+            _check_shape(schema[key], at, f"{where}/{key}")
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            if not isinstance(schema[key], list) or not schema[key]:
+                raise bad(f"{key} is not a non-empty list")
+            for i, value in enumerate(schema[key]):
+                _check_shape(value, at, f"{where}/{key}/{i}")
 
 
 def _check_grammar(grammar: str, at: str) -> None:

@@ -238,3 +238,19 @@ def test_a_schema_that_cannot_be_applied_fails_the_output_not_the_worker():
     out = answer("r", _task(response_format=ResponseFormat(
         type="json_schema", json_schema=JsonSchema(schema=looping))), 0.0)
     assert out.text == "null"
+
+
+def test_without_the_jsonschema_package_a_structural_check_still_names_the_field(monkeypatch):
+    """The client install (msgspec and redis) has no jsonschema: the `steps` extra adds it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # `import jsonschema` fails
+    with pytest.raises(ValidationError) as caught:
+        validate_task(_task(response_format=ResponseFormat(type="json_schema", json_schema=(
+            JsonSchema(schema={"type": "object", "properties": {"a": {"type": "txt"}}})))),
+            SETTINGS)
+    assert caught.value.field == "response_format.json_schema.schema"
+    assert "(at properties/a)" in str(caught.value)
+    validate_task(_task(response_format=SCHEMA), SETTINGS)
+    fresh = {"type": "integer", "minimum": 16}  # compiled by no other test: not cached
+    assert structured.schema_error(fresh, "x") == ""  # a worker leaves it to the engine
