@@ -337,7 +337,7 @@ def test_a_join_step_is_filled_with_its_childrens_results_in_their_order():
     step = Task(id="p.join", model="m1", prompt="{output.category}: {results}",
                 join_of=JoinRef(parent="p", model="m1", join_model="m1"))
     filled = render_join(step, state, 123.0)
-    assert filled.enqueued_at == 123.0
+    assert filled.enqueued_at == 123.0 and filled.join_of is None  # a retry is not filled again
     assert filled.prompt == (
         'bug: [{"task_id":"p.1-1","status":"succeeded","output":"one"},'
         '{"task_id":"p.1-2","status":"failed","output":"","error":"output_invalid: x"}]')

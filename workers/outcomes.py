@@ -225,7 +225,10 @@ def render_join(task: Task, state: Mapping[bytes, bytes], enqueued_at: float) ->
         results.append(join_entry(decode_result(got)))
     context = _context(parent.text, parent.parsed, parent.tool_calls, steps.MISSING)
     context["results"] = results
-    filled = msgspec.structs.replace(task, enqueued_at=enqueued_at or task.enqueued_at)
+    # Filled once: a retry of the step queues it as it is now (join_of dropped), so text that
+    # its input brought in is never read for placeholders again.
+    filled = msgspec.structs.replace(task, enqueued_at=enqueued_at or task.enqueued_at,
+                                     join_of=None)
     if task.prompt is not None:
         filled.prompt = steps.render(task.prompt, context)
     if task.messages is not None:
