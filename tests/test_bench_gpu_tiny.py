@@ -139,16 +139,22 @@ def test_dry_run_builds_every_workload(tmp_path):
     assert "workload prefix: 12 prompts" in proc.stderr
 
 
+def tiny_run(tmp_path, phase: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`bench.gpu.run --tiny` of one phase on the CPU: the process and its one result row
+    (the run's exit status checked)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu.run", "--tiny", "--phase", phase,
+         "--out", str(tmp_path), "--deadline-s", "540"],
+        cwd=ROOT, capture_output=True, text=True, timeout=580)
+    [row] = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert proc.returncode == 0, row.get("error") or proc.stderr[-3000:]
+    return proc, row
+
+
 @pytest.mark.engine
 @pytest.mark.timeout(600)
 def test_tiny_fleet_run_on_the_cpu(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu.run", "--tiny", "--phase", "bulk=fleet@same",
-         "--out", str(tmp_path), "--deadline-s", "540"],
-        cwd=ROOT, capture_output=True, text=True, timeout=580)
-    report = json.loads((tmp_path / "results.json").read_text())
-    [row] = report["results"]
-    assert proc.returncode == 0, row.get("error") or proc.stderr[-3000:]
+    _, row = tiny_run(tmp_path, "bulk=fleet@same")
     assert row["ok"] == row["tasks"] == 16
     assert row["output_tokens"] == 16 * 8
     assert row["lanes"][0]["bench"]["committed"] >= 16
@@ -238,13 +244,7 @@ def test_the_schema_target_compares_schema_runs_with_plain_ones():
 def test_tiny_schema_phase_on_the_cpu(tmp_path):
     """The schema phase (bench/gpu/structured_outputs.py) end to end on the CPU: one fleet,
     plain and JSON-schema runs of the tiny bulk prompts, ABBA."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu.run", "--tiny", "--phase", "schema=fleet@same",
-         "--out", str(tmp_path), "--deadline-s", "540"],
-        cwd=ROOT, capture_output=True, text=True, timeout=580)
-    report = json.loads((tmp_path / "results.json").read_text())
-    [row] = report["results"]
-    assert proc.returncode == 0, row.get("error") or proc.stderr[-3000:]
+    proc, row = tiny_run(tmp_path, "schema=fleet@same")
     assert [len(row["runs"][k]) for k in ("plain", "schema")] == [2, 2]
     assert row["plain"]["output_tokens"] == row["output_tokens"] == 2 * 16 * 8
     assert row["constrained_to_end"] == 2 * 16  # 8 tokens never finish that JSON
