@@ -43,10 +43,11 @@ JOIN_TOKENS_PER_CHILD = 32
 
 
 def validate_task(task: Task, settings: Settings, *, sampling_checked: bool = False,
-                  internal: bool = False) -> ModelSpec:
+                  internal: bool = False, steps_checked: bool = False) -> ModelSpec:
     """Check every bound of `task`; return the spec of its model.
 
     `sampling_checked`: the caller has already checked a Sampling equal to this task's.
+    `steps_checked`: ... and the same follow-ups, join, format and tools (`_shape`).
     `internal`: a task as the worker reads it, where the fields only workers set
     (`joins_into`, `join_of`) may be set; a producer may not set them.
     """
@@ -80,27 +81,50 @@ def validate_task(task: Task, settings: Settings, *, sampling_checked: bool = Fa
     if (task.joins_into is not None or task.join_of is not None) and not internal:
         raise ValidationError("joins_into" if task.joins_into is not None else "join_of",
                               "is set by workers only")
-    step = _Step(task.response_format, task.tools, task.tool_choice)
-    _check_step(step, task.retry_max_tokens, task.sampling, "", spec)
-    _check_followups(task.followups, "followups", task.depth + 1, spec, settings, step,
-                     task.sampling, task.join)
+    if steps_checked:
+        return spec
+    step = None
+    if task.response_format is not None or task.tools or task.tool_choice is not None \
+            or task.retry_max_tokens:
+        step = _Step(task.response_format, task.tools, task.tool_choice)
+        _check_step(step, task.retry_max_tokens, task.sampling, "", spec)
+    if task.followups or task.join is not None:
+        _check_followups(task.followups, "followups", task.depth + 1, spec, settings,
+                         step or _Step(task.response_format, task.tools, task.tool_choice),
+                         task.sampling, task.join)
     return spec
+
+
+def _shape(task: Task) -> tuple | None:
+    """What the agent-step checks of a task depend on (None: it has none of them)."""
+    if not (task.followups or task.join is not None or task.response_format is not None
+            or task.tools):
+        return None
+    return (task.model, task.depth, task.sampling, task.response_format, task.tools,
+            task.tool_choice, task.retry_max_tokens, task.followups, task.join)
 
 
 class TaskChecker:
     """`validate_task` for a run of tasks: a sampling equal to the last one that passed is not
     checked again (one Struct comparison in C; the tasks of a stream or of one `submit_many`
     mostly share theirs).  Only for tasks whose sampling nobody mutates after the check.
+    Likewise the agent steps (follow-ups, join, format, tools: one tuple comparison), which
+    cost ten times the rest to check and which the tasks of a run mostly share too.
     `internal`: the worker's checker (see `validate_task`)."""
 
     def __init__(self, settings: Settings, *, internal: bool = False):
         self.settings = settings
         self.internal = internal
         self._sampling_ok: Sampling | None = None
+        self._steps_ok: tuple | None = None
 
     def __call__(self, task: Task) -> ModelSpec:
         same = task.sampling == self._sampling_ok
-        spec = validate_task(task, self.settings, sampling_checked=same, internal=self.internal)
+        shape = _shape(task)
+        spec = validate_task(task, self.settings, sampling_checked=same, internal=self.internal,
+                             steps_checked=shape is not None and shape == self._steps_ok)
+        if shape is not None:
+            self._steps_ok = shape
         if not same:
             self._sampling_ok = task.sampling
         return spec
@@ -189,13 +213,13 @@ def _check_followups(followups: list[FollowUp], prefix: str, depth: int, parent:
                      sampling: Sampling | None = None, join: FollowUp | None = None) -> None:
     """The follow-ups (and join) of a step; `step` is that step's output format and tools,
     `sampling` its sampling (follow-ups without one inherit it)."""
-    step = step or _Step(None, [], None)
-    sampling = sampling or Sampling()
-    join_prefix = prefix[:-len("followups")] + "join"
-    if join is not None and not followups:
-        raise ValidationError(join_prefix, "a join waits for follow-ups, and there are none")
     if not followups:
+        if join is not None:
+            raise ValidationError(prefix[:-len("followups")] + "join",
+                                  "a join waits for follow-ups, and there are none")
         return
+    step = step or _NO_STEP
+    sampling = sampling or Sampling()
     if len(followups) > settings.max_fanout:
         raise ValidationError(prefix, f"{len(followups)} follow-ups, more than max_fanout "
                               f"{settings.max_fanout}", limit=settings.max_fanout,
@@ -217,6 +241,7 @@ def _check_followups(followups: list[FollowUp], prefix: str, depth: int, parent:
                               f"{settings.max_children}", limit=settings.max_children,
                               value=children)
     if join is not None:
+        join_prefix = prefix[:-len("followups")] + "join"
         spec = _check_one(join, join_prefix + ".", depth, parent, settings, step, sampling,
                           in_join=True)
         need = join_tokens + (join.sampling or sampling).max_tokens
@@ -237,8 +262,11 @@ def _check_one(f: FollowUp, at: str, depth: int, parent: ModelSpec, settings: Se
     _check_input(f.prompt, f.messages, at, spec, settings, required=True)
     if f.sampling is not None:
         _check_sampling(f.sampling, at + "sampling.", spec)
-    own = _Step(f.response_format, f.tools, f.tool_choice)
-    _check_step(own, f.retry_max_tokens, f.sampling or sampling, at, spec)
+    own = _NO_STEP
+    if f.response_format is not None or f.tools or f.tool_choice is not None \
+            or f.retry_max_tokens:
+        own = _Step(f.response_format, f.tools, f.tool_choice)
+        _check_step(own, f.retry_max_tokens, f.sampling or sampling, at, spec)
     if f.when is not None:
         if in_join:
             raise ValidationError(at + "when", "a join runs once its children ended: no "
@@ -248,8 +276,9 @@ def _check_one(f: FollowUp, at: str, depth: int, parent: ModelSpec, settings: Se
         raise ValidationError(at + ("for_each" if f.for_each else "items"),
                               "a join is one step: no fan-out")
     _check_templates(f, at, step, fan_out=bool(f.for_each or f.items), in_join=in_join)
-    _check_followups(f.followups, at + "followups", depth + 1, spec, settings, own,
-                     f.sampling or sampling, f.join)
+    if f.followups or f.join is not None:
+        _check_followups(f.followups, at + "followups", depth + 1, spec, settings, own,
+                         f.sampling or sampling, f.join)
     return spec
 
 
@@ -269,6 +298,9 @@ class _Step(msgspec.Struct, frozen=True):
     @property
     def structured(self) -> bool:
         return self.response_format is not None and self.response_format.type != "text"
+
+
+_NO_STEP = _Step(None, [], None)  # a free-text step without tools
 
 
 def _check_step(step: _Step, retry_max_tokens: int, sampling: Sampling, prefix: str,
@@ -511,6 +543,9 @@ def _children(f: FollowUp, at: str, parent: _Step, settings: Settings) -> int:
     return bound
 
 
+_NAMED = re.compile(r"\{(?:output\.|item|tool|results)")
+
+
 def _check_templates(f: FollowUp, at: str, parent: _Step, *, fan_out: bool,
                      in_join: bool) -> None:
     texts: list[tuple[str, str]] = []
@@ -519,6 +554,8 @@ def _check_templates(f: FollowUp, at: str, parent: _Step, *, fan_out: bool,
     for i, m in enumerate(f.messages or ()):
         texts.append((f"{at}messages[{i}].content", m.content))
     for where, text in texts:
+        if "{" not in text or not _NAMED.search(text):
+            continue  # no placeholder but {output}: nothing to check
         for root, path in steps.placeholders(text):
             if root == "item" and not fan_out:
                 raise ValidationError(where, "{item} outside a fan-out (for_each or items)")

@@ -254,3 +254,17 @@ def test_without_the_jsonschema_package_a_structural_check_still_names_the_field
     validate_task(_task(response_format=SCHEMA), SETTINGS)
     fresh = {"type": "integer", "minimum": 16}  # compiled by no other test: not cached
     assert structured.schema_error(fresh, "x") == ""  # a worker leaves it to the engine
+
+
+def test_a_checker_skips_only_steps_it_has_seen_pass():
+    from agentfleet.schemas.validate import TaskChecker
+
+    check = TaskChecker(SETTINGS)
+    good = dict(response_format=SCHEMA, followups=[_fu(prompt="{output.category}")])
+    check(_task(**good))
+    check(_task(**good))  # the same shape: not checked again
+    with pytest.raises(ValidationError) as caught:  # another shape is
+        check(_task(response_format=SCHEMA, followups=[_fu(prompt="{output.nope}")]))
+    assert caught.value.field == "followups[0].prompt"
+    with pytest.raises(ValidationError):  # the same follow-ups under a parent without a schema
+        check(_task(followups=[_fu(prompt="{output.category}")]))
