@@ -93,6 +93,15 @@ def trace_key(model: str, correlation_id: str) -> str:
     return f"{_tag(model)}:trace:{correlation_id}"
 
 
+def join_state(model: str, parent_id: str) -> str:
+    """One fan-out's join (a hash, kept with the parent's model): `n` children expected, the
+    join step's `task`, the parent's result `parent`, `ended`, `fired`, and `r:<child id>`
+    each child's result.  Written by commit.lua only: the parent's commit opens it, each
+    child's first result adds itself, the one that completes it enqueues the join; children
+    on other models write it across slots (docs/agent-steps.md)."""
+    return f"{_tag(model)}:join:{parent_id}"
+
+
 def stats_key(model: str) -> str:
     """Counters of one model (a hash): written, duplicates."""
     return f"{_tag(model)}:stats"

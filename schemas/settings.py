@@ -122,6 +122,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: Count0 = 0
     # "priority": interactive before bulk inside vLLM; "fcfs": arrival order
     scheduling_policy: Annotated[str, Bound(one_of=("priority", "fcfs"))] = "priority"
+    # vLLM's tool parser for this model family ("hermes", "llama3_json", ...): tool calls of
+    # tasks with tool_choice "auto" are read by it; "": by structured outputs instead.
+    tool_parser: str = ""
 
     def __post_init__(self) -> None:
         check_bounds(self, lambda field: f"[models.{self.name}] {field}")
@@ -176,6 +179,7 @@ class Settings(msgspec.Struct, kw_only=True):
     max_chain_depth: Count0 = 8  # follow-up nesting
     max_messages: Count = 256
     max_metadata_items: Count0 = 64
+    max_children: Count0 = 100  # children one step may enqueue (after for_each/items): a join's inputs
     # observability (docs/observability.md)
     metrics_port: Port = 9464  # `agentfleet worker` serves /metrics here; 0: metrics off
     # auto (text on a terminal, else JSON lines), json or text

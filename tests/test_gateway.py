@@ -79,8 +79,7 @@ async def test_bad_input_gets_openai_errors_and_queues_nothing(gateway, api_key,
             (openai.NotFoundError, dict(model="gpt-9"), "model"),
             (openai.UnprocessableEntityError, dict(extra_body={"temprature": 0.5}), None),
             (openai.BadRequestError, dict(max_tokens=5000), "max_tokens"),
-            (openai.BadRequestError, dict(tools=[{"type": "function", "function":
-                                                  {"name": "f"}}]), "tools"),
+            (openai.BadRequestError, dict(tool_choice="required"), "tool_choice"),
         ]
         for error, change, param in cases:
             with pytest.raises(error) as caught:

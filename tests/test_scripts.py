@@ -9,6 +9,7 @@ from agentfleet.workers.scripts import (
     CommitHead,
     CommitRecord,
     FollowUpWrite,
+    JoinWrite,
     commit_args,
     reply_entry,
 )
@@ -28,7 +29,7 @@ def test_a_lone_result_costs_one_key_and_three_arguments_besides_its_source():
     keys, args = commit_args(HEAD, [_rec(b"5-0")])
     assert keys == ["st", "dl", "dd", "qu", "s1", "res:5-0"]
     # the source: its id range, then its tenant and that tenant's retention
-    assert args == ["g", "me", 80, 90, 0, b"5-0", "rS----", b"R5-0",
+    assert args == ["g", "me", 80, 90, 0, b"5-0", "rS-----", b"R5-0",
                     b"5-0", b"5-0", "acme", 60, 70]
 
 
@@ -39,8 +40,8 @@ def test_records_are_grouped_by_source_and_reply_stream_each_named_once():
     assert keys.count("s1") == 1 and keys.count("s2") == 1
     # s1's group: its lowest and highest entry ids bound the ownership check
     first = args.index(b"3-0")
-    assert args[first + 1] == "rSP---" and args[first + 3:first + 5] == [b"1-0", b"3-0"]
-    assert args[args.index(b"2-0") + 1] == "r-p---"  # same reply stream as the record before
+    assert args[first + 1] == "rSP----" and args[first + 3:first + 5] == [b"1-0", b"3-0"]
+    assert args[args.index(b"2-0") + 1] == "r-p----"  # same reply stream as the record before
     assert args[4] == 2  # m: two reply payloads built, their streams last in KEYS
     assert keys[-2:] == ["rpA", "rpB"]
     assert args[-4:] == [3, reply_entry([b"R3-0", b"R2-0", b"R9-1"]), 1, reply_entry([b"R1-0"])]
@@ -58,9 +59,9 @@ def test_retries_dead_letters_traces_bulk_jobs_and_followups_carry_their_flags()
     assert keys == ["st", "dl", "dd", "qu", "s1", "res:2-0", "tr", "res:3-0", "bo", "bc",
                     "f1", "z1", "q1", "f2", "z2", "q2"]
     assert args[5:] == [
-        b"1-0", "yS----", b"itask", "12.5", b"1-0", b"3-0", "acme", 60, 70,  # retry: v2 = due
-        b"2-0", "d--T--", b"R2-0", b"DEAD", b"EV",
-        b"3-0", "r---BF", b"R3-0", "succeeded", 2, b"T1", b"E1", "acme", b"T2", b"", "acme"]
+        b"1-0", "yS-----", b"itask", "12.5", b"1-0", b"3-0", "acme", 60, 70,  # retry: v2 = due
+        b"2-0", "d--T---", b"R2-0", b"DEAD", b"EV",
+        b"3-0", "r---BF-", b"R3-0", "succeeded", 2, b"T1", b"E1", "acme", b"T2", b"", "acme"]
 
 
 def test_every_script_file_opens_with_its_contract():
@@ -70,3 +71,21 @@ def test_every_script_file_opens_with_its_contract():
             head = text.split("\n\n")[0] + text[:2000]
             assert text.startswith(f"-- {f.name}:"), f.name
             assert "-- KEYS:" in head and "-- ARGV:" in head, f.name
+
+
+def test_a_join_opened_by_its_parent_and_joined_by_a_child_takes_its_four_keys_last():
+    opening = JoinWrite(state_key="js", stream="jq", lanes_key="jl", queued_key="jc",
+                        tenant="acme", event=b"JE", payload=b"JOIN", children=("p.1", "p.2"))
+    member = JoinWrite(state_key="js", stream="jq", lanes_key="jl", queued_key="jc",
+                       tenant="acme", event=b"", member="p.1")
+    recs = [_rec(b"1-0", followups=[FollowUpWrite("f1", b"T1", b"E1", "z1", "q1", "acme")],
+                 join=opening),
+            _rec(b"2-0", join=member)]
+    keys, args = commit_args(HEAD, recs)
+    assert keys[4:] == ["s1", "res:1-0", "f1", "z1", "q1", "js", "jq", "jl", "jc",
+                        "res:2-0", "js", "jq", "jl", "jc"]
+    assert args[5:] == [
+        b"1-0", "rS---FJ", b"R1-0", b"1-0", b"2-0", "acme", 60, 70,
+        1, b"T1", b"E1", "acme",  # the follow-ups first, then the join: tenant, event, ...
+        "acme", b"JE", b"JOIN", 2, "p.1", "p.2",  # ... the step and the children it waits for
+        b"2-0", "r-----M", b"R2-0", "acme", b"", "p.1"]  # a child: its own id

@@ -18,6 +18,7 @@ from agentfleet.producer.openai_batch import (
     CHAT_URL,
     COMPLETIONS_URL,
     completion_body,
+    apply_steps,
     request_input,
 )
 from agentfleet.schemas.errors import ValidationError
@@ -83,13 +84,19 @@ def completion_task(body: CompletionRequest, chat: bool, task_id: str, tenant: s
     if isinstance(body, ChatRequest):
         _refuse_chat_extras(body)
     prompt, messages, sampling = request_input(body, chat, body.model, settings, stream_ok=True)
-    return Task(id=task_id, tenant=tenant, model=body.model, prompt=prompt, messages=messages,
-                sampling=sampling, priority=body.priority or 0, stream=bool(body.stream))
+    task = apply_steps(Task(id=task_id, tenant=tenant, model=body.model, prompt=prompt,
+                            messages=messages, sampling=sampling, priority=body.priority or 0,
+                            stream=bool(body.stream)), body)
+    if task.stream and task.tools:
+        raise ValidationError("stream", "streaming is not supported with tools (their calls "
+                              "are parsed from the whole output)")
+    return task
 
 
 def _refuse_chat_extras(body: ChatRequest) -> None:
-    if body.tool_choice not in (None, "none") or body.functions or body.function_call:
-        raise ValidationError("tools", "tool calling is not supported")
+    if body.functions or body.function_call:
+        raise ValidationError("functions", "the old function calling fields are not "
+                              "supported: use tools and tool_choice")
     if body.audio or (body.modalities and body.modalities != ["text"]):
         raise ValidationError("modalities", "only text output is supported")
     if body.prediction:

@@ -24,10 +24,17 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properti
     "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
 
+def _any(t: type) -> dict[str, object]:
+    """`object` fields (a JSON schema, a tool's parameters, a fan-out's items) take any JSON."""
+    if t is object:
+        return {"description": "any JSON value"}  # msgspec takes {} for "no schema given"
+    raise NotImplementedError(t)
+
+
 def build(handlers, fast_routes=()) -> dict[str, object]:
     bodies = list(dict.fromkeys([*REQUEST_BODIES.values(), *(r.body for r in fast_routes)]))
     schemas, components = msgspec.json.schema_components(
-        bodies, ref_template="#/components/schemas/{name}")
+        bodies, ref_template="#/components/schemas/{name}", schema_hook=_any)
     refs = dict(zip(bodies, schemas))
     paths: dict[str, dict] = {}
     for handler in handlers:

@@ -1,8 +1,10 @@
 """The gateway's request bodies (msgspec Structs), decoded once per request, strictly.
 
 Every OpenAI request field is known here, and anything else is an unknown field (422), so a
-typo never passes silently.  Fields that would change the answer's shape (`n` > 1, tools,
-log probabilities, audio) are known and refused with 400 (`openai_batch.request_input`);
+typo never passes silently.  Fields that would change the answer's shape (`n` > 1, log
+probabilities, audio, the old `functions`) are known and refused with 400
+(`openai_batch.request_input`); `response_format`, `tools` and `tool_choice` are agent steps
+(docs/agent-steps.md, `openai_batch.apply_steps`);
 those that do not (`user`, `metadata`, `store`, `service_tier`, ...) are accepted and ignored.
 """
 
@@ -36,7 +38,6 @@ class CompletionRequest(RequestBody, kw_only=True, forbid_unknown_fields=True):
 class ChatRequest(CompletionRequest, kw_only=True, forbid_unknown_fields=True):
     """POST /v1/chat/completions."""
 
-    tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
     parallel_tool_calls: bool | None = None
