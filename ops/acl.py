@@ -48,10 +48,13 @@ def _selector(patterns: list[str], commands: list[str]) -> str:
 
 def _lanes(tenant: str | None) -> list[str]:
     """The lane streams a producer may queue into: every tenant's, or one tenant's."""
-    if tenant:
-        return [keys.task_stream(_ANY, tenant), keys.bulk_stream(_ANY, tenant)]
+    if tenant:  # with their affinity partitions (docs/affinity.md)
+        return [keys.task_stream(_ANY, tenant), keys.bulk_stream(_ANY, tenant),
+                keys.task_stream(_ANY, tenant, _ANY), keys.bulk_stream(_ANY, tenant, _ANY)]
     return [keys.task_stream(_ANY), keys.task_stream(_ANY, _ANY),
-            keys.bulk_stream(_ANY), keys.bulk_stream(_ANY, _ANY)]
+            keys.bulk_stream(_ANY), keys.bulk_stream(_ANY, _ANY),
+            keys.task_stream(_ANY, keys.DEFAULT_TENANT, _ANY),
+            keys.bulk_stream(_ANY, keys.DEFAULT_TENANT, _ANY)]
 
 
 # What the enqueue script (producer/lua/enqueue.lua) calls, and the quota reads before it.

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from agentfleet.producer.affinity import derive_affinity_key
 from agentfleet.producer.connection import connect
 from agentfleet.producer.enqueue import Lane, enqueue_args, enqueue_lua
 from agentfleet.producer.tracing import current_traceparent
@@ -189,11 +190,13 @@ class Producer:
                     if not fut.done():
                         fut.set_result(accepted.get(i, item[0]))
 
-    @staticmethod
-    def _lane(task: Task) -> Lane:
+    def _lane(self, task: Task) -> Lane:
         # Tasks of a bulk job go to the model's bulk lane, served after interactive ones;
-        # each tenant has its own stream in each lane.
-        return Lane(task.model, "b" if task.batch_id else "i", task.tenant)
+        # each tenant has its own stream in each lane, and with affinity on, each stream its
+        # partitions (docs/affinity.md).
+        return Lane(task.model, "b" if task.batch_id else "i", task.tenant,
+                    keys.affinity_partition(task.affinity_key,
+                                            self.settings.affinity_partitions))
 
     @staticmethod
     def _item(task: Task, index: int) -> tuple[str, str | None, bytes, int, int]:
@@ -382,6 +385,8 @@ class Producer:
             task.reply_to = self.id
         if traceparent and not task.traceparent:
             task.traceparent = traceparent
+        if not task.affinity_key and self.settings.affinity_partitions:
+            task.affinity_key = derive_affinity_key(task, self.settings.affinity_prefix_chars)
         task.enqueued_at = now
 
     # ---- results ---------------------------------------------------------------------

@@ -23,10 +23,11 @@ class Lane(msgspec.Struct, frozen=True):
     model: str
     lane: str
     tenant: str
+    part: int | None = None  # its affinity partition; None: the unpartitioned stream
 
     @property
     def stream(self) -> str:
-        return keys.lane_stream(self.model, self.lane, self.tenant)
+        return keys.lane_stream(self.model, self.lane, self.tenant, self.part)
 
 
 def enqueue_args(lane: Lane, idem_ttl_s: int, items: Sequence[tuple], *,

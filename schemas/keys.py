@@ -8,6 +8,7 @@ one slot (a follow-up for another model is the one cross-slot write; see docs/op
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterable
 
 PREFIX = "af"
@@ -35,18 +36,32 @@ def _tag(model: str) -> str:
     return f"{PREFIX}:{{{model}}}"
 
 
-def task_stream(model: str, tenant: str = DEFAULT_TENANT) -> str:
+def task_stream(model: str, tenant: str = DEFAULT_TENANT, part: int | str | None = None) -> str:
     """A tenant's interactive lane of a model: the stream its producers add tasks to and the
     model's consumer group reads.  Each tenant has its own, so that one tenant's backlog never
-    sits in front of another's next task (workers read them by fair share: docs/tenants.md)."""
-    if tenant == DEFAULT_TENANT:
-        return f"{_tag(model)}:tasks"
-    return f"{_tag(model)}:tasks:{tenant}"
+    sits in front of another's next task (workers read them by fair share: docs/tenants.md).
+
+    `part`: one of the lane's affinity partitions (docs/affinity.md), `<stream>#<part>`
+    ('#': no tenant name holds it); None is the unpartitioned stream, which every worker
+    reads."""
+    base = f"{_tag(model)}:tasks" if tenant == DEFAULT_TENANT else f"{_tag(model)}:tasks:{tenant}"
+    return base if part is None else f"{base}#{part}"
 
 
-def lane_stream(model: str, lane: str, tenant: str = DEFAULT_TENANT) -> str:
+def lane_stream(model: str, lane: str, tenant: str = DEFAULT_TENANT,
+                part: int | None = None) -> str:
     """`task_stream` for lane "i", `bulk_stream` for lane "b"."""
-    return bulk_stream(model, tenant) if lane == "b" else task_stream(model, tenant)
+    return bulk_stream(model, tenant, part) if lane == "b" else task_stream(model, tenant, part)
+
+
+def affinity_partition(affinity_key: str, partitions: int) -> int | None:
+    """The affinity partition of a task's key among a lane's `partitions` (docs/affinity.md):
+    a stable hash (CRC-32, the same in every process and version), so producers and workers
+    agree without asking each other.  None when affinity is off (0 partitions) or the task
+    has no key: it goes to the unpartitioned stream."""
+    if partitions <= 0 or not affinity_key:
+        return None
+    return zlib.crc32(affinity_key.encode()) % partitions
 
 
 def tenant_lanes(model: str, lane: str) -> str:
@@ -147,12 +162,11 @@ def cancel_channel(model: str) -> str:
     return f"{_tag(model)}:cancel"
 
 
-def bulk_stream(model: str, tenant: str = DEFAULT_TENANT) -> str:
+def bulk_stream(model: str, tenant: str = DEFAULT_TENANT, part: int | str | None = None) -> str:
     """A tenant's bulk lane of a model: tasks of bulk jobs, run when interactive work leaves
-    room."""
-    if tenant == DEFAULT_TENANT:
-        return f"{_tag(model)}:bulk"
-    return f"{_tag(model)}:bulk:{tenant}"
+    room.  `part`: an affinity partition, as in `task_stream`."""
+    base = f"{_tag(model)}:bulk" if tenant == DEFAULT_TENANT else f"{_tag(model)}:bulk:{tenant}"
+    return base if part is None else f"{base}#{part}"
 
 
 def batch_output(model: str, batch_id: str) -> str:

@@ -156,6 +156,18 @@ class Settings(msgspec.Struct, kw_only=True):
     # for interactive tasks, which then start within an engine step or two.
     bulk_max_share: Share = 0.875
     fairness: bool = True  # tenants share engine slots by weight (VTC); False: first come
+    # Affinity (docs/affinity.md): each lane stream of a model gets this many partitions,
+    # picked by the task's affinity key; live workers own them by rendezvous hashing.  0: off
+    # (one stream per tenant and lane).  Producers and workers must use the same value.
+    affinity_partitions: Annotated[int, Bound(ge=0, le=4096)] = 0
+    # bounded load: no worker owns more than (1 + this) x the mean partitions per worker
+    affinity_load_factor: Annotated[float, Bound(gt=0, le=10)] = 0.25
+    # an idle worker takes tasks from another's partition once its oldest unread task has
+    # waited this long (the owner is saturated)
+    affinity_steal_after_ms: NonNegative = 200.0
+    # a task without a key gets the hash of its system prompt, else of this many leading
+    # characters of its prompt (its template)
+    affinity_prefix_chars: Count = 2048
     # delivery guarantees
     claim_idle_ms: Count = 30_000  # a pending task idle this long on its consumer is reclaimed
     max_attempts: Count = 3  # engine attempts of a task failing with transient errors

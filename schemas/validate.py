@@ -72,6 +72,10 @@ def validate_task(task: Task, settings: Settings, *, sampling_checked: bool = Fa
     if task.idempotency_key is not None and not 0 < len(task.idempotency_key) <= MAX_ID_CHARS:
         raise ValidationError("idempotency_key", f"must hold 1..{MAX_ID_CHARS} characters",
                               limit=MAX_ID_CHARS, value=len(task.idempotency_key))
+    if len(task.affinity_key) > MAX_ID_CHARS:
+        raise ValidationError("affinity_key", f"{len(task.affinity_key)} characters, more than "
+                              f"{MAX_ID_CHARS}", limit=MAX_ID_CHARS,
+                              value=len(task.affinity_key))
     if len(task.metadata) > settings.max_metadata_items:
         raise ValidationError("metadata", f"{len(task.metadata)} items, more than "
                               f"{settings.max_metadata_items}", limit=settings.max_metadata_items)
@@ -262,6 +266,10 @@ def _check_one(f: FollowUp, at: str, depth: int, parent: ModelSpec, settings: Se
     _check_input(f.prompt, f.messages, at, spec, settings, required=True)
     if f.sampling is not None:
         _check_sampling(f.sampling, at + "sampling.", spec)
+    if len(f.affinity_key) > MAX_ID_CHARS:
+        raise ValidationError(at + "affinity_key", f"{len(f.affinity_key)} characters, more "
+                              f"than {MAX_ID_CHARS}", limit=MAX_ID_CHARS,
+                              value=len(f.affinity_key))
     own = _NO_STEP
     if f.response_format is not None or f.tools or f.tool_choice is not None \
             or f.retry_max_tokens:

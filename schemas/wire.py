@@ -173,6 +173,7 @@ class FollowUp(Base, kw_only=True):
     items: list[object] = []
     continue_conversation: bool = False
     join: FollowUp | None = None
+    affinity_key: str = ""  # "": the parent's (docs/affinity.md)
 
 
 class Task(Base, kw_only=True):
@@ -213,6 +214,10 @@ class Task(Base, kw_only=True):
     join: FollowUp | None = None
     joins_into: JoinRef | None = None  # set by the worker on a fan-out's child
     join_of: JoinRef | None = None  # set by the worker on a join step: its input's state
+    # Which tasks should run where their KV blocks are (docs/affinity.md): a session id, or
+    # "" for the producer to derive one from the leading prompt (its system prompt or
+    # template); a follow-up inherits its parent's.  Picks the task's affinity partition.
+    affinity_key: str = ""
 
 
 class Status(str, enum.Enum):

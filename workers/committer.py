@@ -45,7 +45,7 @@ class Committer:
         writes: set[asyncio.Task] = set()
         while True:
             if not outbox.items:
-                if r.stopping and not r.inflight:
+                if r.stopping and not r.inflight and not r.reading:
                     if writes:
                         await asyncio.wait(writes)
                     if not outbox.items:

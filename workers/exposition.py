@@ -41,6 +41,14 @@ _LANE_COUNTERS = (
      "the task meanwhile.", "fenced"),
     ("agentfleet_tasks_lost_total", "Pending tasks whose stream entry vanished before they "
      "finished.", "lost"),
+    ("agentfleet_affinity_hits_total", "Tasks read from an affinity partition this worker "
+     "owns (docs/affinity.md).", "affinity_hits"),
+    ("agentfleet_affinity_steals_total", "Tasks an under-used worker took from another "
+     "worker's affinity partition.", "affinity_steals"),
+    ("agentfleet_affinity_misses_total", "Tasks of an affinity partition taken over from a "
+     "stalled or dead worker (reclaimed).", "affinity_misses"),
+    ("agentfleet_affinity_rebalances_total", "Times the affinity partitions this worker owns "
+     "changed (a worker joined or left).", "affinity_rebalances"),
 )
 
 

@@ -142,17 +142,20 @@ class Housekeeping:
             try:
                 due = await r.redis.zrangebyscore(delayed, "-inf", time.time(), start=0,
                                                   num=PROMOTE_BATCH)
-                groups: dict[tuple[str, str], list[bytes]] = {}
+                groups: dict[tuple[str, str, int | None], list[bytes]] = {}
+                partitions = r.settings.affinity_partitions
                 for member in due:
                     lane = "b" if member[:1] == b"b" else "i"
                     try:
-                        tenant = decode_task(member[1:]).tenant
+                        task = decode_task(member[1:])
+                        tenant = task.tenant
+                        part = keys.affinity_partition(task.affinity_key, partitions)
                     except AgentFleetError:  # not a task: its own stream's worker dead-letters it
-                        tenant = keys.DEFAULT_TENANT
-                    groups.setdefault((lane, tenant), []).append(member)
-                for (lane, tenant), members in groups.items():
+                        tenant, part = keys.DEFAULT_TENANT, None
+                    groups.setdefault((lane, tenant, part), []).append(member)
+                for (lane, tenant, part), members in groups.items():
                     await self._promote(
-                        keys=[delayed, r.streams.stream(lane, tenant),
+                        keys=[delayed, r.streams.stream(lane, tenant, part),
                               keys.tenant_lanes(r.model, lane)],
                         args=[tenant, keys.GROUP, *members])
             except TRANSIENT as exc:

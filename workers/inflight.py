@@ -52,6 +52,12 @@ class RunnerStats(msgspec.Struct):
     reclaimed: int = 0
     lost: int = 0
     cancelled: int = 0
+    # affinity partitions (docs/affinity.md): tasks read from partitions this worker owns,
+    # taken from others' (stealing), and taken over from a stalled or dead worker (reclaim)
+    affinity_hits: int = 0
+    affinity_steals: int = 0
+    affinity_misses: int = 0
+    affinity_rebalances: int = 0  # times the partitions it owns changed
 
 
 class Slots:

@@ -104,6 +104,7 @@ def child(task: Task, index: int, spec: FollowUp, output: str, now: float,
         reply_to=task.reply_to,
         enqueued_at=now,
         traceparent=traceparent,  # the parent task's span: a chain is one trace
+        affinity_key=spec.affinity_key or task.affinity_key,  # a chain stays together
     )
     if spec.response_format is not None or spec.tools or spec.join is not None \
             or joins_into is not None:
@@ -205,7 +206,8 @@ def join_step(task: Task, now: float, traceparent: str) -> Task:
         enqueued_at=now, traceparent=traceparent, response_format=spec.response_format,
         tools=spec.tools, tool_choice=spec.tool_choice, retry_max_tokens=spec.retry_max_tokens,
         join=spec.join,
-        join_of=JoinRef(parent=task.id, model=task.model, join_model=spec.model or task.model))
+        join_of=JoinRef(parent=task.id, model=task.model, join_model=spec.model or task.model),
+        affinity_key=spec.affinity_key or task.affinity_key)
 
 
 def render_join(task: Task, state: Mapping[bytes, bytes], enqueued_at: float) -> Task:
@@ -264,6 +266,10 @@ class Outcomes:
         self._result_prefix = keys.result_prefix(model)
         self._reply_keys: dict[str, str] = {}
 
+    def _part(self, affinity_key: str) -> int | None:
+        """The affinity partition a follow-up or join step goes to (docs/affinity.md)."""
+        return keys.affinity_partition(affinity_key, self.settings.affinity_partitions)
+
     def record(self, rec: InFlight, now: float, jitter: float) -> CommitRecord:
         """The outcome of `rec` (its output set); `jitter` in [0, 1) spreads retries."""
         out = rec.output
@@ -316,7 +322,8 @@ class Outcomes:
             event = encode(Enqueued(task_id=kid.id, parent_id=task.id, model=kid.model,
                                     agent_id=kid.agent_id, at=now, via=via)) if trace_on else b""
             followups.append(FollowUpWrite(
-                keys.task_stream(kid.model, kid.tenant), encode(kid), event,
+                keys.task_stream(kid.model, kid.tenant, self._part(kid.affinity_key)),
+                encode(kid), event,
                 keys.tenant_lanes(kid.model, "i"), keys.queued_counts(kid.model),
                 kid.tenant))
         # Only the fields that differ from their defaults go through the constructor:
@@ -394,7 +401,7 @@ class Outcomes:
         step = join_step(task, now, traceparent)
         return JoinWrite(
             state_key=keys.join_state(task.model, task.id),
-            stream=keys.task_stream(step.model, task.tenant),
+            stream=keys.task_stream(step.model, task.tenant, self._part(step.affinity_key)),
             lanes_key=keys.tenant_lanes(step.model, "i"),
             queued_key=keys.queued_counts(step.model), tenant=task.tenant,
             event=self._join_event(task.id, step.model, len(fanout.children), now, trace_on),
@@ -405,7 +412,8 @@ class Outcomes:
         ref = task.joins_into
         return JoinWrite(
             state_key=keys.join_state(ref.model, ref.parent),
-            stream=keys.task_stream(ref.join_model, task.tenant),
+            stream=keys.task_stream(ref.join_model, task.tenant,
+                                    self._part(task.affinity_key)),
             lanes_key=keys.tenant_lanes(ref.join_model, "i"),
             queued_key=keys.queued_counts(ref.join_model), tenant=task.tenant,
             event=self._join_event(ref.parent, ref.join_model, 0, now, trace_on),

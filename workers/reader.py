@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentfleet.worker")
 
 CAPPED_BLOCK_MS = 5  # longest blocking read while the bulk lane waits for room
+STEAL_CHECK_S = 0.05  # an under-used worker looks at others' affinity partitions this often
 
 
 class Reader:
@@ -52,6 +53,7 @@ class Reader:
         self._bulk_check_at = 0.0  # monotonic time the bulk lane is worth reading again
         self._backlog = True  # the last read found a backlog: poll lanes before blocking
         self._last_streams: list[str] = []
+        self._steal_check_at = 0.0  # monotonic time others' partitions are looked at again
 
     async def read_loop(self) -> None:
         r = self.runner
@@ -63,15 +65,18 @@ class Reader:
                 r.slot_free.clear()
                 await r.slot_free.wait()
                 continue
+            r.reading = True  # a drain waits for what this read returns (committer.py)
             try:
                 windows = await self.read_window(min(free, s.read_count))
             except TRANSIENT as exc:
+                r.reading = False
                 log.warning("model %s: read failed (%s); retrying in %.2fs", r.model, exc,
                             backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             except ResponseError as exc:
+                r.reading = False
                 if "NOGROUP" not in str(exc):
                     raise
                 # A stream without the group (deleted, or made by hand): make it again.
@@ -80,11 +85,22 @@ class Reader:
             backoff_s = 0.05
             for source, entries in windows:
                 self.dispatch(entries, source)
+            r.reading = False
+            if r.stopping:  # what the last read returned is in flight: the drain waits for it
+                r.outbox.ready.set()
 
     async def read_window(self, want: int) -> list[tuple[str, list]]:
         """Interactive tasks first; the bulk lane fills what they leave; block when idle."""
-        await self.runner.streams.refresh()
+        r = self.runner
+        await r.streams.refresh()
         windows = await self._read_lanes(want)
+        if r.streams.ownership is not None:
+            # Room left after our own partitions: take what saturated owners leave waiting.
+            got = sum(len(entries) for _, entries in windows)
+            now = time.monotonic()
+            if got < want // 2 and now >= self._steal_check_at:
+                self._steal_check_at = now + STEAL_CHECK_S
+                windows += await self._steal(want - got)
         # A backlog: poll the lanes in priority order next time.  Otherwise go straight to
         # one blocking read of both, rather than two empty polls (round trips) before it.
         self._backlog = sum(len(entries) for _, entries in windows) >= max(1, want // 2)
@@ -140,15 +156,73 @@ class Reader:
             picked["b"] = picked["b"][:max(1, counts["b"] // per_stream)]
             if per_stream > counts["b"]:
                 del picked["b"]
-        names = {streams.stream(lane, t): ">" for lane, ts in picked.items() for t in ts}
+        names = {name: ">" for lane, ts in picked.items() for t in ts
+                 for name in streams.own_streams(lane, t)}
+        if streams.ownership is not None:  # COUNT applies to each of a tenant's partitions
+            per_stream = max(1, per_stream // (1 + len(streams.ownership.owned)))
         self._last_streams = list(names)
         got = await self._redis.xreadgroup(keys.GROUP, r.worker_id, names, count=per_stream,
                                            block=block_ms)
         windows = [(stream.decode(), entries) for stream, entries in got or ()]
-        seen = {stream: len(entries) for stream, entries in windows}
-        for name in names:
-            lane, tenant = streams.source[name]
-            streams.lanes[lane].saw(tenant, seen.get(name, 0))
+        seen: dict[tuple[str, str], int] = {}
+        for stream, entries in windows:
+            lane, tenant, _ = streams.source[stream]
+            seen[lane, tenant] = seen.get((lane, tenant), 0) + len(entries)
+        for lane, ts in picked.items():
+            for tenant in ts:
+                streams.lanes[lane].saw(tenant, seen.get((lane, tenant), 0))
+        return windows
+
+    async def _steal(self, want: int) -> list[tuple[str, list]]:
+        """Take tasks from other workers' partitions whose oldest unread task has waited
+        `affinity_steal_after_ms` (their owner is saturated, or gone): three round trips,
+        only when this worker has room that its own partitions left (docs/affinity.md)."""
+        r = self.runner
+        streams = r.streams
+        own = streams.ownership
+        if own is None or not own.others:
+            return []
+        plan = r.slots.plan(want, True)
+        counts = {"i": plan.interactive, "b": plan.bulk}
+        candidates = [(lane, streams.stream(lane, t, p))
+                      for lane, count in counts.items() if count > 0
+                      for t in sorted(streams.lanes[lane].marked
+                                      | streams.lanes[lane].recent.keys())
+                      for p in own.others]
+        if not candidates:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _, name in candidates:
+                pipe.xinfo_groups(name)
+            infos = await pipe.execute(raise_on_error=False)
+        behind: list[tuple[str, str, str]] = []  # (lane, stream, last delivered id)
+        for (lane, name), groups in zip(candidates, infos):
+            if isinstance(groups, Exception):
+                continue  # never written to: no stream yet
+            for g in groups:
+                if _text(g.get("name")) == keys.GROUP and g.get("lag") != 0:
+                    behind.append((lane, name, _text(g.get("last-delivered-id")) or "0-0"))
+        if not behind:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _, name, last in behind:
+                pipe.xrange(name, min="(" + last, count=1)
+            heads = await pipe.execute(raise_on_error=False)
+        due_ms = time.time() * 1000 - r.settings.affinity_steal_after_ms
+        ripe: dict[str, list[str]] = {}
+        for (lane, name, _), head in zip(behind, heads):
+            if isinstance(head, Exception) or not head:
+                continue
+            entry_id = head[0][0]
+            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            if int(entry_id.split("-")[0]) <= due_ms:
+                ripe.setdefault(lane, []).append(name)
+        windows: list[tuple[str, list]] = []
+        for lane, names in ripe.items():
+            count = max(1, counts[lane] // len(names))
+            got = await self._redis.xreadgroup(keys.GROUP, r.worker_id,
+                                               {name: ">" for name in names}, count=count)
+            windows += [(stream.decode(), entries) for stream, entries in got or ()]
         return windows
 
     def dispatch(self, entries: list, source: str,
@@ -161,14 +235,23 @@ class Reader:
         size = len(entries)
         r.stats.read += size
         r.stats.windows += 1
-        lane, tenant = r.streams.source[source]  # named by this runner before it read
+        lane, tenant, part = r.streams.source[source]  # named by this runner before it read
         bulk = lane == "b"
+        if part is not None:  # an affinity partition's tasks: ours, stolen, or taken over
+            own = r.streams.ownership
+            if deliveries is not None:
+                r.stats.affinity_misses += size
+            elif own is not None and part in own.owned:
+                r.stats.affinity_hits += size
+            else:
+                r.stats.affinity_steals += size
         r.slots.take(size, bulk=bulk)
         r.metrics.observe_read(size)
         start: list[tuple[str, Task, bool]] = []
         joins: list[tuple[str, InFlight]] = []
-        # Entry ids repeat across streams: a request id names its stream's lane and tenant.
-        prefix = f"{lane}{tenant}/"
+        # Entry ids repeat across streams: a request id names its stream's lane, tenant and
+        # partition.
+        prefix = f"{lane}{tenant}/" if part is None else f"{lane}{tenant}#{part}/"
         max_deliveries = r.settings.max_deliveries
         cancelled = r.cancelled
         for entry_id, fields in entries:
@@ -263,6 +346,10 @@ class Reader:
 
 def _raw(response, **options):
     return response
+
+
+def _text(value: object) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value  # type: ignore[return-value]
 
 
 def _decode(fields: list[bytes]) -> Task:

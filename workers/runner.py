@@ -33,6 +33,7 @@ from agentfleet.schemas.settings import ModelSpec, Settings
 from agentfleet.schemas.tenants import TenantTable
 from agentfleet.schemas.wire import Task
 from agentfleet.workers.admission import Admission
+from agentfleet.workers.affinity import Ownership
 from agentfleet.workers.committer import Committer
 from agentfleet.workers.engine import Engine, EngineOutput
 from agentfleet.workers.housekeeping import Housekeeping
@@ -77,7 +78,9 @@ class ModelRunner:
         self.redis = redis
         self.settings = settings
         self.worker_id = worker_id
-        self.streams = TenantStreams(redis, self.model)
+        ownership = Ownership(settings.affinity_partitions, settings.affinity_load_factor,
+                              worker_id) if settings.affinity_partitions else None
+        self.streams = TenantStreams(redis, self.model, ownership)
         self.stats = RunnerStats()
         share = settings.bulk_max_share
         # Reads: bulk-job tasks hold at most their share of what is read ahead, so that
@@ -96,6 +99,7 @@ class ModelRunner:
         self.outbox = Outbox()
         self.cancelled: dict[str, float] = {}  # task id -> when the mark expires
         self.stopping = False
+        self.reading = False  # a read is in flight: what it returns must be committed
         self.engine_dead = asyncio.Event()
         self.slot_free = asyncio.Event()  # a commit released slots
         self.suspect_done = asyncio.Event()  # a task delivered 3+ times was committed
@@ -136,6 +140,16 @@ class ModelRunner:
         self.tenants = table
         self.live_workers = max(1, live_workers)
         self.admission.set_policy(self._policy)
+
+    def set_live(self, workers: Sequence[str]) -> None:
+        """The model's live workers (from the heartbeats): with affinity on, the partitions
+        this runner owns follow them (workers/affinity.py)."""
+        own = self.streams.ownership
+        if own is not None and own.update(workers):
+            self.stats.affinity_rebalances += 1
+            log.info("model %s: worker %s now owns %d of %d affinity partitions (%d live "
+                     "workers)", self.model, self.worker_id, len(own.owned), own.partitions,
+                     len(own.live))
 
     def _policy(self, tenant: str) -> tuple[float, int]:
         config = self.tenants.get(tenant)

@@ -6,6 +6,12 @@ plus those it found work in recently (a steady tenant is never dropped between t
 When a read finds a marked stream empty, `deactivate.lua` sets its mark to 0, atomically
 against enqueue.lua, so no task is left unread.  The default tenant's streams keep the
 short names `af:{m}:tasks` and `af:{m}:bulk` and are always read.
+
+With affinity on (`affinity_partitions` > 0, docs/affinity.md) each tenant's stream of a lane
+has that many partitions besides itself (`<stream>#<p>`); the mark stays per tenant and is
+cleared only when all of the tenant's streams are drained.  A runner reads the unpartitioned
+stream and the partitions it owns (`Ownership`, workers/affinity.py); reclaim and trim go
+over all of them.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import redis.asyncio as aioredis
 
 from agentfleet.schemas import keys
 from agentfleet.schemas.keys import DEFAULT_TENANT
+from agentfleet.workers.affinity import Ownership
 from agentfleet.workers.scripts import deactivate_lua
 
 REFRESH_S = 0.1  # how often the marked tenants are read again (a new tenant waits this long)
@@ -35,13 +42,14 @@ class LaneStreams:
         self.marked: set[str] = {DEFAULT_TENANT}  # tenants at 1 in the tenant set
         self.recent: dict[str, float] = {}  # tenant -> monotonic time its stream had work
         self.empty: set[str] = set()  # marked tenants a read found empty: drain candidates
-        self._names: dict[str, str] = {}
+        self._names: dict[tuple[str, int | None], str] = {}
         self._turn = 0
 
-    def stream(self, tenant: str) -> str:
-        name = self._names.get(tenant)
+    def stream(self, tenant: str, part: int | None = None) -> str:
+        name = self._names.get((tenant, part))
         if name is None:
-            name = self._names[tenant] = keys.lane_stream(self.model, self.lane, tenant)
+            name = self._names[tenant, part] = keys.lane_stream(self.model, self.lane, tenant,
+                                                                part)
         return name
 
     def pick(self, limit: int, waiting: dict[str, int], read_ahead: int) -> list[str]:
@@ -78,20 +86,36 @@ class LaneStreams:
 class TenantStreams:
     """Both lanes of one model: refreshing the marks, draining empty ones, listing streams."""
 
-    def __init__(self, redis: aioredis.Redis, model: str):
+    def __init__(self, redis: aioredis.Redis, model: str,
+                 ownership: Ownership | None = None):
         self.redis = redis
         self.lanes = {"i": LaneStreams(model, "i"), "b": LaneStreams(model, "b")}
         self._deactivate = redis.register_script(deactivate_lua())
         self._refreshed_at = 0.0
         self._deactivated_at = 0.0
-        # stream name -> (lane, tenant), for what a read returns
-        self.source: dict[str, tuple[str, str]] = {}
+        # stream name -> (lane, tenant, affinity partition or None), for what a read returns
+        self.source: dict[str, tuple[str, str, int | None]] = {}
+        self.ownership = ownership  # None: affinity off
 
-    def stream(self, lane: str, tenant: str) -> str:
-        name = self.lanes[lane].stream(tenant)
+    def stream(self, lane: str, tenant: str, part: int | None = None) -> str:
+        name = self.lanes[lane].stream(tenant, part)
         if name not in self.source:
-            self.source[name] = (lane, tenant)
+            self.source[name] = (lane, tenant, part)
         return name
+
+    def own_streams(self, lane: str, tenant: str) -> list[str]:
+        """What a runner reads of a tenant's lane: its stream and the partitions it owns."""
+        names = [self.stream(lane, tenant)]
+        if self.ownership is not None:
+            names += [self.stream(lane, tenant, p) for p in self.ownership.owned]
+        return names
+
+    def tenant_streams(self, lane: str, tenant: str) -> list[str]:
+        """Every stream of a tenant's lane: its own and all of its partitions."""
+        names = [self.stream(lane, tenant)]
+        if self.ownership is not None:
+            names += [self.stream(lane, tenant, p) for p in range(self.ownership.partitions)]
+        return names
 
     async def refresh(self, force: bool = False) -> None:
         """Read the marked tenants of both lanes (one round trip), at most every REFRESH_S."""
@@ -110,13 +134,15 @@ class TenantStreams:
             await self._drain_marks()
 
     async def _drain_marks(self) -> None:
-        for lane in self.lanes.values():
+        for name, lane in self.lanes.items():
             candidates = sorted(lane.empty & lane.marked)
             lane.empty.clear()
             if not candidates:
                 continue
-            await self._deactivate(keys=[lane.key, *[lane.stream(t) for t in candidates]],
-                                   args=[keys.GROUP, *candidates])
+            per_tenant = 1 + (self.ownership.partitions if self.ownership is not None else 0)
+            await self._deactivate(
+                keys=[lane.key, *[s for t in candidates for s in self.tenant_streams(name, t)]],
+                args=[keys.GROUP, per_tenant, *candidates])
 
     async def all_streams(self) -> list[tuple[str, str, str]]:
         """(lane, tenant, stream) of every tenant stream of the model, drained ones too (for
@@ -128,5 +154,6 @@ class TenantStreams:
         out = []
         for (name, lane), tenants in zip(self.lanes.items(), got):
             names = {t.decode() for t in tenants} | {DEFAULT_TENANT}
-            out += [(name, t, self.stream(name, t)) for t in sorted(names)]
+            out += [(name, t, stream) for t in sorted(names)
+                    for stream in self.tenant_streams(name, t)]
         return out

@@ -239,16 +239,22 @@ class Worker:
                             self.worker_id, exc)
 
     async def _refresh_tenants(self) -> None:
+        """The registry and each model's live workers: fair-share limits and, with affinity
+        on, the partitions each runner owns follow them."""
         table = await self._tenants.current()
         async with self.redis.pipeline(transaction=False) as pipe:
             for runner in self.runners:
-                pipe.hvals(keys.workers_key(runner.model))
+                pipe.hgetall(keys.workers_key(runner.model))
             beats = await pipe.execute()
         now = time.time()
         for runner, seen in zip(self.runners, beats):
-            live = keys.live_workers(seen, now, 3 * HEARTBEAT_S) or 1
+            ids = [w.decode() if isinstance(w, bytes) else w for w, beat in seen.items()
+                   if now - float(beat) <= 3 * HEARTBEAT_S]
+            live = len(ids) or 1
             if table is not runner.tenants or live != runner.live_workers:
                 runner.set_tenants(table, live)
+            if not self.draining:
+                runner.set_live(ids)
 
     async def _heartbeat(self, every_s: float = HEARTBEAT_S) -> None:
         """Tell SREs, producers and `agentfleet status` which workers serve which model."""

@@ -1,0 +1,176 @@
+"""Affinity partitions (docs/affinity.md): routing by key, bounded load, stealing, owners
+following the live workers; on real servers with the fake engine (a test double)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import pytest
+
+from agentfleet.producer.affinity import derive_affinity_key
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import ValidationError
+from agentfleet.schemas.wire import FollowUp, Message, Task
+from agentfleet.workers.affinity import Ownership, assign, load_cap
+
+PARTS = 8
+
+
+@pytest.fixture
+def settings(settings):
+    return msgspec.structs.replace(settings, affinity_partitions=PARTS,
+                                   affinity_steal_after_ms=60_000.0)
+
+
+def ownership(worker) -> Ownership:
+    return worker.runners[0].streams.ownership
+
+
+async def see_each_other(*workers, timeout_s: float = 10.0) -> None:
+    ids = {w.worker_id for w in workers}
+    deadline = time.monotonic() + timeout_s
+    while not all(ownership(w).live == ids for w in workers):
+        assert time.monotonic() < deadline, [ownership(w).live for w in workers]
+        await asyncio.sleep(0.05)
+
+
+# ---- pure rules ----------------------------------------------------------------------------
+
+def test_every_partition_has_one_owner_and_none_owns_more_than_the_bound():
+    for n in (1, 2, 3, 5, 8):
+        workers = [f"w{i}" for i in range(n)]
+        for parts, e in ((8, 0.25), (64, 0.25), (64, 0.05), (256, 0.1)):
+            owned = assign(parts, workers, e)
+            flat = sorted(p for ps in owned.values() for p in ps)
+            assert flat == list(range(parts))
+            assert max(map(len, owned.values())) <= load_cap(parts, n, e)
+            assert load_cap(parts, n, e) <= max((1 + e) * parts / n, -(-parts // n))
+
+
+def test_a_worker_leaving_moves_only_its_own_partitions():
+    before = assign(64, ["a", "b", "c", "d"], 0.25)
+    after = assign(64, ["a", "b", "c"], 0.25)
+    moved = [p for w in ("a", "b", "c") for p in before[w] if p not in after[w]]
+    assert len(moved) <= 4  # the bound may shift a few; the rest stay where they were
+
+
+def test_ownership_counts_rebalances_only_when_its_share_changes():
+    own = Ownership(16, 0.25, "a")
+    assert own.owned == tuple(range(16)) and own.others == ()
+    assert own.update(["a", "b"]) and 0 < len(own.owned) < 16 and own.rebalances == 1
+    assert not own.update(["b", "a"]) and own.rebalances == 1
+    assert sorted(own.owned + own.others) == list(range(16))
+
+
+def test_the_partition_is_stable_and_tasks_of_one_prompt_share_a_key():
+    assert keys.affinity_partition("session-1", 64) == keys.affinity_partition("session-1", 64)
+    assert keys.affinity_partition("", 64) is None and keys.affinity_partition("x", 0) is None
+    system = Message(role="system", content="You are a refund agent. " * 50)
+    one = Task(model="m1", messages=[system, Message(role="user", content="order 1")])
+    two = Task(model="m1", messages=[system, Message(role="user", content="order 2")])
+    other = Task(model="m1", messages=[Message(role="system", content="A poet."), system])
+    assert derive_affinity_key(one, 2048) == derive_affinity_key(two, 2048)
+    assert derive_affinity_key(one, 2048) != derive_affinity_key(other, 2048)
+    assert keys.task_stream("m1", "acme", 3) == "af:{m1}:tasks:acme#3"
+    assert keys.bulk_stream("m1", part=0) == "af:{m1}:bulk#0"
+
+
+# ---- on real servers -----------------------------------------------------------------------
+
+async def test_an_affinity_key_too_long_is_refused_naming_the_field_and_limit(producer):
+    with pytest.raises(ValidationError) as err:
+        await producer.submit(model="m1", prompt="x", affinity_key="k" * 201)
+    assert err.value.field == "affinity_key" and err.value.limit == 200
+    with pytest.raises(ValidationError) as err:
+        await producer.submit(model="m1", prompt="x", followups=[
+            FollowUp(prompt="y", affinity_key="k" * 300)])
+    assert err.value.field == "followups[0].affinity_key"
+
+
+async def test_tasks_of_one_key_run_on_one_worker_and_follow_ups_stay_with_them(
+        producer, start_worker, redis):
+    w1 = await start_worker(["m1"])
+    w2 = await start_worker(["m1"])
+    await see_each_other(w1, w2)
+    kinds = [f"You are agent kind {k}. " * 20 for k in range(12)]
+    tasks = [Task(model="m1", messages=[Message(role="system", content=kinds[i % 12]),
+                                        Message(role="user", content=f"task {i}")],
+                  followups=[FollowUp(prompt="next: {output}", continue_conversation=True)])
+             for i in range(96)]
+    roots = await producer.submit_many(tasks)
+    assert all(t.affinity_key.startswith("h:") for t in tasks)
+    results = await producer.wait_many(roots + [f"{r}.1" for r in roots], timeout_s=20)
+    by_key: dict[str, set[str]] = {}
+    for task, root, child in zip(tasks, results[:96], results[96:]):
+        assert root.ok and child.ok
+        by_key.setdefault(task.affinity_key, set()).update((root.worker_id, child.worker_id))
+    assert all(len(workers) == 1 for workers in by_key.values()), by_key
+    assert {w for ws in by_key.values() for w in ws} == {"w1", "w2"}  # both had a share
+    stats = [w.runners[0].stats for w in (w1, w2)]
+    assert sum(s.affinity_hits for s in stats) == 192
+    assert sum(s.affinity_steals + s.affinity_misses for s in stats) == 0
+    # A follow-up went into its parent's partition.
+    part = keys.affinity_partition(tasks[0].affinity_key, PARTS)
+    assert await redis.xlen(keys.task_stream("m1", part=part)) >= 1
+
+
+async def test_an_idle_worker_steals_from_a_saturated_owner(producer, start_worker, settings):
+    quick = msgspec.structs.replace(settings, affinity_steal_after_ms=100.0, max_inflight=2)
+    w1 = await start_worker(["m1"], worker_settings=quick)
+    w2 = await start_worker(["m1"], worker_settings=quick)
+    await see_each_other(w1, w2)
+    # One session's tasks, each 0.1 s in the engine: its owner alone would take 3 s.
+    ids = await producer.submit_many(
+        [Task(model="m1", prompt=f"hot {i}", affinity_key="one-session",
+              metadata={"fake_delay_s": "0.1"}) for i in range(60)])
+    results = await producer.wait_many(ids, timeout_s=20)
+    assert {r.worker_id for r in results} == {"w1", "w2"}
+    stats = {w.worker_id: w.runners[0].stats for w in (w1, w2)}
+    part = keys.affinity_partition("one-session", PARTS)
+    owner = next(w.worker_id for w in (w1, w2) if part in ownership(w).owned)
+    thief = ({"w1", "w2"} - {owner}).pop()
+    assert stats[thief].affinity_steals > 0 and stats[thief].affinity_hits == 0
+    assert stats[owner].affinity_hits > 0
+    assert stats[owner].affinity_hits + stats[thief].affinity_steals == 60
+
+
+async def test_a_dead_workers_partitions_move_within_the_claim_time(
+        producer, start_worker, redis, settings):
+    w1 = await start_worker(["m1"])
+    # A worker that beat once and died (SIGKILL leaves its heartbeat behind).
+    await redis.hset(keys.workers_key("m1"), "ghost", time.time())
+    deadline = time.monotonic() + 5
+    while "ghost" not in ownership(w1).live:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    died_at = time.monotonic()
+    assert len(ownership(w1).owned) < PARTS
+    rebalances = w1.runners[0].stats.affinity_rebalances
+    while len(ownership(w1).owned) < PARTS:
+        assert time.monotonic() - died_at < settings.claim_idle_ms / 1000, "not handed on"
+        await asyncio.sleep(0.1)
+    assert w1.runners[0].stats.affinity_rebalances == rebalances + 1
+    ids = await producer.submit_many([Task(model="m1", prompt=f"p {i}", affinity_key=f"k{i}")
+                                      for i in range(16)])
+    assert all(r.ok for r in await producer.wait_many(ids, timeout_s=10))
+    assert w1.runners[0].stats.affinity_hits == 16
+
+
+async def test_a_drained_worker_hands_its_partitions_on_and_nothing_is_lost(
+        producer, start_worker):
+    w1 = await start_worker(["m1"])
+    w2 = await start_worker(["m1"])
+    await see_each_other(w1, w2)
+    first = await producer.submit_many([Task(model="m1", prompt=f"a {i}", affinity_key=f"k{i}")
+                                        for i in range(40)])
+    w2.request_stop()
+    second = await producer.submit_many([Task(model="m1", prompt=f"b {i}", affinity_key=f"k{i}")
+                                         for i in range(40)])
+    results = await producer.wait_many(first + second, timeout_s=30)
+    assert all(r.ok for r in results)
+    deadline = time.monotonic() + 10
+    while len(ownership(w1).owned) < PARTS:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
