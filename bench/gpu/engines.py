@@ -60,6 +60,11 @@ TINY_CONFIGS: dict[str, EngineConfig] = {
                              kv_cache_space_gib=1),
 }
 
+# a512: t512 with room for the affinity phase's conversations (a 2,000-token system prompt
+# and four turns).
+GPU_CONFIGS["a512"] = msgspec.structs.replace(GPU_CONFIGS["t512"], max_model_len=4096)
+TINY_CONFIGS["a512"] = msgspec.structs.replace(TINY_CONFIGS["t512"], max_model_len=1024)
+
 # t512f, t512p: t512 with one of vLLM's two schedulers pinned on every path (the fleet's
 # default is priority).
 for _configs in (GPU_CONFIGS, TINY_CONFIGS):

@@ -20,11 +20,16 @@ Phases (each a workload and the runs on it; `--phase NAME` runs the default list
           alone and under the flood, and A's tokens/s with fairness on against off
   schema  the bulk prompts with and without a JSON schema on one fleet (structured outputs;
           bench/gpu/structured_outputs.py)
+  affinity  agents of 200 kinds with 2,000-token system prompts running 4-step chains that
+          continue their conversation, on two GPUs: the fleet with affinity partitions, the
+          fleet without, two `vllm serve` behind round-robin clients, offline LLM.chat on each
+          GPU's half; then plain bulk prompts on each fleet (bench/gpu/affinity.py)
 
-A run is PATH@CONFIG[+stats|+nofair][xN]: PATH offline | serve | fleet; CONFIG a key of
-bench/gpu/engines.py (same, t512, t512f, t512p, t1024, t1024b8k, defaults); +stats offline
-with vLLM's stats on, as the fleet runs its engine (offline runs them off, except in the
-prefix phase); xN N fleet workers, one GPU each.  The fleet's worker always passes vLLM a
+A run is PATH@CONFIG[+stats|+nofair|+affinity][xN]: PATH offline | serve | fleet; CONFIG a
+key of bench/gpu/engines.py (same, t512, t512f, t512p, t1024, t1024b8k, a512, defaults);
++stats offline with vLLM's stats on, as the fleet runs its engine (offline runs them off,
+except in the prefix phase); +affinity the fleet with affinity partitions; xN N fleet workers,
+one GPU each (in the affinity phase also N servers or N offline processes).  The fleet's worker always passes vLLM a
 priority per task (interactive before bulk-job tasks): it takes effect where the config's
 scheduling_policy is "priority" (unset: the worker's default, priority).
 Engine processes run one at a time; a process that dies ends its run at once, with its log.
@@ -67,8 +72,10 @@ DEFAULT_RUNS = {
     "twogpu": "fleet@t512,fleet@t512x2",
     "fairness": "fleet@t512p,fleet@t512p+nofair",
     "schema": "fleet@t512",
+    "affinity": "fleet@a512x2+affinity,fleet@a512x2,serve@a512x2,offline@a512x2",
 }
-_RUN = re.compile(r"^(offline|serve|fleet)@([a-z0-9]+?)(\+stats|\+nofair)?(?:x(\d+))?$")
+_RUN = re.compile(
+    r"^(offline|serve|fleet)@([a-z0-9]+?)(?:x(\d+))?(\+stats|\+nofair|\+affinity)?(?:x(\d+))?$")
 
 
 class Sizes(msgspec.Struct, kw_only=True):
@@ -84,6 +91,14 @@ class Sizes(msgspec.Struct, kw_only=True):
     twogpu_bulk: int
     engine_start_guess_s: float
     tokens_per_s_guess: float
+    # the affinity phase: agents of `affinity_kinds` kinds (system prompts of
+    # `affinity_system_tokens`), each a chain of `affinity_steps` steps
+    affinity_kinds: int = 200
+    affinity_system_tokens: int = 2000
+    affinity_agents: int = 1000
+    affinity_steps: int = 4
+    affinity_max_tokens: int = 128
+    affinity_bulk: int = 4000
 
 
 GPU_SIZES = Sizes(bulk=4000, prompt_tokens=75, max_tokens=128, clients=256, agents=2000,
@@ -93,7 +108,9 @@ GPU_SIZES = Sizes(bulk=4000, prompt_tokens=75, max_tokens=128, clients=256, agen
 TINY_SIZES = Sizes(bulk=16, prompt_tokens=20, max_tokens=8, clients=8, agents=12,
                    system_tokens=64, interactive_rate_per_s=0.5, interactive_max_tokens=4,
                    interactive_alone=3, twogpu_bulk=16, engine_start_guess_s=60.0,
-                   tokens_per_s_guess=30.0)
+                   tokens_per_s_guess=30.0, affinity_kinds=4, affinity_system_tokens=64,
+                   affinity_agents=8, affinity_steps=4, affinity_max_tokens=8,
+                   affinity_bulk=16)
 
 
 class Run(msgspec.Struct, kw_only=True):
@@ -103,12 +120,14 @@ class Run(msgspec.Struct, kw_only=True):
     stats: bool = False  # offline only: vLLM's stats on
     workers: int = 1
     nofair: bool = False  # fleet only: AGENTFLEET_FAIRNESS=false
+    affinity: bool = False  # fleet only: affinity partitions on
 
     @property
     def label(self) -> str:
         return (f"{self.path}@{self.config}{'+stats' if self.stats else ''}"
                 f"{'+nofair' if self.nofair else ''}"
-                f"{f'x{self.workers}' if self.workers > 1 else ''}")
+                f"{f'x{self.workers}' if self.workers > 1 else ''}"
+                f"{'+affinity' if self.affinity else ''}")
 
 
 def parse_phases(specs: list[str]) -> list[Run]:
@@ -122,26 +141,31 @@ def parse_phases(specs: list[str]) -> list[Run]:
             if not m or m.group(2) not in GPU_CONFIGS:
                 raise SystemExit(f"--phase {spec}: bad run {item!r} (PATH@CONFIG[+stats][xN], "
                                  f"CONFIG one of {list(GPU_CONFIGS)})")
-            path, workers = m.group(1), int(m.group(4) or 1)
-            stats, nofair = m.group(3) == "+stats", m.group(3) == "+nofair"
+            path, workers = m.group(1), int(m.group(3) or m.group(5) or 1)
+            stats, nofair = m.group(4) == "+stats", m.group(4) == "+nofair"
+            affinity = m.group(4) == "+affinity"
+            if affinity and (path != "fleet" or name != "affinity"):
+                raise SystemExit(f"--phase {spec}: +affinity is for fleet runs of the "
+                                 f"affinity phase ({item!r})")
             if nofair and (path != "fleet" or name != "fairness"):
                 raise SystemExit(f"--phase {spec}: +nofair is for fleet runs of the fairness "
                                  f"phase ({item!r})")
             if name == "fairness" and path != "fleet":
                 raise SystemExit(f"--phase {spec}: the fairness phase runs the fleet ({item!r})")
-            if path != "fleet" and workers > 1:
+            if path != "fleet" and workers > 1 and name != "affinity":
                 raise SystemExit(f"--phase {spec}: xN is for fleet runs ({item!r})")
             if path != "offline" and stats:
                 raise SystemExit(f"--phase {spec}: +stats is for offline runs ({item!r})")
             if path == "offline" and name == "mixed":
                 raise SystemExit(f"--phase {spec}: offline has no mixed traffic ({item!r})")
             runs.append(Run(phase=name, path=path, config=m.group(2), stats=stats,
-                            workers=workers, nofair=nofair))
+                            workers=workers, nofair=nofair, affinity=affinity))
     return runs
 
 
-def build_workloads(phases: set[str], tokens: Tokens, sizes: Sizes) -> dict[str, PromptSet]:
-    work: dict[str, PromptSet] = {}
+def build_workloads(phases: set[str], tokens: Tokens, sizes: Sizes) -> dict:
+    """The workloads of the phases: PromptSets by name, and the affinity phase's chains."""
+    work: dict = {}
     bulk = bulk_prompts(tokens, name="bulk", count=sizes.bulk, prompt_tokens=sizes.prompt_tokens,
                         max_tokens=sizes.max_tokens, seed=1)
     if phases & {"bulk", "tuned", "mixed", "fairness", "schema"}:
@@ -157,6 +181,15 @@ def build_workloads(phases: set[str], tokens: Tokens, sizes: Sizes) -> dict[str,
         work["twogpu"] = bulk_prompts(tokens, name="twogpu", count=sizes.twogpu_bulk,
                                       prompt_tokens=sizes.prompt_tokens,
                                       max_tokens=sizes.max_tokens, seed=5)
+    if "affinity" in phases:
+        from bench.gpu.affinity import bulk_workload, chain_workload
+
+        work["chains"] = chain_workload(
+            tokens, kinds=sizes.affinity_kinds, system_tokens=sizes.affinity_system_tokens,
+            agents=sizes.affinity_agents, steps=sizes.affinity_steps,
+            max_tokens=sizes.affinity_max_tokens)
+        work["affinity-bulk"] = bulk_workload(tokens, sizes.affinity_bulk, sizes.prompt_tokens,
+                                              sizes.max_tokens)
     return work
 
 
@@ -197,6 +230,12 @@ async def run_offline(ctx: Context, procs: Processes, cfg: EngineConfig, work: P
 
 async def execute(ctx: Context, procs: Processes, run: Run, cfg: EngineConfig,
                   work: dict[str, PromptSet], sizes: Sizes) -> dict:
+    if run.phase == "affinity":
+        from bench.gpu import affinity
+
+        clients = max(sizes.clients, cfg.max_num_seqs or 0) * run.workers
+        return await affinity.execute(ctx, procs, run, cfg, work["chains"],
+                                      work["affinity-bulk"], clients)
     name = {"bulk": "bulk", "tuned": "bulk", "mixed": "bulk", "prefix": "prefix",
             "twogpu": "twogpu", "fairness": "bulk", "schema": "bulk"}[run.phase]
     prompts = work[name]
@@ -320,9 +359,10 @@ def check_targets(results: list[dict]) -> list[Check]:
                 and r.get("workers") == 2 and "tokens_per_s" in r), None)
     check("two GPUs: 2 workers >= 1.9 x 1", ratio(two and two["tokens_per_s"],
                                                    one and one["tokens_per_s"]), 1.9)
+    from bench.gpu.affinity import targets as affinity_targets
     from bench.gpu.structured_outputs import targets
 
-    return checks + targets(results)
+    return checks + targets(results) + affinity_targets(results)
 
 
 def table(results: list[dict]) -> str:
@@ -346,6 +386,13 @@ def table(results: list[dict]) -> str:
             notes.append(f"bulk alone {r['bulk_alone'].get('tokens_per_s', 0):,.0f} tok/s")
         if r["path"] == "serve":
             notes.append(f"clients {r.get('clients')}")
+        if r.get("ttft_s"):
+            notes.append(f"ttft p90 {r['ttft_s'].get('p90', 0) * 1000:.0f} ms")
+        if "affinity" in r:
+            notes.append("affinity hits {hits} steals {steals} misses {misses}".format(
+                **r["affinity"]))
+        if r.get("bulk"):
+            notes.append(f"bulk {r['bulk'].get('tokens_per_s', 0):,.0f} tok/s")
         fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         lines.append(
             f"{r['phase']:7} {r['label']:22} {r['tokens_per_s']:>9,.0f} {r['tasks_per_s']:>8,.1f} "
@@ -370,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
                              "the start")
     parser.add_argument("--sample-ms", type=float, default=0.0,
                         help="sample the event loop's stack this often (0: off)")
+    parser.add_argument("--affinity-kinds", type=int, default=None,
+                        help="affinity phase: kinds of agents (system prompts)")
+    parser.add_argument("--affinity-system-tokens", type=int, default=None,
+                        help="affinity phase: tokens of each kind's system prompt")
+    parser.add_argument("--affinity-agents", type=int, default=None,
+                        help="affinity phase: agents, each running one chain")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the workloads and print the plan; start nothing")
     args = parser.parse_args(argv)
@@ -377,13 +430,23 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     runs = parse_phases(args.phase or ["bulk"])
     sizes = TINY_SIZES if args.tiny else GPU_SIZES
+    for name in ("kinds", "system_tokens", "agents"):
+        value = getattr(args, "affinity_" + name)
+        if value is not None:
+            sizes = msgspec.structs.replace(sizes, **{"affinity_" + name: value})
     configs = TINY_CONFIGS if args.tiny else GPU_CONFIGS
     size = args.model or ("135m" if args.tiny else "1.7b")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = Tokens(TOKENIZER_DIR)
     work = build_workloads({r.phase for r in runs}, tokens, sizes)
-    for w in work.values():
+    prompt_sets = {k: w for k, w in work.items() if isinstance(w, PromptSet)}
+    if "chains" in work:
+        c = work["chains"]
+        log.info("workload chains: %d agents of %d kinds (system prompts of %d tokens), %d "
+                 "steps each, max_tokens %d", len(c.kinds), len(c.systems), c.system_tokens,
+                 c.steps, c.max_tokens)
+    for w in prompt_sets.values():
         log.info("workload %s: %d prompts, prompt tokens %d..%d (mean %.1f, shared %d), "
                  "max_tokens %d", w.name, len(w.prompts), min(w.prompt_tokens),
                  max(w.prompt_tokens), sum(w.prompt_tokens) / len(w.prompt_tokens),
@@ -405,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
               "workloads": {k: {"prompts": len(w.prompts), "max_tokens": w.max_tokens,
                                 "prompt_tokens_mean": sum(w.prompt_tokens) / len(w.prompts),
                                 "shared_prefix_tokens": w.shared_prefix_tokens}
-                            for k, w in work.items()},
+                            for k, w in prompt_sets.items()},
               "configs": {k: msgspec.to_builtins(v) for k, v in configs.items()},
               "results": []}
     checks: list[Check] = []
@@ -452,6 +515,15 @@ def _expected_s(run: Run, done: list[dict], work: dict[str, PromptSet], sizes: S
     starts = [r["engine_start_s"] for r in done if "engine_start_s" in r]
     rates = [r["tokens_per_s"] for r in done if r.get("tokens_per_s")]
     start_s = max(starts, default=sizes.engine_start_guess_s)
+    if run.phase == "affinity":
+        chains = work["chains"]
+        tokens = len(chains.kinds) * chains.steps * chains.max_tokens
+        if run.path == "fleet":
+            tokens += len(work["affinity-bulk"].prompts) * work["affinity-bulk"].max_tokens
+        rate = max((r["tokens_per_s"] for r in done if r.get("tokens_per_s")),
+                   default=sizes.tokens_per_s_guess)
+        return (max((r["engine_start_s"] for r in done if "engine_start_s" in r),
+                    default=sizes.engine_start_guess_s) + tokens / rate + 30.0)
     name = "prefix" if run.phase == "prefix" else "twogpu" if run.phase == "twogpu" else "bulk"
     tokens = len(work[name].prompts) * work[name].max_tokens
     if run.phase == "schema":
