@@ -39,6 +39,7 @@ from agentfleet.workers.worker import trim_stream
 
 MODEL = "smollm2-135m"  # the default model's name; the workers run the fake engine
 CLAIM_IDLE_MS = 1000
+PARTITIONS = 0  # affinity partitions of workers and producer (tests/test_affinity_faults.py: 8)
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -53,7 +54,7 @@ class Fleet:
                 "AGENTFLEET_BLOCK_MS": "50", "AGENTFLEET_RETRY_BASE_S": "0.05",
                 "AGENTFLEET_MAX_DELIVERIES": "3", "AGENTFLEET_TRIM_INTERVAL_S": "1",
                 "AGENTFLEET_HOME": str(self.server.data_dir), "AGENTFLEET_METRICS_PORT": "0",
-                **env}
+                "AGENTFLEET_AFFINITY_PARTITIONS": str(PARTITIONS), **env}
         proc = subprocess.Popen([sys.executable, "-m", "agentfleet", "worker"], env=full,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.procs.append(proc)
@@ -86,7 +87,8 @@ def fleet(request, tmp_path):
 
 @pytest.fixture
 async def producer(fleet):
-    p = Producer(connect(fleet.server.url), settings=Settings.from_env({}))
+    p = Producer(connect(fleet.server.url), settings=Settings.from_env(
+        {"AGENTFLEET_AFFINITY_PARTITIONS": str(PARTITIONS)}))
     yield p
     await p.close()
 
@@ -104,7 +106,8 @@ def chains(n: int, delay_s: float = 0.0, tag: str = "t") -> list[Task]:
 
 
 def streams() -> list[str]:
-    return [keys.task_stream(MODEL, t) for t in TENANTS]
+    parts = [None, *range(PARTITIONS)]
+    return [keys.task_stream(MODEL, t, p) for t in TENANTS for p in parts]
 
 
 async def wait_until(predicate, timeout_s: float = 20.0, every_s: float = 0.05) -> None:

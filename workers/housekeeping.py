@@ -126,11 +126,16 @@ class Housekeeping:
                 by_source.setdefault(rec.source, []).append(rec.entry_id)
             if not by_source and r.stopping:
                 return
-            for source, ids in by_source.items():
-                try:
-                    await self._renew(keys=[source], args=[keys.GROUP, r.worker_id, *ids])
-                except TRANSIENT as exc:
-                    log.warning("model %s: renewing claims failed (%s)", r.model, exc)
+            if not by_source:
+                continue
+            try:  # one round trip for every stream (a tenant's lane has its partitions too)
+                async with r.redis.pipeline(transaction=False) as pipe:
+                    for source, ids in by_source.items():
+                        await self._renew(keys=[source], args=[keys.GROUP, r.worker_id, *ids],
+                                          client=pipe)
+                    await pipe.execute()
+            except TRANSIENT as exc:
+                log.warning("model %s: renewing claims failed (%s)", r.model, exc)
 
     async def promote_loop(self, every_s: float = 0.25) -> None:
         """Move retries that are due back into their tenant's stream (a timer, not a busy

@@ -161,8 +161,16 @@ class Reader:
         if streams.ownership is not None:  # COUNT applies to each of a tenant's partitions
             per_stream = max(1, per_stream // (1 + len(streams.ownership.owned)))
         self._last_streams = list(names)
-        got = await self._redis.xreadgroup(keys.GROUP, r.worker_id, names, count=per_stream,
-                                           block=block_ms)
+        try:
+            got = await self._redis.xreadgroup(keys.GROUP, r.worker_id, names,
+                                               count=per_stream, block=block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # A stream not made yet (a partition nobody enqueued to) or made without the
+            # group: make them, and keep what this window's earlier reads took.
+            await r.ensure_groups(list(names))
+            return []
         windows = [(stream.decode(), entries) for stream, entries in got or ()]
         seen: dict[tuple[str, str], int] = {}
         for stream, entries in windows:

@@ -162,10 +162,10 @@ class ModelRunner:
         return config.result_ttl_s or s.result_ttl_s, config.trace_ttl_s or s.trace_ttl_s
 
     async def ensure_groups(self, streams: Sequence[str] = ()) -> None:
-        """Create the consumer group of the given streams (the default tenant's two when
-        none are given), reading from the start of each."""
-        for stream in streams or (self.streams.stream("i", keys.DEFAULT_TENANT),
-                                  self.streams.stream("b", keys.DEFAULT_TENANT)):
+        """Create the consumer group of the given streams (the default tenant's two, and
+        their affinity partitions, when none are given), reading from the start of each."""
+        for stream in streams or (*self.streams.tenant_streams("i", keys.DEFAULT_TENANT),
+                                  *self.streams.tenant_streams("b", keys.DEFAULT_TENANT)):
             try:
                 await self.redis.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
             except ResponseError as exc:
