@@ -174,3 +174,43 @@ async def test_a_drained_worker_hands_its_partitions_on_and_nothing_is_lost(
     while len(ownership(w1).owned) < PARTS:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+# ---- multi-turn chains (issue 18, item 3) ------------------------------------------------
+
+def test_a_continued_follow_ups_prompt_starts_with_its_parents_tokens_exactly():
+    """Rendered with the default model's chat template and tokenizer (as the vLLM engine does:
+    the template, then the tokens), a follow-up that continues its conversation starts with
+    every token of its parent's prompt, then the parent's answer: its prefix is cached."""
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    from agentfleet.workers.outcomes import child
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "models" / "smollm2"
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(root / "tokenizer.json"))
+    template = (root / "chat_template.jinja").read_text()
+
+    def tokens(task: Task) -> list[int]:
+        text = tok.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in task.messages or
+             [Message(role="user", content=task.prompt)]],
+            chat_template=template, add_generation_prompt=True, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+
+    first = Task(model="m1", id="t", affinity_key="session-9", messages=[
+        Message(role="system", content="You are a refund agent. Be brief."),
+        Message(role="user", content="Order 42 arrived broken.")],
+        followups=[FollowUp(prompt="Draft the reply to: {output}", continue_conversation=True,
+                            followups=[FollowUp(prompt="Shorter.",
+                                                continue_conversation=True)])])
+    answer = "Sorry to hear that: a refund is on its way."
+    second = child(first, 1, first.followups[0], answer, 0.0, "")
+    third = child(second, 1, second.followups[0], "Refund sent.", 0.0, "")
+    for parent, kid, said in ((first, second, answer), (second, third, "Refund sent.")):
+        before, after = tokens(parent), tokens(kid)
+        assert after[:len(before)] == before
+        assert tok.decode(after[len(before):]).startswith(said)
+        assert kid.affinity_key == "session-9"
+    assert first.messages[0] == third.messages[0] and len(third.messages) == 6

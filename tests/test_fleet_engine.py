@@ -1,5 +1,6 @@
 """The whole fleet through the real vLLM engine on the CPU: a worker process (`agentfleet
-worker`), a real server, the producer, a two-step chain with the real SmolLM2-135M."""
+worker`), a real server, the producer, a two-step chain with the real SmolLM2-135M.  The
+worker and producer run with affinity partitions on (docs/affinity.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from agentfleet.ops.embedded import ServerProcess
+from agentfleet.ops.embedded import ServerProcess, free_port
 from agentfleet.ops.trace import load_trace, render
 from agentfleet.producer.client import Producer
 from agentfleet.producer.connection import connect
@@ -47,11 +48,15 @@ def fleet(tmp_path_factory):
     (tmp / "models.toml").write_text(MODELS_TOML)
     server = ServerProcess(tmp / "server", appendonly=False)
     server.start()
+    port = free_port()
     env = {**os.environ, "REDIS_URL": server.url, "AGENTFLEET_ENGINE": "vllm",
            "AGENTFLEET_MODELS_FILE": str(tmp / "models.toml"),
-           "AGENTFLEET_WORKER_ID": "engine-worker", "AGENTFLEET_METRICS_PORT": "0"}
+           "AGENTFLEET_WORKER_ID": "engine-worker", "AGENTFLEET_METRICS_PORT": str(port),
+           "AGENTFLEET_AFFINITY_PARTITIONS": "4"}
     worker = subprocess.Popen([sys.executable, "-m", "agentfleet", "worker"], env=env)
-    settings = Settings.from_env({"AGENTFLEET_MODELS_FILE": str(tmp / "models.toml")})
+    settings = Settings.from_env({"AGENTFLEET_MODELS_FILE": str(tmp / "models.toml"),
+                                  "AGENTFLEET_AFFINITY_PARTITIONS": "4"})
+    worker.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield server, settings, worker
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(120) == 0  # drains and exits cleanly
@@ -155,5 +160,48 @@ async def test_a_triage_chain_with_a_schema_and_two_branches_through_the_real_en
         trace = render("triage-0", await load_trace(producer.redis, settings, "triage-0"))
         assert "(not taken) follow-up" in trace and "when category ==" in trace
         print(f"branches taken: {sorted(taken)}")
+    finally:
+        await producer.close()
+
+
+def _metric(url: str, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{"))
+
+
+async def test_a_continued_chain_finds_its_parents_prefix_in_the_cache(fleet):
+    """Issue 18, item 3: each step of a chain continuing its conversation starts with its
+    parent's tokens, so the engine's prefix cache holds them (hits go up by at least the
+    system prompt's blocks per step); the chain kept its affinity key and partition."""
+    server, settings, worker = fleet
+    producer = Producer(connect(server.url), settings=settings)
+    try:
+        system = "You are a support agent for a shoe shop. " * 25  # ~250 tokens
+        root = Task(model=DEFAULT_MODEL, messages=[Message(role="system", content=system),
+                                                   Message(role="user", content="Hello.")],
+                    sampling=Sampling(max_tokens=8),
+                    followups=[FollowUp(prompt="Go on.", continue_conversation=True,
+                                        followups=[FollowUp(prompt="Once more.",
+                                                            continue_conversation=True)])])
+        deadline = time.monotonic() + 600
+        while not await producer.redis.hlen(keys.workers_key(DEFAULT_MODEL)):
+            assert worker.poll() is None, "the worker died while starting its engine"
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        hits = _metric(worker.metrics_url, "agentfleet_engine_prefix_cache_hits_total")
+        root_id = await producer.submit(root)
+        results = await producer.wait_chain(root_id, timeout_s=600)
+        assert [r.ok for r in results] == [True, True, True]
+        assert results[2].prompt_tokens > results[1].prompt_tokens > results[0].prompt_tokens
+        gained = _metric(worker.metrics_url, "agentfleet_engine_prefix_cache_hits_total") - hits
+        # Steps 2 and 3 each find their parent's prompt in the cache, in whole blocks (16
+        # tokens on GPUs, 128 on the CPU backend): at least half of it each.
+        assert gained >= (results[0].prompt_tokens + results[1].prompt_tokens) / 2, gained
+        assert root.affinity_key.startswith("h:")
+        assert _metric(worker.metrics_url, "agentfleet_affinity_hits_total") >= 3
     finally:
         await producer.close()
