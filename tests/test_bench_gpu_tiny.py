@@ -25,7 +25,7 @@ def test_every_default_plan_parses_and_names_known_configs():
     runs = parse_phases(list(DEFAULT_RUNS))
     assert {r.phase for r in runs} == set(DEFAULT_RUNS)
     assert all(r.config in GPU_CONFIGS and r.config in TINY_CONFIGS for r in runs)
-    [two] = [r for r in runs if r.workers == 2]
+    [two] = [r for r in runs if r.workers == 2 and r.phase == "twogpu"]
     assert (two.path, two.config, two.label) == ("fleet", "t512", "fleet@t512x2")
     # The mixed phase compares the fleet and the server on the same settings.
     assert {r.label for r in runs if r.phase == "mixed"} == {"fleet@t512p", "serve@t512p"}
@@ -267,3 +267,65 @@ def test_tiny_schema_phase_on_the_cpu(tmp_path):
     assert row["plain"]["output_tokens"] == row["output_tokens"] == 2 * 16 * 8
     assert row["constrained_to_end"] == 2 * 16  # 8 tokens never finish that JSON
     assert row["vs_plain"] > 0 and "schema fleet@same" in proc.stdout
+
+
+# ---- the affinity phase (bench/gpu/affinity.py, issue 18) ----------------------------------
+
+def test_the_affinity_plan_runs_two_gpus_on_every_path():
+    runs = parse_phases(["affinity"])
+    assert [(r.path, r.workers, r.affinity) for r in runs] == [
+        ("fleet", 2, True), ("fleet", 2, False), ("serve", 2, False), ("offline", 2, False)]
+    assert runs[0].label == "fleet@a512x2+affinity"
+    assert GPU_CONFIGS["a512"].max_model_len == 4096
+    for bad in ("bulk=fleet@t512+affinity", "affinity=serve@a512+affinity"):
+        with pytest.raises(SystemExit):
+            parse_phases([bad])
+
+
+def _affinity_row(label: str, tps: float, hit: float, p90: float, bulk: float | None = None):
+    row = {"phase": "affinity", "label": label, "path": label.split("@")[0],
+           "tokens_per_s": tps, "prefix_hit_rate": hit, "ttft_s": {"p90": p90}, "workers": 2}
+    if bulk is not None:
+        row["bulk"] = {"tokens_per_s": bulk}
+    return row
+
+
+def test_affinity_targets_pass_and_fail_on_ratios():
+    from bench.gpu.affinity import targets
+
+    rows = [_affinity_row("fleet@a512x2+affinity", 9000.0, 0.9, 0.5, bulk=20000.0),
+            _affinity_row("fleet@a512x2", 4500.0, 0.4, 2.0, bulk=20100.0),
+            _affinity_row("serve@a512x2", 6500.0, 0.45, 0.9)]
+    status = {c.target: (c.status, c.value) for c in targets(rows)}
+    assert status["affinity: prefix-cache hit rate >= 2 x the fleet without"] == ("PASS", 2.25)
+    assert status["affinity: output tokens/s >= 1.5 x round-robin vllm serve"] == (
+        "FAIL", 1.385)
+    assert status["affinity: p90 time to first token <= 0.5 x round-robin vllm serve"] == (
+        "FAIL", 0.556)
+    assert status["affinity: plain bulk prompts, tokens/s >= 0.97 x without (costs nothing)"][
+        0] == "PASS"
+    assert {s for s, _ in (status[t] for t in status)} <= {"PASS", "FAIL"}
+    assert all(c.status == "n/a" for c in targets(rows[1:2]))
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(2400)
+def test_tiny_affinity_phase_on_the_cpu(tmp_path):
+    """The whole affinity phase with the tiny sizes: two fleet workers with affinity and
+    without, two `vllm serve`, two offline processes (eight CPU engines, about 15 minutes on
+    a 2-core machine).  The targets are printed, not asserted: tiny numbers mean nothing."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu.run", "--tiny", "--phase", "affinity",
+         "--out", str(tmp_path), "--deadline-s", "2200"],
+        cwd=ROOT, capture_output=True, text=True, timeout=2300)
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert proc.returncode in (0, 1) and not [r for r in rows if "error" in r], proc.stderr[-3000:]
+    assert [r["label"] for r in rows] == [
+        "fleet@a512x2+affinity", "fleet@a512x2", "serve@a512x2", "offline@a512x2"]
+    for row in rows:
+        assert row["ok"] == row["tasks"] == 8 * 4, row
+        assert row["engine_counters"]["prefix_cache_queries"] > 0
+    with_affinity = rows[0]
+    assert with_affinity["affinity"]["hits"] >= 32 and with_affinity["bulk"]["ok"] == 16
+    assert len(with_affinity["tasks_per_worker"]) == 2
+    assert "affinity: prefix-cache hit rate >= 2 x the fleet without" in proc.stdout
