@@ -96,7 +96,8 @@ class QueueStats(msgspec.Struct, kw_only=True):
 LANES = ("interactive", "bulk")
 
 
-Streams = dict[str, list[tuple[str, str]]]  # model -> [(lane name, tenant)]
+# model -> [(lane name, tenant, its streams: the tenant's stream and its affinity partitions)]
+Streams = dict[str, list[tuple[str, str, list[str]]]]
 
 
 def read_queues(client: redis.Redis, models: Sequence[str], *,
@@ -127,27 +128,33 @@ def tenant_commands(pipe, models: Sequence[str]) -> None:
     for model in models:
         for lane in keys.LANES:
             pipe.zrange(keys.tenant_lanes(model, lane), 0, -1)
+        pipe.hget(keys.affinity_config(model), "partitions")
 
 
 def parse_tenants(models: Sequence[str], replies: list) -> Streams:
-    """model -> (lane, tenant) of every tenant stream; the default tenant's always."""
+    """model -> (lane, tenant, streams) of every tenant stream, the default tenant's always,
+    with the affinity partitions its workers say they use (docs/affinity.md)."""
     out: Streams = {}
     for i, model in enumerate(models):
         streams = out[model] = []
+        parts = replies[3 * i + 2]
+        parts = [None, *range(int(parts))] if parts and not isinstance(parts, Exception) \
+            else [None]
         for j, (lane, name) in enumerate(zip(keys.LANES, LANES)):
-            tenants = {t.decode() for t in replies[2 * i + j]} | {keys.DEFAULT_TENANT}
-            streams += [(name, t) for t in sorted(tenants)]
+            tenants = {t.decode() for t in replies[3 * i + j]} | {keys.DEFAULT_TENANT}
+            streams += [(name, t, [keys.lane_stream(model, lane, t, p) for p in parts])
+                        for t in sorted(tenants)]
     return out
 
 
 def queue_commands(pipe, models: Sequence[str], streams: Streams) -> None:
     """Queue the reads of `read_queues` on a pipeline, sync or asyncio."""
     for model in models:
-        for lane, tenant in streams[model]:
-            stream = keys.lane_stream(model, "b" if lane == "bulk" else "i", tenant)
-            pipe.xlen(stream)
-            pipe.xinfo_groups(stream)
-            pipe.xpending(stream, keys.GROUP)
+        for _, _, names in streams[model]:
+            for stream in names:
+                pipe.xlen(stream)
+                pipe.xinfo_groups(stream)
+                pipe.xpending(stream, keys.GROUP)
         pipe.hgetall(keys.workers_key(model))
         pipe.hgetall(keys.stats_key(model))
         pipe.zcard(keys.delayed_key(model))
@@ -164,9 +171,10 @@ def parse_queues(models: Sequence[str], streams: Streams, replies: list, *,
     at = 0
     for model in models:
         per = streams[model]
-        r = replies[at:at + _PER_STREAM * len(per) + _PER_MODEL]
+        count = sum(len(names) for _, _, names in per)
+        r = replies[at:at + _PER_STREAM * count + _PER_MODEL]
         at += len(r)
-        beats, stats, delayed, dead, queued, refused = r[_PER_STREAM * len(per):]
+        beats, stats, delayed, dead, queued, refused = r[_PER_STREAM * count:]
         for reply in (beats, stats, delayed, dead, queued, refused):
             if isinstance(reply, Exception):  # a wrong type under our key: not ours to hide
                 raise reply
@@ -177,11 +185,15 @@ def parse_queues(models: Sequence[str], streams: Streams, replies: list, *,
             queued={k.decode(): int(v) for k, v in queued.items()},
             refused={tuple(k.decode().split("|", 1)): int(v) for k, v in refused.items()})
         q.tenants = {}
-        for j, (lane, tenant) in enumerate(per):
-            xlen = r[_PER_STREAM * j]
-            if isinstance(xlen, Exception):
-                raise xlen
-            one = _stream_stats(*r[_PER_STREAM * j:_PER_STREAM * (j + 1)], now)
+        j = 0
+        for lane, tenant, names in per:
+            one = StreamStats()
+            for _ in names:  # a tenant's partitions add up to its stream's figures
+                xlen = r[_PER_STREAM * j]
+                if isinstance(xlen, Exception):
+                    raise xlen
+                _add(one, _stream_stats(*r[_PER_STREAM * j:_PER_STREAM * (j + 1)], now))
+                j += 1
             q.tenants[(lane, tenant)] = one
             _add(getattr(q, lane), one)
         out.append(q)

@@ -130,7 +130,9 @@ async def _model(redis: aioredis.Redis, settings: Settings, model: str, tenant: 
     async for key in _scan(redis, keys.idempotency_key(model, tenant + ":*")):
         report.idempotency_keys += await redis.unlink(key)
     until = time.time() + settings.cancel_ttl_s
-    for stream in (keys.task_stream(model, tenant), keys.bulk_stream(model, tenant)):
+    parts = [None, *range(settings.affinity_partitions)]  # its affinity partitions too
+    for stream in [keys.lane_stream(model, lane, tenant, p) for lane in keys.LANES
+                   for p in parts]:
         queued, done = await _stream_tasks(redis, stream, tenant)
         for start in range(0, len(done), PAGE):
             report.task_entries += await redis.xdel(stream, *done[start:start + PAGE])

@@ -132,6 +132,13 @@ def workers_key(model: str) -> str:
     return f"{_tag(model)}:workers"
 
 
+def affinity_config(model: str) -> str:
+    """What a model's workers say of affinity (a hash: `partitions`, their
+    affinity_partitions, written with each heartbeat), so that the exporter and `status`
+    count every partition stream without being configured (docs/affinity.md)."""
+    return f"{_tag(model)}:affinity"
+
+
 HEARTBEAT_S = 2.0  # how often a worker writes its heartbeat into workers_key
 LIVE_WITHIN_S = 10.0  # a worker whose last heartbeat is older (five missed) is gone
 

@@ -214,3 +214,26 @@ def test_a_continued_follow_ups_prompt_starts_with_its_parents_tokens_exactly():
         assert tok.decode(after[len(before):]).startswith(said)
         assert kid.affinity_key == "session-9"
     assert first.messages[0] == third.messages[0] and len(third.messages) == 6
+
+
+async def test_the_exporter_counts_every_partition_that_the_workers_announce(
+        server, producer, start_worker, redis):
+    from agentfleet.ops.exporter import read_queues
+    from agentfleet.producer.connection import connect_sync
+
+    w1 = await start_worker(["m1"])
+    while await redis.hget(keys.affinity_config("m1"), "partitions") != str(PARTS).encode():
+        await asyncio.sleep(0.05)
+    w1.request_stop()  # nobody reads: what is queued stays
+    while await redis.hlen(keys.workers_key("m1")):
+        await asyncio.sleep(0.05)
+    await producer.submit_many([Task(model="m1", prompt=f"p {i}", affinity_key=f"k{i}",
+                                     tenant="acme" if i % 2 else "default")
+                                for i in range(24)])
+    client = connect_sync(server.url)
+    try:
+        (q,) = await asyncio.to_thread(read_queues, client, ["m1"])
+    finally:
+        client.close()
+    assert q.interactive.lag == 24 and q.interactive.entries == 24
+    assert q.tenants[("interactive", "acme")].lag == 12

@@ -268,6 +268,8 @@ class Worker:
                 for runner in self.runners:
                     if alive:
                         pipe.hset(keys.workers_key(runner.model), self.worker_id, time.time())
+                        pipe.hset(keys.affinity_config(runner.model), "partitions",
+                                  self.settings.affinity_partitions)
                     else:
                         pipe.hdel(keys.workers_key(runner.model), self.worker_id)
                 await pipe.execute()
