@@ -11,8 +11,9 @@ Runs, each on the same chains (agents started in random order, all at once):
   fleet@a512x2           the same fleet with affinity off: any worker takes any task
   serve@a512x2           two `vllm serve` (one GPU each); every request goes to the next server
                          in turn (round-robin clients, what a team would deploy)
-  offline@a512x2         `LLM.chat` in two processes (one GPU each), each on half of the
-                         agents, step by step: the reference without any queue
+  offline@a512x2         `LLM.chat` in two processes (one GPU each), each on the agents of
+                         half of the kinds, step by step: the reference without any queue,
+                         with the ideal placement (each GPU caches only its kinds' prompts)
 Each fleet run then also runs the plain bulk prompts (no shared prefix): affinity must cost
 nothing there.  Figures per run: output tokens/s over the chains, p90 time to first token
 (enqueue or request to the first token), the prefix-cache hit rate (vLLM's counters over both
@@ -320,7 +321,8 @@ def offline_main(spec_path: str) -> None:
     from bench.gpu.offline import prefix_counters
 
     work = msgspec.json.decode(open(spec["work"], "rb").read(), type=ChainWorkload)
-    agents = list(range(len(work.kinds)))[spec["part"]::spec["parts"]]
+    # Split by kind: each GPU caches only its kinds' prompts, the ideal placement.
+    agents = [a for a, kind in enumerate(work.kinds) if kind % spec["parts"] == spec["part"]]
     started = time.perf_counter()
     llm = LLM(model=spec["model"], **spec["engine"], disable_log_stats=False)
     start_s = time.perf_counter() - started
