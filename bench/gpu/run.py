@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="affinity phase: tokens of each kind's system prompt")
     parser.add_argument("--affinity-agents", type=int, default=None,
                         help="affinity phase: agents, each running one chain")
+    parser.add_argument("--merge", default=None,
+                        help="an earlier run's results.json: its rows come first, and the "
+                             "targets are checked on both (a phase split over two calls)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the workloads and print the plan; start nothing")
     args = parser.parse_args(argv)
@@ -471,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                             for k, w in prompt_sets.items()},
               "configs": {k: msgspec.to_builtins(v) for k, v in configs.items()},
               "results": []}
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        report["merged_from"] = {"path": args.merge, "command": earlier.get("command")}
+        report["results"] = earlier.get("results", [])
     checks: list[Check] = []
     try:
         for run in runs:
