@@ -228,8 +228,13 @@ class Reader:
         windows: list[tuple[str, list]] = []
         for lane, names in ripe.items():
             count = max(1, counts[lane] // len(names))
-            got = await self._redis.xreadgroup(keys.GROUP, r.worker_id,
-                                               {name: ">" for name in names}, count=count)
+            try:
+                got = await self._redis.xreadgroup(keys.GROUP, r.worker_id,
+                                                   {name: ">" for name in names}, count=count)
+            except ResponseError as exc:  # deleted meanwhile: keep what was read before
+                if "NOGROUP" not in str(exc):
+                    raise
+                continue
             windows += [(stream.decode(), entries) for stream, entries in got or ()]
         return windows
 
