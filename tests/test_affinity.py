@@ -237,3 +237,20 @@ async def test_the_exporter_counts_every_partition_that_the_workers_announce(
         client.close()
     assert q.interactive.lag == 24 and q.interactive.entries == 24
     assert q.tenants[("interactive", "acme")].lag == 12
+
+
+async def test_a_retried_task_goes_back_to_its_partition_and_a_join_runs_once(
+        producer, start_worker, redis):
+    await start_worker(["m1"])
+    flaky = await producer.submit(model="m1", prompt="flaky", affinity_key="s-1",
+                                  metadata={"fake_fail_attempts": "2"})
+    result = await producer.wait(flaky, timeout_s=10)
+    assert result.ok and result.attempts == 3
+    part = keys.affinity_partition("s-1", PARTS)
+    assert await redis.xlen(keys.task_stream("m1", part=part)) >= 1
+    assert await redis.zcard(keys.delayed_key("m1")) == 0
+    fan = await producer.submit(model="m1", prompt="fan", affinity_key="s-2",
+                                followups=[FollowUp(items=["a", "b", "c"], prompt="item {item}")],
+                                join=FollowUp(prompt="all: {results}"))
+    chain = await producer.wait_chain(fan, timeout_s=10)
+    assert [r.ok for r in chain] == [True] * 5 and chain[-1].task_id == f"{fan}.join"
