@@ -47,6 +47,10 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_prompt_chars: int = 0  # 0: 8 characters per token of max_model_len
     seed: int = 0
     scheduling_policy: str = "priority"  # "priority": interactive before bulk inside vLLM
+    # Any other vLLM engine argument (AsyncEngineArgs), passed as is: a registered model
+    # version's (docs/versions.md), or a models file's `[models.NAME.engine_args]`.
+    engine_args: dict[str, object] = {}
+    sleep_group: str = ""  # engines of one group in a worker share a GPU, taking turns
 
     @property
     def prompt_chars_limit(self) -> int:
@@ -102,6 +106,14 @@ class Settings(msgspec.Struct, kw_only=True):
     sentry_dsn: str = ""  # SENTRY_DSN; "" sends nothing
     sentry_include_text: bool = False  # prompts and outputs go to Sentry only when true
     kpi_ttl_s: int = 8 * 86_400  # per-minute aggregates for `agentfleet report`; 0: not kept
+    # model versions and routing (docs/versions.md)
+    sla_interactive_s: float = 2.0  # queue-wait budget of the SLA class "interactive"
+    sla_standard_s: float = 30.0  # ... of "standard"
+    sla_batch_s: float = 0.0  # ... of "batch" (0: no budget, never refused)
+    sla_refresh_s: float = 0.25  # a producer re-reads a version's queue at most this often
+    canary_guard: bool = True  # workers take turns running the canary guard (one at a time)
+    sleep_idle_s: float = 60.0  # an engine of a sleep group idle this long goes to sleep
+    sleep_turn_s: float = 5.0  # it keeps the GPU at least this long while another one waits
 
     @property
     def home_path(self) -> Path:
@@ -112,6 +124,11 @@ class Settings(msgspec.Struct, kw_only=True):
 
     def model(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
+
+    def sla_budget_s(self, sla: str) -> float | None:
+        """The fleet's queue-wait budget of an SLA class (0: none); None for an unknown class."""
+        return {"interactive": self.sla_interactive_s, "standard": self.sla_standard_s,
+                "batch": self.sla_batch_s}.get(sla)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
