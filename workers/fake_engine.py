@@ -13,6 +13,12 @@ rest waiting in the order a vLLM scheduler with priority scheduling uses (intera
 bulk, then task priority, then arrival): the engine, not the CPU, is then the bottleneck, as a
 GPU is, for benchmarks of fairness and interactive headroom.
 
+With `error_rate`, that share of its requests fails with engine_error (transient: retried),
+chosen by a hash of the task id and attempt, so that a test knows which and a retry of the
+same task on another engine succeeds (a canary that fails 30% of its tasks).  With
+`sleep_mode`, it sleeps and wakes as vLLM's sleep mode does (`wake_s` to wake), and fails any
+request submitted while asleep: the runner's turn-taking (workers/sleep.py) is tested on it.
+
 Test hooks, set through a task's metadata:
     fake_error = "<ErrorCode value>"  -> the request fails with that code
     fake_delay_s = "0.05"             -> the request finishes after that many seconds
@@ -27,6 +33,7 @@ import heapq
 import itertools
 import os
 import time
+import zlib
 from collections.abc import Sequence
 
 from agentfleet.schemas.errors import ErrorCode
@@ -38,10 +45,17 @@ class FakeEngine:
     """Answers at once (or after `delay_s`), with no model: a test double, not an engine."""
 
     def __init__(self, model_version: str = "fake-1", delay_s: float = 0.0,
-                 slots: int | None = None):
+                 slots: int | None = None, *, error_rate: float = 0.0,
+                 sleep_mode: bool = False, wake_s: float = 0.0):
         self.model_version = model_version
         self.delay_s = delay_s
         self.slots = slots  # None: no limit, every request runs at once
+        self.error_rate = error_rate
+        self.can_sleep = sleep_mode
+        self.wake_s = wake_s
+        self.asleep = False
+        self.sleeps = 0
+        self.wake_times_s: list[float] = []
         self.submitted = 0
         self.peak_running = 0  # most requests that ran at once
         self._timers: dict[str, tuple[asyncio.TimerHandle, EngineOutput, OnDone]] = {}
@@ -57,7 +71,16 @@ class FakeEngine:
         self.submitted += len(requests)
         now = time.time()
         for request_id, task in requests:
+            if self.asleep:
+                on_done(EngineOutput(request_id=request_id, finished=now,
+                                     error_code=ErrorCode.INTERNAL,
+                                     error_message="submitted to a sleeping engine"))
+                continue
             out = answer(request_id, task, now)
+            if self.error_rate and out.error_code is None and _fails(task, self.error_rate):
+                out = EngineOutput(request_id=request_id, engine_start=now, finished=now,
+                                   error_code=ErrorCode.ENGINE_ERROR,
+                                   error_message="fake engine: its error_rate failed this one")
             delay = self.delay_s
             if task.metadata:
                 if "fake_crash" in task.metadata:
@@ -118,6 +141,23 @@ class FakeEngine:
 
     async def stop(self) -> None:
         self.abort([w[2] for w in self._waiting] + list(self._timers))
+
+    async def sleep(self) -> None:
+        if self._timers or self._waiting:
+            raise RuntimeError(f"sleep with {len(self._timers) + len(self._waiting)} requests "
+                               "in flight: vLLM would abort them")
+        self.asleep = True
+        self.sleeps += 1
+
+    async def wake_up(self) -> None:
+        started = time.monotonic()
+        await asyncio.sleep(self.wake_s)
+        self.asleep = False
+        self.wake_times_s.append(time.monotonic() - started)
+
+
+def _fails(task: Task, rate: float) -> bool:
+    return zlib.crc32(f"{task.id}:{task.attempt}".encode()) / 4294967296.0 < rate
 
 
 def answer(request_id: str, task: Task, now: float) -> EngineOutput:

@@ -7,7 +7,8 @@ unit-tested without a server (tests/test_outcomes.py).  The rules:
   - decode errors, too many deliveries and unsupported versions are dead-lettered;
   - a deadline passed or a cancellation ends the task with its status (expired, cancelled);
   - a success enqueues the task's follow-ups (deterministic ids `<parent>.<n>`), a failure
-    does not;
+    does not; a follow-up of the same model keeps its parent's version while that version
+    serves, one of another model is routed by that model's registry entry;
   - chains (a follow-up, or a task with follow-ups or its own correlation id) get trace
     events; a lone task's result is its whole trace.
 """
@@ -20,6 +21,7 @@ import msgspec
 
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import ErrorCode
+from agentfleet.schemas.registry import ModelTable
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import (
     DeadLetter,
@@ -79,6 +81,8 @@ def child(task: Task, index: int, spec: FollowUp, output: str, now: float,
         reply_to=task.reply_to,
         enqueued_at=now,
         traceparent=traceparent,  # the parent task's span: a chain is one trace
+        # a chain keeps its version: the parent's, for a step of the same model
+        version=task.version if not spec.model or spec.model == task.model else "",
     )
 
 
@@ -87,8 +91,10 @@ class Outcomes:
 
     def __init__(self, *, model: str, worker_id: str, settings: Settings,
                  model_version: Callable[[], str], spans=None,
-                 retention: Callable[[str], tuple[int, int]] | None = None):
+                 retention: Callable[[str], tuple[int, int]] | None = None,
+                 registry: Callable[[], ModelTable] | None = None):
         self.model = model
+        self._registry = registry or ModelTable  # the model registry: follow-ups' versions
         # tenant -> (result ttl s, trace ttl s): its registry entry, else the fleet's settings
         self.retention = retention or (lambda tenant: (settings.result_ttl_s,
                                                        settings.trace_ttl_s))
@@ -126,13 +132,17 @@ class Outcomes:
                 finished=out.finished, written=now, prompt_tokens=out.prompt_tokens,
                 output_tokens=out.output_tokens, error=out.error_message)
         if status is Status.SUCCEEDED and task.followups:
+            registry = self._registry()
             for i, spec in enumerate(task.followups, 1):
                 kid = child(task, i, spec, out.text, now, traceparent)
+                if registry.entries:
+                    kid.version = registry.carry_version(kid.model, kid.version,
+                                                         kid.correlation_id)
                 event = encode(Enqueued(task_id=kid.id, parent_id=task.id, model=kid.model,
                                         agent_id=kid.agent_id, at=now)) if trace_on else b""
                 followups.append(FollowUpWrite(
-                    keys.task_stream(kid.model, kid.tenant), encode(kid), event,
-                    keys.tenant_lanes(kid.model, "i"), keys.queued_counts(kid.model),
+                    keys.task_stream(kid.model, kid.tenant, kid.version), encode(kid), event,
+                    keys.tenant_lanes(kid.model, "i", kid.version), keys.queued_counts(kid.model),
                     kid.tenant))
         # Only the fields that differ from their defaults go through the constructor:
         # msgspec matches keyword arguments one by one, and most tasks leave these empty.
@@ -159,6 +169,8 @@ class Outcomes:
             result.followup_ids = [f"{task.id}.{i}" for i in range(1, len(followups) + 1)]
         if task.attempt:
             result.attempts = task.attempt + 1
+        if task.template:
+            result.template = task.template
         trace = b""
         if trace_on:
             trace = encode(Finished(result=msgspec.structs.replace(result, text="")))
