@@ -15,6 +15,10 @@
     agentfleet keys create|list|revoke   API keys of the gateway and console
     agentfleet tenants list|show|set|remove   the tenant registry (weights, quotas, data rules)
     agentfleet audit                  every change to the registries: who, when, why
+    agentfleet models list|show|register|set-weights|promote|retire|route|seed
+                                      the model registry: versions, weights, routing
+    agentfleet templates register|list|show   versioned prompt templates
+    agentfleet canary start|status|rollback|promote|watch|compare   guarded rollouts
     agentfleet plan --model M --deadline 6h   workers a backlog needs to finish in time
     agentfleet drill --target staging  a disaster drill with tasks of its own
 
@@ -103,9 +107,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.workers.worker import Worker, make_engine
 
     models = args.models.split(",") if args.models else list(settings.models)
-    unknown = [m for m in models if m not in settings.models]
-    if unknown:
-        raise AgentFleetError(f"--models: unknown {unknown}; known {sorted(settings.models)}")
 
     if settings.otel_enabled:
         from agentfleet.workers.otel import configure_from_env
@@ -113,9 +114,25 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         configure_from_env("agentfleet-worker")
 
     async def run(url: str) -> None:
+        from agentfleet.schemas.registry import load_table
+
         redis = connect(url)
-        engines = {m: make_engine(settings.models[m], settings) for m in models}
-        worker = Worker(settings, redis, engines)
+        registered = (await load_table(redis)).entries
+        unknown = [m for m in models if m not in settings.models and m not in registered]
+        if unknown:
+            await redis.aclose()
+            raise AgentFleetError(f"--models: unknown {unknown}; known "
+                                  f"{sorted({*settings.models, *registered})}")
+        engines = {m: make_engine(settings.models[m], settings)
+                   for m in models if m in settings.models}
+        side = []
+        if settings.canary_guard:  # one worker of the fleet runs it at a time (a lease)
+            from agentfleet.ops.canary import Guard
+
+            side.append(("canary guard", Guard(redis, settings,
+                                               holder=settings.resolved_worker_id()).run))
+        worker = Worker(settings, redis, engines, models=models, side_loops=side,
+                        all_models=not args.models)
         worker.metrics.serve(settings.metrics_port)  # /metrics; nothing when the port is 0
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
@@ -320,6 +337,29 @@ def cmd_tenants(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from agentfleet.ops.canary import run_canary, run_watch
+    from agentfleet.ops.models import run_models, run_templates
+    from agentfleet.producer.connection import connect
+
+    async def run(url: str) -> str:
+        redis = connect(url)
+        try:
+            if args.command == "templates":
+                return await run_templates(redis, args)
+            if args.command == "canary":
+                return await run_canary(redis, args, settings)
+            return await run_models(redis, args, settings)
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        if args.command == "canary" and args.action == "watch":
+            return run_watch(url, settings, args.every_s)
+        print(asyncio.run(run(url)))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops.plan import run_plan
     from agentfleet.ops.report import parse_duration
@@ -401,7 +441,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=6399)
     s.set_defaults(func=cmd_server)
     s = sub.add_parser("worker", help="serve models until SIGTERM")
-    s.add_argument("--models", default="", help="comma-separated; default: all configured")
+    s.add_argument("--models", default="", help="comma-separated; default: every model of the "
+                   "settings and of the model registry, new ones as they are registered")
     s.add_argument("--drain-timeout-s", type=float, default=30.0)
     s.set_defaults(func=cmd_worker)
     s = sub.add_parser("submit", help="queue one task")
@@ -432,6 +473,13 @@ def parser() -> argparse.ArgumentParser:
     add_tenants_parser(sub)  # agentfleet tenants list|show|set|remove, agentfleet audit
     sub.choices["tenants"].set_defaults(func=cmd_tenants)
     sub.choices["audit"].set_defaults(func=cmd_tenants)
+    from agentfleet.ops.canary import add_parser as add_canary_parser
+    from agentfleet.ops.models import add_parser as add_models_parser
+
+    add_models_parser(sub)  # agentfleet models ..., agentfleet templates ...
+    add_canary_parser(sub)  # agentfleet canary ...
+    for name in ("models", "templates", "canary"):
+        sub.choices[name].set_defaults(func=cmd_models)
     s = sub.add_parser("keys", help="API keys of the gateway and console: create, list, revoke")
     s.add_argument("action", choices=["create", "list", "revoke"])
     s.add_argument("key_id", nargs="?", default="", help="revoke: the key id")
