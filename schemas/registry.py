@@ -200,13 +200,14 @@ class ModelTable:
         return self.pick(model, correlation_id)
 
     def retry_version(self, model: str, version: str) -> str:
-        """Where a retry goes: back to its version if that is active; a canary's (or a
-        retired one's) to the stable version, which is where its failures are retried."""
+        """Where a retry goes: back to its version if that is active with a share of the
+        traffic; a canary's (or a standby's at weight 0, which a canary is just before it
+        starts, or a retired one's) to the stable version, where its failures are retried."""
         entry = self.entries.get(model)
         if entry is None:
             return ""
         v = entry.versions.get(version)
-        if v is not None and v.state is VersionState.ACTIVE:
+        if v is not None and v.state is VersionState.ACTIVE and v.weight > 0:
             return version
         return entry.stable
 
