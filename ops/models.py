@@ -175,7 +175,7 @@ async def _list(redis: aioredis.Redis) -> str:
     for name, entry in sorted(table.entries.items()):
         total = sum(v.weight for v in entry.versions.values() if v.state in SERVING) or 1.0
         for v in sorted(entry.versions.values(), key=lambda v: v.created_at):
-            rate, _, workers = loads[name].get(v.version, (0.0, 0, 0))
+            rate, _, workers, _ = loads[name].get(v.version, (0.0, 0, 0, 0.0))
             mark = " (stable)" if v.version == entry.stable else ""
             share = v.weight / total if v.state in SERVING else 0.0
             rows.append(f"{name:<24} {v.version:<16} {v.state.value:<12} {share:>7.1%} "
@@ -193,15 +193,14 @@ async def _show(redis: aioredis.Redis, model: str, as_json: bool) -> str:
     if entry is None:
         raise AgentFleetError(f"model {model!r} is not registered")
     loads = (await _workers(redis, [model]))[model]
-    shown = msgspec.to_builtins(entry) | {"workers": {v: {"tasks_per_s": r, "slots": s,
-                                                          "workers": n}
-                                                      for v, (r, s, n) in loads.items()}}
+    shown = msgspec.to_builtins(entry) | {"workers": {v: load._asdict()
+                                                      for v, load in loads.items()}}
     if as_json:
         return json.dumps(shown, indent=2)
     lines = [f"model {model}: stable {entry.stable}, fallback {entry.fallback or '-'}, "
              f"budgets {entry.sla_budget_s or 'the fleet settings'}"]
     for v in entry.versions.values():
-        rate, slots, n = loads.get(v.version, (0.0, 0, 0))
+        rate, slots, n, _ = loads.get(v.version, (0.0, 0, 0, 0.0))
         lines.append(f"  {v.version}: {v.state.value}, weight {v.weight:g}, {v.path}")
         lines.append(f"    engine_args {v.engine_args or '{}'}, templates {v.templates or '{}'}"
                      f"{', sleep group ' + v.sleep_group if v.sleep_group else ''}")

@@ -254,6 +254,6 @@ def canary_lease() -> str:
 
 def version_load(model: str) -> str:
     """What each worker's runner of a model version reports once a second (a hash:
-    "<version>|<worker>" -> "<epoch s> <completions/s> <peak completions/s> <engine slots>
-    <state>"): the completion rate the producers' SLA estimate divides the backlog by."""
+    "<version>|<worker>" -> "<epoch s> <completions/s> <engine slots> <mean engine s per
+    task> <state>"): what the producers' SLA estimate divides the backlog by."""
     return f"{_tag(model)}:vload"

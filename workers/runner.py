@@ -110,6 +110,8 @@ class ModelRunner:
         self.sleeper = None  # workers/sleep.py, for an engine sharing a GPU; None: always awake
         self.held: list[tuple[str, Task]] = []  # dispatched while the engine sleeps
         self.in_engine = 0  # requests submitted to the engine and not yet done
+        self.engine_busy_s = 0.0  # engine seconds of the requests that ended (load reports)
+        self.engine_ends = 0
         spans = None
         if settings.otel_enabled:
             from agentfleet.workers.otel import TaskSpans
@@ -232,6 +234,9 @@ class ModelRunner:
         """Engine callback: a request finished (or failed)."""
         rec = self.inflight.pop(out.request_id, None)
         self.in_engine -= 1
+        if out.engine_start:
+            self.engine_busy_s += out.finished - out.engine_start
+            self.engine_ends += 1
         self.admission.done(out.request_id, out.prompt_tokens, out.output_tokens)
         if self.admission.waiting:
             self._schedule_dispatch()

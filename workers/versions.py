@@ -18,8 +18,8 @@ moved, reconciles:
   - every runner gets the new table (follow-ups' and retries' versions) and checks tasks
     against the registered models' limits.
 It also reports each runner's load once a second (`keys.version_load`: completions per
-second, their recent peak, engine slots), which producers divide a version's backlog by to
-estimate its queue wait (producer/routing.py).  Engines of one `sleep_group` share a GPU and
+second, engine slots, mean engine seconds per task), which producers divide a version's
+backlog by to estimate its queue wait (producer/routing.py).  Engines of one `sleep_group` share a GPU and
 take turns (workers/sleep.py).
 """
 
@@ -50,29 +50,39 @@ log = logging.getLogger("agentfleet.worker")
 
 EngineFactory = Callable[[ModelSpec], Engine]
 RETRY_START_S = 60.0  # an engine that failed to start is tried again after this long
-RATE_SMOOTHING = 0.3  # weight of the last second in the completion rate (about 3 s)
-PEAK_HALF_LIFE_S = 300.0  # the remembered peak rate halves in this long
+RATE_SMOOTHING = 0.3  # weight of the last second in the rate and service time (about 3 s)
 
 
 class _Load:
-    """A runner's completion rate, sampled once a second."""
+    """A runner's completion rate and mean service time, sampled once a second."""
 
-    __slots__ = ("at", "committed", "rate", "peak")
+    __slots__ = ("at", "committed", "rate", "busy_s", "ends", "service_s")
 
-    def __init__(self, committed: int):
+    def __init__(self, runner: ModelRunner):
         self.at = time.monotonic()
-        self.committed = committed
+        self.committed = _ends(runner)
         self.rate = 0.0
-        self.peak = 0.0
+        self.busy_s, self.ends = runner.engine_busy_s, runner.engine_ends
+        self.service_s = 0.0  # kept while idle: the engine's speed, not the demand
 
-    def sample(self, committed: int) -> None:
+    def sample(self, runner: ModelRunner) -> None:
         now = time.monotonic()
         dt = now - self.at
         if dt <= 0:
             return
+        committed = _ends(runner)
         self.rate += RATE_SMOOTHING * ((committed - self.committed) / dt - self.rate)
-        self.peak = max(self.rate, self.peak * 0.5 ** (dt / PEAK_HALF_LIFE_S))
+        ends = runner.engine_ends - self.ends
+        if ends > 0:
+            service_s = (runner.engine_busy_s - self.busy_s) / ends
+            self.service_s = service_s if not self.service_s else \
+                self.service_s + RATE_SMOOTHING * (service_s - self.service_s)
         self.at, self.committed = now, committed
+        self.busy_s, self.ends = runner.engine_busy_s, runner.engine_ends
+
+
+def _ends(runner: ModelRunner) -> int:
+    return runner.stats.committed + runner.stats.retried  # its engine's ends
 
 
 class Versions:
@@ -280,16 +290,16 @@ class Versions:
         try:
             async with w.redis.pipeline(transaction=False) as pipe:
                 for runner in w.runners:
-                    done = runner.stats.committed + runner.stats.retried  # engine's ends
                     load = self._loads.get(runner)
                     if load is None:
-                        load = self._loads[runner] = _Load(done)
-                    load.sample(done)
+                        load = self._loads[runner] = _Load(runner)
+                    load.sample(runner)
                     slots = runner.engine.slots or w.settings.max_inflight
                     state = "draining" if runner.stopping else "serving"
                     pipe.hset(keys.version_load(runner.model),
                               f"{runner.route_version}|{w.worker_id}",
-                              f"{now:.3f} {load.rate:.3f} {load.peak:.3f} {slots} {state}")
+                              f"{now:.3f} {load.rate:.3f} {slots} {load.service_s:.4f} "
+                              f"{state}")
                 await pipe.execute()
         except (*TRANSIENT, RedisError) as exc:
             log.warning("worker %s: reporting load failed (%s)", w.worker_id, exc)
