@@ -235,7 +235,8 @@ def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
     models = args.models.split(",") if args.models else list(settings.models)
     with redis_url(settings) as url:
         return run_exporter(url, models, port=args.port, addr=args.addr, once=args.once,
-                            default_task_tokens=args.default_task_tokens)
+                            default_task_tokens=args.default_task_tokens,
+                            registered=not args.models)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

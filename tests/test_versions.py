@@ -39,8 +39,6 @@ from agentfleet.schemas.wire import (
 from agentfleet.workers.fake_engine import FakeEngine
 from versions_fleet import fake_factory, model_directory, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
@@ -114,8 +112,9 @@ def test_vllm_refuses_bad_engine_arguments_at_registration(tmp_path):
     135M model's files the GPU benchmark ships), as a worker's start would."""
     from agentfleet.schemas.engine_args import check_engine_args
     from agentfleet.schemas.settings import ModelSpec
+    from bench.gpu.versions import model_dir
 
-    model = ROOT / "bench" / "gpu" / "models" / "smollm2-135m"
+    model = model_dir("135m", tmp_path)
     base = dict(name="m", max_model_len=512, enforce_eager=True)
     check_engine_args(ModelSpec(**base, engine_args={"max_logprobs": 5}), model)
     with pytest.raises(ValidationError) as err:
@@ -397,3 +396,38 @@ def test_cli_registers_weighs_shows_and_audits_versions(server, model_dir):
     audit = cli("audit").stdout
     assert "bob" in audit and "model m1 register" in audit and "canary m1 rollback" in audit
     assert "why: first" in audit
+
+
+async def test_the_exporter_sums_every_versions_streams_and_shows_each(redis, producer,
+                                                                        model_dir, server):
+    """Autoscaling reads the lanes' lag: a registered model's tasks sit in its versions'
+    streams, which the lanes' gauges sum; per version gauges show each."""
+    from prometheus_client import generate_latest
+
+    from agentfleet.ops.exporter import exporter_registry, read_queues
+    from agentfleet.producer.connection import connect_sync
+
+    reg = ModelRegistry(redis)
+    await reg.register("m1", "v1", path=str(model_dir), check_engine=False)
+    await reg.register("m1", "v2", path=str(model_dir), check_engine=False)
+    await reg.set_weights("m1", {"v1": 75, "v2": 25})
+    await producer.submit_many([Task(model="m1", prompt=f"p{i}", version="v1", tenant="acme")
+                                for i in range(7)])
+    await producer.submit_many([Task(model="m1", prompt=f"q{i}", version="v2")
+                                for i in range(3)])
+    await producer.submit_many([Task(model="m1", prompt="b", version="v2", batch_id="job")])
+    client = connect_sync(server.url)
+    try:
+        (q,) = await asyncio.to_thread(read_queues, client, ["m1"])
+        assert (q.interactive.lag, q.bulk.lag) == (10, 1)
+        assert q.versions[("v1", "interactive")].lag == 7
+        assert q.versions[("v2", "interactive")].lag == 3
+        assert q.tenants[("interactive", "acme")].lag == 7
+        assert q.weights == {"v1": 0.75, "v2": 0.25}
+        text = (await asyncio.to_thread(generate_latest, exporter_registry(
+            client, [], registered=True))).decode()
+    finally:
+        client.close()
+    assert 'agentfleet_queue_lag_tasks{lane="interactive",model="m1"} 10.0' in text
+    assert 'agentfleet_version_queue_lag_tasks{lane="bulk",model="m1",version="v2"} 1.0' in text
+    assert 'agentfleet_version_weight_ratio{model="m1",version="v2"} 0.25' in text
