@@ -239,18 +239,32 @@ def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
                             registered=not args.models)
 
 
+def with_registered(url: str, models: list[str], given: str) -> list[str]:
+    """`--models` as given, else the settings' models and the model registry's."""
+    if given:
+        return given.split(",")
+    from agentfleet.producer.connection import connect_sync
+    from agentfleet.schemas import keys
+
+    client = connect_sync(url)
+    try:
+        registered = sorted(m.decode() for m in client.hkeys(keys.models()))
+    finally:
+        client.close()
+    return list(dict.fromkeys([*models, *registered]))
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops.status import run_status
 
-    models = args.models.split(",") if args.models else list(settings.models)
     with redis_url(settings) as url:
+        models = with_registered(url, list(settings.models), args.models)
         return run_status(url, models, as_json=args.json, interval_s=args.interval_s)
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops.report import SloPolicy, run_report
 
-    models = args.models.split(",") if args.models else list(settings.models)
     defaults = SloPolicy()
     policy = SloPolicy(
         availability=args.availability if args.availability is not None
@@ -266,6 +280,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     if policy.ttft_s <= 0 or policy.e2e_s <= 0:
         raise AgentFleetError("--ttft-slo-s and --e2e-slo-s: seconds above 0")
     with redis_url(settings) as url:
+        models = with_registered(url, list(settings.models), args.models)
         return run_report(url, models, since=args.since, html_path=args.html,
                           json_path=args.json, tenant=args.tenant, policy=policy,
                           price_per_gpu_hour=args.price_per_gpu_hour)
