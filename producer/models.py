@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
@@ -344,30 +345,52 @@ class ModelRegistry:
     async def _change(self, model: str, kind: str, action: str, change: Change, who: str,
                       why: str) -> ModelEntry:
         """Apply `change` to the entry of `model` atomically with its audit record."""
-        for _ in range(_RETRIES):
+        async def step(pipe) -> Write | ModelEntry:
+            raw = await pipe.hget(keys.models(), model)
+            current = decode_model_entry(raw) if raw is not None else None
             try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    await pipe.watch(keys.models_version())
-                    raw = await pipe.hget(keys.models(), model)
-                    current = decode_model_entry(raw) if raw is not None else None
-                    try:
-                        after, before_view, after_view = change(current)
-                    except _Unchanged as same:
-                        return same.entry
-                    pipe.multi()
-                    pipe.hset(keys.models(), model, encode(after))
-                    pipe.incr(keys.models_version())
-                    await append_audit(pipe, AuditEntry(
-                        kind=kind, subject=model, action=action, who=who, why=why,
-                        at=time.time(), before=before_view, after=after_view))
-                    await pipe.execute()
-                    return after
-            except WatchError:
-                continue
-            except RedisError as exc:
-                raise BrokerError(f"changing model {model} failed: {exc}") from exc
-        raise RegistryError(f"model {model}: the registry kept changing under this change; "
-                            "try again")
+                after, before_view, after_view = change(current)
+            except _Unchanged as same:
+                return same.entry
+            return Write(keys.models(), model, after, AuditEntry(
+                kind=kind, subject=model, action=action, who=who, why=why, at=time.time(),
+                before=before_view, after=after_view))
+
+        return await watched_change(self.redis, keys.models_version(), step,
+                                    f"changing model {model}")
+
+
+class Write(NamedTuple):
+    """One registry write: a hash field's new value and its audit entry."""
+
+    key: str
+    field: str
+    value: object  # a wire Struct
+    audit: AuditEntry
+
+
+async def watched_change(redis: aioredis.Redis, watch: str, step, what: str):
+    """Run `step(pipe)` under WATCH of `watch` (it reads through the pipeline and returns a
+    `Write`, or anything else to write nothing), then write, bump the registry's version and
+    append the audit entry in one transaction; again when another change raced in."""
+    for _ in range(_RETRIES):
+        try:
+            async with redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(watch)
+                write = await step(pipe)
+                if not isinstance(write, Write):
+                    return write
+                pipe.multi()
+                pipe.hset(write.key, write.field, encode(write.value))
+                pipe.incr(keys.models_version())
+                await append_audit(pipe, write.audit)
+                await pipe.execute()
+                return write.value
+        except WatchError:
+            continue
+        except RedisError as exc:
+            raise BrokerError(f"{what} failed: {exc}") from exc
+    raise RegistryError(f"{what}: the registry kept changing under it; try again")
 
 
 class _Unchanged(Exception):
@@ -443,4 +466,4 @@ def _route_view(entry: ModelEntry) -> dict:
     return {"fallback": entry.fallback, "sla_budget_s": dict(entry.sla_budget_s)}
 
 
-__all__ = ["ModelRegistry"]
+__all__ = ["ModelRegistry", "Write", "watched_change"]

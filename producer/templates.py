@@ -21,13 +21,12 @@ import time
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, WatchError
 
-from agentfleet.producer.tenants import append_audit
+from agentfleet.producer.models import Write, watched_change
 from agentfleet.schemas import keys
-from agentfleet.schemas.errors import BrokerError, ValidationError
+from agentfleet.schemas.errors import ValidationError
 from agentfleet.schemas.validate import ROLES
-from agentfleet.schemas.wire import AuditEntry, Message, PromptTemplate, decode_template, encode
+from agentfleet.schemas.wire import AuditEntry, Message, PromptTemplate, decode_template
 
 _PLACE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_TEMPLATE_CHARS = 1_000_000
@@ -110,29 +109,19 @@ class TemplateRegistry:
             raise ValidationError("variables", f"{sorted(variables)} are not the placeholders "
                                   f"of the text, {sorted(found)}", limit=sorted(found),
                                   value=sorted(variables))
-        for _ in range(20):
-            try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    await pipe.watch(keys.templates())  # a concurrent registration: again
-                    raw = await pipe.hvals(keys.templates())
-                    versions = [t.version for t in map(decode_template, raw) if t.name == name]
-                    template = PromptTemplate(name=name, version=max(versions, default=0) + 1,
-                                              prompt=prompt, messages=messages,
-                                              variables=sorted(found), created_at=time.time(),
-                                              note=note)
-                    pipe.multi()
-                    pipe.hset(keys.templates(), template.ref, encode(template))
-                    pipe.incr(keys.models_version())
-                    await append_audit(pipe, AuditEntry(
-                        kind="template", subject=name, action="register", who=who, why=why,
-                        at=template.created_at, after=msgspec.to_builtins(template)))
-                    await pipe.execute()
-                    return template
-            except WatchError:
-                continue
-            except RedisError as exc:
-                raise BrokerError(f"registering template {name} failed: {exc}") from exc
-        raise BrokerError(f"registering template {name}: too many concurrent registrations")
+        async def step(pipe) -> Write:
+            raw = await pipe.hvals(keys.templates())
+            versions = [t.version for t in map(decode_template, raw) if t.name == name]
+            template = PromptTemplate(name=name, version=max(versions, default=0) + 1,
+                                      prompt=prompt, messages=messages, variables=sorted(found),
+                                      created_at=time.time(), note=note)
+            return Write(keys.templates(), template.ref, template, AuditEntry(
+                kind="template", subject=name, action="register", who=who, why=why,
+                at=template.created_at, after=msgspec.to_builtins(template)))
+
+        # WATCH the templates: a concurrent registration of the same name takes the next one
+        return await watched_change(self.redis, keys.templates(), step,
+                                    f"registering template {name}")
 
 
 __all__ = ["TemplateRegistry", "placeholders", "render"]

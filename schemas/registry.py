@@ -25,7 +25,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agentfleet.schemas import keys
+from agentfleet.schemas import keys, tenants
 from agentfleet.schemas.errors import BrokerError, ValidationError
 from agentfleet.schemas.settings import ModelSpec, Settings
 from agentfleet.schemas.wire import (
@@ -279,39 +279,15 @@ async def load_table(redis: aioredis.Redis) -> ModelTable:
     return ModelTable(entries, templates, int(version or 0))
 
 
-class TableCache:
-    """A `ModelTable` kept fresh: `current()` checks the version at most every `refresh_s`
-    (one GET) and reloads only when it moved; `fresh` tells whether `table` may be used
-    without asking (the producer's hot path awaits nothing then)."""
+class TableCache(tenants.TableCache):
+    """A `ModelTable` kept fresh, as the tenants' table is: `current()` checks the version at
+    most every `refresh_s` (one GET) and reloads only when it moved; `fresh` tells whether
+    `table` may be used without asking (the producer's hot path awaits nothing then)."""
 
-    def __init__(self, redis: aioredis.Redis, refresh_s: float = 1.0):
-        self.redis = redis
-        self.refresh_s = refresh_s
-        self._table: ModelTable | None = None
-        self._checked_at = 0.0
-
-    @property
-    def table(self) -> ModelTable:
-        return self._table or ModelTable()
-
-    @property
-    def fresh(self) -> bool:
-        return self._table is not None and time.monotonic() - self._checked_at < self.refresh_s
-
-    async def current(self) -> ModelTable:
-        now = time.monotonic()
-        if self._table is not None and now - self._checked_at < self.refresh_s:
-            return self._table
-        self._checked_at = now
-        try:
-            version = int(await self.redis.get(keys.models_version()) or 0)
-        except RedisError as exc:
-            if self._table is not None:  # keep routing with what we know
-                return self._table
-            raise BrokerError(f"reading the model registry failed: {exc}") from exc
-        if self._table is None or version != self._table.version:
-            self._table = await load_table(self.redis)
-        return self._table
+    version_key = staticmethod(keys.models_version)
+    loader = staticmethod(load_table)
+    empty = ModelTable
+    what = "the model registry"
 
 
 def new_version(version: str, *, path: str, engine_args: dict | None = None,

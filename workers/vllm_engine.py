@@ -306,14 +306,20 @@ class VllmEngine:
         _report(on_done, output)
 
 
+_OPERATOR_KV: list[str | None] = []  # VLLM_CPU_KVCACHE_SPACE as found before any engine
+
+
 def _prepare_environment(spec: ModelSpec) -> None:
-    """Set what vLLM reads from the environment; the engine core process inherits it."""
+    """Set what vLLM reads from the environment; the engine core process inherits it (when
+    it starts: so each engine of a worker serving several versions gets its own)."""
     # Model directories are local: never reach for the Hub, nor send usage statistics.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     if current_platform.is_cpu():
-        # An operator's own setting wins over the models file.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_space_gib))
+        if not _OPERATOR_KV:
+            _OPERATOR_KV.append(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+        # An operator's own setting wins over the models file and the registry.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = _OPERATOR_KV[0] or str(spec.kv_cache_space_gib)
 
 
 def _sampling_params(sampling: Sampling) -> SamplingParams:
