@@ -131,7 +131,7 @@ async def _model(redis: aioredis.Redis, settings: Settings, model: str, tenant: 
         report.idempotency_keys += await redis.unlink(key)
     until = time.time() + settings.cancel_ttl_s
     parts = [None, *range(settings.affinity_partitions)]  # its affinity partitions too
-    for stream in [keys.lane_stream(model, lane, tenant, p) for lane in keys.LANES
+    for stream in [keys.lane_stream(model, lane, tenant, part=p) for lane in keys.LANES
                    for p in parts]:
         queued, done = await _stream_tasks(redis, stream, tenant)
         for start in range(0, len(done), PAGE):

@@ -73,7 +73,7 @@ def test_the_partition_is_stable_and_tasks_of_one_prompt_share_a_key():
     other = Task(model="m1", messages=[Message(role="system", content="A poet."), system])
     assert derive_affinity_key(one, 2048) == derive_affinity_key(two, 2048)
     assert derive_affinity_key(one, 2048) != derive_affinity_key(other, 2048)
-    assert keys.task_stream("m1", "acme", 3) == "af:{m1}:tasks:acme#3"
+    assert keys.task_stream("m1", "acme", part=3) == "af:{m1}:tasks:acme#3"
     assert keys.bulk_stream("m1", part=0) == "af:{m1}:bulk#0"
 
 

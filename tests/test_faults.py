@@ -107,7 +107,7 @@ def chains(n: int, delay_s: float = 0.0, tag: str = "t") -> list[Task]:
 
 def streams() -> list[str]:
     parts = [None, *range(PARTITIONS)]
-    return [keys.task_stream(MODEL, t, p) for t in TENANTS for p in parts]
+    return [keys.task_stream(MODEL, t, part=p) for t in TENANTS for p in parts]
 
 
 async def wait_until(predicate, timeout_s: float = 20.0, every_s: float = 0.05) -> None:

@@ -4,7 +4,8 @@
             worker); suspects (delivered twice already) one at a time
   renew     keep our claim on tasks still in the engine, so that a slow worker is not taken
             for a dead one
-  promote   move retries that are due from the delayed set back into their tenant's lane
+  promote   move retries that are due from the delayed set back into their tenant's lane (of
+            the version they ran on, or the stable version for a canary's: docs/versions.md)
   trim      drop acknowledged stream entries, never one pending or undelivered; forget
             expired cancellation marks
 """
@@ -147,21 +148,25 @@ class Housekeeping:
             try:
                 due = await r.redis.zrangebyscore(delayed, "-inf", time.time(), start=0,
                                                   num=PROMOTE_BATCH)
-                groups: dict[tuple[str, str, int | None], list[bytes]] = {}
+                groups: dict[tuple[str, str, str, int | None], list[bytes]] = {}
+                registry = r.registry
                 partitions = r.settings.affinity_partitions
                 for member in due:
                     lane = "b" if member[:1] == b"b" else "i"
+                    version = r.route_version
                     try:
                         task = decode_task(member[1:])
                         tenant = task.tenant
+                        if registry.entries:
+                            version = registry.retry_version(r.model, task.version)
                         part = keys.affinity_partition(task.affinity_key, partitions)
                     except AgentFleetError:  # not a task: its own stream's worker dead-letters it
                         tenant, part = keys.DEFAULT_TENANT, None
-                    groups.setdefault((lane, tenant, part), []).append(member)
-                for (lane, tenant, part), members in groups.items():
+                    groups.setdefault((lane, tenant, version, part), []).append(member)
+                for (lane, tenant, version, part), members in groups.items():
                     await self._promote(
-                        keys=[delayed, r.streams.stream(lane, tenant, part),
-                              keys.tenant_lanes(r.model, lane)],
+                        keys=[delayed, keys.lane_stream(r.model, lane, tenant, version, part),
+                              keys.tenant_lanes(r.model, lane, version)],
                         args=[tenant, keys.GROUP, *members])
             except TRANSIENT as exc:
                 log.warning("model %s: moving due retries failed (%s)", r.model, exc)
