@@ -254,3 +254,32 @@ async def test_a_retried_task_goes_back_to_its_partition_and_a_join_runs_once(
                                 join=FollowUp(prompt="all: {results}"))
     chain = await producer.wait_chain(fan, timeout_s=10)
     assert [r.ok for r in chain] == [True] * 5 and chain[-1].task_id == f"{fan}.join"
+
+
+async def test_a_registered_versions_partitions_are_owned_by_the_workers_serving_it(
+        producer, start_worker, redis, tmp_path):
+    """With model versions (docs/versions.md), each version's streams have their partitions;
+    the runners of one version share them out, follow-ups stay in their version and key."""
+    from agentfleet.producer.models import ModelRegistry
+    from versions_fleet import fake_factory, model_directory
+
+    reg = ModelRegistry(redis)
+    await reg.register("m1", "v1", path=str(model_directory(tmp_path)), check_engine=False)
+    w1 = await start_worker(("m1",), engines={}, registry_models=["m1"],
+                            engine_factory=fake_factory())
+    w2 = await start_worker(("m1",), engines={}, registry_models=["m1"],
+                            engine_factory=fake_factory())
+    await see_each_other(w1, w2, timeout_s=15)
+    assert [r.route_version for r in (*w1.runners, *w2.runners)] == ["v1", "v1"]
+    tasks = [Task(model="m1", prompt=f"p {i}", affinity_key=f"k{i % 6}",
+                  followups=[FollowUp(prompt="again: {output}")]) for i in range(36)]
+    roots = await producer.submit_many(tasks)
+    results = await producer.wait_many(roots + [f"{r}.1" for r in roots], timeout_s=15)
+    assert all(r.ok and r.model_version == "v1" for r in results)
+    by_key: dict[str, set[str]] = {}
+    for task, root, kid in zip(tasks, results[:36], results[36:]):
+        by_key.setdefault(task.affinity_key, set()).update((root.worker_id, kid.worker_id))
+    assert all(len(w) == 1 for w in by_key.values()), by_key
+    part = keys.affinity_partition("k0", PARTS)
+    assert await redis.xlen(keys.task_stream("m1", version="v1", part=part)) >= 12
+    assert await redis.xlen(keys.task_stream("m1")) == 0
