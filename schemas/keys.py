@@ -1,8 +1,10 @@
 """Every Redis key and stream name agentfleet uses, built here and nowhere else.
 
 All keys of one model share the hash tag `{<model>}`, so a Redis Cluster keeps a model's
-stream, results, reply streams and traces in one slot and the worker's commit script touches
-one slot (a follow-up for another model is the one cross-slot write; see docs/operations.md).
+stream, results, reply streams and traces in one slot and every script touches one slot: a
+follow-up for another model goes into its parent model's outbox, in the commit, and a mover
+takes it to its own model (docs/operations.md, "Redis Cluster").  Global keys are single
+keys, or share a hash tag with the keys written beside them (`{registry}`, `{<batch id>}`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 
 PREFIX = "af"
 GROUP = "workers"  # one consumer group per model stream
+MOVER_GROUP = "movers"  # the consumer group of each model's outbox (workers/mover.py)
 DEFAULT_TENANT = "default"  # its streams keep the short names af:{m}:tasks and af:{m}:bulk
 LANES = ("i", "b")  # interactive, bulk: the two lanes of a model, as their keys name them
 
@@ -32,6 +35,14 @@ def valid_tenant_name(tenant: str) -> bool:
 
 def _tag(model: str) -> str:
     return f"{PREFIX}:{{{model}}}"
+
+
+def hash_tag(key: str) -> str:
+    """What a Redis Cluster hashes of `key`: the text between its first '{' and the next
+    '}' (the model of a model's key), or the whole key when it has none."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1:end] if start >= 0 and end > start + 1 else key
 
 
 def task_stream(model: str, tenant: str = DEFAULT_TENANT) -> str:
@@ -145,6 +156,19 @@ def batch_counts(model: str, batch_id: str) -> str:
     return f"{_tag(model)}:batch:{batch_id}:counts"
 
 
+def outbox_stream(model: str) -> str:
+    """Follow-ups this model's tasks made for other models (a stream, fields: s target
+    stream, l its lane's tenant set, q its model's queued counts, t tenant, d the task),
+    written by commit.lua with the parents' results and emptied by the model's movers."""
+    return f"{_tag(model)}:outbox"
+
+
+def moved_key(model: str, task_id: str) -> str:
+    """Marks a follow-up moved into this model's streams (a string holding its id, with a
+    TTL): a second move of the same follow-up adds nothing (enqueue.lua's idempotency)."""
+    return f"{_tag(model)}:moved:{task_id}"
+
+
 def kpi_key(model: str, minute: int) -> str:
     """Per-minute aggregates of finished tasks by tenant (a hash; `minute` is epoch seconds of
     the minute's start), for `agentfleet report` and `status`.  Fields: workers/kpi.py."""
@@ -189,20 +213,24 @@ def api_keys() -> str:
     return f"{PREFIX}:apikeys"
 
 
-# The tenant registry (producer/tenants.py) and the audit record: global keys.
+# The tenant registry (producer/tenants.py) and the audit record: global keys sharing the
+# hash tag {registry}, so that a change, its version bump and its audit entry stay one
+# transaction on a Redis Cluster too.
+_REGISTRY = f"{PREFIX}:{{registry}}"
+
 
 def tenants() -> str:
     """Every configured tenant (a hash: tenant -> msgpack TenantConfig); "default" holds the
     settings of tenants without an entry of their own."""
-    return f"{PREFIX}:tenants"
+    return f"{_REGISTRY}:tenants"
 
 
 def tenants_version() -> str:
     """A counter bumped by every registry change: running processes reload when it moves."""
-    return f"{PREFIX}:tenants:version"
+    return f"{_REGISTRY}:tenants:version"
 
 
 def audit_log() -> str:
     """Every change to the registries (tenants, models, routing, canaries): an append-only
     stream of msgpack AuditEntry under field 'd'."""
-    return f"{PREFIX}:audit"
+    return f"{_REGISTRY}:audit"

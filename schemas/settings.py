@@ -102,6 +102,10 @@ class Settings(msgspec.Struct, kw_only=True):
     sentry_dsn: str = ""  # SENTRY_DSN; "" sends nothing
     sentry_include_text: bool = False  # prompts and outputs go to Sentry only when true
     kpi_ttl_s: int = 8 * 86_400  # per-minute aggregates for `agentfleet report`; 0: not kept
+    # replication (docs/operations.md): WAIT for this many replicas after each enqueue, commit
+    # and follow-up move, so that a failover cannot lose what was confirmed; 0: no WAIT
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000  # how long one WAIT may take before NotReplicatedError
 
     @property
     def home_path(self) -> Path:
