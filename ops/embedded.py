@@ -147,7 +147,8 @@ class ServerCluster:
         self.node_timeout_ms = node_timeout_ms
         self.start_timeout_s = start_timeout_s
         args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms)]
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--repl-diskless-sync-delay", "0"]  # a replica syncs at once (default: 5 s)
         self.nodes = [ServerProcess(self.data_dir / f"node{i}", binary=binary,
                                     appendonly=appendonly, extra_args=args)
                       for i in range(primaries * (1 + replicas))]

@@ -333,12 +333,10 @@ class Producer:
 
         Its result says `cancelled`, unless it finished first.
         """
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(keys.cancelled_key(model),
-                          {task_id: time.time() + self.settings.cancel_ttl_s})
-                pipe.publish(keys.cancel_channel(model), task_id)
-                await pipe.execute()
+        try:  # the mark first: a worker that misses the message loads the marks again
+            await self.redis.zadd(keys.cancelled_key(model),
+                                  {task_id: time.time() + self.settings.cancel_ttl_s})
+            await self.redis.publish(keys.cancel_channel(model), task_id)
         except RedisError as exc:
             raise BrokerError(f"cancel of {task_id} failed: {exc}") from exc
 

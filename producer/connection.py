@@ -11,8 +11,8 @@ Three forms of URL, one client each, asyncio (`connect`) and blocking (`connect_
 Credentials and query options (`?socket_timeout=5`) apply to the data servers; for the
 Sentinels' own password add `?sentinel_password=...`.  Every key of a model shares the hash
 tag `{model}` and every script touches one slot, so the code above this module is the same
-for all three; what differs lives here: a cluster client answers `pubsub()` (on one node:
-the cluster bus carries every PUBLISH to all) and `xread` over streams of several slots (one
+for all three; what differs lives here: a cluster client answers `pubsub()` and `publish`
+(on one node: the cluster bus carries every PUBLISH to all) and `xread` over streams of several slots (one
 read per slot, the first answer wins), which the plain clients do natively.
 
 redis-py's asyncio connection packs commands in Python, a few microseconds per argument;
@@ -24,6 +24,8 @@ and packs in Python: a producer's scripts carry far fewer arguments than a worke
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import random
 from collections.abc import Iterable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -69,7 +71,7 @@ SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
 
 class ClusterClient(aioredis.RedisCluster):
     """redis-py's asyncio cluster client, plus what agentfleet's callers use of a plain one:
-    `pubsub()` and `xread` across slots.  `sibling()` is another client of the same cluster
+    `pubsub()`, `publish` and `xread` across slots.  `sibling()` is another client of the same cluster
     with connections of its own (for callbacks of its own), closed with this one."""
 
     def __init__(self, *args, **kwargs):
@@ -78,6 +80,7 @@ class ClusterClient(aioredis.RedisCluster):
         super().__init__(*args, **kwargs)
         if hiredis is not None:
             _pack_with_hiredis(self)
+        _tolerate_options(self.response_callbacks)
 
     def sibling(self) -> ClusterClient:
         args, kwargs = self._init
@@ -99,6 +102,11 @@ class ClusterClient(aioredis.RedisCluster):
                 if k not in ("connection_class", "max_connections", "response_callbacks")}
         pool = aioredis.ConnectionPool(host=node.host, port=node.port, **conn)
         return _OwnPoolPubSub(pool, **kwargs)
+
+    async def publish(self, channel, message) -> int:
+        """PUBLISH (which redis-py's asyncio cluster client lacks), on any node."""
+        return await self.execute_command("PUBLISH", channel, message,
+                                          target_nodes=self.get_random_node())
 
     async def xread(self, streams, count=None, block=None):
         """XREAD of streams that may lie in several slots: one read per slot, all at once;
@@ -141,6 +149,22 @@ class _SentinelClient(aioredis.Redis):
         if self.sentinel is not None:
             for client in self.sentinel.sentinels:
                 await client.aclose()
+
+
+def _tolerate_options(callbacks: dict) -> None:
+    """redis-py's cluster transactions pass a command's options (`keys`) to its reply
+    callback, which some callbacks (HGETALL's) do not take: wrap those, once."""
+    for name, callback in list(callbacks.items()):
+        try:
+            params = inspect.signature(callback).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            callbacks[name] = functools.partial(_without_options, callback)
+
+
+def _without_options(callback, response, **options):
+    return callback(response)
 
 
 def _pack_with_hiredis(client: aioredis.RedisCluster) -> None:
@@ -281,12 +305,50 @@ async def server_infos(client: aioredis.Redis, section: str) -> list[dict]:
     return [await client.info(section)]
 
 
-async def wait_replicas(client: aioredis.Redis, key: str, replicas: int,
-                        timeout_ms: int) -> int:
-    """WAIT on the connection that will carry the next command for `key`: see `call_then_wait`,
-    which is what callers want (WAIT counts the writes of its own connection only)."""
-    raise NotImplementedError
+class Replicated:
+    """A script whose every call is followed by WAIT for `replicas` replicas, on the same
+    connection (WAIT counts the writes of its own connection only): one round trip, the
+    script and the WAIT pipelined to the node that serves the script's keys.
+
+    Returns the script's reply; raises `NotReplicatedError` (carrying that reply) when fewer
+    replicas confirmed it within `timeout_ms`.  `replicated()` gives the script itself when
+    `replicas` is 0."""
+
+    def __init__(self, client, script, replicas: int, timeout_ms: int):
+        self.client = client
+        self.script = script  # redis-py's AsyncScript: its sha and source
+        self.replicas = replicas
+        self.timeout_ms = timeout_ms
+
+    async def __call__(self, keys: Sequence = (), args: Sequence = ()):
+        from redis.exceptions import NoScriptError
+
+        from agentfleet.schemas.errors import NotReplicatedError
+
+        client = self.client
+        target = {}
+        if isinstance(client, aioredis.RedisCluster):
+            await client.initialize()
+            target = {"target_nodes": client.get_node_from_key(keys[0])}
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms, **target)
+            try:
+                reply, acked = await pipe.execute()
+                break
+            except NoScriptError:
+                if attempt:
+                    raise
+                self.script.sha = await client.script_load(self.script.script)
+        if acked < self.replicas:
+            raise NotReplicatedError(
+                f"written on the primary, confirmed by {acked} of {self.replicas} replicas "
+                f"within {self.timeout_ms} ms (AGENTFLEET_WAIT_REPLICAS): a failover now could "
+                f"lose it", reply, acked, self.replicas)
+        return reply
 
 
-def _sync_nodes(nodes: Sequence) -> list:
-    return [SyncClusterNode(n.host, n.port) for n in nodes]
+def replicated(client, script, replicas: int, timeout_ms: int):
+    """`script`, followed by WAIT when `replicas` > 0 (see `Replicated`)."""
+    return Replicated(client, script, replicas, timeout_ms) if replicas > 0 else script

@@ -2,7 +2,8 @@
 
 `commit.lua` applies a group of finished tasks in one atomic call; its KEYS/ARGV contract is
 at the top of the file, and `commit_args` is the only code that builds it (tested without a
-server in tests/test_scripts.py).  `reclaim.lua`, `renew.lua`, `promote.lua` and
+server in tests/test_scripts.py).  Follow-ups for other models go through the model's outbox
+(`CommitHead.outbox_key`), which workers/mover.py empties.  `reclaim.lua`, `renew.lua`, `promote.lua` and
 `deactivate.lua` are the housekeeping steps (workers/housekeeping.py, workers/streams.py).
 """
 
@@ -13,6 +14,7 @@ from operator import attrgetter
 
 import msgspec
 
+from agentfleet.schemas import keys
 from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.scripts import lua
 from agentfleet.schemas.wire import Status
@@ -51,6 +53,9 @@ class CommitHead(msgspec.Struct, kw_only=True, frozen=True):
     consumer: str
     reply_maxlen: int
     dead_maxlen: int
+    # This model's outbox (keys.outbox_stream): follow-ups for other models go there, for
+    # the mover; "" writes them straight into their streams (one server only).
+    outbox_key: str = ""
 
 
 class FollowUpWrite(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -144,10 +149,18 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
                 args.append(r.batch_status)
             if r.followups:
                 flags[5] = "F"
-                args.append(len(r.followups))
-                for f in r.followups:
+                here, away = _by_slot(head.outbox_key, r.followups)
+                args.append(len(here))
+                for f in here:
                     keys += (f.stream, f.lanes_key, f.queued_key)
                     args += (f.payload, f.event, f.tenant)
+                if away:
+                    flags[5] = "O"
+                    keys.append(head.outbox_key)
+                    args.append(len(away))
+                    for f in away:
+                        args += (f.payload, f.event, f.tenant, f.stream, f.lanes_key,
+                                 f.queued_key)
             args[at] = "".join(flags)
     args[4] = len(payloads)
     for reply, results in payloads.items():
@@ -157,6 +170,19 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
 
 
 _REPLY_OF = attrgetter("reply_key")
+
+
+def _by_slot(outbox_key: str, followups: Sequence[FollowUpWrite]
+             ) -> tuple[Sequence[FollowUpWrite], list[FollowUpWrite]]:
+    """The follow-ups of the outbox's model (written in place) and those of other models
+    (through the outbox); all in place when there is no outbox."""
+    if not outbox_key:
+        return followups, []
+    tag = keys.hash_tag(outbox_key)
+    away = [f for f in followups if keys.hash_tag(f.stream) != tag]
+    if not away:
+        return followups, away
+    return [f for f in followups if keys.hash_tag(f.stream) == tag], away
 
 
 def reply_entry(results: Sequence[bytes]) -> bytes:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from agentfleet.producer.connection import server_infos
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import (
     BrokerError,
@@ -150,6 +151,8 @@ class Worker:
 
             commits = [guarded(f"commit {r.model}", r.committer.commit_loop)
                        for r in self.runners]
+            # Drained like the commits: what they put in the outbox is moved before exit.
+            commits += [guarded(f"move {r.model}", r.mover.move_loop) for r in self.runners]
             renews = [guarded(f"renew {r.model}", r.housekeeping.renew_loop)
                       for r in self.runners]
             side = [guarded(f"{loop.__name__} {r.model}", loop)
@@ -301,13 +304,14 @@ def quiet_gc() -> Iterator[None]:
 
 
 async def check_server(redis: aioredis.Redis) -> None:
-    """Refuse a server that may evict keys: an evicted task or result is a lost one."""
-    info = await redis.info("memory")
-    policy = info.get("maxmemory_policy", "noeviction")
-    if policy != "noeviction":
-        raise EvictingServerError(
-            f"the server's maxmemory-policy is {policy!r}: it may evict queued tasks and "
-            f"results; set it to 'noeviction'")
+    """Refuse a server (any primary of a cluster) that may evict keys: an evicted task or
+    result is a lost one."""
+    for info in await server_infos(redis, "memory"):
+        policy = info.get("maxmemory_policy", "noeviction")
+        if policy != "noeviction":
+            raise EvictingServerError(
+                f"the server's maxmemory-policy is {policy!r}: it may evict queued tasks and "
+                f"results; set it to 'noeviction'")
 
 
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:

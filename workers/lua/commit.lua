@@ -16,18 +16,26 @@
 -- marks its stream as holding work.  Results and traces live as long as the source
 -- tenant's retention says.
 --
+-- A follow-up for another model would be a write to another hash slot (another node of a
+-- Redis Cluster): it goes into this model's outbox instead (flag O), a stream entry naming
+-- its stream, lane set, queued counts and tenant, and a mover (workers/mover.py) enqueues
+-- it on its own model's slot, once (enqueue.lua with the follow-up's id as idempotency key).
+--
 -- KEYS: 1 stats hash, 2 delayed set, 3 dead-letter stream, 4 queued counts, then per record
 --       only the keys it uses, in this order: its source stream (flag S), result key (not
 --       for y), reply stream (flag P), trace list (flag T), bulk-job output and counts (flag
 --       B), per follow-up its task stream, its lane's tenant set and its model's queued
---       counts (flag F); last the m reply streams of the built payloads.
+--       counts (flag F or O), then this model's outbox (flag O); last the m reply streams
+--       of the built payloads.
 -- ARGV: 1 group, 2 consumer, 3 reply maxlen, 4 dead maxlen, 5 m; then per record: entry id,
 --       flags, v1, v2 (not for r), with S the source's lowest and highest entry id in this
 --       commit, its tenant, result ttl s and trace ttl s; trace event (T), bulk-job status
---       (B), follow-up count n and n x (task, trace event, tenant) (F); last m x (result
---       count, payload).
+--       (B), follow-up count n and n x (task, trace event, tenant) (F or O), then for O
+--       the outbox's count o and o x (task, trace event, tenant, stream, lane set, queued
+--       counts); last m x (result count, payload).
 --   flags: six bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P reply to the
---       stream named next in KEYS or p to the same one as the record before, 4 T, 5 B, 6 F.
+--       stream named next in KEYS or p to the same one as the record before, 4 T, 5 B,
+--       6 F follow-ups, or O follow-ups some of which go through the outbox.
 --       Records come grouped by source and by reply stream, so each is named once.
 --   v1/v2: r = result/-, d = result/dead letter, y = retry member (lane byte + task)/due.
 --   payloads: where every result for a stream was written (no duplicate, none fenced), its
@@ -44,7 +52,7 @@ for j = 1, m do
   built[KEYS[#KEYS - m + j]] = {tonumber(ARGV[n + 2 * j - 1]), ARGV[n + 2 * j]}
 end
 local byte = string.byte
-local R, D, Y, S, P, SAME, T, B, F = byte('rdySPpTBF', 1, 9)
+local R, D, Y, S, P, SAME, T, B, F, O = byte('rdySPpTBFO', 1, 10)
 local acks = {}
 local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
 local replies = {}
@@ -80,7 +88,11 @@ while a <= n do
     bstatus = ARGV[a]
     a = a + 1
   end
-  if ff == F then nf = tonumber(ARGV[a]); a = a + 1 end
+  local no, ob, box = 0, 0, nil  -- the outbox's follow-ups: count, first argument, key
+  if ff == F or ff == O then nf = tonumber(ARGV[a]); a = a + 1 end
+  if ff == O then
+    no, ob, box = tonumber(ARGV[a + 3 * nf]), a + 3 * nf + 1, KEYS[k + 3 * nf]
+  end
   local mine = owned[src]
   if mine == nil then
     mine = {}
@@ -127,7 +139,13 @@ while a <= n do
         redis.call('HINCRBY', queued, child_tenant, 1)
         if trace then events[#events + 1] = ARGV[a + 3 * j + 1] end
       end
-      followups = followups + nf
+      for j = 0, no - 1 do
+        local b = ob + 6 * j
+        redis.call('XADD', box, '*', 's', ARGV[b + 3], 'l', ARGV[b + 4], 'q', ARGV[b + 5],
+                   't', ARGV[b + 2], 'd', ARGV[b])
+        if trace then events[#events + 1] = ARGV[b + 1] end
+      end
+      followups = followups + nf + no
     else
       dups = dups + 1
       events = {}
@@ -148,6 +166,10 @@ while a <= n do
   end
   a = a + 3 * nf
   k = k + 3 * nf
+  if box then
+    a = a + 1 + 6 * no
+    k = k + 1
+  end
 end
 for src, list in pairs(acks) do
   if #list > 0 then redis.call('XACK', src, group, unpack(list)) end
