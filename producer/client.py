@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from agentfleet.producer.connection import connect
+from agentfleet.producer.connection import connect, replicated
 from agentfleet.producer.enqueue import Lane, enqueue_args, enqueue_lua
 from agentfleet.producer.tracing import current_traceparent
 from agentfleet.schemas import keys
@@ -96,7 +96,8 @@ class Producer:
         self.max_unclaimed = max_unclaimed
         self._id_prefix = self.id + "-"
         self._seq = itertools.count(1)
-        self._enqueue = redis.register_script(enqueue_lua())
+        self._enqueue = replicated(redis, redis.register_script(enqueue_lua()),
+                                   self.settings.wait_replicas, self.settings.wait_timeout_ms)
         self.tenants = TableCache(redis)  # quotas, reloaded when the registry changes
         self._waiters: dict[str, _Waiting] = {}
         self._arrived: dict[str, Result] = {}

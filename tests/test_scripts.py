@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from importlib import resources
 
+import msgspec
+
 from agentfleet.workers.scripts import (
     CommitHead,
     CommitRecord,
@@ -70,3 +72,41 @@ def test_every_script_file_opens_with_its_contract():
             head = text.split("\n\n")[0] + text[:2000]
             assert text.startswith(f"-- {f.name}:"), f.name
             assert "-- KEYS:" in head and "-- ARGV:" in head, f.name
+
+
+OUTBOX_HEAD = CommitHead(stats_key="af:{m1}:stats", delayed_key="af:{m1}:delayed",
+                         dead_stream="af:{m1}:dead", queued_key="af:{m1}:queued", group="g",
+                         consumer="me", reply_maxlen=80, dead_maxlen=90,
+                         outbox_key="af:{m1}:outbox")
+
+
+def test_follow_ups_for_another_model_go_through_the_outbox_and_name_no_key_of_its_slot():
+    here = FollowUpWrite("af:{m1}:tasks", b"T1", b"E1", "af:{m1}:tenants:i", "af:{m1}:queued",
+                         "acme")
+    away = FollowUpWrite("af:{m2}:tasks:acme", b"T2", b"E2", "af:{m2}:tenants:i",
+                         "af:{m2}:queued", "acme")
+    keys, args = commit_args(OUTBOX_HEAD, [_rec(b"3-0", source="af:{m1}:tasks",
+                                                result_key="af:{m1}:result:x",
+                                                followups=[away, here])])
+    # Every key is the parent model's: one slot, one node of a cluster.
+    assert {k.split("}")[0] for k in keys} == {"af:{m1"}
+    assert keys[-4:] == ["af:{m1}:tasks", "af:{m1}:tenants:i", "af:{m1}:queued",
+                         "af:{m1}:outbox"]
+    at = args.index(b"3-0")
+    assert args[at + 1] == "rS---O"
+    # n local follow-ups (payload, event, tenant), then o outbox ones with their keys as ARGV
+    assert args[at + 8:] == [1, b"T1", b"E1", "acme",
+                             1, b"T2", b"E2", "acme", "af:{m2}:tasks:acme",
+                             "af:{m2}:tenants:i", "af:{m2}:queued"]
+
+
+def test_without_an_outbox_or_with_same_model_follow_ups_the_layout_is_unchanged():
+    here = FollowUpWrite("af:{m1}:tasks", b"T1", b"", "af:{m1}:tenants:i", "af:{m1}:queued",
+                         "acme")
+    rec = _rec(b"1-0", source="af:{m1}:tasks", followups=[here])
+    assert commit_args(OUTBOX_HEAD, [rec])[1][-4:] == [1, b"T1", b"", "acme"]
+    plain = msgspec.structs.replace(OUTBOX_HEAD, outbox_key="")
+    away = FollowUpWrite("af:{m2}:tasks", b"T2", b"", "af:{m2}:tenants:i", "af:{m2}:queued",
+                         "acme")
+    keys, args = commit_args(plain, [_rec(b"1-0", source="af:{m1}:tasks", followups=[away])])
+    assert args[args.index(b"1-0") + 1] == "rS---F" and "af:{m2}:tasks" in keys

@@ -87,8 +87,15 @@ class Mover:
             got = await r.redis.xreadgroup(keys.MOVER_GROUP, r.worker_id, {self.outbox: ">"},
                                            count=MOVE_BATCH, block=block_ms or None)
             entries = got[0][1] if got else []
-        if not entries:
-            return 0
+        done = await self.move(entries)
+        if done:
+            await self.settle(done)
+        return len(done)
+
+    async def move(self, entries: list) -> list[bytes]:
+        """Move outbox entries (id, fields) to their streams, one enqueue.lua call per
+        target stream; the ids of those moved (and, with wait_replicas, replicated)."""
+        r = self.runner
         by_lane: dict[Lane, list[tuple]] = {}
         for entry_id, fields in entries:
             try:
@@ -98,7 +105,7 @@ class Mover:
                           "pending for another mover", r.model, entry_id, exc)
                 continue
             by_lane.setdefault(lane, []).append(item)
-        done = []
+        done: list[bytes] = []
         for lane, items in by_lane.items():
             keys_, args = enqueue_args(lane, r.settings.result_ttl_s,
                                        [(task_id, mark, payload, 0, 0)
@@ -106,18 +113,23 @@ class Mover:
             try:
                 await self._enqueue(keys=keys_, args=args)
             except NotReplicatedError as exc:  # moved, but not yet safe: settle it later
+                r.stats.unreplicated += 1
                 log.warning("model %s: %d follow-ups for %s moved but %s; they stay in the "
                             "outbox and are moved again (a no-op) after claim_idle_ms",
                             r.model, len(items), lane.model, exc)
                 continue
             done += [entry_id for entry_id, *_ in items]
-        if done:
-            async with r.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(self.outbox, keys.MOVER_GROUP, *done)
-                pipe.xdel(self.outbox, *done)
-                pipe.hincrby(keys.stats_key(r.model), "moved", len(done))
-                await pipe.execute()
-        return len(done)
+        return done
+
+    async def settle(self, done: list[bytes]) -> None:
+        """Moved entries leave the outbox: XACK, XDEL and the count, one transaction."""
+        r = self.runner
+        async with r.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.outbox, keys.MOVER_GROUP, *done)
+            pipe.xdel(self.outbox, *done)
+            pipe.hincrby(keys.stats_key(r.model), "moved", len(done))
+            await pipe.execute()
+        r.stats.moved += len(done)
 
     def _item(self, entry_id: bytes, fields: dict) -> tuple[Lane, tuple]:
         """Where an entry goes (its lane) and what enqueue.lua needs of it."""

@@ -1,0 +1,108 @@
+"""Redis Cluster and Sentinel: the outbox and its mover, WAIT for replicas, failovers.
+
+The outbox tests run on both servers and on the session's cluster (3 primaries, 3 replicas);
+the failover tests start a cluster or a Sentinel group of their own, since they kill a
+primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agentfleet.ops.embedded import ServerCluster
+from agentfleet.producer.client import Producer
+from agentfleet.producer.connection import connect
+from agentfleet.schemas import keys
+from agentfleet.schemas.errors import NotReplicatedError
+from agentfleet.schemas.wire import FollowUp, Task, encode
+from agentfleet.workers.fake_engine import FakeEngine
+from agentfleet.workers.mover import Mover
+from agentfleet.workers.runner import ModelRunner
+
+pytestmark = pytest.mark.cluster_too
+
+
+def _chain(i: int) -> Task:
+    return Task(model="m1", id=f"c{i}", prompt=f"one {i}", tenant="acme",
+                followups=[FollowUp(model="m2", prompt="two: {output}")])
+
+
+async def _outbox(redis, model: str = "m1") -> list:
+    return await redis.xrange(keys.outbox_stream(model))
+
+
+async def test_a_follow_up_for_another_model_goes_through_the_outbox_and_is_moved_once(
+        producer, start_worker, redis):
+    await start_worker(models=("m1",))  # nobody serves m2: its follow-ups wait in its stream
+    ids = await producer.submit_many([_chain(i) for i in range(20)])
+    await producer.wait_many(ids, timeout_s=10)
+    target = keys.task_stream("m2", "acme")
+    for _ in range(100):
+        if await redis.xlen(target) == 20 and not await _outbox(redis):
+            break
+        await asyncio.sleep(0.05)
+    assert await redis.xlen(target) == 20 and await _outbox(redis) == []
+    assert int(await redis.hget(keys.stats_key("m1"), "moved")) == 20
+    assert int(await redis.hget(keys.queued_counts("m2"), "acme")) == 20
+    assert await redis.zscore(keys.tenant_lanes("m2", "i"), "acme") == 1
+    # The same follow-ups again (a parent run again after its commit was lost): nothing added.
+    for i in range(20):
+        await redis.xadd(keys.outbox_stream("m1"), {
+            "s": target, "l": keys.tenant_lanes("m2", "i"), "q": keys.queued_counts("m2"),
+            "t": "acme", "d": (await redis.xrange(target, count=20))[i][1][b"d"]})
+    for _ in range(100):
+        if not await _outbox(redis):
+            break
+        await asyncio.sleep(0.05)
+    assert await _outbox(redis) == [] and await redis.xlen(target) == 20
+    assert int(await redis.hget(keys.queued_counts("m2"), "acme")) == 20
+    await start_worker(models=("m2",))
+    kids = await producer.wait_many([f"{i}.1" for i in ids], timeout_s=10)
+    assert all(k.ok and k.model == "m2" and k.text.startswith("echo: two: ") for k in kids)
+    assert int(await redis.hget(keys.stats_key("m2"), "written")) == 20
+
+
+async def test_a_mover_dying_between_move_and_settle_leaves_it_to_another_that_adds_nothing(
+        redis, settings):
+    settings.claim_idle_ms = 100
+
+    def mover(worker_id: str) -> Mover:
+        return ModelRunner(spec=settings.models["m1"], engine=FakeEngine(), redis=redis,
+                           settings=settings, worker_id=worker_id).mover
+
+    dying, survivor = mover("dies"), mover("survives")
+    await dying._ensure_group()
+    target = keys.task_stream("m2", "acme")
+    for i in range(3):  # as commit.lua writes them
+        await redis.xadd(keys.outbox_stream("m1"), {
+            "s": target, "l": keys.tenant_lanes("m2", "i"), "q": keys.queued_counts("m2"),
+            "t": "acme", "d": encode(Task(model="m2", id=f"p{i}.1", prompt="two",
+                                          tenant="acme"))})
+    got = await redis.xreadgroup(keys.MOVER_GROUP, "dies", {keys.outbox_stream("m1"): ">"})
+    assert len(await dying.move(got[0][1])) == 3  # moved; then it dies before settling
+    assert await redis.xlen(target) == 3
+    assert await survivor.move_once() == 0  # not idle long enough yet: left alone
+    await asyncio.sleep(0.15)
+    assert await survivor.move_once() == 3  # claimed and moved again: a no-op
+    assert await _outbox(redis) == [] and await redis.xlen(target) == 3
+    assert int(await redis.hget(keys.queued_counts("m2"), "acme")) == 3
+    assert int(await redis.hget(keys.stats_key("m1"), "moved")) == 3
+
+
+async def test_wait_replicas_refuses_to_confirm_what_no_replica_has(server, redis, settings):
+    settings.wait_replicas, settings.wait_timeout_ms = 1, 50
+    p = Producer(connect(server.url), settings=settings)
+    try:
+        if isinstance(server, ServerCluster):  # every primary has a replica: confirmed
+            task_id = await p.submit(model="m1", prompt="kept twice", reply=False)
+            assert await redis.xlen(keys.task_stream("m1")) == 1 and task_id
+        else:  # one server, no replica: queued, but a failover could lose it
+            with pytest.raises(NotReplicatedError) as err:
+                await p.submit_many([Task(model="m1", prompt="on one server only")],
+                                    reply=False)
+            assert err.value.acked == 0 and err.value.wanted == 1
+            assert "confirmed by 0 of 1 replicas within 50 ms" in str(err.value)
+    finally:
+        await p.close()
