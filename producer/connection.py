@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.cluster import ClusterNode as SyncClusterNode
@@ -103,6 +103,11 @@ class ClusterClient(aioredis.RedisCluster):
         pool = aioredis.ConnectionPool(host=node.host, port=node.port, **conn)
         return _OwnPoolPubSub(pool, **kwargs)
 
+    def pipeline(self, transaction=None, shard_hint=None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused by redis-py
+        return _ClusterPipeline(self, transaction)
+
     async def publish(self, channel, message) -> int:
         """PUBLISH (which redis-py's asyncio cluster client lacks), on any node."""
         return await self.execute_command("PUBLISH", channel, message,
@@ -131,6 +136,12 @@ class ClusterClient(aioredis.RedisCluster):
                 read.cancel()
             await asyncio.gather(*reads, return_exceptions=True)
         return [entry for read in done for entry in read.result() or ()]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    def unlink(self, *names):
+        # redis-py's is a coroutine here (and only here): queue it as `delete` does.
+        return self._split_command_across_slots("UNLINK", *names)
 
 
 class _OwnPoolPubSub(aioredis.client.PubSub):
