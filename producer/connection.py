@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager
 from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.cluster import ClusterNode as SyncClusterNode
@@ -81,6 +81,7 @@ class ClusterClient(aioredis.RedisCluster):
         if hiredis is not None:
             _pack_with_hiredis(self)
         _tolerate_options(self.response_callbacks)
+        self.nodes_manager.__class__ = _OneObjectPerNode  # same slots: a safe swap
 
     def sibling(self) -> ClusterClient:
         args, kwargs = self._init
@@ -92,6 +93,15 @@ class ClusterClient(aioredis.RedisCluster):
         for client in self._siblings:
             await client.aclose()
         await super().aclose()
+        # redis-py skips the close while a connection error has the client marked for
+        # re-initialisation (a failover, just then): close what its nodes hold anyway.
+        await self.nodes_manager.aclose()
+        await self.nodes_manager.aclose("startup_nodes")
+
+    def pipeline(self, transaction=None, shard_hint=None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused by redis-py
+        return _ClusterPipeline(self, transaction)
 
     def pubsub(self, **kwargs) -> aioredis.client.PubSub:
         """Subscriptions on one node of the cluster (every node hears every PUBLISH); the
@@ -103,10 +113,11 @@ class ClusterClient(aioredis.RedisCluster):
         pool = aioredis.ConnectionPool(host=node.host, port=node.port, **conn)
         return _OwnPoolPubSub(pool, **kwargs)
 
-    def pipeline(self, transaction=None, shard_hint=None) -> ClusterPipeline:
-        if shard_hint:
-            return super().pipeline(transaction, shard_hint)  # refused by redis-py
-        return _ClusterPipeline(self, transaction)
+    async def script_load(self, script) -> str:
+        """SCRIPT LOAD on every node, replicas too (redis-py loads on the primaries it knows):
+        a replica promoted by a failover then has every script already, and one promoted
+        before this client noticed gets it on the first NOSCRIPT."""
+        return await self.execute_command("SCRIPT LOAD", script, target_nodes=self.ALL_NODES)
 
     async def publish(self, channel, message) -> int:
         """PUBLISH (which redis-py's asyncio cluster client lacks), on any node."""
@@ -136,6 +147,34 @@ class ClusterClient(aioredis.RedisCluster):
                 read.cancel()
             await asyncio.gather(*reads, return_exceptions=True)
         return [entry for read in done for entry in read.result() or ()]
+
+
+class _OneObjectPerNode(NodesManager):
+    """redis-py's NodesManager, with one object per node after a topology refresh.
+
+    On a refresh, redis-py 7.4 keeps each known node's old object in `nodes_cache` (with its
+    old role) but routes commands through the new objects it put in `slots_cache`: their
+    connections are never closed (ResourceWarnings, sockets held until collected), and
+    the old objects' roles go stale after a failover (SCRIPT LOAD and INFO to "primaries"
+    miss the promoted replica).  Here every slot points at the `nodes_cache` object again,
+    with the role it has now."""
+
+    __slots__ = ()
+
+    async def initialize(self) -> None:
+        await super().initialize()
+        known = self.nodes_cache
+        fixed: dict[int, list] = {}
+        for slot, nodes in self.slots_cache.items():
+            same = fixed.get(id(nodes))
+            if same is None:
+                same = []
+                for node in nodes:
+                    kept = known.get(node.name, node)
+                    kept.server_type = node.server_type
+                    same.append(kept)
+                fixed[id(nodes)] = same
+            self.slots_cache[slot] = same
 
 
 class _ClusterPipeline(ClusterPipeline):

@@ -54,6 +54,7 @@ class Mover:
         self._enqueue = replicated(runner.redis, runner.redis.register_script(enqueue_lua()),
                                    s.wait_replicas, s.wait_timeout_ms)
         self._claim_at = 0.0  # monotonic time of the next XAUTOCLAIM
+        self._again = 0  # entries of the last `move` whose follow-up was moved before
 
     async def move_loop(self, block_ms: int | None = None) -> None:
         r = self.runner
@@ -106,12 +107,13 @@ class Mover:
                 continue
             by_lane.setdefault(lane, []).append(item)
         done: list[bytes] = []
+        again = 0
         for lane, items in by_lane.items():
             keys_, args = enqueue_args(lane, r.settings.result_ttl_s,
                                        [(task_id, mark, payload, 0, 0)
                                         for _, task_id, mark, payload in items])
             try:
-                await self._enqueue(keys=keys_, args=args)
+                reply = await self._enqueue(keys=keys_, args=args)
             except NotReplicatedError as exc:  # moved, but not yet safe: settle it later
                 r.stats.unreplicated += 1
                 log.warning("model %s: %d follow-ups for %s moved but %s; they stay in the "
@@ -119,15 +121,22 @@ class Mover:
                             r.model, len(items), lane.model, exc)
                 continue
             done += [entry_id for entry_id, *_ in items]
+            # {0, taken, then index and prior id of each one moved before}
+            again += (len(reply) - 2) // 2
+        self._again = again
         return done
 
     async def settle(self, done: list[bytes]) -> None:
-        """Moved entries leave the outbox: XACK, XDEL and the count, one transaction."""
+        """Moved entries leave the outbox: XACK, XDEL and the counts (`moved`: entries;
+        `moved_again`: those whose follow-up was there already, added nothing), one
+        transaction."""
         r = self.runner
         async with r.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.outbox, keys.MOVER_GROUP, *done)
             pipe.xdel(self.outbox, *done)
             pipe.hincrby(keys.stats_key(r.model), "moved", len(done))
+            if self._again:
+                pipe.hincrby(keys.stats_key(r.model), "moved_again", self._again)
             await pipe.execute()
         r.stats.moved += len(done)
 
