@@ -318,10 +318,13 @@ class SentinelGroup:
         return f"redis+sentinel://{hosts}/{self.service}"
 
     def start(self) -> str:
-        primary = ServerProcess(self.data_dir / "primary", binary=self.binary, appendonly=False)
+        fast_sync = ["--repl-diskless-sync-delay", "0"]  # either may become the primary
+        primary = ServerProcess(self.data_dir / "primary", binary=self.binary, appendonly=False,
+                                extra_args=fast_sync)
         primary.start()
         replica = ServerProcess(self.data_dir / "replica", binary=self.binary, appendonly=False,
-                                extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
+                                extra_args=[*fast_sync, "--replicaof", "127.0.0.1",
+                                            str(primary.port)])
         replica.start()
         self.servers = [primary, replica]
         self.sentinels = [
@@ -356,8 +359,9 @@ class SentinelGroup:
         while time.monotonic() < deadline:
             try:
                 primary = self.primary()
-                with redis.Redis(port=primary.port) as c:
-                    synced = c.info("replication").get("connected_slaves", 0) >= 1
+                replica = next(s for s in self.servers if s is not primary)
+                with redis.Redis(port=replica.port) as c:
+                    synced = c.info("replication").get("master_link_status") == "up"
                 known = all(_replicas_known(s.port, self.service) for s in self.sentinels)
                 if synced and known:
                     return

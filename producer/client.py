@@ -446,6 +446,8 @@ class Producer:
         try:
             for result in await self._stored(task_ids, list(self.settings.models)):
                 self._deliver(result)
+        except BrokerError as exc:  # the server restarting or failing over: wait on
+            log.warning("producer %s: reading stored results failed (%s)", self.id, exc)
         finally:
             self._polling = False
 
