@@ -12,8 +12,8 @@ Credentials and query options (`?socket_timeout=5`) apply to the data servers; f
 Sentinels' own password add `?sentinel_password=...`.  Every key of a model shares the hash
 tag `{model}` and every script touches one slot, so the code above this module is the same
 for all three; what differs lives here: a cluster client answers `pubsub()` and `publish`
-(on one node: the cluster bus carries every PUBLISH to all) and `xread` over streams of several slots (one
-read per slot, the first answer wins), which the plain clients do natively.
+(on one node: the cluster bus carries every PUBLISH to all) and `xread` over streams of
+several slots (one read per slot, the first answer wins), which plain clients do natively.
 
 redis-py's asyncio connection packs commands in Python, a few microseconds per argument;
 our scripts carry thousands of arguments per call, so where hiredis is installed (the `ops`
@@ -71,8 +71,9 @@ SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
 
 class ClusterClient(aioredis.RedisCluster):
     """redis-py's asyncio cluster client, plus what agentfleet's callers use of a plain one:
-    `pubsub()`, `publish` and `xread` across slots.  `sibling()` is another client of the same cluster
-    with connections of its own (for callbacks of its own), closed with this one."""
+    `pubsub()`, `publish` and `xread` across slots.  `sibling()` is another client of the
+    same cluster with connections of its own (for callbacks of its own), closed with this
+    one."""
 
     def __init__(self, *args, **kwargs):
         self._init = (args, dict(kwargs))

@@ -2,9 +2,10 @@
 
 `commit.lua` applies a group of finished tasks in one atomic call; its KEYS/ARGV contract is
 at the top of the file, and `commit_args` is the only code that builds it (tested without a
-server in tests/test_scripts.py).  Follow-ups for other models go through the model's outbox
-(`CommitHead.outbox_key`), which workers/mover.py empties.  `reclaim.lua`, `renew.lua`, `promote.lua` and
-`deactivate.lua` are the housekeeping steps (workers/housekeeping.py, workers/streams.py).
+server in tests/test_scripts.py).  Follow-ups for other models go through the model's
+outbox (`CommitHead.outbox_key`), which workers/mover.py empties.  `reclaim.lua`,
+`renew.lua`, `promote.lua` and `deactivate.lua` are the housekeeping steps
+(workers/housekeeping.py, workers/streams.py).
 """
 
 from __future__ import annotations
