@@ -33,45 +33,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing as mp
 import os
-import queue
 import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from bench._child import run_child
+from bench import harness
+from bench.harness import Background, Check, Processes, Report, percentiles
 
 MODEL = "bench"
 FILE_MODEL = "gpt-4o-mini"  # the name in the file, mapped onto MODEL
 READY_TIMEOUT_S = 60.0
 TARGETS = {"submit_lines_per_s": 20_000, "submitter_peak_rss_mb": 200, "p99_ratio": 2.0}
 
-_CTX = mp.get_context("spawn")
-Report = Callable[[tuple], None]
-
 
 # ---- children ----------------------------------------------------------------------------
-
-def _child(name: str, out: mp.Queue, *args) -> None:
-    run_child(_CHILDREN, name, out, *args)
-
 
 def _settings():
     from agentfleet.schemas.settings import ModelSpec, Settings
 
     return Settings(models={MODEL: ModelSpec(name=MODEL)}, default_model=MODEL, engine="fake")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def worker(report: Report, url: str, delay_s: float, jitter: float) -> None:
@@ -102,14 +86,14 @@ async def worker(report: Report, url: str, delay_s: float, jitter: float) -> Non
     await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
     if run.done():
         run.result()
-    report(("ready", {"pid": os.getpid()}))
+    report("ready", {"pid": os.getpid()})
     await run
 
 
 async def submitter(report: Report, url: str, path: str, batch_id: str) -> None:
     from agentfleet.producer.batch import BatchClient
 
-    rss_start = _rss_mb()
+    rss_start = harness.memory_kib(os.getpid())["VmRSS"] / 1024
     async with BatchClient.from_url(url, settings=_settings()) as client:
         server_cpu = await _server_cpu_s(client.redis)
         cpu, started = time.process_time(), time.monotonic()
@@ -117,10 +101,10 @@ async def submitter(report: Report, url: str, path: str, batch_id: str) -> None:
         elapsed, cpu = time.monotonic() - started, time.process_time() - cpu
         server_cpu = await _server_cpu_s(client.redis) - server_cpu
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    report(("done", {"lines": rep.total, "elapsed_s": elapsed, "validate_s": rep.validate_s,
-                     "submit_s": rep.submit_s, "lines_per_s": rep.total / elapsed,
-                     "cpu_s": cpu, "server_cpu_s": server_cpu,
-                     "rss_after_imports_mb": rss_start, "peak_rss_mb": peak_mb}))
+    report("done", {"lines": rep.total, "elapsed_s": elapsed, "validate_s": rep.validate_s,
+                    "submit_s": rep.submit_s, "lines_per_s": rep.total / elapsed,
+                    "cpu_s": cpu, "server_cpu_s": server_cpu,
+                    "rss_after_imports_mb": rss_start, "peak_rss_mb": peak_mb})
 
 
 async def _server_cpu_s(redis) -> float:
@@ -158,12 +142,12 @@ async def interactive(report: Report, url: str, rate: int, duration_s: float,
             fired.append(asyncio.ensure_future(one(i)))
         await asyncio.gather(*fired)
         after = await batches.status(batch_id) if batch_id else None
-    figures = {"n": n, "p50_ms": _pct(latencies, 50) * 1e3, "p99_ms": _pct(latencies, 99) * 1e3,
-               "max_ms": max(latencies) * 1e3}
+    ms = percentiles(latencies, (0.5, 0.99), scale=1000)
+    figures = {"n": n, "p50_ms": ms["p50"], "p99_ms": ms["p99"], "max_ms": ms["max"]}
     if before is not None and after is not None:
         figures.update(batch_done_before=before.done, batch_done_after=after.done,
                        batch_total=after.total, batch_running_throughout=not after.settled)
-    report(("done", figures))
+    report("done", figures)
 
 
 def _task(prompt: str):
@@ -172,62 +156,20 @@ def _task(prompt: str):
     return Task(model=MODEL, prompt=prompt, sampling=Sampling(max_tokens=16))
 
 
-_CHILDREN = {"worker": worker, "submitter": submitter, "interactive": interactive}
-
-
 # ---- parent ------------------------------------------------------------------------------
 
-def _pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+def _run(procs: Processes, function, *args, timeout_s: float = 600) -> dict:
+    """A child from start to its "done"."""
+    with procs.scope():
+        return procs.expect(procs.spawn(function, *args), "done", timeout_s)
 
 
 @contextlib.contextmanager
-def _process(name: str, *args) -> Iterator[tuple[mp.Process, mp.Queue]]:
-    out: mp.Queue = _CTX.Queue()
-    proc = _CTX.Process(target=_child, args=(name, out, *args), daemon=True)
-    proc.start()
-    try:
-        yield proc, out
-    finally:
-        if proc.is_alive():
-            proc.terminate()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
-def _expect(out: mp.Queue, kind: str, timeout_s: float) -> dict:
-    try:
-        got, payload = out.get(timeout=timeout_s)
-    except queue.Empty:
-        raise RuntimeError(f"no {kind!r} within {timeout_s}s") from None
-    if got == "error":
-        raise RuntimeError(payload)
-    if got != kind:
-        raise RuntimeError(f"expected {kind!r}, got {got!r}: {payload}")
-    return payload
-
-
-def _run(name: str, *args, timeout_s: float = 600) -> dict:
-    with _process(name, *args) as (_, out):
-        return _expect(out, "done", timeout_s)
-
-
-@contextlib.contextmanager
-def _worker(url: str, delay_s: float, jitter: float = 0.0) -> Iterator[None]:
-    with _process("worker", url, delay_s, jitter) as (_, out):
-        _expect(out, "ready", READY_TIMEOUT_S)
+def _worker(procs: Processes, url: str, delay_s: float, jitter: float = 0.0) -> Iterator[None]:
+    with procs.scope():
+        procs.expect(procs.spawn(worker, url, delay_s, jitter, serving=True), "ready",
+                     READY_TIMEOUT_S)
         yield
-
-
-def _busy_s() -> float:
-    """CPU seconds every core has spent busy since boot (/proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def write_requests(path: Path, n: int) -> None:
@@ -249,9 +191,8 @@ def _flush(url: str) -> None:
     client.close()
 
 
-def _wait_settled(url: str, batch_id: str, timeout_s: float) -> tuple[object, float]:
-    import asyncio
-
+def _wait_settled(procs: Processes, url: str, batch_id: str,
+                  timeout_s: float) -> tuple[object, float]:
     from agentfleet.producer.batch import BatchClient
 
     async def wait():
@@ -260,7 +201,7 @@ def _wait_settled(url: str, batch_id: str, timeout_s: float) -> tuple[object, fl
             st = await client.wait(batch_id, timeout_s=timeout_s, poll_s=0.2)
             return st, time.monotonic() - started
 
-    return asyncio.run(wait())
+    return procs.run(wait())
 
 
 def _check_output(url: str, batch_id: str, requests: Path, out_dir: Path) -> dict:
@@ -292,18 +233,20 @@ def _check_output(url: str, batch_id: str, requests: Path, out_dir: Path) -> dic
             "unknown": len(got.keys() - wanted)}
 
 
-def _interactive_pair(url: str, args: argparse.Namespace, jitter: float, tmp: Path) -> dict:
+def _interactive_pair(procs: Processes, url: str, args: argparse.Namespace, jitter: float,
+                      tmp: Path) -> dict:
     """Interactive latency alone, then with a job of args.batch_lines in the bulk lane."""
     delay_s = args.delay_ms / 1000
     _flush(url)
-    with _worker(url, delay_s, jitter):
-        alone = _run("interactive", url, args.rate, args.duration_s, "")
+    with _worker(procs, url, delay_s, jitter):
+        alone = _run(procs, interactive, url, args.rate, args.duration_s, "")
     _flush(url)
     small = tmp / "small.jsonl"
     write_requests(small, args.batch_lines)
-    _run("submitter", url, str(small), "bench-small")  # queued first: it starts with the worker
-    with _worker(url, delay_s, jitter):
-        with_batch = _run("interactive", url, args.rate, args.duration_s, "bench-small")
+    # Queued first: it starts with the worker.
+    _run(procs, submitter, url, str(small), "bench-small")
+    with _worker(procs, url, delay_s, jitter):
+        with_batch = _run(procs, interactive, url, args.rate, args.duration_s, "bench-small")
     ratio = with_batch["p99_ms"] / alone["p99_ms"]
     engine = f"{args.delay_ms:g} ms" + (f" +/- {jitter:.0%}" if jitter else " exactly")
     print(f"interactive at {args.rate}/s for {args.duration_s:g} s, engine {engine}:"
@@ -327,26 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", choices=["valkey", "redis"], default="valkey")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from agentfleet.ops.embedded import ServerProcess, redis_binary, valkey_binary
-
-    binary = valkey_binary() if args.server == "valkey" else redis_binary()
-    figures: dict[str, object] = {"args": vars(args) | {"json": str(args.json)},
-                                  "load_start": os.getloadavg(), "cores": os.cpu_count()}
-    with tempfile.TemporaryDirectory() as tmp, \
-            ServerProcess(Path(tmp) / "server", binary=binary, appendonly=False) as server:
+    machine = harness.machine(packages=("redis", "msgspec", "uvloop"))
+    figures: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp, Processes() as procs, \
+            harness.server(args.server, procs) as server:
         url = server.url
         requests = Path(tmp) / "requests.jsonl"
         write_requests(requests, args.lines)
         figures["file_mb"] = requests.stat().st_size / 1e6
 
         print(f"submit: {args.lines:,} lines ({figures['file_mb']:.1f} MB) ...", flush=True)
-        busy = _busy_s()
-        sub = _run("submitter", url, str(requests), "bench-big")
-        busy = _busy_s() - busy
-        # What else ran meanwhile: every core's busy time, less the submitter's and the server's.
-        sub["background_cores"] = max(busy - sub["cpu_s"] - sub["server_cpu_s"], 0) / (
-            sub["elapsed_s"])
+        background = Background()
+        sub = _run(procs, submitter, url, str(requests), "bench-big")
+        sub["background_cores"] = background.cores()
         figures["submit"] = sub
         per_line_us = {k: sub[k] / args.lines * 1e6 for k in ("cpu_s", "server_cpu_s")}
         print(f"  {sub['lines_per_s']:,.0f} lines/s ({sub['elapsed_s']:.2f} s: validate "
@@ -355,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
               f"imports)\n  CPU per line: submitter {per_line_us['cpu_s']:.1f} us, server "
               f"{per_line_us['server_cpu_s']:.1f} us; other processes used "
               f"{sub['background_cores']:.2f} cores meanwhile", flush=True)
-        with _worker(url, 0.0):
-            st, took = _wait_settled(url, "bench-big", 600)
+        with _worker(procs, url, 0.0):
+            st, took = _wait_settled(procs, url, "bench-big", 600)
         check = _check_output(url, "bench-big", requests, Path(tmp))
         figures["complete"] = {"status": st.status, "by_status": st.by_status,
                                "drain_s": took, **check}
@@ -367,28 +303,34 @@ def main(argv: list[str] | None = None) -> int:
 
         figures["interactive"] = {}
         for jitter in (args.jitter, 0.0) if args.jitter else (0.0,):
-            run = _interactive_pair(url, args, jitter, Path(tmp))
+            run = _interactive_pair(procs, url, args, jitter, Path(tmp))
             figures["interactive"][f"jitter_{jitter}"] = run
-    figures["load_end"] = os.getloadavg()
+    load_end = os.getloadavg()
     main_run = figures["interactive"][f"jitter_{args.jitter}"]
     ratio, with_batch = main_run["p99_ratio"], main_run["with_batch"]
-    checks = {
-        "submit_lines_per_s": sub["lines_per_s"] >= TARGETS["submit_lines_per_s"],
-        "submitter_peak_rss_mb": sub["peak_rss_mb"] < TARGETS["submitter_peak_rss_mb"],
-        "no_lost_or_duplicated": check["lost"] == check["duplicated"] == check["unknown"] == 0
-        and check["output_lines"] == args.lines,
-        "p99_ratio": ratio <= TARGETS["p99_ratio"],
-        "batch_overlapped": bool(with_batch.get("batch_running_throughout")),
-    }
-    figures["checks"] = checks
-    print(f"load average {figures['load_start'][0]:.1f} -> {figures['load_end'][0]:.1f} on "
-          f"{figures['cores']} cores")
-    for name, ok in checks.items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2, default=str))
-    return 0 if all(checks.values()) else 1
+    checks = [
+        Check(f"submit >= {TARGETS['submit_lines_per_s']:,} lines/s",
+              sub["lines_per_s"] >= TARGETS["submit_lines_per_s"], f"{sub['lines_per_s']:,.0f}"),
+        Check(f"submitter peak RSS < {TARGETS['submitter_peak_rss_mb']} MB",
+              sub["peak_rss_mb"] < TARGETS["submitter_peak_rss_mb"],
+              f"{sub['peak_rss_mb']:.0f} MB"),
+        Check("no line lost or duplicated",
+              check["lost"] == check["duplicated"] == check["unknown"] == 0
+              and check["output_lines"] == args.lines,
+              f"lost {check['lost']}, duplicated {check['duplicated']}"),
+        Check(f"interactive p99 with the job <= {TARGETS['p99_ratio']:g} x without",
+              ratio <= TARGETS["p99_ratio"], f"{ratio:.2f}x"),
+        Check("the job ran throughout the interactive traffic",
+              bool(with_batch.get("batch_running_throughout"))),
+    ]
+    print(f"load average {machine['load_avg'][0]:.1f} -> {load_end[0]:.1f} on "
+          f"{machine['cores']} cores")
+    status = harness.print_checks(checks)
+    harness.write_result(args.json, benchmark="bulk_batch", checks=checks, machine_info=machine,
+                         args={k: v for k, v in vars(args).items() if k != "json"},
+                         load_end=load_end, **figures)
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.entry(main))

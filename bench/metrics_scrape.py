@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from bench import harness
+from bench.harness import Check, Processes, cpu_s, percentiles
 
 TARGET_SCRAPE_MS = 50.0
 TASKS_PER_LANE = 100_000
@@ -44,18 +44,18 @@ def _scrape_ms(url: str, n: int, server_pid: int | None = None) -> dict:
     times = []
     size = 0
     cpu0 = time.process_time()
-    server0 = _cpu_s(server_pid) if server_pid else 0.0
+    server0 = cpu_s(server_pid) if server_pid else 0.0
     for _ in range(n):
         started = time.perf_counter()
         with urllib.request.urlopen(url, timeout=10) as resp:
             size = len(resp.read())
-        times.append((time.perf_counter() - started) * 1000)
+        times.append(time.perf_counter() - started)
     cpu_ms = (time.process_time() - cpu0) * 1000 / n
-    times.sort()
-    out = {"p50_ms": statistics.median(times), "p99_ms": times[int(len(times) * 0.99) - 1],
-           "max_ms": times[-1], "cpu_ms": cpu_ms, "bytes": size, "scrapes": n}
+    p = percentiles(times, (0.5, 0.99), scale=1000)
+    out = {"p50_ms": p["p50"], "p99_ms": p["p99"], "max_ms": p["max"], "cpu_ms": cpu_ms,
+           "bytes": size, "scrapes": n}
     if server_pid:
-        out["server_cpu_ms"] = (_cpu_s(server_pid) - server0) * 1000 / n
+        out["server_cpu_ms"] = (cpu_s(server_pid) - server0) * 1000 / n
     return out
 
 
@@ -139,15 +139,13 @@ def bench_exporter(models: int, scrapes: int) -> dict:
     import redis
     from prometheus_client import generate_latest
 
-    from agentfleet.ops.embedded import ServerProcess, free_port
+    from agentfleet.ops.embedded import free_port
     from agentfleet.ops.exporter import exporter_registry
     from agentfleet.schemas import keys
     from agentfleet.workers.metrics import MetricsServer
 
     names = [f"model-{i:02d}" for i in range(models)]
-    with tempfile.TemporaryDirectory(prefix="af-scrape-") as data:
-        server = ServerProcess(Path(data), appendonly=False)
-        server.start()
+    with harness.server() as server:
         client = redis.Redis.from_url(server.url)
         try:
             now = time.time()
@@ -172,7 +170,6 @@ def bench_exporter(models: int, scrapes: int) -> dict:
                 metrics.close()
         finally:
             client.close()
-            server.stop()
 
 
 def bench_hot_path() -> dict:
@@ -200,84 +197,26 @@ def bench_hot_path() -> dict:
     return out
 
 
-def _overhead_worker(url: str, on: bool, ready, done) -> None:
-    """Child: a Worker on the fake engine until terminated; reports its pid when ready."""
-    import uvloop
-
-    from agentfleet.producer.connection import connect
-    from agentfleet.schemas.settings import ModelSpec, Settings
-    from agentfleet.workers.fake_engine import FakeEngine
-    from agentfleet.workers.worker import Worker
-
-    async def run() -> None:
-        off = {} if on else {"metrics_port": 0, "kpi_ttl_s": 0}
-        settings = Settings(models={"bench": ModelSpec(name="bench")}, default_model="bench",
-                            engine="fake", **off)
-        worker = Worker(settings, connect(url), {"bench": FakeEngine()}, worker_id="overhead")
-        task = asyncio.ensure_future(worker.run())
-        await worker.ready.wait()
-        ready.set()
-        await asyncio.to_thread(done.wait)
-        worker.request_stop()
-        await task
-
-    uvloop.run(run())
-
-
 def bench_overhead(tasks: int, rounds: int) -> dict:
-    import multiprocessing as mp
+    """The queue-layer benchmark's fleet path with metrics and aggregates on (the defaults)
+    and off (metrics_port and kpi_ttl_s 0), alternating."""
+    from bench.queue_layer import Bench
 
-    import redis
-
-    from agentfleet.ops.embedded import ServerProcess
-    from agentfleet.producer.client import Producer
-    from agentfleet.producer.connection import connect
-    from agentfleet.schemas.settings import ModelSpec, Settings
-    from agentfleet.schemas.wire import Task
-
-    ctx = mp.get_context("spawn")
-    settings = Settings(models={"bench": ModelSpec(name="bench")}, default_model="bench")
+    off = {"metrics_port": 0, "kpi_ttl_s": 0}
     runs: dict[str, list[dict]] = {"on": [], "off": []}
-    with tempfile.TemporaryDirectory(prefix="af-overhead-") as data:
-        server = ServerProcess(Path(data), appendonly=False)
-        server.start()
-        try:
-            for _ in range(rounds):
-                for mode in ("on", "off"):
-                    redis.Redis.from_url(server.url).flushall()
-                    ready, done = ctx.Event(), ctx.Event()
-                    child = ctx.Process(target=_overhead_worker, args=(
-                        server.url, mode == "on", ready, done))
-                    child.start()
-                    ready.wait(60)
-                    cpu0 = _cpu_s(child.pid)
-
-                    async def drive() -> float:
-                        async with Producer(connect(server.url), settings=settings) as p:
-                            started = time.monotonic()
-                            ids = await p.submit_many(
-                                Task(model="bench", prompt=f"hello world {i}")
-                                for i in range(tasks))
-                            await p.wait_many(ids, timeout_s=600)
-                            return time.monotonic() - started
-
-                    took = asyncio.run(drive())
-                    cpu = _cpu_s(child.pid) - cpu0
-                    done.set()
-                    child.join(30)
-                    runs[mode].append({"tasks_per_s": tasks / took,
-                                       "worker_cpu_us_per_task": cpu / tasks * 1e6})
-        finally:
-            server.stop()
+    with Processes() as procs, harness.server("valkey", procs) as server:
+        bench = Bench(procs, server, argparse.Namespace(tasks=tasks))
+        for _ in range(rounds):
+            for mode in ("on", "off"):
+                bench.fresh()
+                figures = bench.fleet(overrides={} if mode == "on" else off)
+                runs[mode].append({"tasks_per_s": figures["tasks_per_s"],
+                                   "worker_cpu_us_per_task":
+                                       figures["cpu_us_per_task"]["worker"]})
     med = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
            for mode, rs in runs.items()}
     return {"tasks": tasks, "runs": runs, "median": med,
             "rate_on_vs_off": med["on"]["tasks_per_s"] / med["off"]["tasks_per_s"]}
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from agentfleet.workers.metrics import _FOLD_AT
 
     logging.disable(logging.ERROR)  # the failures we feed in would log one line per group
+    machine = harness.machine(packages=("redis", "prometheus-client"))
     worker = bench_worker(args.models, args.scrapes)
     exporter = bench_exporter(args.models, args.scrapes)
     hot = asyncio.run(asyncio.to_thread(bench_hot_path))
@@ -311,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
           f"p50 {e['p50_ms']:.1f} ms, p99 {e['p99_ms']:.1f} ms, max {e['max_ms']:.1f} ms; "
           f"CPU {e['cpu_ms']:.1f} ms exporter + {e['server_cpu_ms']:.2f} ms Valkey per scrape")
     print("hot path: " + ", ".join(f"{k} {v:.3f}" for k, v in hot.items()))
-    checks = [("worker scrape p99 < 50 ms", f["p99_ms"] < TARGET_SCRAPE_MS),
-              ("exporter scrape p99 < 50 ms", e["p99_ms"] < TARGET_SCRAPE_MS)]
+    checks = [Check("worker scrape p99 < 50 ms", f["p99_ms"] < TARGET_SCRAPE_MS,
+                    f"{f['p99_ms']:.1f} ms"),
+              Check("exporter scrape p99 < 50 ms", e["p99_ms"] < TARGET_SCRAPE_MS,
+                    f"{e['p99_ms']:.1f} ms")]
     overhead = None
     if args.overhead:
         overhead = bench_overhead(args.overhead, args.rounds)
@@ -322,16 +264,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['worker_cpu_us_per_task']:.1f} us CPU per task (median of {args.rounds}; "
                   "all: " + ", ".join(f"{r['tasks_per_s']:,.0f}" for r in overhead["runs"][mode])
                   + ")")
-        checks.append(("metrics on >= 0.9 x off (end-to-end rate)",
-                       overhead["rate_on_vs_off"] >= 0.9))
-    for name, ok in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    if args.json:
-        args.json.write_text(json.dumps({"worker": worker, "exporter": exporter,
-                                         "hot_path": hot, "overhead": overhead,
-                                         "models": args.models}, indent=2))
-    return 0 if all(ok for _, ok in checks) else 1
+        checks.append(Check("metrics on >= 0.9 x off (end-to-end rate)",
+                            overhead["rate_on_vs_off"] >= 0.9,
+                            f"{overhead['rate_on_vs_off']:.3f}"))
+    status = harness.print_checks(checks)
+    harness.write_result(args.json, benchmark="metrics_scrape", checks=checks,
+                         machine_info=machine, models=args.models, worker=worker,
+                         exporter=exporter, hot_path=hot, overhead=overhead)
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.entry(main))

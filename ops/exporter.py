@@ -45,7 +45,7 @@ from agentfleet.schemas import keys
 
 log = logging.getLogger("agentfleet.exporter")
 
-LIVE_WITHIN_S = 10.0  # heartbeats come every 2 s: five missed beats and a worker is gone
+LIVE_WITHIN_S = keys.LIVE_WITHIN_S  # heartbeats come every 2 s: five missed and it is gone
 TOP_TENANTS = 10  # tenants named in per-tenant gauges, per model; the rest are "other"
 _PER_STREAM = 3  # commands per tenant stream
 _PER_MODEL = 6  # commands per model after its streams
@@ -173,7 +173,7 @@ def parse_queues(models: Sequence[str], streams: Streams, replies: list, *,
         q = QueueStats(
             model=model, delayed=delayed, dead_letters=dead,
             counters={k.decode(): int(v) for k, v in stats.items()},
-            live_workers=sum(now - float(t) <= live_within_s for t in beats.values()),
+            live_workers=keys.live_workers(beats.values(), now, live_within_s),
             queued={k.decode(): int(v) for k, v in queued.items()},
             refused={tuple(k.decode().split("|", 1)): int(v) for k, v in refused.items()})
         q.tenants = {}

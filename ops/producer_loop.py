@@ -1,6 +1,6 @@
 """A demo producer for the Procfile: submits two-step agent chains at a steady rate, forever.
 
-    REDIS_URL=redis://127.0.0.1:6399/0 python -m agentfleet.ops.producer_loop --rate 2
+    python -m agentfleet.ops.producer_loop --rate 2     (REDIS_URL, or the local server)
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 
+from agentfleet.ops.cli import redis_url
 from agentfleet.ops.demo import QUESTIONS
 from agentfleet.producer.client import Producer
 from agentfleet.schemas.errors import AgentFleetError
@@ -19,9 +20,8 @@ from agentfleet.schemas.wire import FollowUp, Message, Sampling, Task
 log = logging.getLogger("agentfleet.producer_loop")
 
 
-async def run(rate: float, max_tokens: int) -> None:
-    settings = Settings.from_env()
-    async with Producer.from_url(settings=settings) as producer:
+async def run(url: str, settings: Settings, rate: float, max_tokens: int) -> None:
+    async with Producer.from_url(url, settings=settings) as producer:
         pending: set[asyncio.Task] = set()
         for n in itertools.count():
             root = Task(model=settings.default_model, agent_id=f"loop-{n % 8}",
@@ -52,7 +52,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    asyncio.run(run(args.rate, args.max_tokens))
+    settings = Settings.from_env()
+    with redis_url(settings) as url:
+        asyncio.run(run(url, settings, args.rate, args.max_tokens))
 
 
 if __name__ == "__main__":

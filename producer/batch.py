@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -50,6 +51,8 @@ from agentfleet.schemas.scripts import lua
 from agentfleet.schemas.tenants import check_name as check_tenant_name
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import Result, Status, Task, decode_result
+
+log = logging.getLogger("agentfleet.batch")
 
 CHUNK_LINES = 2000  # tasks per submit_many call (and custom ids per duplicate check)
 MAX_QUEUED = 1_000_000  # a bulk lane longer than this pauses the submit pass (backpressure)
@@ -586,8 +589,19 @@ class BatchClient:
         """Poll the status (O(models) a poll) until the job settles; `TimeoutError` after
         `timeout_s`.  `on_progress` sees every status read."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        down = False
         while True:
-            st = await self.status(batch_id)
+            try:
+                st = await self.status(batch_id)
+            except BrokerError as exc:  # a server restart: ride it out until the deadline
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                if not down:
+                    log.warning("batch %s: %s; retrying", batch_id, exc)
+                down = True
+                await asyncio.sleep(poll_s)
+                continue
+            down = False
             if on_progress is not None:
                 on_progress(st)
             if st.settled:

@@ -106,6 +106,8 @@ class Producer:
         self._polling = False
         self._queued: list[tuple[str, tuple, asyncio.Future]] = []  # single submits to write
         self._flusher: asyncio.Task | None = None
+        self._served: set[str] = set()  # models whose workers were looked for
+        self._checks: set[asyncio.Task] = set()
 
     @classmethod
     def from_url(cls, url: str | None = None, **kwargs) -> Producer:
@@ -125,6 +127,9 @@ class Producer:
     async def close(self) -> None:
         if self._flusher is not None:  # single submits still on their way out
             await asyncio.gather(self._flusher, return_exceptions=True)
+        for check in self._checks:
+            check.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -142,6 +147,8 @@ class Producer:
         task = task if task is not None else Task(**fields)
         self._fill(task, reply, time.time(), current_traceparent())
         validate_task(task, self.settings)
+        if task.model not in self._served:
+            self._look_for_workers([task.model])
         if reply:
             self._ensure_listener()
         loop = asyncio.get_running_loop()
@@ -231,6 +238,8 @@ class Producer:
             await self._check_quotas(by_lane, table)
         if reply:
             self._ensure_listener()
+        self._look_for_workers(list(dict.fromkeys(
+            lane.model for lane in by_lane if lane.model not in self._served)))
         queued: list[str] = []  # ids of chunks that went in, for a refusal's report
         calls: list[tuple[asyncio.Future, list]] = []
         try:
@@ -329,6 +338,28 @@ class Producer:
         self._take_dups(out, chunk, ids)
         queued.extend(ids[item[3]] for item in chunk)
 
+    def _look_for_workers(self, models: list[str]) -> None:
+        """Warn once per model, beside the enqueue, when no live worker serves it."""
+        if models:
+            self._served.update(models)
+            check = asyncio.get_running_loop().create_task(self._warn_unserved(models))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+
+    async def _warn_unserved(self, models: list[str]) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.hvals(keys.workers_key(model))
+                beats = await pipe.execute()
+        except RedisError:
+            return  # the enqueue beside it reports the server's trouble
+        now = time.time()
+        for model, values in zip(models, beats, strict=True):
+            if not keys.live_workers(values, now):
+                log.warning("no live worker serves model %s: its tasks wait until one starts "
+                            "(agentfleet worker --models %s)", model, model)
+
     async def cancel(self, task_id: str, model: str) -> None:
         """Cancel a task: if still queued it never runs; if running, the engine aborts it.
 
@@ -378,7 +409,11 @@ class Producer:
 
     async def as_completed(self, task_ids: Iterable[str],
                            timeout_s: float = 60.0) -> AsyncIterator[Result]:
-        """Yield results as they arrive; `ResultTimeoutError` names the ones still missing."""
+        """Yield results as they arrive; `ResultTimeoutError` names the ones still missing.
+
+        A server restart is ridden out: the listener and the poll retry until the timeout,
+        which ends in `BrokerError` only if the server is still unreachable then.
+        """
         self._ensure_listener()
         w = _Waiting()
         ids = list(task_ids)
@@ -389,6 +424,7 @@ class Producer:
             elif self._waiters.setdefault(task_id, w) is w:
                 w.left += 1
         deadline = time.monotonic() + timeout_s
+        unreachable = False  # the last poll failed: the server may be restarting
         try:
             while True:
                 if w.ready:
@@ -401,6 +437,10 @@ class Producer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = [i for i in ids if self._waiters.get(i) is w]
+                    if unreachable:  # one last look; BrokerError if the server is still down
+                        await self._read_stored(missing[:1000])
+                        unreachable = False
+                        continue
                     raise ResultTimeoutError(
                         f"{len(missing)} results missing after {timeout_s}s", missing)
                 loop = asyncio.get_running_loop()
@@ -415,7 +455,12 @@ class Producer:
                     if (time.monotonic() - self._last_arrival >= _POLL_S
                             and not self._polling):  # one poll at a time, for all waiters
                         stalled = [i for i in ids if self._waiters.get(i) is w]
-                        await self._read_stored(stalled[:1000])
+                        try:
+                            await self._read_stored(stalled[:1000])
+                            unreachable = False
+                        except BrokerError as exc:  # retried on the next pass, to the deadline
+                            log.debug("producer %s: %s; retrying", self.id, exc)
+                            unreachable = True
         finally:
             if w.left:
                 for task_id in ids:
@@ -426,6 +471,15 @@ class Producer:
         """The stored result of any task (this producer's or not), or None."""
         found = await self._stored([task_id], [model] if model else list(self.settings.models))
         return found[0] if found else None
+
+    async def get_results(self, task_ids: Sequence[str], model: str | None = None
+                          ) -> list[Result]:
+        """The stored results of many tasks (those that have one), a pipeline per 10,000."""
+        models = [model] if model else list(self.settings.models)
+        found: list[Result] = []
+        for start in range(0, len(task_ids), 10_000):
+            found += await self._stored(list(task_ids[start:start + 10_000]), models)
+        return found
 
     def _deliver(self, result: Result) -> None:
         w = self._waiters.pop(result.task_id, None)
@@ -446,8 +500,6 @@ class Producer:
         try:
             for result in await self._stored(task_ids, list(self.settings.models)):
                 self._deliver(result)
-        except BrokerError as exc:  # the server restarting or failing over: wait on
-            log.warning("producer %s: reading stored results failed (%s)", self.id, exc)
         finally:
             self._polling = False
 

@@ -143,8 +143,25 @@ class FatalConfigError(AgentFleetError):
     """Raised at start-up for settings that cannot work (bad URL, missing model files)."""
 
 
+class InvalidSettingError(FatalConfigError):
+    """Raised when a `Settings` or `ModelSpec` is made with a value its field does not allow:
+    `variable` names where it came from (AGENTFLEET_MAX_INFLIGHT, or a models file's field),
+    `allowed` says what would be accepted."""
+
+    def __init__(self, variable: str, value: object, allowed: str):
+        self.variable = variable
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{variable}={value!r}: must be {allowed}")
+
+
 class EvictingServerError(FatalConfigError):
     """Raised at start-up against a server whose maxmemory-policy may evict our keys."""
+
+
+class UnknownIdError(AgentFleetError):
+    """Raised by a lookup (`agentfleet trace`, `dlq show|replay|purge`) whose id names
+    nothing: never there, expired, or already removed."""
 
 
 class BatchError(AgentFleetError):

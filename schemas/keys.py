@@ -10,6 +10,7 @@ keys, or share a hash tag with the keys written beside them (`{registry}`, `{<ba
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 PREFIX = "af"
 GROUP = "workers"  # one consumer group per model stream
@@ -116,6 +117,16 @@ def idempotency_key(model: str, key: str) -> str:
 def workers_key(model: str) -> str:
     """Live workers of a model (a hash: worker id -> epoch seconds of its last heartbeat)."""
     return f"{_tag(model)}:workers"
+
+
+HEARTBEAT_S = 2.0  # how often a worker writes its heartbeat into workers_key
+LIVE_WITHIN_S = 10.0  # a worker whose last heartbeat is older (five missed) is gone
+
+
+def live_workers(beats: Iterable[bytes | str | float], now: float,
+                 within_s: float = LIVE_WITHIN_S) -> int:
+    """How many of a workers_key hash's heartbeat values are recent enough to be live."""
+    return sum(now - float(beat) <= within_s for beat in beats)
 
 
 def delayed_key(model: str) -> str:

@@ -7,24 +7,98 @@ knows).  Per-model engine settings come from an optional TOML file (`AGENTFLEET_
     max_model_len = 2048
     max_num_seqs = 64
 
-The README's configuration table lists every field below; keep the two in step.
+Every number has a range and every word its values (`Bound`, beside each field), checked
+whenever a `Settings` or a `ModelSpec` is made: a value out of range raises one
+`InvalidSettingError` naming the variable, the value and what is allowed.  The README's
+configuration table lists every field below with its variable and default; a test
+(tests/test_settings_doc.py) reads the table and checks it against this file.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
-from agentfleet.schemas.errors import FatalConfigError
+from agentfleet.schemas.errors import FatalConfigError, InvalidSettingError
 from agentfleet.schemas.keys import valid_model_name
 
 ENV_PREFIX = "AGENTFLEET_"
 DEFAULT_MODEL = "smollm2-135m"
+
+
+class Bound:
+    """What a setting allows: a range (`ge`, `gt`, `le`) or a set of words (`one_of`)."""
+
+    __slots__ = ("ge", "gt", "le", "one_of", "prefixes")
+
+    def __init__(self, *, ge: float | None = None, gt: float | None = None,
+                 le: float | None = None, one_of: tuple[str, ...] = (),
+                 prefixes: tuple[str, ...] = ()):
+        self.ge, self.gt, self.le, self.one_of, self.prefixes = ge, gt, le, one_of, prefixes
+
+    def allows(self, value: object) -> bool:
+        if self.one_of:
+            return value in self.one_of
+        if self.prefixes:  # "" (unset) or a value starting with one of them
+            return value == "" or str(value).startswith(self.prefixes)
+        return not ((self.ge is not None and value < self.ge)
+                    or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le))
+
+    def __str__(self) -> str:
+        if self.one_of:
+            return "one of " + ", ".join(repr(v) for v in self.one_of)
+        if self.prefixes:
+            return "unset, or a URL starting with " + ", ".join(self.prefixes)
+        if self.ge is not None and self.le is not None:
+            return f"{self.ge:g}..{self.le:g}"
+        parts = [f">= {self.ge:g}" if self.ge is not None else "",
+                 f"> {self.gt:g}" if self.gt is not None else "",
+                 f"<= {self.le:g}" if self.le is not None else ""]
+        return " and ".join(p for p in parts if p)
+
+
+# The shapes most fields share.
+Count = Annotated[int, Bound(ge=1)]  # at least one
+Count0 = Annotated[int, Bound(ge=0)]  # 0 has a meaning (off, none, derived): see the field
+NonNegative = Annotated[float, Bound(ge=0)]
+Positive = Annotated[float, Bound(gt=0)]
+Share = Annotated[float, Bound(gt=0, le=1)]
+Port = Annotated[int, Bound(ge=0, le=65535)]  # 0: off
+
+
+@functools.cache
+def _bounds(cls: type) -> tuple[tuple[str, Bound], ...]:
+    found = []
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        for arg in (hint, *typing.get_args(hint)):  # `Count | None` holds its Annotated
+            if typing.get_origin(arg) is Annotated:
+                found += [(name, m) for m in arg.__metadata__ if isinstance(m, Bound)]
+    return tuple(found)
+
+
+def check_bounds(obj: msgspec.Struct, variable: Callable[[str], str]) -> None:
+    """Raise `InvalidSettingError` for the first field of `obj` outside its `Bound`."""
+    for name, bound in _bounds(type(obj)):
+        value = getattr(obj, name)
+        if value is not None and not bound.allows(value):
+            raise InvalidSettingError(variable(name), value, str(bound))
+
+
+def variable(field: str) -> str:
+    """The environment variable of a `Settings` field."""
+    return _OWN_NAMES.get(field, ENV_PREFIX + field.upper())
+
+
+_OWN_NAMES = {"redis_url": "REDIS_URL", "sentry_dsn": "SENTRY_DSN"}  # names every tool knows
 
 
 class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -33,20 +107,24 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str
     path: str = ""  # a local model directory; "" for the default model's prepared cache
     version: str = ""  # written into every result; "" derives it from the model directory
-    max_model_len: int = 2048
+    max_model_len: Count = 2048
     # Bulk-tuned on an H100 (docs/benchmarks.md): 512 sequences, 8192 tokens a step.  Keep
     # KV blocks x block size >= max_num_seqs x (prompt + max_tokens), or vLLM preempts.
-    max_num_seqs: int = 512
-    max_num_batched_tokens: int | None = 8192
-    gpu_memory_utilization: float = 0.45
-    kv_cache_space_gib: int = 4  # CPU engine only (VLLM_CPU_KVCACHE_SPACE)
+    max_num_seqs: Count = 512
+    max_num_batched_tokens: Count | None = 8192
+    gpu_memory_utilization: Share = 0.45
+    kv_cache_space_gib: Count = 4  # CPU engine only (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     dtype: str = "auto"  # bfloat16, or float32 on CPUs without native bfloat16
     load_format: str = "auto"  # "dummy" for throughput runs with random weights
-    max_prompt_chars: int = 0  # 0: 8 characters per token of max_model_len
-    seed: int = 0
-    scheduling_policy: str = "priority"  # "priority": interactive before bulk inside vLLM
+    max_prompt_chars: Count0 = 0  # 0: 8 characters per token of max_model_len
+    seed: Count0 = 0
+    # "priority": interactive before bulk inside vLLM; "fcfs": arrival order
+    scheduling_policy: Annotated[str, Bound(one_of=("priority", "fcfs"))] = "priority"
+
+    def __post_init__(self) -> None:
+        check_bounds(self, lambda field: f"[models.{self.name}] {field}")
 
     @property
     def prompt_chars_limit(self) -> int:
@@ -54,7 +132,8 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Settings(msgspec.Struct, kw_only=True):
-    redis_url: str = ""  # "" starts the embedded server
+    redis_url: Annotated[str, Bound(prefixes=("redis://", "rediss://", "unix://"))] = ""
+    # "" finds (or starts) the local server (ops/localserver.py)
     home: str = ""  # cache and data folder; "" is ~/.cache/agentfleet
     models: dict[str, ModelSpec] = msgspec.field(
         # Eager: on a small CPU torch.compile costs minutes per start and its bf16 kernels
@@ -65,47 +144,56 @@ class Settings(msgspec.Struct, kw_only=True):
     default_model: str = DEFAULT_MODEL
     # worker
     worker_id: str = ""  # "" is <host>-<pid>
-    engine: str = "vllm"  # "vllm", or "fake" (the test double, for queue-layer runs)
-    read_count: int = 512  # at most this many tasks per XREADGROUP
-    block_ms: int = 100  # how long an idle read waits for the first task
-    window_ms: float = 0.0  # after the first task, wait this long to gather more
-    max_inflight: int = 1024  # tasks read but not yet committed, per model (2 x max_num_seqs)
+    engine: Annotated[str, Bound(one_of=("vllm", "fake"))] = "vllm"  # fake: the test double
+    read_count: Count = 512  # at most this many tasks per XREADGROUP
+    block_ms: Count = 100  # how long an idle read waits for the first task
+    window_ms: NonNegative = 0.0  # after the first task, wait this long to gather more
+    max_inflight: Count = 1024  # tasks read but not yet committed, per model (2 x max_num_seqs)
     # Share of the engine's slots (max_num_seqs) bulk-job tasks may hold: the rest is kept
     # for interactive tasks, which then start within an engine step or two.
-    bulk_max_share: float = 0.875
+    bulk_max_share: Share = 0.875
     fairness: bool = True  # tenants share engine slots by weight (VTC); False: first come
     # delivery guarantees
-    claim_idle_ms: int = 30_000  # a pending task idle this long on its consumer is reclaimed
-    max_attempts: int = 3  # engine attempts of a task failing with transient errors
-    retry_base_s: float = 0.5  # first retry delay; doubles per attempt, with jitter
-    retry_max_s: float = 30.0
-    max_deliveries: int = 3  # deliveries before a task that keeps killing workers is dead
-    dead_maxlen: int = 100_000  # cap of a model's dead-letter stream
-    trim_interval_s: float = 10.0  # how often a worker trims acknowledged entries
-    cancel_ttl_s: int = 86_400  # how long a cancellation mark is kept
-    server_wait_s: float = 60.0  # a starting worker waits this long for the server, then exits 3
-    crash_at: str = ""  # fault injection for the fault suite: before_commit | after_commit
+    claim_idle_ms: Count = 30_000  # a pending task idle this long on its consumer is reclaimed
+    max_attempts: Count = 3  # engine attempts of a task failing with transient errors
+    retry_base_s: NonNegative = 0.5  # first retry delay; doubles per attempt, with jitter
+    retry_max_s: NonNegative = 30.0
+    max_deliveries: Count = 3  # deliveries before a task that keeps killing workers is dead
+    dead_maxlen: Count = 100_000  # cap of a model's dead-letter stream
+    trim_interval_s: Positive = 10.0  # how often a worker trims acknowledged entries
+    cancel_ttl_s: Count = 86_400  # how long a cancellation mark is kept
+    server_wait_s: NonNegative = 60.0  # a command waits this long for the server, then exits 3
+    # fault injection for the fault suite
+    crash_at: Annotated[str, Bound(one_of=("", "before_commit", "after_commit"))] = ""
     # retention
-    result_ttl_s: int = 86_400
-    trace_ttl_s: int = 86_400
-    reply_maxlen: int = 1_000_000
+    result_ttl_s: Count = 86_400
+    trace_ttl_s: Count = 86_400
+    reply_maxlen: Count = 1_000_000
     trace_enabled: bool = True
     otel_enabled: bool = False  # OpenTelemetry spans per task (workers/otel.py)
     # limits checked before anything is queued
-    max_fanout: int = 8  # follow-ups one task may declare
-    max_chain_depth: int = 8  # follow-up nesting
-    max_messages: int = 256
-    max_metadata_items: int = 64
+    max_fanout: Count0 = 8  # follow-ups one task may declare
+    max_chain_depth: Count0 = 8  # follow-up nesting
+    max_messages: Count = 256
+    max_metadata_items: Count0 = 64
     # observability (docs/observability.md)
-    metrics_port: int = 9464  # `agentfleet worker` serves /metrics here; 0: metrics off
-    log_format: str = "auto"  # auto (text on a terminal, else JSON lines), json or text
+    metrics_port: Port = 9464  # `agentfleet worker` serves /metrics here; 0: metrics off
+    # auto (text on a terminal, else JSON lines), json or text
+    log_format: Annotated[str, Bound(one_of=("auto", "json", "text"))] = "auto"
     sentry_dsn: str = ""  # SENTRY_DSN; "" sends nothing
     sentry_include_text: bool = False  # prompts and outputs go to Sentry only when true
-    kpi_ttl_s: int = 8 * 86_400  # per-minute aggregates for `agentfleet report`; 0: not kept
+    kpi_ttl_s: Count0 = 8 * 86_400  # per-minute aggregates for `agentfleet report`; 0: not kept
+    # the fake engine (a test double, AGENTFLEET_ENGINE=fake): requests it runs at once
+    # (0: no limit) and how long each takes, for queue and headroom benchmarks
+    fake_slots: Count0 = 0
+    fake_delay_s: NonNegative = 0.0
     # replication (docs/operations.md): WAIT for this many replicas after each enqueue, commit
     # and follow-up move, so that a failover cannot lose what was confirmed; 0: no WAIT
-    wait_replicas: int = 0
-    wait_timeout_ms: int = 1000  # how long one WAIT may take before NotReplicatedError
+    wait_replicas: Annotated[int, Bound(ge=0, le=16)] = 0
+    wait_timeout_ms: Annotated[int, Bound(ge=1, le=600_000)] = 1000  # then NotReplicatedError
+
+    def __post_init__(self) -> None:
+        check_bounds(self, variable)
 
     @property
     def home_path(self) -> Path:
@@ -125,10 +213,8 @@ class Settings(msgspec.Struct, kw_only=True):
             if field.name == "models":
                 continue
             raw = env.get(ENV_PREFIX + field.name.upper())
-            if field.name == "redis_url":
-                raw = env.get("REDIS_URL", raw)
-            elif field.name == "sentry_dsn":  # the name every Sentry SDK knows
-                raw = env.get("SENTRY_DSN", raw)
+            if field.name in _OWN_NAMES:  # REDIS_URL, SENTRY_DSN win over AGENTFLEET_...
+                raw = env.get(_OWN_NAMES[field.name], raw)
             if raw is not None:
                 values[field.name] = _parse(field.name, field.type, raw)
         models_file = env.get(ENV_PREFIX + "MODELS_FILE")
@@ -155,7 +241,10 @@ def load_models_file(path: Path) -> dict[str, ModelSpec]:
         try:
             models[name] = msgspec.convert({**table, "name": name}, ModelSpec)
         except msgspec.ValidationError as exc:
-            raise FatalConfigError(f"models file {path}: model {name}: {exc}") from exc
+            raise FatalConfigError(f"models file {path}: [models.{name}]: {exc}") from exc
+        except InvalidSettingError as exc:
+            raise InvalidSettingError(f"{exc.variable} in {path}", exc.value,
+                                      exc.allowed) from None
     if not models:
         raise FatalConfigError(f"models file {path}: no [models.NAME] table")
     return models
@@ -168,15 +257,18 @@ def parse_bool(name: str, raw: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise FatalConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean")
+    raise InvalidSettingError(variable(name), raw, "a boolean: 1, true, yes, on, 0, false, no, off")
 
 
 def _parse(name: str, type_: object, raw: str) -> object:
+    if typing.get_origin(type_) is Annotated:
+        type_ = typing.get_args(type_)[0]
     if type_ is bool:
         return parse_bool(name, raw)
     if type_ in (int, float):
         try:
             return type_(raw)  # type: ignore[operator]
-        except ValueError as exc:
-            raise FatalConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number") from exc
+        except ValueError:
+            raise InvalidSettingError(variable(name), raw, "a whole number" if type_ is int
+                                      else "a number") from None
     return raw

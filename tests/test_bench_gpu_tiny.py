@@ -27,18 +27,19 @@ def test_every_default_plan_parses_and_names_known_configs():
     assert all(r.config in GPU_CONFIGS and r.config in TINY_CONFIGS for r in runs)
     [two] = [r for r in runs if r.workers == 2]
     assert (two.path, two.config, two.label) == ("fleet", "t512", "fleet@t512x2")
-    [prio] = [r for r in runs if r.priority]
-    assert prio.label == "fleet@t1024+prio"
+    # The mixed phase compares the fleet and the server on the same settings.
+    assert {r.label for r in runs if r.phase == "mixed"} == {"fleet@t512p", "serve@t512p"}
 
 
 def test_offline_stats_modifier():
     [run] = parse_phases(["bulk=offline@t512+stats"])
-    assert (run.path, run.config, run.stats, run.priority) == ("offline", "t512", True, False)
+    assert (run.path, run.config, run.stats) == ("offline", "t512", True)
     assert run.label == "offline@t512+stats"
 
 
-@pytest.mark.parametrize("bad", ["bulk=offline@nope", "bulk=serve@same+prio", "nope",
-                                 "bulk=fleet@same x2", "bulk=fleet@same+stats"])
+@pytest.mark.parametrize("bad", ["bulk=offline@nope", "bulk=fleet@same+prio", "nope",
+                                 "bulk=fleet@same x2", "bulk=fleet@same+stats",
+                                 "bulk=serve@samex2", "mixed=offline@t512"])
 def test_bad_plans_are_refused(bad):
     with pytest.raises(SystemExit):
         parse_phases([bad])
@@ -72,7 +73,7 @@ def test_targets_pass_and_fail_on_ratios():
                row("tuned", "serve@defaults", 1000.0)]
     add_ratios(results)
     assert results[2]["vs_offline"] == 0.96 and results[2]["vs_serve"] == 0.98
-    status = {c["target"]: c["status"] for c in check_targets(results)}
+    status = {c.target: c.status for c in check_targets(results)}
     assert status["bulk: fleet >= 0.97 x offline (same settings: same)"] == "FAIL"
     assert status["bulk: fleet >= 1.0 x serve (same settings: same)"] == "FAIL"
     assert status["tuned: fleet >= 1.3 x serve defaults (bulk)"] == "PASS"
@@ -86,10 +87,46 @@ def test_same_settings_are_whichever_config_the_bulk_phase_ran():
     results += [{"phase": "twogpu", "label": label, "path": "fleet", "config": "t512",
                  "tokens_per_s": tps, "workers": n}
                 for label, tps, n in (("fleet@t512", 1000.0, 1), ("fleet@t512x2", 1950.0, 2))]
-    status = {c["target"]: c["status"] for c in check_targets(results)}
+    status = {c.target: c.status for c in check_targets(results)}
     assert status["bulk: fleet >= 0.97 x offline (same settings: t512)"] == "PASS"
     assert status["bulk: fleet >= 1.0 x serve (same settings: t512)"] == "PASS"
     assert status["two GPUs: 2 workers >= 1.9 x 1"] == "PASS"
+
+
+def _mixed_row(path: str, *, alone_s: tuple[float, float], busy_p99_s: float,
+               bulk_alone: float, bulk: float) -> dict:
+    return {"phase": "mixed", "label": f"{path}@t512p", "path": path, "config": "t512p",
+            "tokens_per_s": bulk, "workers": 1, "bulk_alone": {"tokens_per_s": bulk_alone},
+            "interactive_alone": {"latency_s": {"p50": alone_s[0], "p99": alone_s[1]}},
+            "interactive": {"latency_s": {"p50": busy_p99_s / 2, "p99": busy_p99_s}}}
+
+
+def test_mixed_targets_read_the_same_engine_alone_and_serve_on_the_same_settings():
+    serve = _mixed_row("serve", alone_s=(0.136, 0.141), busy_p99_s=20.0, bulk_alone=20000.0,
+                       bulk=17000.0)
+    fleet = _mixed_row("fleet", alone_s=(0.140, 0.152), busy_p99_s=0.21, bulk_alone=28000.0,
+                       bulk=26000.0)
+    checks = {c.target: c for c in check_targets([fleet, serve])}
+    p99 = checks["mixed fleet@t512p: interactive p99 with the bulk job <= 1.5 x alone"]
+    assert (p99.status, p99.value) == ("PASS", 1.382)
+    bulk = checks["mixed fleet@t512p: bulk with interactive traffic >= 0.9 x bulk alone"]
+    assert (bulk.status, bulk.value) == ("PASS", 0.929)
+    p50 = checks["mixed fleet@t512p: interactive alone, p50 <= serve@t512p's + 10 ms (ms above)"]
+    assert (p50.status, p50.value) == ("PASS", 4.0)
+    p99 = checks["mixed fleet@t512p: interactive alone, p99 <= serve@t512p's + 10 ms (ms above)"]
+    assert (p99.status, p99.value) == ("FAIL", 11.0)
+    # Issue 12's measurement on one H200 (196 / 228 ms against 136 / 141) fails both; a
+    # p99 under load of 2.2 x alone and bulk at 0.86 of alone fail theirs.
+    fleet = _mixed_row("fleet", alone_s=(0.196, 0.228), busy_p99_s=0.5, bulk_alone=28000.0,
+                       bulk=24000.0)
+    status = {c.target.split(": ", 1)[1]: c.status for c in check_targets([fleet, serve])
+              if c.target.startswith("mixed")}
+    assert status == {
+        "interactive p99 with the bulk job <= 1.5 x alone": "FAIL",
+        "bulk with interactive traffic >= 0.9 x bulk alone": "FAIL",
+        "interactive alone, p50 <= serve@t512p's + 10 ms (ms above)": "FAIL",
+        "interactive alone, p99 <= serve@t512p's + 10 ms (ms above)": "FAIL",
+        "interactive p99 with the bulk job <= 0.5 x serve@t512p's": "PASS"}
 
 
 def test_dry_run_builds_every_workload(tmp_path):
@@ -115,3 +152,79 @@ def test_tiny_fleet_run_on_the_cpu(tmp_path):
     assert row["ok"] == row["tasks"] == 16
     assert row["output_tokens"] == 16 * 8
     assert row["lanes"][0]["bench"]["committed"] >= 16
+
+
+def test_each_model_size_gets_the_one_copy_of_the_tokenizer(tmp_path):
+    from bench.gpu.common import MODEL_SIZES, TOKENIZER_DIR, assemble_model
+
+    dirs = [assemble_model(size, tmp_path) for size in MODEL_SIZES]
+    for model in dirs:
+        names = {p.name for p in model.iterdir()}
+        assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+        assert (model / "tokenizer.json").resolve() == (TOKENIZER_DIR / "tokenizer.json")
+    configs = [json.loads((d / "config.json").read_text()) for d in dirs]
+    assert configs[0]["hidden_size"] != configs[1]["hidden_size"]
+
+
+def test_idle_figures_and_what_each_comparison_shows():
+    from bench.gpu.idle import VARIANTS, comparisons, histogram_means, summarize, table
+
+    run = summarize([0.196, 0.200, 0.228], [0.010, 0.012], 64,
+                    histograms=histogram_means(
+                        {"request_decode_time_seconds_sum": 1.0,
+                         "request_decode_time_seconds_count": 10},
+                        {"request_decode_time_seconds_sum": 1.567,
+                         "request_decode_time_seconds_count": 13}),
+                    steps={"queue": 0.7})
+    assert run["e2e_ms"]["p50"] == 200.0 and run["e2e_ms"]["p99"] == 228.0
+    assert run["per_token_ms"] == round((200.0 - 10.0) / 63, 3)
+    assert run["engine_decode_per_token_ms"] == round(189.0 / 63, 3)  # 567 ms / 3 requests
+    serve = summarize([0.136, 0.138, 0.141], [0.008, 0.009], 64)
+    results = {"serve": {"engine": {"start_s": 60}, "serve": serve},
+               "fleet": {"engine": {"start_s": 30, "async_scheduling": True}, "fleet": run},
+               "fcfs": {"skipped": "budget"}}
+    [gap] = comparisons(results)
+    assert (gap["run"], gap["against"], gap["e2e_p50_ms"], gap["e2e_p99_ms"]) == (
+        "fleet/fleet", "serve/serve", 62.0, 87.0)
+    text = table(results)
+    assert "async_scheduling True" in text and "fcfs" in text and "budget" in text
+    # Every comparison names runs that some variant makes.
+    from bench.gpu.idle import COMPARISONS
+
+    made = {f"{v.name}/{s}" for v in VARIANTS.values() for s in v.subruns}
+    assert {p for _, a, b in COMPARISONS for p in (a, b)} <= made
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(900)
+def test_tiny_idle_fleet_variant_on_the_cpu(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu.idle", "--tiny", "--variants", "fleet",
+         "--requests", "2", "--tokens", "4", "--out", str(tmp_path), "--deadline-s", "800"],
+        cwd=ROOT, capture_output=True, text=True, timeout=880)
+    report = json.loads((tmp_path / "idle.json").read_text())
+    fleet = report["results"]["fleet"]
+    assert proc.returncode == 0, fleet.get("error") or proc.stderr[-3000:]
+    assert set(fleet) == {"engine", "fleet", "fleet-gc", "fleet-block", "direct", "asyncllm",
+                          "asyncllm-plain", "asyncllm-delta"}
+    assert fleet["fleet"]["steps_p50_ms"]["decode"] > 0
+    assert fleet["asyncllm-delta"]["step_ms"]["n"] == 2 * 3  # two requests, three gaps each
+    assert "the queue and the worker's loops" in proc.stdout
+
+
+def test_fairness_phase_plans_and_targets():
+    runs = parse_phases(["fairness"])
+    assert [r.label for r in runs] == ["fleet@t512p", "fleet@t512p+nofair"]
+    with pytest.raises(SystemExit):
+        parse_phases(["bulk=fleet@t512p+nofair"])  # only the fairness phase turns it off
+    fair = {"phase": "fairness", "label": "fleet@t512p", "path": "fleet", "config": "t512p",
+            "tokens_per_s": 19_600.0,
+            "interactive_alone": {"ttft_s": {"p50": 0.030, "p99": 0.040}},
+            "interactive": {"ttft_s": {"p50": 0.040, "p99": 0.056}}}
+    unfair = {"phase": "fairness", "label": "fleet@t512p+nofair", "path": "fleet",
+              "config": "t512p", "tokens_per_s": 20_000.0}
+    checks = {c.target: c for c in check_targets([fair, unfair])}
+    ttft = checks["fairness: B's p99 time to first token under A's flood <= 1.5 x alone"]
+    assert (ttft.status, ttft.value) == ("PASS", 1.4)
+    tput = checks["fairness: tokens/s with fairness on >= 0.97 x off"]
+    assert (tput.status, tput.value) == ("PASS", 0.98)

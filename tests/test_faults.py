@@ -298,6 +298,70 @@ async def test_server_killed_and_restarted_under_load(fleet, producer):
     await wait_until(lambda: _live_workers(producer.redis, 2), 10)  # both beat again
 
 
+async def test_waits_ride_out_a_sigkilled_server_restarted_on_its_data(fleet, producer):
+    """The server process itself is SIGKILLed while three producers wait on chains, stays
+    down longer than a waiter's fallback poll period (1 s), and comes back on the same port
+    and append-only file: every wait returns its chain, nothing lost, nothing done twice."""
+    fleet.worker("a")
+    fleet.worker("b")
+    await wait_until(lambda: _live_workers(producer.redis, 2))
+    producers = [producer] + [Producer(connect(fleet.server.url), settings=Settings.from_env({}))
+                              for _ in range(2)]
+    try:
+        roots: list[str] = []
+        waits = []
+        for k, p in enumerate(producers):
+            ids = await p.submit_many(chains(60, delay_s=1.0, tag=f"p{k}-"))
+            roots += ids
+            waits += [asyncio.ensure_future(p.wait_chain(i, timeout_s=60)) for i in ids]
+        await wait_until(lambda: _has_pending(producer.redis, 100))  # in the engines
+        server = fleet.server.proc
+        os.kill(server.pid, signal.SIGKILL)  # the server process, not a wrapper
+        server.wait()
+        await asyncio.sleep(2.5)  # every waiter's fallback poll meets a refused connection
+        assert not any(w.done() for w in waits), "a wait ended while the server was down"
+        fleet.server.start()  # same port, same append-only file
+        done = await asyncio.gather(*waits)
+    finally:
+        for p in producers[1:]:
+            await p.close()
+    assert [[r.task_id for r in chain] for chain in done] == [[r, f"{r}.1"] for r in roots]
+    assert all(r.ok for chain in done for r in chain)
+    await audit(producer, roots)  # each result and follow-up written once, nothing pending
+
+
+async def test_a_wait_raises_the_broker_error_when_its_timeout_ends_with_the_server_down(
+        fleet, producer):
+    roots = await producer.submit_many(chains(3, delay_s=5.0))  # no worker: nothing finishes
+    fleet.server.kill()
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match="reading results failed"):
+        await producer.wait_many(roots, timeout_s=2.5)
+    assert time.monotonic() - started >= 2.5  # not before its timeout
+    fleet.server.start()
+    with pytest.raises(ResultTimeoutError):  # the server back, nobody serving: a timeout
+        await producer.wait_many(roots, timeout_s=1.5)
+
+
+async def test_a_bulk_job_wait_rides_out_a_server_restart(fleet, producer):
+    from agentfleet.producer.batch import BatchClient
+
+    batches = BatchClient(producer)
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": MODEL, "prompt": f"doc {i}", "max_tokens": 8}}
+             for i in range(20)]
+    report = await batches.submit(lines)
+    waiting = asyncio.ensure_future(batches.wait(report.batch_id, timeout_s=60, poll_s=0.2))
+    await asyncio.sleep(0.3)
+    fleet.server.kill()
+    await asyncio.sleep(1.5)
+    assert not waiting.done()  # status reads fail: retried, not raised
+    fleet.server.start()
+    fleet.worker("a")  # served only now, after the restart
+    st = await waiting
+    assert (st.status, st.completed) == ("completed", 20)
+
+
 @on_cluster_too
 async def test_poison_task_is_dead_lettered_and_its_batch_completes(fleet, producer):
     poison = Task(model=MODEL, id="poison", prompt="boom", metadata={"fake_crash": "1"})

@@ -342,7 +342,10 @@ def test_exporter_reports_redis_down():
 
 async def test_exporter_command_once(server, redis, producer, tmp_path):
     await producer.submit_many([Task(model="m1", prompt=f"p{i}") for i in range(4)])
-    env = {**os.environ, "REDIS_URL": server.url, "AGENTFLEET_HOME": str(tmp_path)}
+    models = tmp_path / "models.toml"
+    models.write_text("[models.m1]\n")
+    env = {**os.environ, "REDIS_URL": server.url, "AGENTFLEET_HOME": str(tmp_path),
+           "AGENTFLEET_MODELS_FILE": str(models), "AGENTFLEET_DEFAULT_MODEL": "m1"}
     out = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "agentfleet", "exporter", "--once", "--models", "m1"],
         env=env, capture_output=True, text=True, timeout=30)

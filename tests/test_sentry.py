@@ -170,16 +170,16 @@ async def test_worker_errors_reach_sentry_tagged_and_scrubbed(sink, server, tmp_
 async def test_cli_reports_a_broker_error_and_scrubs_the_prompt(sink, tmp_path):
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     env = {**os.environ, "REDIS_URL": dead, "SENTRY_DSN": sink.dsn,
-           "AGENTFLEET_HOME": str(tmp_path)}
+           "AGENTFLEET_HOME": str(tmp_path), "AGENTFLEET_SERVER_WAIT_S": "0.2"}
     out = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "agentfleet", "submit", "--prompt", SECRET_PROMPT,
                          "--wait-s", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 3, out.stderr  # the server is unreachable
-    assert "enqueue failed" in out.stderr
+    assert f"the server at {dead} is unreachable" in out.stderr
     events = sink.events()
     assert SECRET_PROMPT.encode() not in b"".join(sink.bodies)
     broker = [e for e in events if e.get("exception")
-              and e["exception"]["values"][-1]["type"] == "BrokerError"]
+              and e["exception"]["values"][-1]["type"] == "ServerUnreachableError"]
     assert broker, events
     assert _tags(broker[0])["component"] == "submit"
     assert any(f.get("vars") for v in broker[0]["exception"]["values"]

@@ -5,6 +5,7 @@ two streams; and the mixed load that once killed a worker, on real servers."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 from hypothesis import given, settings
@@ -120,4 +121,8 @@ async def test_long_bulk_prompts_under_interactive_arrivals_never_break_the_read
     assert 0 < peak_engine <= runner.admission.bulk_cap == 3  # 10% of the engine's 30 slots
     assert engine.peak_running <= 30
     assert worker.failure is None
+    # The producer can see results before the worker's commit returns and frees its slots.
+    deadline = time.monotonic() + 5
+    while runner.slots.held and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
     assert (runner.slots.held, runner.slots.bulk) == (0, 0)

@@ -48,6 +48,13 @@ async def engine():
 
     path = prepare_default_model(Settings.from_env().home_path)
     engine = VllmEngine(SPEC, path)
+    engine.prefix_hits = [0, 0]  # (queries, hits) in tokens, from vLLM's scheduler stats
+
+    def sink(*, prefix_cache_queries: int = 0, prefix_cache_hits: int = 0, **_) -> None:
+        engine.prefix_hits[0] += prefix_cache_queries
+        engine.prefix_hits[1] += prefix_cache_hits
+
+    engine.set_stats_sink(sink)
     await engine.start()
     yield engine
     await engine.stop()
@@ -176,3 +183,32 @@ async def _until(condition, timeout_s: float = WAIT_S) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.001)
+
+
+@pytest.mark.timeout(600)
+async def test_tenants_never_hit_each_others_prefix_cache_but_hit_their_own(engine):
+    """Each tenant's requests carry their own cache_salt: a prompt tenant A has run is a hit
+    for A again and a miss for B (who cannot time A's cached prefixes)."""
+    long_prompt = "An agent's shared system prompt, line %d. " * 30 % tuple(range(30))
+
+    async def hits_of(name: str, salt: str) -> int:
+        before = engine.prefix_hits[1]
+        t = task(long_prompt, max_tokens=1)
+        done = {}
+        ready = asyncio.Event()
+
+        def on_done(output: EngineOutput) -> None:
+            done[output.request_id] = output
+            ready.set()
+
+        engine.submit([(name, t)], on_done, salts=[salt])
+        await asyncio.wait_for(ready.wait(), WAIT_S)
+        assert done[name].error_code is None, done[name].error_message
+        await asyncio.sleep(0.5)  # the step's stats reach the logger after the output
+        return engine.prefix_hits[1] - before
+
+    await hits_of("salt-a-1", "t:alpha")  # fills alpha's cache
+    assert await hits_of("salt-a-2", "t:alpha") > 0  # alpha hits its own prefix
+    assert await hits_of("salt-b-1", "t:beta") == 0  # beta does not hit alpha's
+    assert await hits_of("salt-g-1", "g:shared") == 0
+    assert await hits_of("salt-g-2", "g:shared") > 0  # a cache group shares one salt

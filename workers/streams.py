@@ -22,6 +22,7 @@ REFRESH_S = 0.1  # how often the marked tenants are read again (a new tenant wai
 RECENT_S = 10.0  # a tenant whose stream held work this recently is read without its mark
 DEACTIVATE_EVERY_S = 1.0  # empty marked streams are checked for draining at most this often
 MAX_STREAMS_PER_READ = 32  # streams one XREADGROUP names, at most, per lane
+MIN_PART = 16  # a tenant may always hold this many read tasks waiting for the engine
 
 
 class LaneStreams:
@@ -43,14 +44,21 @@ class LaneStreams:
             name = self._names[tenant] = keys.lane_stream(self.model, self.lane, tenant)
         return name
 
-    def pick(self, limit: int, waiting: dict[str, int]) -> list[str]:
+    def pick(self, limit: int, waiting: dict[str, int], read_ahead: int) -> list[str]:
         """The tenants to read now, at most `limit`: those with the fewest tasks already
-        waiting in admission first, the rest in turn."""
+        waiting in admission first, the rest in turn.  A tenant already holding its part
+        of the read-ahead (`read_ahead` over the tenants read) waits: else a tenant that
+        admission serves slowly (a low weight) would fill the read-ahead, and the others
+        could only be read a few at a time."""
         now = time.monotonic()
         for tenant, seen in list(self.recent.items()):
             if now - seen > RECENT_S:
                 del self.recent[tenant]
         tenants = list(self.marked | self.recent.keys() | {DEFAULT_TENANT})
+        if len(tenants) > 1:
+            part = max(MIN_PART, read_ahead // len(tenants))
+            below = [t for t in tenants if waiting.get(t, 0) < part]
+            tenants = below or tenants
         if len(tenants) <= limit:
             return tenants
         self._turn += 1

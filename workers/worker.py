@@ -44,7 +44,7 @@ __all__ = ["Worker", "check_server", "make_engine", "quiet_gc", "trim_stream"]
 
 log = logging.getLogger("agentfleet.worker")
 
-HEARTBEAT_S = 2.0  # how often a worker says it is alive; three missed: taken for gone
+HEARTBEAT_S = keys.HEARTBEAT_S  # how often a worker says it is alive; three missed: gone
 
 
 class Worker:
@@ -245,9 +245,9 @@ class Worker:
             for runner in self.runners:
                 pipe.hvals(keys.workers_key(runner.model))
             beats = await pipe.execute()
-        alive_after = time.time() - 3 * HEARTBEAT_S
+        now = time.time()
         for runner, seen in zip(self.runners, beats):
-            live = sum(1 for at in seen if float(at) >= alive_after) or 1
+            live = keys.live_workers(seen, now, 3 * HEARTBEAT_S) or 1
             if table is not runner.tenants or live != runner.live_workers:
                 runner.set_tenants(table, live)
 
@@ -319,10 +319,13 @@ def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
     if settings.engine == "fake":
         from agentfleet.workers.fake_engine import FakeEngine
 
-        return FakeEngine()
-    if settings.engine == "vllm":
-        from agentfleet.workers.models import resolve_model_path
-        from agentfleet.workers.vllm_engine import VllmEngine
+        return FakeEngine(delay_s=settings.fake_delay_s, slots=settings.fake_slots or None)
+    from agentfleet.workers.models import resolve_model_path
 
-        return VllmEngine(spec, resolve_model_path(spec, settings.home_path))
-    raise FatalConfigError(f"AGENTFLEET_ENGINE={settings.engine!r}: use 'vllm' or 'fake'")
+    path = resolve_model_path(spec, settings.home_path)  # before vLLM's slow import
+    try:
+        from agentfleet.workers.vllm_engine import VllmEngine
+    except ImportError as exc:
+        raise FatalConfigError(f"AGENTFLEET_ENGINE=vllm needs vLLM ({exc}): install the "
+                               f"`worker` (GPU) or `cpu` extra") from exc
+    return VllmEngine(spec, path)

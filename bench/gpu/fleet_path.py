@@ -2,6 +2,7 @@
 
 Timing starts once every worker has started its engine and a warm-up has gone through: from
 just before `submit_many` to the last result out of `as_completed`, as a backend sees it.
+A worker or the server that dies stops the run at once with its log (bench.harness).
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import signal
 import time
 from pathlib import Path
 
-from bench.gpu.common import MODEL_NAME, Context, Mixed, paced, percentiles, summary
+from bench import harness
+from bench.gpu.common import MODEL_NAME, Answer, Context, Mixed, mixed_traffic, summary
 from bench.gpu.engines import EngineConfig, models_toml
-from bench.gpu.procs import GroupProcess
-from bench.gpu.procstats import ProcessCpu
 from bench.gpu.workload import PromptSet
-from agentfleet.ops.embedded import ServerProcess
+from bench.harness import Child, Processes, TreeCpu, percentiles
 from agentfleet.producer.client import Producer
 from agentfleet.producer.connection import connect
 from agentfleet.schemas import keys
@@ -30,14 +30,14 @@ _run_seq = 0
 class FleetWorkers:
     """`count` worker processes (one GPU each when count > 1) on one model's stream."""
 
-    def __init__(self, ctx: Context, env: dict[str, str], count: int, priority: bool,
+    def __init__(self, ctx: Context, procs: Processes, env: dict[str, str], count: int,
                  stats_root: Path):
         self.ctx = ctx
+        self.procs = procs
         self.env = env
         self.count = count
-        self.priority = priority
         self.stats_dirs = [stats_root / f"w{i}" for i in range(count)]
-        self.procs: list[GroupProcess] = []
+        self.children: list[Child] = []
         self.snapshots = 0
 
     def start(self) -> None:
@@ -48,27 +48,25 @@ class FleetWorkers:
                 env["CUDA_VISIBLE_DEVICES"] = str(i)
             argv = [self.ctx.python, "-m", "bench.gpu.fleet_worker", "--stats-dir",
                     str(stats_dir), "--sample-ms", str(self.ctx.sample_ms)]
-            if self.priority:
-                argv.append("--priority")
-            self.procs.append(GroupProcess(argv, env=env, log_file=self.ctx.log))
+            self.children.append(self.procs.command(argv, name=f"fleet worker {i}", env=env,
+                                                    log=self.ctx.log))
 
-    async def wait_ready(self, redis, since: int) -> float:
+    async def wait_ready(self, redis) -> float:
         """Until every worker heartbeats (its engine has started)."""
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.ctx.start_timeout_s
         while time.monotonic() < deadline:
-            if not all(p.alive() for p in self.procs):
-                raise RuntimeError(f"a fleet worker exited:\n{self.ctx.log_tail(since)}")
             if await redis.hlen(keys.workers_key(MODEL_NAME)) >= self.count:
                 return time.perf_counter() - t0
             await asyncio.sleep(0.5)
-        raise RuntimeError(f"fleet workers not ready:\n{self.ctx.log_tail(since)}")
+        raise RuntimeError(f"fleet workers not ready within {self.ctx.start_timeout_s:.0f} s:\n"
+                           f"{self.children[0].tail()}")
 
     async def snapshot(self) -> list[dict]:
         """SIGUSR1 to each worker; their counters once written."""
         self.snapshots += 1
-        for proc in self.procs:
-            proc.send(signal.SIGUSR1)
+        for child in self.children:
+            child.send(signal.SIGUSR1)
         found = []
         for stats_dir in self.stats_dirs:
             path = stats_dir / f"{self.snapshots}.json"
@@ -80,16 +78,17 @@ class FleetWorkers:
         return found
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.send(signal.SIGTERM)
-        for proc in self.procs:
-            proc.stop()
+        for child in self.children:  # SIGTERM to all first: they drain in parallel
+            child.stopping = True
+            child.send(signal.SIGTERM)
+        for child in self.children:
+            self.procs.stop(child, grace_s=60.0)
 
 
-def _tasks(work: PromptSet, *, batch_id: str = "") -> list[Task]:
+def _tasks(work: PromptSet, *, batch_id: str = "", tenant: str = "default") -> list[Task]:
     sampling = Sampling(max_tokens=work.max_tokens, temperature=0.0, ignore_eos=True)
-    return [Task(model=MODEL_NAME, prompt=p, sampling=sampling, batch_id=batch_id)
-            for p in work.prompts]
+    return [Task(model=MODEL_NAME, prompt=p, sampling=sampling, batch_id=batch_id,
+                 tenant=tenant) for p in work.prompts]
 
 
 async def _collect(producer: Producer, ids: list[str], timeout_s: float,
@@ -114,60 +113,67 @@ def _summarise(results: list[Result], wall_s: float, work: PromptSet) -> dict:
     return out
 
 
-async def run_fleet(ctx: Context, cfg: EngineConfig, work: PromptSet, *, workers: int = 1,
-                    priority: bool = False, mixed: Mixed | None = None) -> dict:
+async def _bulk(ctx: Context, producer: Producer, work: PromptSet, batch_id: str = "",
+                tenant: str = "default") -> dict:
+    """All of `work` submitted at once (as a bulk job when `batch_id`), every result back."""
+    t0 = time.perf_counter()
+    ids = await producer.submit_many(_tasks(work, batch_id=batch_id, tenant=tenant))
+    submit_s = time.perf_counter() - t0
+    results, wall_s = await _collect(producer, ids, ctx.run_timeout_s, t0)
+    result = _summarise(results, wall_s, work)
+    result["submit_s"] = round(submit_s, 3)
+    return result
+
+
+async def run_fleet(ctx: Context, procs: Processes, cfg: EngineConfig, work: PromptSet, *,
+                    workers: int = 1, mixed: Mixed | None = None, tenants: bool = False,
+                    fairness: bool = True) -> dict:
+    """`tenants`: the mixed traffic as two tenants of one lane (B steady, A flooding with the
+    bulk work as interactive tasks) rather than interactive tasks beside a bulk job."""
     global _run_seq
     _run_seq += 1
     run_dir = ctx.work_dir / f"fleet{_run_seq}"
     run_dir.mkdir(parents=True, exist_ok=True)
     models_file = run_dir / "models.toml"
     models_file.write_text(models_toml(cfg, name=MODEL_NAME, path=str(ctx.model_dir)))
-    server = ServerProcess(run_dir / "valkey", appendonly=False)
-    url = server.start()
-    env = ctx.env(
-        REDIS_URL=url, AGENTFLEET_ENGINE="vllm", AGENTFLEET_MODELS_FILE=str(models_file),
-        AGENTFLEET_DEFAULT_MODEL=MODEL_NAME, AGENTFLEET_HOME=str(run_dir / "home"),
-        AGENTFLEET_METRICS_PORT="0", AGENTFLEET_LOG_FORMAT="text",
-    )
-    for name in ("max_inflight", "read_count"):
-        if getattr(cfg, name) is not None:
-            env["AGENTFLEET_" + name.upper()] = str(getattr(cfg, name))
-    fleet = FleetWorkers(ctx, env, workers, priority, run_dir / "stats")
-    redis = connect(url)
-    producer = Producer(connect(url), settings=Settings.from_env(env))
-    try:
-        since = ctx.log.tell()
-        fleet.start()
-        start_s = await fleet.wait_ready(redis, since)
-        warm = _tasks(PromptSet(name="warm-up", prompts=work.prompts[:8],
-                                prompt_tokens=work.prompt_tokens[:8],
-                                max_tokens=work.max_tokens))
-        await producer.wait_many(await producer.submit_many(warm), timeout_s=ctx.run_timeout_s)
-        before = await fleet.snapshot()
-        cpu = [ProcessCpu(p.pid) for p in fleet.procs]
-        if mixed is None:
-            t0 = time.perf_counter()
-            ids = await producer.submit_many(_tasks(work))
-            submit_s = time.perf_counter() - t0
-            results, wall_s = await _collect(producer, ids, ctx.run_timeout_s, t0)
-            result = _summarise(results, wall_s, work)
-            result["submit_s"] = round(submit_s, 3)
-        else:
-            result = await _mixed(ctx, producer, work, mixed)
-        result["cpu"] = [c.delta() for c in cpu]
-        after = await fleet.snapshot()
-        result["engine_start_s"] = round(start_s, 1)
-        result["workers"] = workers
-        result["priority"] = priority
-        result["engine_counters"] = _counter_delta(before, after)
-        result["lanes"] = [a.get("lanes") for a in after]
-        result["stacks"] = [a.get("stacks") for a in after if a.get("stacks")]
-        return result
-    finally:
-        await producer.close()
-        await redis.aclose()
-        fleet.stop()
-        server.stop()
+    with harness.server("valkey", procs) as server:
+        env = ctx.env(
+            REDIS_URL=server.url, AGENTFLEET_ENGINE="vllm",
+            AGENTFLEET_MODELS_FILE=str(models_file), AGENTFLEET_DEFAULT_MODEL=MODEL_NAME,
+            AGENTFLEET_HOME=str(run_dir / "home"), AGENTFLEET_METRICS_PORT="0",
+            AGENTFLEET_LOG_FORMAT="text", AGENTFLEET_FAIRNESS="true" if fairness else "false",
+        )
+        for name in ("max_inflight", "read_count"):
+            if getattr(cfg, name) is not None:
+                env["AGENTFLEET_" + name.upper()] = str(getattr(cfg, name))
+        fleet = FleetWorkers(ctx, procs, env, workers, run_dir / "stats")
+        redis = connect(server.url)
+        producer = Producer(connect(server.url), settings=Settings.from_env(env))
+        try:
+            fleet.start()
+            start_s = await fleet.wait_ready(redis)
+            warm = PromptSet(name="warm-up", prompts=work.prompts[:8],
+                             prompt_tokens=work.prompt_tokens[:8], max_tokens=work.max_tokens)
+            await producer.wait_many(await producer.submit_many(_tasks(warm)),
+                                     timeout_s=ctx.run_timeout_s)
+            before = await fleet.snapshot()
+            cpu = [TreeCpu(child.pid) for child in fleet.children]
+            if mixed is None:
+                result = await _bulk(ctx, producer, work)
+            else:
+                result = await _mixed(ctx, producer, work, mixed, tenants=tenants)
+            result["cpu"] = [c.delta() for c in cpu]
+            after = await fleet.snapshot()
+            result["engine_start_s"] = round(start_s, 1)
+            result["workers"] = workers
+            result["engine_counters"] = _counter_delta(before, after)
+            result["lanes"] = [a.get("lanes") for a in after]
+            result["stacks"] = [a.get("stacks") for a in after if a.get("stacks")]
+            return result
+        finally:
+            await producer.close()
+            await redis.aclose()
+            fleet.stop()
 
 
 def _counter_delta(before: list[dict], after: list[dict]) -> dict[str, float]:
@@ -178,43 +184,29 @@ def _counter_delta(before: list[dict], after: list[dict]) -> dict[str, float]:
     return total
 
 
-async def _mixed(ctx: Context, producer: Producer, bulk: PromptSet, mixed: Mixed) -> dict:
-    done = asyncio.Event()
+async def _mixed(ctx: Context, producer: Producer, bulk: PromptSet, mixed: Mixed, *,
+                 tenants: bool = False) -> dict:
     inter = mixed.interactive
     sampling = Sampling(max_tokens=inter.max_tokens, temperature=0.0, ignore_eos=True)
+    jobs = iter(range(1, 1_000_000))
 
-    async def interactive(k: int) -> tuple[float, Result | None]:
+    async def one(k: int) -> Answer:
         t0 = time.perf_counter()
         task = Task(model=MODEL_NAME, prompt=inter.prompts[k % len(inter.prompts)],
-                    sampling=sampling)
+                    sampling=sampling, tenant="steady" if tenants else "default")
         try:
             result = await producer.wait(await producer.submit(task),
                                          timeout_s=ctx.run_timeout_s)
         except Exception:  # counted as not ok
-            return time.perf_counter() - t0, None
-        return time.perf_counter() - t0, result
+            return Answer(latency_s=time.perf_counter() - t0, ok=False)
+        t = result.timings
+        return Answer(latency_s=time.perf_counter() - t0,
+                      ok=result.ok and result.output_tokens == inter.max_tokens,
+                      queue_s=t.engine_start - t.enqueued if t.engine_start else None,
+                      ttft_s=t.first_token - t.enqueued if t.first_token else None)
 
-    async def bulk_then_stop() -> dict:
-        try:
-            t0 = time.perf_counter()
-            ids = await producer.submit_many(_tasks(bulk, batch_id=f"bulk{_run_seq}"))
-            results, wall_s = await _collect(producer, ids, ctx.run_timeout_s, t0)
-            return _summarise(results, wall_s, bulk)
-        finally:
-            done.set()
-
-    bulk_task = asyncio.ensure_future(bulk_then_stop())
-    started = await paced(mixed.rate_per_s, mixed.start_after_s, done, interactive)
-    result = await bulk_task
-    answers = await asyncio.gather(*started)
-    good = [r for _, r in answers if r is not None and r.ok
-            and r.output_tokens == inter.max_tokens]
-    result["interactive"] = {
-        "rate_per_s": mixed.rate_per_s,
-        "sent": len(answers),
-        "ok": len(good),
-        "latency_s": percentiles([lat for lat, _ in answers]),
-        "queue_s": percentiles([r.timings.engine_start - r.timings.enqueued for r in good]),
-        "max_tokens": inter.max_tokens,
-    }
-    return result
+    if tenants:  # tenant A floods the interactive lane of its own stream
+        return await mixed_traffic(one, lambda: _bulk(ctx, producer, bulk, tenant="flood"),
+                                   mixed)
+    return await mixed_traffic(
+        one, lambda: _bulk(ctx, producer, bulk, batch_id=f"bulk{_run_seq}-{next(jobs)}"), mixed)

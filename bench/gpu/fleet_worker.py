@@ -1,13 +1,12 @@
 """One fleet worker for the benchmark: `agentfleet worker`'s set-up, plus counters on demand.
 
     AGENTFLEET_ENGINE=vllm AGENTFLEET_MODELS_FILE=... REDIS_URL=... \\
-        python -m bench.gpu.fleet_worker --stats-dir DIR [--priority] [--sample-ms 5]
+        python -m bench.gpu.fleet_worker --stats-dir DIR [--sample-ms 5]
 
-It serves the default model with the engine `make_engine` picks (or the priority variant of
-bench/gpu/priority_engine.py).  SIGUSR1 writes a snapshot to DIR/<n>.json: the lane's counters,
-vLLM's own counters (prefix cache, preemptions) from prometheus_client's registry, where
-AsyncLLM's default stat logger keeps them, and, between the first and the second snapshot,
-a sampling profile of the event loop's thread.  SIGTERM drains and stops, as in production.
+It serves the default model with the engine `make_engine` picks.  SIGUSR1 writes a snapshot
+to DIR/<n>.json: the lane's counters, vLLM's own counters (prefix cache, preemptions) from
+prometheus_client's registry, where AsyncLLM's default stat logger keeps them, and, between
+the first and the second snapshot, a sampling profile of the event loop's thread.  SIGTERM drains and stops, as in production.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from bench.gpu.procstats import StackSampler
+from bench.gpu.stacks import StackSampler
 from agentfleet.ops.cli import install_event_loop
 from agentfleet.producer.connection import connect
 from agentfleet.schemas.settings import Settings
@@ -74,21 +73,11 @@ class Snapshots:
         tmp.rename(self.directory / f"{self.count}.json")
 
 
-def build_engine(settings: Settings, priority: bool):
-    spec = settings.models[settings.default_model]
-    if not priority:
-        return make_engine(spec, settings)
-    from bench.gpu.priority_engine import PriorityVllmEngine
-    from agentfleet.workers.models import resolve_model_path
-
-    return PriorityVllmEngine(spec, resolve_model_path(spec, settings.home_path))
-
-
 async def serve(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     redis = connect(settings.redis_url)
-    worker = Worker(settings, redis, {settings.default_model: build_engine(settings,
-                                                                           args.priority)})
+    model = settings.default_model
+    worker = Worker(settings, redis, {model: make_engine(settings.models[model], settings)})
     snapshots = Snapshots(Path(args.stats_dir), worker, args.sample_ms)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
@@ -102,7 +91,6 @@ async def serve(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stats-dir", required=True)
-    parser.add_argument("--priority", action="store_true")
     parser.add_argument("--sample-ms", type=float, default=0.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO,

@@ -10,7 +10,8 @@ import os
 import sys
 import time
 
-from bench.gpu.procstats import ProcessCpu, StackSampler
+from bench.gpu.stacks import StackSampler
+from bench.harness import TreeCpu
 
 
 def prefix_counters(llm) -> dict[str, float]:
@@ -38,7 +39,7 @@ def main(spec_path: str) -> None:
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up, as for the other paths
     before = prefix_counters(llm) if spec["stats"] else {}
-    cpu = ProcessCpu(os.getpid())
+    cpu = TreeCpu(os.getpid())
     sampler = StackSampler(spec.get("sample_ms", 0))
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)

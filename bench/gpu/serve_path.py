@@ -9,76 +9,71 @@ import time
 
 import aiohttp
 
-from bench.gpu.common import MODEL_NAME, Context, Mixed, paced, percentiles, summary
+from bench.gpu.common import MODEL_NAME, Answer, Context, Mixed, mixed_traffic, summary
 from bench.gpu.engines import EngineConfig, serve_flags
-from bench.gpu.procs import GroupProcess
-from bench.gpu.procstats import ProcessCpu
 from bench.gpu.workload import PromptSet
+from bench.harness import Child, Processes, TreeCpu, percentiles
 from agentfleet.ops.embedded import free_port
 
-_OPTIONAL_FLAGS = ["--disable-uvicorn-access-log"]  # dropped if this vLLM does not know it
-_COUNTER = re.compile(r"^vllm:(prefix_cache_queries|prefix_cache_hits|num_preemptions)_total"
-                      r"(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+# vllm:NAME_total / _sum / _count, with or without labels: counters and histogram sums.
+_SAMPLE = re.compile(r"^vllm:([a-z_]+?)(_total|_sum|_count)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+
+
+def vllm_samples(text: str) -> dict[str, float]:
+    """vLLM's counters ("name") and histogram sums and counts ("name_sum", "name_count") in a
+    Prometheus exposition, summed over their labels."""
+    found: dict[str, float] = {}
+    for name, kind, value in _SAMPLE.findall(text):
+        key = name if kind == "_total" else name + kind
+        found[key] = found.get(key, 0.0) + float(value)
+    return found
 
 
 class ServeProcess:
-    def __init__(self, ctx: Context, cfg: EngineConfig):
+    def __init__(self, ctx: Context, procs: Processes, cfg: EngineConfig):
         self.ctx = ctx
+        self.procs = procs
         self.cfg = cfg
-        self.port = 0
-        self.proc: GroupProcess | None = None
-        self.url = ""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.child: Child | None = None
 
-    def argv(self, optional: bool) -> list[str]:
+    def argv(self) -> list[str]:
         return [self.ctx.python, *_serve_command(str(self.ctx.model_dir)),
                 "--host", "127.0.0.1", "--port", str(self.port),
-                "--served-model-name", MODEL_NAME, *(_OPTIONAL_FLAGS if optional else []),
+                "--served-model-name", MODEL_NAME, "--disable-uvicorn-access-log",
                 *serve_flags(self.cfg)]
 
     async def start(self) -> float:
-        """Start the server and wait for /health; return the seconds it took."""
+        """Start the server and wait for /health; return the seconds it took.  If it dies
+        meanwhile, the run stops with its log (bench.harness)."""
         env = self.ctx.env()
         if self.cfg.kv_cache_space_gib:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_space_gib)
-        for optional in (True, False):
-            self.port = free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
-            since = self.ctx.log.tell()
-            started = time.perf_counter()
-            self.proc = GroupProcess(self.argv(optional), env=env, log_file=self.ctx.log)
-            if await self._wait_healthy():
-                return time.perf_counter() - started
-            tail = self.ctx.log_tail(since)
-            self.proc.stop()
-            if optional and "unrecognized arguments" in tail:
-                continue
-            raise RuntimeError(f"vllm serve did not start:\n{tail}")
-        raise AssertionError("unreachable")
-
-    async def _wait_healthy(self) -> bool:
+        started = time.perf_counter()
+        self.child = self.procs.command(self.argv(), name="vllm serve", env=env,
+                                        log=self.ctx.log)
         deadline = time.monotonic() + self.ctx.start_timeout_s
         async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline and self.proc.alive():
+            while time.monotonic() < deadline:
                 try:
                     async with session.get(self.url + "/health") as resp:
                         if resp.status == 200:
-                            return True
+                            return time.perf_counter() - started
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(1.0)
-        return False
+        raise RuntimeError(f"vllm serve not healthy within {self.ctx.start_timeout_s:.0f} s:\n"
+                           f"{self.child.tail()}")
 
-    async def counters(self, session: aiohttp.ClientSession) -> dict[str, float]:
+    async def samples(self, session: aiohttp.ClientSession) -> dict[str, float]:
         async with session.get(self.url + "/metrics") as resp:
-            text = await resp.text()
-        found = {"prefix_cache_queries": 0.0, "prefix_cache_hits": 0.0, "num_preemptions": 0.0}
-        for name, value in _COUNTER.findall(text):
-            found[name] += float(value)
-        return found
+            return vllm_samples(await resp.text())
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
+        if self.child is not None:
+            self.procs.stop(self.child, grace_s=60.0)
 
 
 def _serve_command(model: str) -> list[str]:
@@ -91,8 +86,8 @@ def _serve_command(model: str) -> list[str]:
     return ["-m", "vllm.entrypoints.cli.main", "serve", model]
 
 
-async def _complete(session: aiohttp.ClientSession, url: str, prompt: str,
-                    max_tokens: int) -> tuple[float, int, bool]:
+async def complete(session: aiohttp.ClientSession, url: str, prompt: str,
+                   max_tokens: int) -> tuple[float, int, bool]:
     """One completion: (latency s, output tokens, ok)."""
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0.0, "ignore_eos": True}
@@ -116,7 +111,7 @@ async def _drive(session, url: str, prompts: PromptSet, clients: int) -> dict:
 
     async def client() -> None:
         for i in queue:
-            lat, n, good = await _complete(session, url, prompts.prompts[i], prompts.max_tokens)
+            lat, n, good = await complete(session, url, prompts.prompts[i], prompts.max_tokens)
             latencies.append(lat)
             tokens[0] += n
             ok[0] += good
@@ -130,9 +125,9 @@ async def _drive(session, url: str, prompts: PromptSet, clients: int) -> dict:
     return result
 
 
-async def run_serve(ctx: Context, cfg: EngineConfig, work: PromptSet, *, clients: int,
-                    mixed: Mixed | None = None) -> dict:
-    server = ServeProcess(ctx, cfg)
+async def run_serve(ctx: Context, procs: Processes, cfg: EngineConfig, work: PromptSet, *,
+                    clients: int, mixed: Mixed | None = None) -> dict:
+    server = ServeProcess(ctx, procs, cfg)
     try:
         start_s = await server.start()
         connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -141,45 +136,26 @@ async def run_serve(ctx: Context, cfg: EngineConfig, work: PromptSet, *, clients
             warm = PromptSet(name="warm-up", prompts=work.prompts[:8],
                              prompt_tokens=work.prompt_tokens[:8], max_tokens=work.max_tokens)
             await _drive(session, server.url, warm, 8)
-            before = await server.counters(session)
-            cpu = ProcessCpu(server.proc.pid)
+            before = await server.samples(session)
+            cpu = TreeCpu(server.child.pid)
             if mixed is None:
                 result = await _drive(session, server.url, work, clients)
             else:
-                result = await _mixed(session, server.url, work, clients, mixed)
+                inter = mixed.interactive
+
+                async def one(k: int) -> Answer:
+                    lat, _, good = await complete(session, server.url,
+                                                  inter.prompts[k % len(inter.prompts)],
+                                                  inter.max_tokens)
+                    return Answer(latency_s=lat, ok=good)
+
+                result = await mixed_traffic(
+                    one, lambda: _drive(session, server.url, work, clients), mixed)
             result["cpu"] = cpu.delta()
-            after = await server.counters(session)
+            after = await server.samples(session)
         result["engine_start_s"] = round(start_s, 1)
-        result["engine_counters"] = {k: after[k] - before[k] for k in after}
+        result["engine_counters"] = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
         result["clients"] = clients
         return result
     finally:
         server.stop()
-
-
-async def _mixed(session, url: str, bulk: PromptSet, clients: int, mixed: Mixed) -> dict:
-    done = asyncio.Event()
-    inter = mixed.interactive
-
-    async def interactive(k: int) -> tuple[float, int, bool]:
-        i = k % len(inter.prompts)
-        return await _complete(session, url, inter.prompts[i], inter.max_tokens)
-
-    async def bulk_then_stop() -> dict:
-        try:
-            return await _drive(session, url, bulk, clients)
-        finally:
-            done.set()
-
-    bulk_task = asyncio.ensure_future(bulk_then_stop())
-    started = await paced(mixed.rate_per_s, mixed.start_after_s, done, interactive)
-    result = await bulk_task
-    answers = await asyncio.gather(*started)
-    result["interactive"] = {
-        "rate_per_s": mixed.rate_per_s,
-        "sent": len(answers),
-        "ok": sum(1 for _, _, good in answers if good),
-        "latency_s": percentiles([lat for lat, _, _ in answers]),
-        "max_tokens": inter.max_tokens,
-    }
-    return result

@@ -1,5 +1,5 @@
-"""Where the CPU goes during a timed window: CPU seconds per process of an engine's tree, and a
-sampling profile of one Python thread (the event loop of the worker, or LLM.generate's loop).
+"""Where one Python thread spends its time (the event loop of the worker, or LLM.generate's
+loop): a sampling profile.  (CPU seconds per process of an engine's tree: bench.harness.TreeCpu.)
 
 The sampler is a thread that looks at the target thread's stack every `sample_ms`: it costs
 the target a GIL hand-over per sample (a few microseconds), unlike cProfile, which slows
@@ -12,45 +12,6 @@ import collections
 import os
 import sys
 import threading
-import time
-
-import psutil
-
-
-class ProcessCpu:
-    """CPU seconds used by a process and its descendants between creation and `delta()`."""
-
-    def __init__(self, pid: int):
-        self.root = psutil.Process(pid)
-        self.t0 = time.perf_counter()
-        self.start = self._sample()
-
-    def _sample(self) -> dict[int, tuple[str, float]]:
-        found: dict[int, tuple[str, float]] = {}
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return found
-        for proc in procs:
-            try:
-                times = proc.cpu_times()
-                found[proc.pid] = (proc.name(), times.user + times.system)
-            except psutil.NoSuchProcess:
-                continue
-        return found
-
-    def delta(self) -> dict:
-        """{"wall_s": .., "processes": [{"pid", "name", "cpu_s", "util"}...]} busiest first."""
-        wall_s = time.perf_counter() - self.t0
-        now = self._sample()
-        rows = []
-        for pid, (name, cpu_s) in now.items():
-            used = cpu_s - self.start.get(pid, (name, 0.0))[1]
-            if used > 0.05:
-                rows.append({"pid": pid, "name": name, "cpu_s": round(used, 2),
-                             "util": round(used / wall_s, 3) if wall_s else 0.0})
-        rows.sort(key=lambda r: -r["cpu_s"])
-        return {"wall_s": round(wall_s, 3), "processes": rows}
 
 
 class StackSampler:
