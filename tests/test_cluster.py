@@ -144,7 +144,7 @@ async def test_a_sentinel_failover_loses_nothing_for_a_waiting_producer_and_a_se
             assert time.monotonic() - killed_at < 30, "no failover"
             await asyncio.sleep(0.2)
         failover_s = time.monotonic() - killed_at
-        await asyncio.to_thread(old.start)  # back, and made a replica by the Sentinels
+        old.start()  # back (from this thread: it dies with its starter), made a replica
         later = [Task(model="m1", id=f"l{i}", prompt=f"later {i}", idempotency_key=f"l{i}")
                  for i in range(30)]
         for _ in range(100):  # refused (NotReplicatedError) until the replica has synced

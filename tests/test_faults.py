@@ -620,7 +620,7 @@ async def _kill_and_rejoin(fleet: Fleet, victim, after_s: float) -> float:
         assert time.monotonic() - killed_at < 30, "no replica took over"
         await asyncio.sleep(0.1)
     promoted_s = time.monotonic() - killed_at
-    await asyncio.to_thread(fleet.server.restart, victim)
+    fleet.server.restart(victim)  # from this thread: the server dies with its starter
     return promoted_s
 
 
