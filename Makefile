@@ -4,7 +4,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS := cpu,embedded,sentry,otel,console,test
+EXTRAS := cpu,embedded,sentry,otel,console,gateway,test
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml docker/install.sh | cksum | cut -d' ' -f1)
 
 .PHONY: demo test bench bench-batch bench-report install redis-server prometheus chromium fleet clean

@@ -10,15 +10,22 @@ The names below are the public API a backend service needs; the client install
 """
 
 from agentfleet.producer import Producer, SyncProducer
+from agentfleet.producer.steps import tool_reply
 from agentfleet.schemas import (
     SCHEMA_VERSION,
     AgentFleetError,
     BrokerError,
+    Condition,
     ErrorCode,
     FollowUp,
+    FunctionCall,
+    FunctionDef,
+    FunctionName,
+    JsonSchema,
     Message,
     ModelSpec,
     PromptTooLongError,
+    ResponseFormat,
     Result,
     ResultTimeoutError,
     Sampling,
@@ -26,6 +33,9 @@ from agentfleet.schemas import (
     Status,
     Task,
     Timings,
+    Tool,
+    ToolCall,
+    ToolChoice,
     UnknownModelError,
     ValidationError,
 )
@@ -37,4 +47,7 @@ __all__ = [
     "ModelSpec", "Producer", "PromptTooLongError", "Result", "ResultTimeoutError", "Sampling",
     "Settings", "Status", "SyncProducer", "Task", "Timings", "UnknownModelError",
     "ValidationError", "__version__",
+    # agent steps (docs/agent-steps.md)
+    "Condition", "FunctionCall", "FunctionDef", "FunctionName", "JsonSchema", "ResponseFormat",
+    "Tool", "ToolCall", "ToolChoice", "tool_reply",
 ]

@@ -17,6 +17,10 @@
     agentfleet audit                  every change to the registries: who, when, why
     agentfleet plan --model M --deadline 6h   workers a backlog needs to finish in time
     agentfleet drill --target staging  a disaster drill with tasks of its own
+    agentfleet gateway                the OpenAI-compatible HTTP gateway (docs/gateway.md)
+    agentfleet approvals list|approve|reject   tasks held for an admin's decision
+    agentfleet acl [--tenant T]       ACL SETUSER lines of least-privilege Redis users
+    agentfleet purge --tenant T --yes   erase a tenant's data, recorded in the purge log
 
 Without REDIS_URL, every command that needs Redis uses the local server of AGENTFLEET_HOME
 (ops/localserver.py): started by the first command that needs it, shared by the others, and
@@ -432,6 +436,124 @@ def cmd_drill(args: argparse.Namespace, settings: Settings) -> int:
     return run_drill(settings.redis_url, settings, config, as_json=args.json)
 
 
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    if args.webhook_secret:
+        from agentfleet.ops.gateway.webhooks import tenant_secret
+
+        if not settings.webhook_secret:
+            raise AgentFleetError("gateway --webhook-secret: AGENTFLEET_WEBHOOK_SECRET is unset")
+        print(tenant_secret(settings.webhook_secret, args.webhook_secret).hex())
+        return 0
+    from agentfleet.ops.gateway.server import serve
+
+    with redis_url(settings) as url:
+        serve(url, host=args.host or settings.gateway_host, port=args.port or
+              settings.gateway_port, server=args.server or settings.gateway_server,
+              verbose=args.verbose)
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace, settings: Settings) -> int:
+    import datetime as dt
+    import getpass
+    import socket
+
+    from agentfleet.ops import approvals
+    from agentfleet.producer.connection import connect
+
+    if args.action in ("approve", "reject") and not args.task_id:
+        raise AgentFleetError(f"approvals {args.action}: name the task id (see `agentfleet "
+                              "approvals list`)")
+    by = args.by or f"{getpass.getuser()}@{socket.gethostname()} (cli)"
+
+    def when(at: float | None) -> str:
+        return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if at \
+            else "-"
+
+    async def run(url: str) -> str:
+        redis = connect(url)
+        try:
+            if args.action == "approve":
+                from agentfleet.producer.client import Producer
+
+                producer = Producer(connect(url), settings=settings)
+                try:
+                    task = await approvals.approve(producer, settings, args.task_id, by=by,
+                                                   reason=args.reason)
+                finally:
+                    await producer.close()
+                return f"approved {task.id}: queued on {task.model}"
+            if args.action == "reject":
+                await approvals.reject(redis, settings, args.task_id, by=by, reason=args.reason)
+                return f"rejected {args.task_id}"
+            expired = await approvals.expire_overdue(redis, settings)
+            held = await approvals.list_held(redis, settings, args.tenant or None)
+            rows = [f"{'task id':<36} {'tenant':<16} {'model':<16} {'requested (UTC)':<20} "
+                    f"{'deadline (UTC)':<20} prompt"]
+            for t in held:
+                text = t.prompt if t.prompt is not None else (t.messages or [])[-1].content
+                rows.append(f"{t.id:<36} {t.tenant:<16} {t.model:<16} {when(t.enqueued_at):<20} "
+                            f"{when(t.deadline):<20} {text[:60]!r}")
+            if expired:
+                rows.append(f"({expired} held tasks expired: their deadline had passed)")
+            if args.decisions:
+                rows.append("")
+                rows.append("recent decisions:")
+                for d in await approvals.decisions(redis, settings, args.decisions):
+                    rows.append(f"  {when(d.at)}  {d.decision:<8} {d.task_id}  by {d.by}"
+                                + (f": {d.reason}" if d.reason else ""))
+            return "\n".join(rows)
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        try:
+            print(asyncio.run(run(url)))
+        except approvals.NotHeldError as exc:
+            raise AgentFleetError(str(exc)) from None
+    return 0
+
+
+def cmd_acl(args: argparse.Namespace, settings: Settings) -> int:
+    from agentfleet.ops import acl
+
+    made = acl.lines(prefix=args.prefix, tenant=args.tenant or None)
+    for _, _, setuser in made:
+        print(acl.render(setuser))
+    print(f"# {len(made)} users; each password is shown once (after '>'): put it in that "
+          "part's REDIS_URL as redis://USER:PASSWORD@host:port", file=sys.stderr)
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+    import socket
+
+    from agentfleet.ops.purge import purge_tenant
+    from agentfleet.producer.connection import connect
+
+    if not args.yes:
+        raise AgentFleetError(f"purge erases every result, trace, file and bulk job of tenant "
+                              f"{args.tenant!r} and cancels its queued tasks; add --yes")
+    by = args.by or f"{getpass.getuser()}@{socket.gethostname()} (cli)"
+
+    async def run(url: str):
+        redis = connect(url)
+        try:
+            return await purge_tenant(redis, settings, args.tenant, by=by)
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        report = asyncio.run(run(url))
+    import msgspec
+
+    counts = {k: v for k, v in msgspec.structs.asdict(report).items() if isinstance(v, int)}
+    print(f"purged tenant {report.tenant} (recorded in the purge log, by {report.by}): "
+          + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()))
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.workers.models import prepare_default_model
 
@@ -537,6 +659,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--yes", action="store_true", help="allow a target that looks like production")
     s.set_defaults(func=cmd_drill)
+    s = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway (docs/gateway.md)")
+    s.add_argument("--host", default="", help="default: AGENTFLEET_GATEWAY_HOST (127.0.0.1)")
+    s.add_argument("--port", type=int, default=0, help="default: AGENTFLEET_GATEWAY_PORT (8000)")
+    s.add_argument("--server", choices=["granian", "uvicorn"], default="",
+                   help="default: AGENTFLEET_GATEWAY_SERVER (uvicorn)")
+    s.add_argument("--webhook-secret", metavar="TENANT", default="",
+                   help="print the key that signs TENANT's webhooks, and exit")
+    s.set_defaults(func=cmd_gateway)
+    s = sub.add_parser("approvals", help="tasks held for approval: list, approve, reject")
+    s.add_argument("action", choices=["list", "approve", "reject"])
+    s.add_argument("task_id", nargs="?", default="", help="approve, reject: the held task")
+    s.add_argument("--reason", default="", help="approve, reject: why (recorded)")
+    s.add_argument("--by", default="", help="who decides (recorded); default: user@host")
+    s.add_argument("--tenant", default="", help="list: one tenant's only")
+    s.add_argument("--decisions", type=int, default=0, metavar="N",
+                   help="list: also the N latest decisions")
+    s.set_defaults(func=cmd_approvals)
+    s = sub.add_parser("acl", help="print ACL SETUSER lines: least-privilege Redis users")
+    s.add_argument("--tenant", default="", help="one tenant's producer, narrowed to its keys")
+    s.add_argument("--prefix", default="agentfleet-", help="user names' prefix")
+    s.set_defaults(func=cmd_acl)
+    s = sub.add_parser("purge", help="erase a tenant's results, traces, files and jobs")
+    s.add_argument("--tenant", required=True)
+    s.add_argument("--yes", action="store_true", help="really erase (nothing happens without)")
+    s.add_argument("--by", default="", help="who asked (recorded); default: user@host")
+    s.set_defaults(func=cmd_purge)
     s = sub.add_parser("prepare-model", help="convert and cache the default model")
     s.set_defaults(func=cmd_prepare_model)
     s = sub.add_parser("exporter", help="serve queue gauges (depth, lag, pending, workers)")

@@ -41,11 +41,13 @@ _REPR_FIELD = re.compile(
 _BYTES = re.compile(r"""\bb('(?:[^'\\]|\\.)*(?:'|$)|"(?:[^"\\]|\\.)*(?:"|$))""", re.DOTALL)
 
 
-def init_sentry(settings: Settings, *, component: str, worker_id: str = "") -> bool:
+def init_sentry(settings: Settings, *, component: str, worker_id: str = "",
+                hook=None) -> bool:
     """Start the Sentry SDK if a DSN is set; True if it did.
 
     Auto-enabled integrations stay off: the Redis one would record every command of the hot
-    path as a breadcrumb.  No performance tracing either: errors only.
+    path as a breadcrumb.  No performance tracing either: errors only.  `hook` replaces the
+    `before_send` (the gateway's decides per tenant: ops/datarules.py).
     """
     if not settings.sentry_dsn:
         return False
@@ -53,7 +55,8 @@ def init_sentry(settings: Settings, *, component: str, worker_id: str = "") -> b
 
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
-        before_send=before_send if not settings.sentry_include_text else tag_from_extra,
+        before_send=hook or (before_send if not settings.sentry_include_text
+                             else tag_from_extra),
         before_breadcrumb=None if settings.sentry_include_text else _scrub_breadcrumb,
         auto_enabling_integrations=False,
         traces_sample_rate=None,

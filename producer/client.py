@@ -397,7 +397,8 @@ class Producer:
         return [got[task_id] for task_id in task_ids]
 
     async def wait_chain(self, task_id: str, timeout_s: float = 60.0) -> list[Result]:
-        """The result of a task and of every follow-up it led to, parents first."""
+        """The result of a task and of every follow-up it led to, parents first (a fan-out's
+        join after its children)."""
         deadline = time.monotonic() + timeout_s
         results: list[Result] = []
         frontier = [task_id]
@@ -405,6 +406,7 @@ class Producer:
             batch = await self.wait_many(frontier, max(deadline - time.monotonic(), 0.0))
             results.extend(batch)
             frontier = [child for r in batch for child in r.followup_ids]
+            frontier += [r.join_id for r in batch if r.join_id]
         return results
 
     async def as_completed(self, task_ids: Iterable[str],

@@ -13,6 +13,12 @@ write ("request output object"):
      "response": {"status_code": 200, "request_id": "<task id>", "body": {chat.completion}},
      "error": null}
 
+Structured outputs and tools as OpenAI defines them: `response_format` ({"type": "text" |
+"json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}), `tools`,
+`tool_choice`, and messages carrying `tool_calls` and `tool_call_id`; vLLM's own
+`structured_outputs` ({"regex" | "choice" | "grammar" | "json": ...}) too.  An answer that made
+tool calls has them in `message.tool_calls` (content null, finish_reason "tool_calls").
+
 A request that failed in the engine or was refused by the worker gets its HTTP-style status
 and an OpenAI error body (`response.body.error`); one that expired or was cancelled gets
 `response: null` and `error: {code, message}` (`batch_expired`, `batch_cancelled`).
@@ -31,8 +37,20 @@ import msgspec
 
 from agentfleet.schemas.errors import ErrorCode, ValidationError
 from agentfleet.schemas.settings import Settings
+from agentfleet.schemas.steps import call_dict
 from agentfleet.schemas.validate import validate_task
-from agentfleet.schemas.wire import Message, Result, Sampling, Status, Task
+from agentfleet.schemas.wire import (
+    JsonSchema,
+    Message,
+    ResponseFormat,
+    Result,
+    Sampling,
+    Status,
+    Task,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -65,14 +83,25 @@ class _ContentPart(msgspec.Struct):
 class _ChatMessage(msgspec.Struct):
     role: str
     content: str | list[_ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class _StructuredOutputs(msgspec.Struct):
+    """vLLM's `structured_outputs` extra parameter (one constraint of these)."""
+
+    json: dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class RequestBody(msgspec.Struct, kw_only=True):
     """The fields of a chat or text completion request that a batch line may carry.
 
     Unknown fields are ignored, as OpenAI and vLLM do; fields that would change the shape of
-    the answer (`n` > 1, `stream`, `logprobs`, `tools`, structured `response_format`) are
-    refused by `to_task`.
+    the answer (`n` > 1, `stream`, `logprobs`) are refused by `to_task`.
     """
 
     model: str
@@ -96,8 +125,10 @@ class RequestBody(msgspec.Struct, kw_only=True):
     top_logprobs: int | None = None
     echo: bool | None = None
     best_of: int | None = None
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | ToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: _StructuredOutputs | None = None
 
 
 class RequestLine(msgspec.Struct, kw_only=True):
@@ -205,9 +236,29 @@ def parse_line(raw: bytes | str, ctx: LineContext, *, check: bool = True) -> tup
 def to_task(line: RequestLine, ctx: LineContext) -> Task:
     """The Task of a decoded request line (bounds are checked by validate_task after)."""
     body = line.body
-    chat = line.url == CHAT_URL
     model = ctx.model_map.get(body.model, body.model)
-    _refuse_unsupported(body)
+    prompt, messages, sampling = request_input(body, line.url == CHAT_URL, model, ctx.settings)
+    id_ = task_id(ctx.batch_id, line.custom_id)
+    return apply_steps(Task(
+        id=id_,
+        tenant=ctx.tenant,
+        model=model,
+        prompt=prompt,
+        messages=messages,
+        sampling=sampling,
+        deadline=ctx.deadline,
+        idempotency_key=id_,
+        metadata={"custom_id": line.custom_id, "batch_url": line.url},
+        batch_id=ctx.batch_id,
+    ), body)
+
+
+def request_input(body: RequestBody, chat: bool, model: str, settings: Settings, *,
+                  stream_ok: bool = False) -> tuple[str | None, list[Message] | None, Sampling]:
+    """The prompt or messages and the sampling of a chat (`chat`) or text completion request
+    body; raises `ValidationError` for what it cannot serve (`n` > 1, logprobs, ...).  Shared by
+    batch lines and the gateway (ops/gateway/), which can stream (`stream_ok`)."""
+    _refuse_unsupported(body, stream_ok)
     prompt: str | None = None
     messages: list[Message] | None = None
     if chat:
@@ -220,47 +271,71 @@ def to_task(line: RequestLine, ctx: LineContext) -> Task:
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
                 raise ValidationError("prompt", f"{len(body.prompt)} prompts; one per request "
-                                      "line", limit=1, value=len(body.prompt))
+                                      "is supported", limit=1, value=len(body.prompt))
             prompt = body.prompt[0]
         else:
             prompt = body.prompt
-    id_ = task_id(ctx.batch_id, line.custom_id)
-    return Task(
-        id=id_,
-        model=model,
-        prompt=prompt,
-        messages=messages,
-        sampling=_sampling(body, chat, model, ctx.settings),
-        deadline=ctx.deadline,
-        idempotency_key=id_,
-        metadata={"custom_id": line.custom_id, "batch_url": line.url},
-        batch_id=ctx.batch_id,
-        tenant=ctx.tenant,
-    )
+    return prompt, messages, _sampling(body, chat, model, settings)
 
 
-def _refuse_unsupported(body: RequestBody) -> None:
+def apply_steps(task: Task, body: RequestBody) -> Task:
+    """Agent steps from a request body onto its task (docs/agent-steps.md): the response
+    format (OpenAI's `response_format`, or vLLM's `structured_outputs`), `tools` and
+    `tool_choice`.  Shared by batch lines and the gateway."""
+    fmt = _response_format(body)
+    if fmt is not None:
+        task.response_format = fmt
+    if body.tools:
+        task.tools = body.tools
+        task.tool_choice = body.tool_choice
+    elif body.tool_choice is not None and body.tool_choice != "none":
+        raise ValidationError("tool_choice", f"{body.tool_choice!r} without tools")
+    return task
+
+
+def _response_format(body: RequestBody) -> ResponseFormat | None:
+    """OpenAI's response_format, or vLLM's structured_outputs, as the task's format."""
+    so = body.structured_outputs
+    if so is None:
+        return body.response_format
+    if body.response_format is not None and body.response_format.type != "text":
+        raise ValidationError("structured_outputs", "give response_format or "
+                              "structured_outputs, not both")
+    given = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+             if getattr(so, k) is not None]
+    if len(given) != 1:
+        raise ValidationError("structured_outputs", f"one constraint of json, regex, choice, "
+                              f"grammar or json_object; got {given or 'none'}")
+    if so.json is not None:
+        return ResponseFormat(type="json_schema", json_schema=JsonSchema(schema=so.json))
+    if so.json_object:
+        return ResponseFormat(type="json_object")
+    if so.regex is not None:
+        return ResponseFormat(type="regex", regex=so.regex)
+    if so.choice is not None:
+        return ResponseFormat(type="choice", choice=so.choice)
+    return ResponseFormat(type="grammar", grammar=so.grammar or "")
+
+
+def _refuse_unsupported(body: RequestBody, stream_ok: bool = False) -> None:
     if body.n not in (None, 1):
         raise ValidationError("n", f"{body.n} choices: one choice per request is supported",
                               limit=1, value=body.n)
     if body.best_of not in (None, 1):
         raise ValidationError("best_of", f"{body.best_of} is not supported", limit=1,
                               value=body.best_of)
-    if body.stream:
+    if body.stream and not stream_ok:
         raise ValidationError("stream", "streaming is not supported in a batch")
     if body.logprobs or body.top_logprobs:
         raise ValidationError("logprobs", "log probabilities are not supported")
     if body.echo:
         raise ValidationError("echo", "echo is not supported")
-    if body.tools:
-        raise ValidationError("tools", "tool calling is not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise ValidationError("response_format", f"{body.response_format.get('type')!r} is not "
-                              "supported; only text")
 
 
 def _message(i: int, m: _ChatMessage) -> Message:
     content = m.content
+    if content is None and m.tool_calls:
+        content = ""  # an assistant turn that only called tools
     if content is None:
         raise ValidationError(f"messages[{i}].content", "is missing")
     if not isinstance(content, str):
@@ -271,7 +346,12 @@ def _message(i: int, m: _ChatMessage) -> Message:
                                       "only text parts are supported")
             texts.append(part.text)
         content = "\n".join(texts)  # what vLLM does with several text parts
-    return Message(role=_ROLES.get(m.role, m.role), content=content)
+    message = Message(role=_ROLES.get(m.role, m.role), content=content)
+    if m.tool_calls:
+        message.tool_calls = m.tool_calls
+    if m.tool_call_id:
+        message.tool_call_id = m.tool_call_id
+    return message
 
 
 def _sampling(body: RequestBody, chat: bool, model: str, settings: Settings) -> Sampling:
@@ -354,7 +434,7 @@ def output_line(result: Result, endpoint: str) -> tuple[bool, bytes]:
                                "custom_id": custom_id_of(result.task_id)}
     status = result.status
     if status is Status.SUCCEEDED:
-        body = _completion_body(result, endpoint, digest)
+        body = completion_body(result, endpoint, digest)
         line["response"] = {"status_code": 200, "request_id": result.task_id, "body": body}
         line["error"] = None
         return True, _encode(line)
@@ -375,7 +455,9 @@ def output_line(result: Result, endpoint: str) -> tuple[bool, bytes]:
     return False, _encode(line)
 
 
-def _completion_body(result: Result, endpoint: str, digest: str) -> dict[str, object]:
+def completion_body(result: Result, endpoint: str, digest: str) -> dict[str, object]:
+    """A succeeded result as OpenAI's chat.completion (or text_completion) object, its id
+    made from `digest`."""
     created = int(result.timings.finished or result.timings.written)
     finish_reason = result.finish_reason or "stop"
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
@@ -387,10 +469,14 @@ def _completion_body(result: Result, endpoint: str, digest: str) -> dict[str, ob
                 "choices": [{"index": 0, "text": result.text, "logprobs": None,
                              "finish_reason": finish_reason}],
                 "usage": usage, "service_tier": None, "system_fingerprint": fingerprint}
+    message: dict[str, object] = {"role": "assistant", "content": result.text,
+                                  "refusal": None}
+    if result.tool_calls:
+        message["content"] = result.text or None
+        message["tool_calls"] = [call_dict(c) for c in result.tool_calls]
+        finish_reason = "tool_calls"
     return {"id": f"chatcmpl-{digest}", "object": "chat.completion", "created": created,
             "model": result.model,
-            "choices": [{"index": 0,
-                         "message": {"role": "assistant", "content": result.text,
-                                     "refusal": None},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage, "service_tier": None, "system_fingerprint": fingerprint}

@@ -25,6 +25,11 @@ class ErrorCode(str, enum.Enum):
     DELIVERY_LIMIT = "delivery_limit"  # delivered again and again: it keeps killing workers
     LOST = "lost"  # its stream entry vanished while pending (trimmed or deleted by hand)
     INTERNAL = "internal"  # a bug in agentfleet: the message says where
+    REJECTED = "rejected"  # an admin rejected a task that needed approval (ops/approvals.py)
+    # the output does not parse by its response format or tools (cut by max_tokens, or a
+    # fan-out's list longer than its bound): docs/agent-steps.md
+    OUTPUT_INVALID = "output_invalid"
+    JOIN_INPUT_LOST = "join_input_lost"  # a join step's input (its children's results) expired
 
 
 class AgentFleetError(Exception):
@@ -68,6 +73,14 @@ class UnsupportedVersionError(DecodeError):
     """Raised when a payload's schema version is newer than this code understands."""
 
     code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class JoinInputLostError(AgentFleetError):
+    """Raised by the worker when a join step's input (its join's state: the children's
+    results) is gone when the step is read: it expired (result_ttl_s) before the step ran.
+    The step ends failed with this code; nothing else stops."""
+
+    code = ErrorCode.JOIN_INPUT_LOST
 
 
 class QuotaExceededError(AgentFleetError):

@@ -104,6 +104,15 @@ def trace_key(model: str, correlation_id: str) -> str:
     return f"{_tag(model)}:trace:{correlation_id}"
 
 
+def join_state(model: str, parent_id: str) -> str:
+    """One fan-out's join (a hash, kept with the parent's model): `n` children expected, the
+    join step's `task`, the parent's result `parent`, `ended`, `fired`, and `r:<child id>`
+    each child's result.  Written by commit.lua only: the parent's commit opens it, each
+    child's first result adds itself, the one that completes it enqueues the join; children
+    on other models write it across slots (docs/agent-steps.md)."""
+    return f"{_tag(model)}:join:{parent_id}"
+
+
 def stats_key(model: str) -> str:
     """Counters of one model (a hash): written, duplicates."""
     return f"{_tag(model)}:stats"
@@ -245,3 +254,70 @@ def audit_log() -> str:
     """Every change to the registries (tenants, models, routing, canaries): an append-only
     stream of msgpack AuditEntry under field 'd'."""
     return f"{_REGISTRY}:audit"
+
+
+# Streaming (workers/streaming.py publishes, the gateway reads): in the model's slot.
+
+def partial_stream(model: str, task_id: str) -> str:
+    """Partial output of one streaming task (a stream with a TTL): entries `d` (text delta),
+    `n` (output tokens so far), `t` (epoch seconds the engine produced it); the last entry
+    holds `f`, the finish reason."""
+    return f"{_tag(model)}:partial:{task_id}"
+
+
+# Approval gates (ops/approvals.py): per model, in its slot, so that the worker's commit
+# script can hold a follow-up there atomically with its parent's result.
+
+def approvals_held(model: str) -> str:
+    """Tasks waiting for an admin's decision (a hash: task id -> msgpack Task)."""
+    return f"{_tag(model)}:approvals"
+
+
+def approvals_due(model: str) -> str:
+    """The held tasks by deadline (a sorted set: task id scored by epoch seconds, +inf for
+    none), so that overdue ones are found without reading every task."""
+    return f"{_tag(model)}:approvals:due"
+
+
+def approvals_log(model: str) -> str:
+    """Every decision on a held task of this model (an append-only stream)."""
+    return f"{_tag(model)}:approvals:log"
+
+
+# The gateway (ops/gateway/): files, its record of bulk jobs, webhooks.  Global keys.
+
+def file_meta(file_id: str) -> str:
+    """One uploaded or generated file's record (a hash: tenant, filename, purpose, bytes...)."""
+    return f"{PREFIX}:file:{{{file_id}}}"
+
+
+def tenant_files(tenant: str) -> str:
+    """A tenant's files (a sorted set: file id scored by creation time)."""
+    return f"{PREFIX}:files:{{{tenant}}}"
+
+
+def gateway_batch(batch_id: str) -> str:
+    """What the gateway knows of a bulk job beyond producer/batch.py's record (a hash: tenant,
+    input, output and error file ids, metadata); in the job's slot."""
+    return f"{PREFIX}:batch:{{{batch_id}}}:gateway"
+
+
+def tenant_batches(tenant: str) -> str:
+    """A tenant's bulk jobs made through the gateway (a sorted set scored by creation time)."""
+    return f"{PREFIX}:batches:{{{tenant}}}"
+
+
+def webhooks() -> str:
+    """Completion webhooks not yet delivered (a hash: task id -> msgpack webhook record)."""
+    return f"{PREFIX}:webhooks"
+
+
+def webhook_claim(task_id: str) -> str:
+    """Held (SET NX with a TTL) by the gateway delivering one task's webhook."""
+    return f"{PREFIX}:webhook:{{{task_id}}}:claim"
+
+
+def purge_log() -> str:
+    """Every `agentfleet purge`: who erased which tenant's data, when, and how much (an
+    append-only stream)."""
+    return f"{PREFIX}:purges"

@@ -122,6 +122,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: Count0 = 0
     # "priority": interactive before bulk inside vLLM; "fcfs": arrival order
     scheduling_policy: Annotated[str, Bound(one_of=("priority", "fcfs"))] = "priority"
+    # vLLM's tool parser for this model family ("hermes", "llama3_json", ...): tool calls of
+    # tasks with tool_choice "auto" are read by it; "": by structured outputs instead.
+    tool_parser: str = ""
 
     def __post_init__(self) -> None:
         check_bounds(self, lambda field: f"[models.{self.name}] {field}")
@@ -132,7 +135,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Settings(msgspec.Struct, kw_only=True):
-    redis_url: Annotated[str, Bound(prefixes=("redis://", "rediss://", "unix://"))] = ""
+    redis_url: Annotated[str, Bound(prefixes=(
+        "redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://",
+        "redis+sentinel://", "rediss+sentinel://"))] = ""  # producer/connection.py
     # "" finds (or starts) the local server (ops/localserver.py)
     home: str = ""  # cache and data folder; "" is ~/.cache/agentfleet
     models: dict[str, ModelSpec] = msgspec.field(
@@ -176,6 +181,7 @@ class Settings(msgspec.Struct, kw_only=True):
     max_chain_depth: Count0 = 8  # follow-up nesting
     max_messages: Count = 256
     max_metadata_items: Count0 = 64
+    max_children: Count0 = 100  # children one step may enqueue (after for_each/items): a join's inputs
     # observability (docs/observability.md)
     metrics_port: Port = 9464  # `agentfleet worker` serves /metrics here; 0: metrics off
     # auto (text on a terminal, else JSON lines), json or text
@@ -191,6 +197,22 @@ class Settings(msgspec.Struct, kw_only=True):
     # and follow-up move, so that a failover cannot lose what was confirmed; 0: no WAIT
     wait_replicas: Annotated[int, Bound(ge=0, le=16)] = 0
     wait_timeout_ms: Annotated[int, Bound(ge=1, le=600_000)] = 1000  # then NotReplicatedError
+    # streaming (workers/streaming.py)
+    stream_ttl_s: Count = 600  # how long a streaming task's partial output is kept
+    # the gateway (ops/gateway/, docs/gateway.md)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: Port = 8000  # the console (ops/console) takes 8080
+    gateway_server: Annotated[str, Bound(one_of=("uvicorn", "granian"))] = "uvicorn"
+    gateway_files_dir: str = ""  # "" is <home>/files; a volume in a pod
+    gateway_max_file_bytes: Count = 200 * 1024 * 1024  # an uploaded file's limit
+    gateway_max_body_bytes: Count = 4 * 1024 * 1024  # a JSON request's limit
+    gateway_wait_timeout_s: Positive = 600.0  # how long a completion request waits
+    gateway_key_cache_s: NonNegative = 5.0  # a revoked key is refused within this long
+    webhook_secret: str = ""  # signs webhooks (a key per tenant is derived); "" turns them off
+    webhook_max_attempts: Count = 8
+    webhook_retry_base_s: Positive = 1.0  # first retry delay; doubles per attempt, with jitter
+    webhook_retry_max_s: Positive = 300.0
+    webhook_timeout_s: Positive = 10.0
 
     def __post_init__(self) -> None:
         check_bounds(self, variable)

@@ -24,8 +24,103 @@ class Base(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 
 class Message(Base, kw_only=True):
+    """A chat message (OpenAI's names).  An assistant turn may carry the tool calls it made;
+    a `tool` message answers one of them by its id."""
+
     role: str
     content: str
+    tool_calls: list[ToolCall] = []
+    tool_call_id: str = ""
+
+
+class FunctionCall(Base, kw_only=True):
+    """A tool call's function: its name and its arguments as a JSON text (OpenAI's shape)."""
+
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(Base, kw_only=True):
+    """One call of a tool, as OpenAI's `tool_calls` items: an id the answer refers to."""
+
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class FunctionDef(Base, kw_only=True):
+    """A function a model may call: `parameters` is the JSON schema of its arguments."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, object] | None = None
+    strict: bool | None = None
+
+
+class Tool(Base, kw_only=True):
+    """An item of OpenAI's `tools`: only functions exist today."""
+
+    type: str = "function"
+    function: FunctionDef
+
+
+class FunctionName(Base, kw_only=True):
+    name: str
+
+
+class ToolChoice(Base, kw_only=True):
+    """OpenAI's named tool choice: {"type": "function", "function": {"name": ...}}."""
+
+    type: str = "function"
+    function: FunctionName
+
+
+class JsonSchema(Base, kw_only=True):
+    """OpenAI's `response_format.json_schema`: the schema under `schema`."""
+
+    name: str = "output"
+    schema: dict[str, object] = {}
+    description: str = ""
+    strict: bool | None = None
+
+
+class ResponseFormat(Base, kw_only=True):
+    """What the output must be, passed to vLLM's structured outputs.
+
+    OpenAI's types: `text` (free), `json_object` (any JSON object), `json_schema` (an instance
+    of `json_schema.schema`).  vLLM's further constraints, under their own types: `regex`,
+    `choice` (one of the strings) and `grammar` (an EBNF/GBNF or Lark grammar).  The result's
+    `parsed` holds the value (a JSON value, the label, the matched text)."""
+
+    type: str = "text"
+    json_schema: JsonSchema | None = None
+    regex: str = ""
+    choice: list[str] = []
+    grammar: str = ""
+
+
+class Condition(Base, kw_only=True):
+    """When a follow-up runs: a test of its parent's parsed output.
+
+    `field` is a dotted path into the parsed value ("category", "order.items.0"; "" is the
+    whole value, e.g. a `choice` label); it holds when the value `equals` the given one or is
+    `one_of` the list.  `tool`: holds when the parent called that tool.  `negate` inverts.
+    """
+
+    field: str = ""
+    equals: str | int | float | bool | None = None
+    one_of: list[str | int | float | bool | None] = []
+    tool: str = ""
+    negate: bool = False
+
+
+class JoinRef(Base, kw_only=True):
+    """A fan-out's join: its parent's id and the model whose slot keeps the join's state
+    (the parent's, `keys.join_state`); `join_model` is the model the join step runs on."""
+
+    parent: str
+    model: str
+    join_model: str
 
 
 class Sampling(Base, kw_only=True):
@@ -45,10 +140,19 @@ class Sampling(Base, kw_only=True):
 
 
 class FollowUp(Base, kw_only=True):
-    """A step to enqueue when the parent succeeds.
+    """A step to enqueue when the parent succeeds (docs/agent-steps.md).
 
-    `prompt` or the contents of `messages` may hold `{output}`, replaced by the parent's
-    output text.  An empty `model` means the parent's model; `sampling` None means the parent's.
+    `prompt` or the contents of `messages` may hold `{output}` (the parent's output text),
+    `{output.FIELD}` (a field of its parsed output, a dotted path), `{tool.name}`,
+    `{tool.arguments.FIELD}` (its first tool call), `{item}` / `{item.FIELD}` (in a fan-out,
+    this child's item) and, in a join, `{results}` (the children's results as a JSON array).
+    An empty `model` means the parent's model; `sampling` None means the parent's.
+
+    `when`: enqueued only when the condition holds on the parent's parsed output.  `for_each`
+    (a path to a list in the parsed output) or `items` (a list given here): one child per
+    item.  `continue_conversation`: the child's messages are the parent's, then the parent's
+    answer (with its tool calls), then the follow-up's own.  `join`: a step that runs once
+    when every follow-up this one enqueues has ended, with their results in its input.
     """
 
     model: str = ""
@@ -58,6 +162,17 @@ class FollowUp(Base, kw_only=True):
     agent_id: str = ""
     metadata: dict[str, str] = {}
     followups: list[FollowUp] = []
+    needs_approval: bool = False  # the follow-up waits for an admin's approval (ops/approvals.py)
+    # Agent steps: structured outputs, tools, branches, fan-out and fan-in.
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] = []
+    tool_choice: str | ToolChoice | None = None  # None: "auto" with tools, else "none"
+    retry_max_tokens: int = 0
+    when: Condition | None = None
+    for_each: str = ""
+    items: list[object] = []
+    continue_conversation: bool = False
+    join: FollowUp | None = None
 
 
 class Task(Base, kw_only=True):
@@ -85,6 +200,19 @@ class Task(Base, kw_only=True):
     history: list[str] = []  # one line per failed attempt: "<code>: <message>"
     batch_id: str = ""  # set for tasks of a bulk job: they run in the model's bulk lane
     traceparent: str = ""  # W3C trace context of the submitting span (OpenTelemetry)
+    stream: bool = False  # the engine publishes partial output (keys.partial_stream)
+    needs_approval: bool = False  # held in the model's approval store until an admin decides
+    # Agent steps (docs/agent-steps.md).  The output must match `response_format`
+    # (vLLM's structured outputs); `tools` and `tool_choice` as OpenAI names them.  An output
+    # that fails its format because max_tokens cut it runs again with twice the budget, up to
+    # `retry_max_tokens` (0: never).  `join` runs once every follow-up of this task has ended.
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] = []
+    tool_choice: str | ToolChoice | None = None  # None: "auto" with tools, else "none"
+    retry_max_tokens: int = 0
+    join: FollowUp | None = None
+    joins_into: JoinRef | None = None  # set by the worker on a fan-out's child
+    join_of: JoinRef | None = None  # set by the worker on a join step: its input's state
 
 
 class Status(str, enum.Enum):
@@ -130,6 +258,14 @@ class Result(Base, kw_only=True):
     attempts: int = 1
     window_id: str = ""  # the read window it came in: "<worker>/<model>/<seq>"
     window_size: int = 0  # tasks in that window
+    # Agent steps: the output parsed by its response format (a JSON value, a
+    # label, the matched text; None for free text), the tool calls it made, the join step
+    # its follow-ups feed ("" for none), and the follow-ups whose condition did not hold
+    # ("<n>: <condition>").
+    parsed: object = None
+    tool_calls: list[ToolCall] = []
+    join_id: str = ""
+    skipped: list[str] = []
 
     @property
     def ok(self) -> bool:
@@ -144,6 +280,7 @@ class Enqueued(Base, kw_only=True, tag="enq"):
     model: str = ""
     agent_id: str = ""
     at: float = 0.0
+    via: str = ""  # how it came: "when <condition>", "item 3 of 20", "join of 20"
 
 
 class Finished(Base, kw_only=True, tag="fin"):

@@ -108,3 +108,66 @@ async def producer(server, redis, settings):
     p = Producer(connect(server.url), settings=settings)
     yield p
     await p.close()
+
+
+# ---- the gateway (ops/gateway/): served in-process by uvicorn on a free port ---------------
+
+@pytest.fixture
+async def serve_app(redis):
+    """Factory: serve an ASGI app over real HTTP on 127.0.0.1 (uvicorn, this test's loop);
+    returns its base URL.  Stopped (lifespan shutdown included) after the test."""
+    import socket
+
+    import uvicorn
+
+    servers: list[tuple[uvicorn.Server, asyncio.Task]] = []
+
+    async def serve(app) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(app, lifespan="on", ws="none", http="httptools",
+                                log_config=None, access_log=False)
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        servers.append((server, task))
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the server stopped before it started")
+            await asyncio.sleep(0.01)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield serve
+    for server, task in servers:
+        server.should_exit = True
+    for server, task in servers:
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def gateway(server, serve_app, settings, tmp_path):
+    """Factory: a gateway (create_app) for the `server`, served over HTTP; returns
+    (base URL, the Gateway object)."""
+    import msgspec
+
+    from agentfleet.ops.gateway import create_app
+
+    async def start(gateway_settings: Settings | None = None, redis_url: str | None = None,
+                    **kwargs):
+        s = gateway_settings or msgspec.structs.replace(
+            settings, gateway_files_dir=str(tmp_path / "files"))
+        app = create_app(s, redis_url or server.url, **kwargs)
+        return await serve_app(app), app.gateway
+
+    return start
+
+
+@pytest.fixture
+async def api_key(redis):
+    """Factory: a new API key (the full secret) for a tenant and role."""
+    from agentfleet.ops import apikeys
+
+    async def make(tenant: str = "acme", role: str = "submit", name: str = "") -> str:
+        return (await apikeys.create(redis, tenant=tenant, role=role, name=name))[1]
+
+    return make

@@ -32,7 +32,7 @@ from agentfleet.producer.openai_batch import (
 )
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import BatchError, ErrorCode, InvalidBatchFileError, ValidationError
-from agentfleet.schemas.wire import Result, Status, Task, Timings
+from agentfleet.schemas.wire import FunctionCall, Result, Status, Task, Timings, ToolCall
 from agentfleet.workers.fake_engine import FakeEngine
 from agentfleet.workers.worker import Worker
 
@@ -136,6 +136,54 @@ def test_a_bad_line_names_the_field(settings, line, reason):
     with pytest.raises(LineError) as err:
         parse_line(line, ctx(settings))
     assert err.value.reason.startswith(reason), err.value.reason
+
+
+def test_structured_outputs_and_tools_map_as_openai_defines_them(settings):
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    line = request("s", response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": schema, "strict": True}})
+    _, task = parse_line(json.dumps(line), ctx(settings))
+    assert task.response_format.json_schema.schema == schema
+    line = request("t", tools=[{"type": "function", "function": {
+        "name": "lookup", "parameters": {"type": "object"}}}],
+        tool_choice={"type": "function", "function": {"name": "lookup"}})
+    line["body"]["messages"] += [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "found"}]
+    _, task = parse_line(json.dumps(line), ctx(settings))
+    assert task.tools[0].function.name == "lookup"
+    assert task.tool_choice.function.name == "lookup"
+    assert task.messages[1].tool_calls[0].id == "c1" and task.messages[2].tool_call_id == "c1"
+    _, task = parse_line(json.dumps(request("v", structured_outputs={"choice": ["y", "n"]})),
+                         ctx(settings))
+    assert (task.response_format.type, task.response_format.choice) == ("choice", ["y", "n"])
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 1}}}},
+     "body.response_format.json_schema.schema: does not compile"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]},
+     "body.tools[0].function: object missing required field `name`"),
+    ({"tools": [{"type": "function", "function": {"name": ""}}]},
+     "body.tools[0].function.name: '': a tool needs a name"),
+    ({"tool_choice": "required"}, "body.tool_choice: 'required' without tools"),
+    ({"structured_outputs": {"regex": "(a"}}, "body.response_format.regex: does not parse"),
+])
+def test_bad_structured_outputs_and_tools_name_the_field(settings, body, reason):
+    with pytest.raises(LineError) as err:
+        parse_line(json.dumps(request("x", **body)), ctx(settings))
+    assert err.value.reason.startswith(reason), err.value.reason
+
+
+def test_an_answer_with_tool_calls_is_written_as_openai_writes_it():
+    call = ToolCall(id="call_1", function=FunctionCall(name="lookup", arguments='{"a":1}'))
+    _, raw = output_line(result(Status.SUCCEEDED, tool_calls=[call]), CHAT_URL)
+    [choice] = json.loads(raw)["response"]["body"]["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"] == {"role": "assistant", "content": None, "refusal": None,
+                                 "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                                     "name": "lookup", "arguments": '{"a":1}'}}]}
 
 
 def test_one_endpoint_per_batch(settings):

@@ -139,16 +139,22 @@ def test_dry_run_builds_every_workload(tmp_path):
     assert "workload prefix: 12 prompts" in proc.stderr
 
 
+def tiny_run(tmp_path, phase: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`bench.gpu.run --tiny` of one phase on the CPU: the process and its one result row
+    (the run's exit status checked)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu.run", "--tiny", "--phase", phase,
+         "--out", str(tmp_path), "--deadline-s", "540"],
+        cwd=ROOT, capture_output=True, text=True, timeout=580)
+    [row] = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert proc.returncode == 0, row.get("error") or proc.stderr[-3000:]
+    return proc, row
+
+
 @pytest.mark.engine
 @pytest.mark.timeout(600)
 def test_tiny_fleet_run_on_the_cpu(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu.run", "--tiny", "--phase", "bulk=fleet@same",
-         "--out", str(tmp_path), "--deadline-s", "540"],
-        cwd=ROOT, capture_output=True, text=True, timeout=580)
-    report = json.loads((tmp_path / "results.json").read_text())
-    [row] = report["results"]
-    assert proc.returncode == 0, row.get("error") or proc.stderr[-3000:]
+    _, row = tiny_run(tmp_path, "bulk=fleet@same")
     assert row["ok"] == row["tasks"] == 16
     assert row["output_tokens"] == 16 * 8
     assert row["lanes"][0]["bench"]["committed"] >= 16
@@ -228,3 +234,36 @@ def test_fairness_phase_plans_and_targets():
     assert (ttft.status, ttft.value) == ("PASS", 1.4)
     tput = checks["fairness: tokens/s with fairness on >= 0.97 x off"]
     assert (tput.status, tput.value) == ("PASS", 0.98)
+
+
+def test_the_schema_target_compares_schema_runs_with_plain_ones():
+    from bench.gpu.structured_outputs import targets
+
+    [run] = parse_phases(["schema"])
+    assert (run.path, run.config, run.label) == ("fleet", "t512", "fleet@t512")
+    row = {"phase": "schema", "label": "fleet@t512", "path": "fleet", "tokens_per_s": 890.0,
+           "vs_plain": 0.89, "workers": 1}
+    [check] = targets([row])
+    assert check.status == "FAIL" and check.value == 0.89 and "0.9 x" in check.target
+    assert [c.status for c in check_targets([{**row, "vs_plain": 0.93}])
+            if c.target.startswith("schema")] == ["PASS"]
+    assert targets([])[0].status == "n/a"
+    with pytest.raises(SystemExit):  # the fleet only: structured outputs are its feature here
+        import asyncio
+
+        from bench.gpu.run import TINY_SIZES, execute
+
+        asyncio.run(execute(None, None, parse_phases(["schema=offline@same"])[0], None,
+                            {"bulk": None}, TINY_SIZES))
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_tiny_schema_phase_on_the_cpu(tmp_path):
+    """The schema phase (bench/gpu/structured_outputs.py) end to end on the CPU: one fleet,
+    plain and JSON-schema runs of the tiny bulk prompts, ABBA."""
+    proc, row = tiny_run(tmp_path, "schema=fleet@same")
+    assert [len(row["runs"][k]) for k in ("plain", "schema")] == [2, 2]
+    assert row["plain"]["output_tokens"] == row["output_tokens"] == 2 * 16 * 8
+    assert row["constrained_to_end"] == 2 * 16  # 8 tokens never finish that JSON
+    assert row["vs_plain"] > 0 and "schema fleet@same" in proc.stdout

@@ -148,8 +148,8 @@ def test_cpu_image_and_the_makefile_install_through_the_same_script():
                          capture_output=True, text=True, timeout=30)
     assert dry.returncode == 0, dry.stderr
     installs = [line for line in dry.stdout.splitlines() if "pip" in line or "install" in line]
-    assert "sh docker/install.sh /nonexistent-venv/bin/python cpu,embedded,sentry,otel,console,test" \
-        in installs, dry.stdout
+    assert "sh docker/install.sh /nonexistent-venv/bin/python " \
+        "cpu,embedded,sentry,otel,console,gateway,test" in installs, dry.stdout
     assert not any("pip " in line for line in installs), "pip run outside docker/install.sh"
     make_test = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True,
                                text=True, timeout=30)

@@ -18,7 +18,17 @@ from agentfleet.producer.connection import connect
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.settings import DEFAULT_MODEL, Settings
-from agentfleet.schemas.wire import FollowUp, Message, Sampling, Status, Task
+from agentfleet.schemas.wire import (
+    Condition,
+    FollowUp,
+    JsonSchema,
+    Message,
+    ResponseFormat,
+    Sampling,
+    Status,
+    Task,
+)
+from agentfleet.workers.structured import schema_error
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
@@ -83,5 +93,67 @@ async def test_two_step_chain_through_the_real_engine(fleet):
         trace = render("engine-chain", await load_trace(producer.redis, settings,
                                                         "engine-chain"))
         assert "first token" in trace and "follow-up enqueued" in trace
+    finally:
+        await producer.close()
+
+
+TRIAGE = {"type": "object", "required": ["category", "summary"], "additionalProperties": False,
+          "properties": {"category": {"type": "string", "enum": ["refund", "bug"]},
+                         "summary": {"type": "string", "maxLength": 60}}}
+REFUND = {"type": "object", "required": ["approve", "reply"], "additionalProperties": False,
+          "properties": {"approve": {"type": "boolean"},
+                         "reply": {"type": "string", "maxLength": 60}}}
+BUG = {"type": "object", "required": ["severity", "component"], "additionalProperties": False,
+       "properties": {"severity": {"type": "string", "enum": ["low", "high"]},
+                      "component": {"type": "string", "maxLength": 30}}}
+CUSTOMERS = ["I was charged twice for my order, please give me my money back.",
+             "The app crashes every time I open the settings page.",
+             "Refund please: the shoes I got are the wrong size.",
+             "Error 500 when I click save; the page is broken."]
+
+
+def _json(schema: dict) -> ResponseFormat:
+    return ResponseFormat(type="json_schema", json_schema=JsonSchema(name="out", schema=schema))
+
+
+async def test_a_triage_chain_with_a_schema_and_two_branches_through_the_real_engine(fleet):
+    """Issue 16's CPU target: a JSON-schema triage step, a refund desk and a bug desk each
+    with its own schema, taken by the triage's category; every result parses against its
+    schema (vLLM's structured outputs on SmolLM2-135M)."""
+    server, settings, worker = fleet
+    producer = Producer(connect(server.url), settings=settings)
+    try:
+        roots = [Task(
+            model=DEFAULT_MODEL, correlation_id=f"triage-{i}", sampling=Sampling(max_tokens=48),
+            retry_max_tokens=192,
+            messages=[Message(role="system", content="Sort the customer's message: category "
+                              "refund (money back) or bug (the product is broken)."),
+                      Message(role="user", content=text)],
+            response_format=_json(TRIAGE),
+            followups=[
+                FollowUp(when=Condition(field="category", equals="refund"), agent_id="refunds",
+                         prompt="Refund request: {output.summary}\nDecide and reply.",
+                         response_format=_json(REFUND), retry_max_tokens=192),
+                FollowUp(when=Condition(field="category", equals="bug"), agent_id="bugs",
+                         prompt="Bug report: {output.summary}\nRate it.",
+                         response_format=_json(BUG), retry_max_tokens=192)])
+            for i, text in enumerate(CUSTOMERS)]
+        ids = await producer.submit_many(roots)
+        taken = set()
+        for root_id in ids:
+            first, *rest = await producer.wait_chain(root_id, timeout_s=600)
+            assert first.ok, (first.error_code, first.error_message, first.text)
+            assert not schema_error(TRIAGE, first.parsed), first.text
+            [desk] = rest  # exactly one branch, the one its category names
+            category = first.parsed["category"]
+            assert desk.agent_id == {"refund": "refunds", "bug": "bugs"}[category]
+            assert desk.ok, (desk.error_code, desk.error_message, desk.text)
+            assert not schema_error(REFUND if category == "refund" else BUG, desk.parsed)
+            assert first.skipped == [f"{2 if category == 'refund' else 1}: category == "
+                                     f"{'bug' if category == 'refund' else 'refund'!r}"]
+            taken.add(category)
+        trace = render("triage-0", await load_trace(producer.redis, settings, "triage-0"))
+        assert "(not taken) follow-up" in trace and "when category ==" in trace
+        print(f"branches taken: {sorted(taken)}")
     finally:
         await producer.close()

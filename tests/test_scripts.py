@@ -11,6 +11,7 @@ from agentfleet.workers.scripts import (
     CommitHead,
     CommitRecord,
     FollowUpWrite,
+    JoinWrite,
     commit_args,
     reply_entry,
 )
@@ -30,7 +31,7 @@ def test_a_lone_result_costs_one_key_and_three_arguments_besides_its_source():
     keys, args = commit_args(HEAD, [_rec(b"5-0")])
     assert keys == ["st", "dl", "dd", "qu", "s1", "res:5-0"]
     # the source: its id range, then its tenant and that tenant's retention
-    assert args == ["g", "me", 80, 90, 0, b"5-0", "rS----", b"R5-0",
+    assert args == ["g", "me", 80, 90, 0, b"5-0", "rS-----", b"R5-0",
                     b"5-0", b"5-0", "acme", 60, 70]
 
 
@@ -41,8 +42,8 @@ def test_records_are_grouped_by_source_and_reply_stream_each_named_once():
     assert keys.count("s1") == 1 and keys.count("s2") == 1
     # s1's group: its lowest and highest entry ids bound the ownership check
     first = args.index(b"3-0")
-    assert args[first + 1] == "rSP---" and args[first + 3:first + 5] == [b"1-0", b"3-0"]
-    assert args[args.index(b"2-0") + 1] == "r-p---"  # same reply stream as the record before
+    assert args[first + 1] == "rSP----" and args[first + 3:first + 5] == [b"1-0", b"3-0"]
+    assert args[args.index(b"2-0") + 1] == "r-p----"  # same reply stream as the record before
     assert args[4] == 2  # m: two reply payloads built, their streams last in KEYS
     assert keys[-2:] == ["rpA", "rpB"]
     assert args[-4:] == [3, reply_entry([b"R3-0", b"R2-0", b"R9-1"]), 1, reply_entry([b"R1-0"])]
@@ -60,9 +61,9 @@ def test_retries_dead_letters_traces_bulk_jobs_and_followups_carry_their_flags()
     assert keys == ["st", "dl", "dd", "qu", "s1", "res:2-0", "tr", "res:3-0", "bo", "bc",
                     "f1", "z1", "q1", "f2", "z2", "q2"]
     assert args[5:] == [
-        b"1-0", "yS----", b"itask", "12.5", b"1-0", b"3-0", "acme", 60, 70,  # retry: v2 = due
-        b"2-0", "d--T--", b"R2-0", b"DEAD", b"EV",
-        b"3-0", "r---BF", b"R3-0", "succeeded", 2, b"T1", b"E1", "acme", b"T2", b"", "acme"]
+        b"1-0", "yS-----", b"itask", "12.5", b"1-0", b"3-0", "acme", 60, 70,  # retry: v2 = due
+        b"2-0", "d--T---", b"R2-0", b"DEAD", b"EV",
+        b"3-0", "r---BF-", b"R3-0", "succeeded", 2, b"T1", b"E1", "acme", b"T2", b"", "acme"]
 
 
 def test_every_script_file_opens_with_its_contract():
@@ -93,7 +94,7 @@ def test_follow_ups_for_another_model_go_through_the_outbox_and_name_no_key_of_i
     assert keys[-4:] == ["af:{m1}:tasks", "af:{m1}:tenants:i", "af:{m1}:queued",
                          "af:{m1}:outbox"]
     at = args.index(b"3-0")
-    assert args[at + 1] == "rS---O"
+    assert args[at + 1] == "rS---O-"
     # n local follow-ups (payload, event, tenant), then o outbox ones with their keys as ARGV
     assert args[at + 8:] == [1, b"T1", b"E1", "acme",
                              1, b"T2", b"E2", "acme", "af:{m2}:tasks:acme",
@@ -109,4 +110,22 @@ def test_without_an_outbox_or_with_same_model_follow_ups_the_layout_is_unchanged
     away = FollowUpWrite("af:{m2}:tasks", b"T2", b"", "af:{m2}:tenants:i", "af:{m2}:queued",
                          "acme")
     keys, args = commit_args(plain, [_rec(b"1-0", source="af:{m1}:tasks", followups=[away])])
-    assert args[args.index(b"1-0") + 1] == "rS---F" and "af:{m2}:tasks" in keys
+    assert args[args.index(b"1-0") + 1] == "rS---F-" and "af:{m2}:tasks" in keys
+
+
+def test_a_join_opened_by_its_parent_and_joined_by_a_child_takes_its_four_keys_last():
+    opening = JoinWrite(state_key="js", stream="jq", lanes_key="jl", queued_key="jc",
+                        tenant="acme", event=b"JE", payload=b"JOIN", children=("p.1", "p.2"))
+    member = JoinWrite(state_key="js", stream="jq", lanes_key="jl", queued_key="jc",
+                       tenant="acme", event=b"", member="p.1")
+    recs = [_rec(b"1-0", followups=[FollowUpWrite("f1", b"T1", b"E1", "z1", "q1", "acme")],
+                 join=opening),
+            _rec(b"2-0", join=member)]
+    keys, args = commit_args(HEAD, recs)
+    assert keys[4:] == ["s1", "res:1-0", "f1", "z1", "q1", "js", "jq", "jl", "jc",
+                        "res:2-0", "js", "jq", "jl", "jc"]
+    assert args[5:] == [
+        b"1-0", "rS---FJ", b"R1-0", b"1-0", b"2-0", "acme", 60, 70,
+        1, b"T1", b"E1", "acme",  # the follow-ups first, then the join: tenant, event, ...
+        "acme", b"JE", b"JOIN", 2, "p.1", "p.2",  # ... the step and the children it waits for
+        b"2-0", "r-----M", b"R2-0", "acme", b"", "p.1"]  # a child: its own id

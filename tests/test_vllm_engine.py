@@ -212,3 +212,26 @@ async def test_tenants_never_hit_each_others_prefix_cache_but_hit_their_own(engi
     assert await hits_of("salt-b-1", "t:beta") == 0  # beta does not hit alpha's
     assert await hits_of("salt-g-1", "g:shared") == 0
     assert await hits_of("salt-g-2", "g:shared") > 0  # a cache group shares one salt
+
+
+async def test_a_models_tool_parser_reads_its_calls_out_of_the_text():
+    """tool_choice "auto" on a model whose tool_parser is set: vLLM's own parser (hermes here,
+    with the real tokenizer; no engine needed) finds the calls and leaves the content."""
+    from vllm.tokenizers import get_tokenizer
+
+    from agentfleet.schemas.wire import FunctionDef, Tool
+    from agentfleet.workers.models import prepare_default_model
+    from agentfleet.workers.vllm_engine import read_tool_calls, tool_parser_class
+
+    tokenizer = get_tokenizer(str(prepare_default_model(Settings.from_env().home_path)))
+    t = Task(model=DEFAULT_MODEL, messages=[Message(role="user", content="weather?")],
+             tools=[Tool(function=FunctionDef(name="weather", parameters={"type": "object"}))])
+    text = ('Let me look.<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n'
+            '</tool_call>')
+    content, calls = read_tool_calls(tool_parser_class(DEFAULT_MODEL, "hermes"), tokenizer, t,
+                                     text, DEFAULT_MODEL)
+    assert content.strip() == "Let me look."
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("weather", '{"city": "Paris"}')]
+    assert read_tool_calls(tool_parser_class(DEFAULT_MODEL, "hermes"), tokenizer, t,
+                           "No call here.", DEFAULT_MODEL) == ("No call here.", [])

@@ -124,9 +124,10 @@ def requirements(wheel: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def venvs(wheel, request) -> dict[str, Path]:
+def venvs(wheel, request, tmp_path_factory) -> dict[str, Path]:
     """One venv per redis-py range, the wheel installed in each (cached, see above)."""
-    base = request.config.cache.mkdir("client-venvs")
+    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
+    base = cache.mkdir("client-venvs") if cache else tmp_path_factory.mktemp("client-venvs")
     reqs = requirements(wheel)
     made = {}
     for name, redis_range in REDIS_RANGES.items():

@@ -102,3 +102,4 @@ def test_parse_bool():
 def test_result_ok():
     assert Result(task_id="t", status=Status.SUCCEEDED).ok
     assert not Result(task_id="t", status=Status.FAILED).ok
+

@@ -13,7 +13,7 @@ from typing import Protocol
 import msgspec
 
 from agentfleet.schemas.errors import ErrorCode
-from agentfleet.schemas.wire import Task
+from agentfleet.schemas.wire import Task, ToolCall
 
 
 class EngineOutput(msgspec.Struct, kw_only=True, gc=False):
@@ -31,6 +31,9 @@ class EngineOutput(msgspec.Struct, kw_only=True, gc=False):
     finished: float = 0.0
     error_code: ErrorCode | None = None
     error_message: str = ""
+    # The calls the model's tool parser read from the text (which then holds the rest); None
+    # where no parser ran: calls made through structured outputs are read by the worker.
+    tool_calls: list[ToolCall] | None = None
 
 
 OnDone = Callable[[EngineOutput], None]

@@ -13,11 +13,27 @@ rest waiting in the order a vLLM scheduler with priority scheduling uses (intera
 bulk, then task priority, then arrival): the engine, not the CPU, is then the bottleneck, as a
 GPU is, for benchmarks of fairness and interactive headroom.
 
+Structured outputs (docs/agent-steps.md) get a deterministic answer that fits them, as if an
+engine enforced them: a JSON schema's smallest instance (every property; arrays of minItems,
+else one item; an enum's or choice's first value that the input mentions, else its first;
+strings "echo: ..." within maxLength; numbers at their minimum), a tool call of the first tool
+the input names (or the first tool; "auto" answers {"content": ...} when the input names
+none), with arguments built the same way.  Regexes and grammars are answered with the
+fake_output hook.  Such answers count a token per 4 characters, and are cut at max_tokens
+(finish_reason "length"), as a real engine cuts them.
+
 Test hooks, set through a task's metadata:
+    fake_output = "<text>"            -> the answer is this text (tokens: a word each)
     fake_error = "<ErrorCode value>"  -> the request fails with that code
     fake_delay_s = "0.05"             -> the request finishes after that many seconds
     fake_crash = "1"                  -> the whole process dies at once (a poison task)
     fake_fail_attempts = "2"          -> engine_error on attempts before the 3rd (transient)
+    fake_token_delay_s = "0.01"       -> a streaming task's words come one per that many
+                                         seconds (also the engine's `token_delay_s`)
+
+A streaming task (`Task.stream`) publishes its text word by word (each word with the
+whitespace before it is one token) to `partials` (workers/streaming.py), then its end; it
+takes no slot.
 """
 
 from __future__ import annotations
@@ -25,10 +41,15 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import msgspec
+
+from agentfleet.schemas import steps
 from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.wire import Task
 from agentfleet.workers.engine import EngineOutput, OnDone, engine_priority
@@ -38,10 +59,13 @@ class FakeEngine:
     """Answers at once (or after `delay_s`), with no model: a test double, not an engine."""
 
     def __init__(self, model_version: str = "fake-1", delay_s: float = 0.0,
-                 slots: int | None = None):
+                 slots: int | None = None, token_delay_s: float = 0.0):
         self.model_version = model_version
         self.delay_s = delay_s
         self.slots = slots  # None: no limit, every request runs at once
+        self.token_delay_s = token_delay_s
+        self.partials = None  # a PartialPublisher, set by the worker (workers/streaming.py)
+        self._streams: dict[str, _Stream] = {}
         self.submitted = 0
         self.peak_running = 0  # most requests that ran at once
         self._timers: dict[str, tuple[asyncio.TimerHandle, EngineOutput, OnDone]] = {}
@@ -58,6 +82,9 @@ class FakeEngine:
         now = time.time()
         for request_id, task in requests:
             out = answer(request_id, task, now)
+            if task.stream and self.partials is not None and out.error_code is None:
+                self._stream(request_id, task, out, on_done)
+                continue
             delay = self.delay_s
             if task.metadata:
                 if "fake_crash" in task.metadata:
@@ -94,7 +121,52 @@ class FakeEngine:
         if self._waiting:
             self._start_waiting()
 
+    def _stream(self, request_id: str, task: Task, out: EngineOutput, on_done: OnDone) -> None:
+        """Publish the answer a word at a time, `token_delay_s` apart, then finish it."""
+        delay = float(task.metadata.get("fake_token_delay_s", self.token_delay_s)) \
+            if task.metadata else self.token_delay_s
+        words = re.findall(r"\s*\S+", out.text)
+        joined = "".join(words)
+        if joined != out.text:  # trailing whitespace: part of the last token
+            words = [*words[:-1], (words[-1] if words else "") + out.text[len(joined):]]
+        stream = _Stream(request_id, task, out, on_done, words)
+        self._streams[request_id] = stream
+        if delay <= 0:
+            while stream.left():
+                self._next_token(stream, 0.0)
+            return
+        stream.handle = asyncio.get_running_loop().call_later(delay, self._next_token, stream,
+                                                              delay)
+
+    def _next_token(self, stream: _Stream, delay: float) -> None:
+        now = time.time()
+        word = stream.words[stream.sent]
+        stream.sent += 1
+        if stream.sent == 1:
+            stream.out.first_token = now
+        self.partials.delta(stream.task, word, stream.sent, now)
+        if stream.left():
+            if delay > 0:
+                stream.handle = asyncio.get_running_loop().call_later(delay, self._next_token,
+                                                                      stream, delay)
+            return
+        self._end_stream(stream, stream.out.finish_reason)
+
+    def _end_stream(self, stream: _Stream, finish_reason: str) -> None:
+        self._streams.pop(stream.request_id, None)
+        out = stream.out
+        out.finished = time.time()
+        out.finish_reason = finish_reason
+        self.partials.final(stream.task, finish_reason, stream.sent)
+        stream.on_done(out)
+
     def abort(self, request_ids: Sequence[str]) -> None:
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                if stream.handle is not None:
+                    stream.handle.cancel()
+                self._end_stream(stream, "abort")
         aborted = set(request_ids)
         waiting = [w for w in self._waiting if w[2] in aborted]
         if waiting:
@@ -117,7 +189,26 @@ class FakeEngine:
             self._start_waiting()
 
     async def stop(self) -> None:
-        self.abort([w[2] for w in self._waiting] + list(self._timers))
+        self.abort([w[2] for w in self._waiting] + list(self._timers) + list(self._streams))
+
+
+class _Stream:
+    """A streaming request in the fake engine: its words and how many are out."""
+
+    __slots__ = ("request_id", "task", "out", "on_done", "words", "sent", "handle")
+
+    def __init__(self, request_id: str, task: Task, out: EngineOutput, on_done: OnDone,
+                 words: list[str]):
+        self.request_id = request_id
+        self.task = task
+        self.out = out
+        self.on_done = on_done
+        self.words = words
+        self.sent = 0
+        self.handle: asyncio.TimerHandle | None = None
+
+    def left(self) -> bool:
+        return self.sent < len(self.words)
 
 
 def answer(request_id: str, task: Task, now: float) -> EngineOutput:
@@ -127,7 +218,16 @@ def answer(request_id: str, task: Task, now: float) -> EngineOutput:
         return EngineOutput(request_id=request_id, engine_start=now, finished=now,
                             error_code=ErrorCode(meta.get("fake_error", "engine_error")),
                             error_message="fake engine failed this request on purpose")
-    text = "echo: " + source[-40:]
+    shaped = structured_answer(task, source)
+    if shaped is not None:
+        tokens = math.ceil(len(shaped) / 4)
+        cut = tokens > task.sampling.max_tokens
+        return EngineOutput(
+            request_id=request_id, text=shaped[:task.sampling.max_tokens * 4] if cut else shaped,
+            finish_reason="length" if cut else "stop", prompt_tokens=len(source.split()),
+            output_tokens=min(tokens, task.sampling.max_tokens), engine_start=now,
+            first_token=now, finished=now)
+    text = meta["fake_output"] if meta and "fake_output" in meta else "echo: " + source[-40:]
     words = len(text.split())
     return EngineOutput(
         request_id=request_id,
@@ -139,3 +239,86 @@ def answer(request_id: str, task: Task, now: float) -> EngineOutput:
         first_token=now,
         finished=now,
     )
+
+
+_json = msgspec.json.Encoder()
+
+
+def structured_answer(task: Task, source: str) -> str | None:
+    """The fake's answer to a task with tools or a response format; None for free text."""
+    if task.metadata and "fake_output" in task.metadata:
+        return None
+    kind = steps.choice_name(task.tool_choice, task.tools) if task.tools else "none"
+    if kind != "none":
+        named = {t.function.name: t for t in task.tools}
+        if kind == "named":
+            tool = named[task.tool_choice.function.name]
+            return _json.encode(example(_params(tool), source)).decode()
+        mentioned = [t for t in task.tools if t.function.name in source]
+        if kind == "auto" and not mentioned:
+            return _json.encode({"content": "echo: " + source[-40:]}).decode()
+        tool = (mentioned or task.tools)[0]
+        return _json.encode([{"name": tool.function.name,
+                              "parameters": example(_params(tool), source)}]).decode()
+    fmt = task.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema":
+        return _json.encode(example(fmt.json_schema.schema if fmt.json_schema else {},
+                                    source)).decode()
+    if fmt.type == "json_object":
+        return _json.encode({"echo": source[-40:]}).decode()
+    if fmt.type == "choice":
+        return _mentioned(fmt.choice, source)
+    return ""  # regex, grammar: only the fake_output hook answers them
+
+
+def _params(tool) -> dict:
+    return tool.function.parameters or {"type": "object", "properties": {}}
+
+
+def _mentioned(options: Sequence, source: str) -> object:
+    """The first option the input names (case-insensitive), else the first."""
+    low = source.lower()
+    return next((o for o in options if str(o).lower() in low), options[0])
+
+
+def example(schema: object, source: str, root: object = None, index: int = 0,
+            depth: int = 0) -> object:
+    """A small instance of a JSON schema, picked from the input where it has a choice."""
+    root = schema if root is None else root
+    if not isinstance(schema, Mapping) or depth > 32:  # 32: a $ref that loops stops somewhere
+        return None
+    depth += 1
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: object = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, Mapping) else {}
+        return example(target, source, root, index, depth)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return _mentioned(schema["enum"], source)
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            return example(schema[key][0], source, root, index, depth)
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        return {name: example(sub, source, root, index, depth)
+                for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        count = schema.get("minItems") or min(1, schema.get("maxItems", 1))
+        return [example(schema.get("items", {}), source, root, k + 1, depth)
+                for k in range(count)]
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1)
+        return int(low) if kind == "integer" else float(low)
+    if kind == "boolean":
+        return False
+    if kind == "null":
+        return None
+    text = (f"{index}. " if index else "") + "echo: " + source[-24:]  # items differ, even cut
+    return text[:schema.get("maxLength", len(text))]

@@ -5,7 +5,9 @@ commits land, never waiting for a whole window): XREADGROUP up to `read_count` e
 the interactive lane, the bulk lane filling the room they leave (within the bulk cap), one
 blocking read of both when idle.  Each window is decoded and checked; tasks that cannot run
 (undecodable, invalid, delivered too often, past their deadline, cancelled) go straight to
-the commit side with their error code, the rest go to the engine in one `submit`.
+the commit side with their error code, the rest go to the engine in one `submit`.  A join
+step (docs/agent-steps.md) first has its input filled in from its join's state: one
+HGETALL per window's joins, off the read loop.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from agentfleet.schemas.errors import AgentFleetError, DecodeError, ErrorCode, V
 from agentfleet.schemas.validate import TaskChecker
 from agentfleet.schemas.wire import Task, decode_task
 from agentfleet.workers.inflight import InFlight
+from agentfleet.workers.outcomes import render_join
 from agentfleet.workers.streams import MAX_STREAMS_PER_READ
 from agentfleet.workers.transient import TRANSIENT
 
@@ -44,7 +47,8 @@ class Reader:
         # raw lists, not dicts.
         self._redis = sibling(r.redis)
         self._redis.set_response_callback("XREADGROUP", _raw)
-        self._check_task = TaskChecker(r.settings)
+        self._check_task = TaskChecker(r.settings, internal=True)
+        self._joins: set[asyncio.Task] = set()  # join steps having their input filled in
         self._window_seq = 0
         self._bulk_check_at = 0.0  # monotonic time the bulk lane is worth reading again
         self._backlog = True  # the last read found a backlog: poll lanes before blocking
@@ -163,6 +167,7 @@ class Reader:
         r.slots.take(size, bulk=bulk)
         r.metrics.observe_read(size)
         start: list[tuple[str, Task, bool]] = []
+        joins: list[tuple[str, InFlight]] = []
         # Entry ids repeat across streams: a request id names its stream's lane and tenant.
         prefix = f"{lane}{tenant}/"
         max_deliveries = r.settings.max_deliveries
@@ -198,9 +203,56 @@ class Reader:
                 continue
             request_id = prefix + entry_id.decode()
             r.inflight[request_id] = rec
+            if task.join_of is not None:
+                joins.append((request_id, rec))
+                continue
             start.append((request_id, task, bulk))
         if start:
             r.start(start, now)
+        if joins:
+            filling = asyncio.get_running_loop().create_task(self._fill_joins(joins, bulk))
+            self._joins.add(filling)
+            filling.add_done_callback(self._joins.discard)
+
+    async def _fill_joins(self, joins: list[tuple[str, InFlight]], bulk: bool) -> None:
+        """Fill in the join steps' inputs, then start them; a step whose input is gone ends
+        as join_input_lost.  Held in `inflight` meanwhile, so that a drain waits for them."""
+        r = self.runner
+        try:
+            states = await self._join_states([rec.task for _, rec in joins])
+            now = time.time()
+            start: list[tuple[str, Task, bool]] = []
+            for (request_id, rec), state in zip(joins, states):
+                try:
+                    enqueued_s = int(rec.entry_id.split(b"-")[0]) / 1000
+                    rec.task = render_join(rec.task, state, enqueued_s)
+                    self._check(rec.task)
+                except AgentFleetError as exc:
+                    del r.inflight[request_id]
+                    r.finish_now(rec, exc.code, str(exc), now)
+                else:
+                    start.append((request_id, rec.task, bulk))
+            if start:
+                r.start(start, now)
+        except Exception as exc:  # a bug: fail these steps, never strand them in inflight
+            log.exception("model %s: filling in %d join steps failed", r.model, len(joins))
+            for request_id, rec in joins:
+                if r.inflight.pop(request_id, None) is not None:
+                    r.finish_now(rec, ErrorCode.INTERNAL, f"join input: {exc!r}", time.time())
+
+    async def _join_states(self, tasks: list[Task]) -> list[dict]:
+        backoff_s = 0.05
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for task in tasks:
+                        pipe.hgetall(keys.join_state(task.join_of.model, task.join_of.parent))
+                    return await pipe.execute()
+            except TRANSIENT as exc:
+                log.warning("model %s: reading join states failed (%s); retrying in %.2fs",
+                            self.runner.model, exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
 
     def _check(self, task: Task) -> None:
         model = self.runner.model

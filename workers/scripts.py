@@ -70,6 +70,23 @@ class FollowUpWrite(msgspec.Struct, array_like=True, gc=False, frozen=True):
     tenant: str
 
 
+class JoinWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
+    """A fan-out's join as commit.lua keeps it (keys.join_state): opened by the parent's
+    record (`payload`: the join step, `children`: the ids it waits for), joined by each
+    child's record (`member`: its id).  The record that ends the last child enqueues the
+    join step into `stream`, with `event` (its trace event, b"" when not traced)."""
+
+    state_key: str
+    stream: str  # the join step's task stream
+    lanes_key: str  # its lane's tenant set
+    queued_key: str  # its model's queued counts
+    tenant: str
+    event: bytes = b""
+    payload: bytes = b""  # opening: the join step (a Task)
+    children: tuple[str, ...] = ()  # opening: the children's ids
+    member: str = ""  # a child's record: its id
+
+
 class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
     """One task's outcome, encoded and ready for commit.lua (one per task, never in a cycle:
     untracked by the cyclic collector).  `status` and `error_code` stay in Python for the
@@ -95,6 +112,7 @@ class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
     tenant: str = "default"
     result_ttl_s: int = 86_400
     trace_ttl_s: int = 86_400
+    join: JoinWrite | None = None  # a fan-out's join, opened (parent) or joined (child)
 
 
 def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list, list]:
@@ -115,7 +133,7 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
         group.sort(key=_REPLY_OF)  # one producer's results in a row: its stream named once
         for r in group:
             outcome = r.outcome
-            flags = [outcome.decode(), "-", "-", "-", "-", "-"]
+            flags = [outcome.decode(), "-", "-", "-", "-", "-", "-"]
             args += (r.entry_id, "", r.v1)
             at = len(args) - 2
             if outcome != b"r":
@@ -162,6 +180,15 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
                     for f in away:
                         args += (f.payload, f.event, f.tenant, f.stream, f.lanes_key,
                                  f.queued_key)
+            j = r.join
+            if j is not None:
+                keys += (j.state_key, j.stream, j.lanes_key, j.queued_key)
+                if j.member:
+                    flags[6] = "M"
+                    args += (j.tenant, j.event, j.member)
+                else:
+                    flags[6] = "J"
+                    args += (j.tenant, j.event, j.payload, len(j.children), *j.children)
             args[at] = "".join(flags)
     args[4] = len(payloads)
     for reply, results in payloads.items():

@@ -59,8 +59,9 @@ class LaneStreams:
             part = max(MIN_PART, read_ahead // len(tenants))
             below = [t for t in tenants if waiting.get(t, 0) < part]
             tenants = below or tenants
-        if len(tenants) <= limit:
-            return tenants
+        # In turn even when all fit: the reader may keep only the first few of them (a bulk
+        # read within its room), and a set's order never changes, so without a turn the
+        # same tenant came first every time and another tenant's bulk lane was never read.
         self._turn += 1
         turn = self._turn
         tenants.sort(key=lambda t: (waiting.get(t, 0), hash((t, turn))))

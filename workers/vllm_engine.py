@@ -5,6 +5,12 @@ Written against vLLM 0.32 (CPU wheel) and 0.26 (GPU); both accept pre-tokenised
 `EngineDeadError` from `vllm.v1.engine.exceptions`.  Prompts are tokenised here, once: that
 gives the exact prompt length to refuse over-long prompts with a typed error, and spares vLLM
 a second tokenisation.
+
+Agent steps (docs/agent-steps.md): a task's response format, or its tools' schema where a call
+is forced (or "auto" on a model without a tool parser), goes to vLLM's structured outputs
+(`StructuredOutputsParams`; `GuidedDecodingParams` on releases before it); tools go into the
+chat template; with tool_choice "auto" on a model whose `tool_parser` is set, vLLM's parser
+for that family reads the calls out of the text.
 """
 
 from __future__ import annotations
@@ -27,9 +33,20 @@ from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from agentfleet.schemas.errors import ErrorCode, FatalConfigError
 from agentfleet.schemas.settings import ModelSpec
-from agentfleet.schemas.wire import Sampling, Task
+from agentfleet.schemas import steps
+from agentfleet.schemas.wire import FunctionCall, Sampling, Task, ToolCall
+from agentfleet.workers import structured
 from agentfleet.workers.engine import EngineOutput, OnDone, engine_priority
 from agentfleet.workers.models import model_version
+
+try:  # vLLM 0.11 and later
+    from vllm.sampling_params import StructuredOutputsParams as _Constrained
+
+    _CONSTRAINT_ARG = "structured_outputs"
+except ImportError:  # older releases: the same fields under another name
+    from vllm.sampling_params import GuidedDecodingParams as _Constrained
+
+    _CONSTRAINT_ARG = "guided_decoding"
 
 try:  # vLLM 0.26 and later: an already-rendered input, skipping the deprecated raw-prompt path
     from vllm.inputs import tokens_input as _tokens_input
@@ -69,12 +86,17 @@ class VllmEngine:
         self._llm: AsyncLLM | None = None
         self._tokenizer = None
         self._last_sampling: Sampling | None = None
+        self._last_constraint = structured.FREE
         self._last_params: SamplingParams | None = None
+        self._tool_parser: type | None = None  # vLLM's ToolParser class of spec.tool_parser
         self._chat_template: str | None = None
         self._max_prompt_tokens = spec.max_model_len - 1  # room for at least one output token
         self._inflight: dict[str, asyncio.Task] = {}
         self._stats_sink = None
         self.slots = spec.max_num_seqs
+        self._last_stream_key: tuple | None = None  # (sampling, constraint) of the last
+        self._last_stream_params: SamplingParams | None = None
+        self.partials = None  # a PartialPublisher, set by the worker (workers/streaming.py)
 
     def set_stats_sink(self, sink) -> None:
         """Where vLLM's own statistics go (KV-cache use, prefix-cache hits); before start()."""
@@ -105,6 +127,8 @@ class VllmEngine:
         if "generate" not in await self._llm.get_supported_tasks():
             raise FatalConfigError(f"model {self.spec.name}: {self.model_path} cannot generate")
         self._tokenizer = self._llm.get_tokenizer()
+        if self.spec.tool_parser:
+            self._tool_parser = tool_parser_class(self.spec.name, self.spec.tool_parser)
         self._chat_template = getattr(self._tokenizer, "chat_template", None)
         if not self._chat_template:
             logger.warning(
@@ -125,20 +149,27 @@ class VllmEngine:
         salts = salts or [None] * len(requests)
         for (request_id, task), prompt_ids, salt in zip(requests, prompts, salts):
             failure = self._refusal(request_id)
+            streaming = False
             if failure is None:
                 try:
                     if isinstance(prompt_ids, Exception):
                         raise prompt_ids
-                    params = self._params(task.sampling)
+                    streaming = task.stream and self.partials is not None
+                    params = self._stream_params(task) if streaming else self._params(task)
                     failure = self._check_prompt(prompt_ids)
                 except Exception as exc:  # a bad task must not stop the rest of the window
                     failure = _classify(exc)
             if failure is not None:
                 _report(on_done, _failed(request_id, engine_start, *failure))
                 continue
-            request = asyncio.create_task(
-                self._run(request_id, prompt_ids, params, engine_start, engine_priority(task),
-                          salt))
+            if streaming:
+                run = self._run_stream(request_id, task, prompt_ids, params, engine_start,
+                                       salt)
+            else:
+                run = self._run(request_id, prompt_ids, params, engine_start,
+                                engine_priority(task), salt,
+                                task if self._parses_calls(task) else None)
+            request = asyncio.create_task(run)
             request.add_done_callback(
                 functools.partial(self._request_done, request_id, on_done, engine_start)
             )
@@ -201,13 +232,37 @@ class VllmEngine:
             return ErrorCode.INTERNAL, f"request id {request_id} submitted twice while in flight"
         return None
 
-    def _params(self, sampling: Sampling) -> SamplingParams:
+    def _constraint(self, task: Task) -> structured.Constraint:
+        if task.response_format is not None or task.tools:
+            return structured.constraint(task, tool_parser=self._tool_parser is not None)
+        return structured.FREE
+
+    def _params(self, task: Task) -> SamplingParams:
         # Tasks of a window mostly share their sampling, and building SamplingParams checks
         # every field in Python: reuse the last one (vLLM clones it per request).
-        if sampling != self._last_sampling:
-            self._last_params = _sampling_params(sampling)
+        sampling = task.sampling
+        constraint = self._constraint(task)
+        if sampling != self._last_sampling or constraint != self._last_constraint:
+            self._last_params = _sampling_params(sampling, constraint)
             self._last_sampling = sampling
+            self._last_constraint = constraint
         return self._last_params
+
+    def _stream_params(self, task: Task) -> SamplingParams:
+        """Streaming tasks only: outputs as deltas (the others stay FINAL_ONLY: one output)."""
+        key = (task.sampling, self._constraint(task))
+        if key != self._last_stream_key:
+            self._last_stream_params = _sampling_params(*key, kind=RequestOutputKind.DELTA)
+            self._last_stream_key = key
+        return self._last_stream_params
+
+    def _parses_calls(self, task: Task) -> bool:
+        """The model's tool parser reads this task's calls (tool_choice "auto")."""
+        return (self._tool_parser is not None and bool(task.tools)
+                and steps.choice_name(task.tool_choice, task.tools) == "auto")
+
+    def parse_tool_calls(self, task: Task, text: str) -> tuple[str, list[ToolCall]]:
+        return read_tool_calls(self._tool_parser, self._tokenizer, task, text, self.spec.name)
 
     def _tokenize_window(self, tasks: Sequence[Task]) -> list[list[int] | Exception]:
         """Token ids of each task, or the exception that task raised.
@@ -254,11 +309,15 @@ class VllmEngine:
     def _chat_text(self, task: Task) -> str:
         if not self._chat_template:
             raise ValueError(f"model {self.spec.name} has no chat template; send a prompt")
+        extra = {}
+        if task.tools:
+            extra["tools"] = [steps.tool_dict(t) for t in task.tools]
         return self._tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in task.messages],
+            [_chat_message(m) for m in task.messages],
             chat_template=self._chat_template,
             add_generation_prompt=True,
             tokenize=False,
+            **extra,
         )
 
     def _check_prompt(self, prompt_ids: list[int]) -> tuple[ErrorCode, str] | None:
@@ -273,7 +332,7 @@ class VllmEngine:
 
     async def _run(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, engine_start: float,
-        priority: int = 0, salt: str | None = None,
+        priority: int = 0, salt: str | None = None, calls_of: Task | None = None,
     ) -> EngineOutput:
         """Drive one request to its end; a cancel (abort) propagates to `_request_done`."""
         final: RequestOutput | None = None
@@ -284,7 +343,52 @@ class VllmEngine:
                 final = output
         except Exception as exc:
             return _failed(request_id, engine_start, *_classify(exc))
-        return _finished(request_id, final, len(prompt_ids), engine_start)
+        out = _finished(request_id, final, len(prompt_ids), engine_start)
+        if calls_of is not None and out.error_code is None:
+            try:
+                out.text, out.tool_calls = self.parse_tool_calls(calls_of, out.text)
+            except Exception as exc:  # a parser's bug fails this task, not the worker
+                logger.exception("tool parser %s failed on %s", self.spec.tool_parser,
+                                 request_id)
+                return _failed(request_id, engine_start, ErrorCode.OUTPUT_INVALID,
+                               f"tool parser {self.spec.tool_parser}: {exc!r}")
+        return out
+
+    async def _run_stream(self, request_id: str, task: Task, prompt_ids: list[int],
+                          params: SamplingParams, engine_start: float,
+                          salt: str | None = None) -> EngineOutput:
+        """Drive a streaming request: every delta vLLM yields is published as it comes."""
+        kwargs = {"priority": engine_priority(task)} \
+            if self.spec.scheduling_policy == "priority" else {}
+        texts: list[str] = []
+        tokens = 0
+        first = 0.0
+        finish = ""
+        try:
+            async for output in self._llm.generate(_token_prompt(prompt_ids, salt), params,
+                                                   request_id, **kwargs):
+                completion = output.outputs[0] if output.outputs else None
+                if completion is None:
+                    continue
+                if completion.token_ids:
+                    now = time.time()
+                    first = first or now
+                    tokens += len(completion.token_ids)
+                    texts.append(completion.text)
+                    self.partials.delta(task, completion.text, tokens, now)
+                finish = completion.finish_reason or finish
+        except Exception as exc:
+            self.partials.final(task, "error", tokens)
+            return _failed(request_id, engine_start, *_classify(exc))
+        except asyncio.CancelledError:
+            self.partials.final(task, "abort", tokens)
+            raise
+        self.partials.final(task, finish or "stop", tokens)
+        finished = time.time()
+        return EngineOutput(request_id=request_id, text="".join(texts), finish_reason=finish,
+                            prompt_tokens=len(prompt_ids), output_tokens=tokens,
+                            engine_start=engine_start, first_token=first or finished,
+                            finished=finished)
 
     def _request_done(
         self, request_id: str, on_done: OnDone, engine_start: float, request: asyncio.Task
@@ -318,7 +422,15 @@ def _prepare_environment(spec: ModelSpec) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_space_gib))
 
 
-def _sampling_params(sampling: Sampling) -> SamplingParams:
+def _sampling_params(sampling: Sampling,
+                     constraint: structured.Constraint = structured.FREE, *,
+                     kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> SamplingParams:
+    extra = {}
+    if not constraint.free:
+        extra[_CONSTRAINT_ARG] = _Constrained(
+            json=constraint.json, json_object=constraint.json_object or None,
+            regex=constraint.regex or None, choice=list(constraint.choice) or None,
+            grammar=constraint.grammar or None)
     return SamplingParams(
         max_tokens=sampling.max_tokens,
         temperature=sampling.temperature,
@@ -331,9 +443,72 @@ def _sampling_params(sampling: Sampling) -> SamplingParams:
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
         repetition_penalty=sampling.repetition_penalty,
-        # One output per request; the first-token time comes from the request metrics.
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        # One output per request (the first-token time comes from the request metrics),
+        # except for streaming tasks: DELTA, each step's new text.
+        output_kind=kind,
+        **extra,
     )
+
+
+def _chat_message(m) -> dict:
+    """A message as chat templates read it (tool calls' arguments as objects, as vLLM's
+    server passes them)."""
+    message: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": structured.arguments(c)}}
+            for c in m.tool_calls]
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def tool_parser_class(model: str, name: str) -> type:
+    """vLLM's tool parser class of that name (the module moved between releases)."""
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:
+        from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+    try:
+        return ToolParserManager.get_tool_parser(name)
+    except KeyError as exc:
+        known = getattr(ToolParserManager, "list_registered", lambda: [])()
+        raise FatalConfigError(f"model {model}: tool_parser {name!r} is not one of vLLM's "
+                               f"{sorted(known)}") from exc
+
+
+def read_tool_calls(parser_cls: type, tokenizer, task: Task, text: str,
+                    model: str) -> tuple[str, list[ToolCall]]:
+    """The calls a vLLM tool parser finds in `text`, and the text left (the content)."""
+    request = _chat_request(task, model)
+    parser = _new_parser(parser_cls, tokenizer, request)
+    found = parser.extract_tool_calls(text, request)
+    if not found.tools_called:
+        return text, []
+    calls = [ToolCall(id=c.id, function=FunctionCall(name=c.function.name,
+                                                     arguments=c.function.arguments))
+             for c in found.tool_calls]
+    return found.content or "", calls
+
+
+def _chat_request(task: Task, model: str):
+    """The request vLLM's tool parsers read (they look at its tools)."""
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    except ImportError:
+        from vllm.entrypoints.openai.protocol import ChatCompletionRequest
+    return ChatCompletionRequest(
+        model=model, messages=[_chat_message(m) for m in task.messages or ()]
+        or [{"role": "user", "content": task.prompt or ""}],
+        tools=[steps.tool_dict(t) for t in task.tools], tool_choice="auto")
+
+
+def _new_parser(cls: type, tokenizer, request):
+    try:
+        return cls(tokenizer, request.tools)
+    except TypeError:  # releases whose parsers take the tokenizer only
+        return cls(tokenizer)
 
 
 def _finished(

@@ -38,6 +38,7 @@ from agentfleet.workers.engine import Engine
 from agentfleet.workers.housekeeping import trim_stream
 from agentfleet.workers.metrics import WorkerMetrics
 from agentfleet.workers.runner import ModelRunner
+from agentfleet.workers.streaming import attach as attach_partials  # streaming (gateway)
 from agentfleet.workers.transient import TRANSIENT, with_retries
 
 __all__ = ["Worker", "check_server", "make_engine", "quiet_gc", "trim_stream"]
@@ -60,6 +61,7 @@ class Worker:
                         settings=settings, worker_id=self.worker_id)
             for name, engine in engines.items()
         ]
+        self.partials = attach_partials(self)  # streaming (gateway): engines publish deltas
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()  # serving: engines started, groups made, loops running
         self.draining = False

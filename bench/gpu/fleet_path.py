@@ -127,9 +127,11 @@ async def _bulk(ctx: Context, producer: Producer, work: PromptSet, batch_id: str
 
 async def run_fleet(ctx: Context, procs: Processes, cfg: EngineConfig, work: PromptSet, *,
                     workers: int = 1, mixed: Mixed | None = None, tenants: bool = False,
-                    fairness: bool = True) -> dict:
+                    fairness: bool = True, body=None) -> dict:
     """`tenants`: the mixed traffic as two tenants of one lane (B steady, A flooding with the
-    bulk work as interactive tasks) rather than interactive tasks beside a bulk job."""
+    bulk work as interactive tasks) rather than interactive tasks beside a bulk job.
+    `body(ctx, producer, work)`, when given, runs the measured part instead of one bulk
+    submission (the schema phase: bench/gpu/structured_outputs.py)."""
     global _run_seq
     _run_seq += 1
     run_dir = ctx.work_dir / f"fleet{_run_seq}"
@@ -158,7 +160,9 @@ async def run_fleet(ctx: Context, procs: Processes, cfg: EngineConfig, work: Pro
                                      timeout_s=ctx.run_timeout_s)
             before = await fleet.snapshot()
             cpu = [TreeCpu(child.pid) for child in fleet.children]
-            if mixed is None:
+            if body is not None:
+                result = await body(ctx, producer, work)
+            elif mixed is None:
                 result = await _bulk(ctx, producer, work)
             else:
                 result = await _mixed(ctx, producer, work, mixed, tenants=tenants)

@@ -18,6 +18,8 @@ Phases (each a workload and the runs on it; `--phase NAME` runs the default list
           floods the same model with the bulk prompts as interactive tasks (its own stream);
           the fleet with fairness on (the default) and off (+nofair): B's time to first token
           alone and under the flood, and A's tokens/s with fairness on against off
+  schema  the bulk prompts with and without a JSON schema on one fleet (structured outputs;
+          bench/gpu/structured_outputs.py)
 
 A run is PATH@CONFIG[+stats|+nofair][xN]: PATH offline | serve | fleet; CONFIG a key of
 bench/gpu/engines.py (same, t512, t512f, t512p, t1024, t1024b8k, defaults); +stats offline
@@ -64,6 +66,7 @@ DEFAULT_RUNS = {
     "mixed": "fleet@t512p,serve@t512p",
     "twogpu": "fleet@t512,fleet@t512x2",
     "fairness": "fleet@t512p,fleet@t512p+nofair",
+    "schema": "fleet@t512",
 }
 _RUN = re.compile(r"^(offline|serve|fleet)@([a-z0-9]+?)(\+stats|\+nofair)?(?:x(\d+))?$")
 
@@ -141,7 +144,7 @@ def build_workloads(phases: set[str], tokens: Tokens, sizes: Sizes) -> dict[str,
     work: dict[str, PromptSet] = {}
     bulk = bulk_prompts(tokens, name="bulk", count=sizes.bulk, prompt_tokens=sizes.prompt_tokens,
                         max_tokens=sizes.max_tokens, seed=1)
-    if phases & {"bulk", "tuned", "mixed", "fairness"}:
+    if phases & {"bulk", "tuned", "mixed", "fairness", "schema"}:
         work["bulk"] = bulk
     if phases & {"mixed", "fairness"}:
         work["interactive"] = interactive_prompts(tokens, sizes)
@@ -195,8 +198,15 @@ async def run_offline(ctx: Context, procs: Processes, cfg: EngineConfig, work: P
 async def execute(ctx: Context, procs: Processes, run: Run, cfg: EngineConfig,
                   work: dict[str, PromptSet], sizes: Sizes) -> dict:
     name = {"bulk": "bulk", "tuned": "bulk", "mixed": "bulk", "prefix": "prefix",
-            "twogpu": "twogpu", "fairness": "bulk"}[run.phase]
+            "twogpu": "twogpu", "fairness": "bulk", "schema": "bulk"}[run.phase]
     prompts = work[name]
+    if run.phase == "schema":
+        if run.path != "fleet":
+            raise SystemExit("the schema phase runs the fleet only")
+        from bench.gpu.fleet_path import run_fleet
+        from bench.gpu.structured_outputs import alternate
+
+        return await run_fleet(ctx, procs, cfg, prompts, workers=run.workers, body=alternate)
     mixed = None
     if run.phase in ("mixed", "fairness"):
         mixed = Mixed(interactive=work["interactive"], rate_per_s=sizes.interactive_rate_per_s,
@@ -310,7 +320,9 @@ def check_targets(results: list[dict]) -> list[Check]:
                 and r.get("workers") == 2 and "tokens_per_s" in r), None)
     check("two GPUs: 2 workers >= 1.9 x 1", ratio(two and two["tokens_per_s"],
                                                    one and one["tokens_per_s"]), 1.9)
-    return checks
+    from bench.gpu.structured_outputs import targets
+
+    return checks + targets(results)
 
 
 def table(results: list[dict]) -> str:
@@ -442,6 +454,10 @@ def _expected_s(run: Run, done: list[dict], work: dict[str, PromptSet], sizes: S
     start_s = max(starts, default=sizes.engine_start_guess_s)
     name = "prefix" if run.phase == "prefix" else "twogpu" if run.phase == "twogpu" else "bulk"
     tokens = len(work[name].prompts) * work[name].max_tokens
+    if run.phase == "schema":
+        from bench.gpu.structured_outputs import ORDER
+
+        tokens *= len(ORDER)
     rate = max(rates, default=sizes.tokens_per_s_guess) * run.workers
     if run.phase == "mixed":  # the bulk work twice, and the interactive baseline
         return (start_s + 2 * tokens / rate

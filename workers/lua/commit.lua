@@ -11,6 +11,13 @@
 -- acknowledged, and is counted as fenced.  The claim is read once per source stream, and
 -- only between the group's lowest and highest entry id.
 --
+-- Fan-out and fan-in (docs/agent-steps.md): a parent whose follow-ups have a join opens
+-- the join's state (keys.join_state, with the parent's model) when its result is written:
+-- the children it waits for, the join step and its own result.  A child's first result
+-- (whatever its status) fills its place there, once; the one that fills the last place
+-- enqueues the join step, once (the `fired` mark).  A child with no place (the state
+-- expired, or a task that was never a child of it) changes nothing there: join_missed.
+--
 -- Each source stream is one tenant's lane: a task that ends (its result or dead letter
 -- written) leaves the tenant's queued count; a follow-up joins its own tenant's count and
 -- marks its stream as holding work.  Results and traces live as long as the source
@@ -25,17 +32,20 @@
 --       only the keys it uses, in this order: its source stream (flag S), result key (not
 --       for y), reply stream (flag P), trace list (flag T), bulk-job output and counts (flag
 --       B), per follow-up its task stream, its lane's tenant set and its model's queued
---       counts (flag F or O), then this model's outbox (flag O); last the m reply streams
---       of the built payloads.
+--       counts (flag F or O), then this model's outbox (flag O), the join's state, its
+--       step's task stream, lane's tenant set and model's queued counts (flag J or M); last
+--       the m reply streams of the built payloads.
 -- ARGV: 1 group, 2 consumer, 3 reply maxlen, 4 dead maxlen, 5 m; then per record: entry id,
 --       flags, v1, v2 (not for r), with S the source's lowest and highest entry id in this
 --       commit, its tenant, result ttl s and trace ttl s; trace event (T), bulk-job status
 --       (B), follow-up count n and n x (task, trace event, tenant) (F or O), then for O
 --       the outbox's count o and o x (task, trace event, tenant, stream, lane set, queued
---       counts); last m x (result count, payload).
---   flags: six bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P reply to the
+--       counts); the join's tenant and its step's trace event, then for J (this record
+--       opens the join) the join step and the count c and c ids of the children it waits
+--       for, for M (a child of the join) its own id; last m x (result count, payload).
+--   flags: seven bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P reply to the
 --       stream named next in KEYS or p to the same one as the record before, 4 T, 5 B,
---       6 F follow-ups, or O follow-ups some of which go through the outbox.
+--       6 F follow-ups, or O follow-ups some of which go through the outbox, 7 J|M.
 --       Records come grouped by source and by reply stream, so each is named once.
 --   v1/v2: r = result/-, d = result/dead letter, y = retry member (lane byte + task)/due.
 --   payloads: where every result for a stream was written (no duplicate, none fenced), its
@@ -52,9 +62,24 @@ for j = 1, m do
   built[KEYS[#KEYS - m + j]] = {tonumber(ARGV[n + 2 * j - 1]), ARGV[n + 2 * j]}
 end
 local byte = string.byte
-local R, D, Y, S, P, SAME, T, B, F, O = byte('rdySPpTBFO', 1, 10)
+local R, D, Y, S, P, SAME, T, B, F, O, J, M = byte('rdySPpTBFOJM', 1, 12)
 local acks = {}
 local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
+local joins, join_missed = 0, 0
+
+-- Enqueue a join step once (the `fired` mark), as a follow-up is enqueued.
+local function fire(state, stream, lanes, queued, jtenant)
+  if redis.call('HSETNX', state, 'fired', 1) == 0 then return false end
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+  end
+  redis.call('XADD', stream, '*', 'd', redis.call('HGET', state, 'task'))
+  redis.call('ZADD', lanes, 1, jtenant)
+  redis.call('HINCRBY', queued, jtenant, 1)
+  joins = joins + 1
+  return true
+end
+
 local replies = {}
 local owned = {}  -- per source stream: the entries pending on this consumer, read once
 local ended = {}  -- tenant -> tasks of its that ended here
@@ -62,7 +87,7 @@ local src, cur_reply, tenant, result_ttl, trace_ttl
 while a <= n do
   local eid, flags, v1 = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3
-  local outcome, fs, fp, ft, fb, ff = byte(flags, 1, 6)
+  local outcome, fs, fp, ft, fb, ff, fj = byte(flags, 1, 7)
   local v2, rkey, reply, tkey, trace, bout, bcounts, bstatus, lo, hi
   local nf = 0
   if outcome ~= R then v2 = ARGV[a]; a = a + 1 end
@@ -90,8 +115,16 @@ while a <= n do
   end
   local no, ob, box = 0, 0, nil  -- the outbox's follow-ups: count, first argument, key
   if ff == F or ff == O then nf = tonumber(ARGV[a]); a = a + 1 end
+  -- the outbox's arguments follow the follow-ups', the join's follow both
+  local ja, jk, jargs = a + 3 * nf, k + 3 * nf, 0
   if ff == O then
-    no, ob, box = tonumber(ARGV[a + 3 * nf]), a + 3 * nf + 1, KEYS[k + 3 * nf]
+    no, ob, box = tonumber(ARGV[ja]), ja + 1, KEYS[jk]
+    ja, jk = ja + 1 + 6 * no, jk + 1
+  end
+  if fj == J then
+    jargs = 4 + tonumber(ARGV[ja + 3])
+  elseif fj == M then
+    jargs = 3
   end
   local mine = owned[src]
   if mine == nil then
@@ -146,6 +179,33 @@ while a <= n do
         if trace then events[#events + 1] = ARGV[b + 1] end
       end
       followups = followups + nf + no
+      if jargs > 0 then
+        local state, jtenant, jevent = KEYS[jk], ARGV[ja], ARGV[ja + 1]
+        local fired = false
+        if fj == J then
+          local c = tonumber(ARGV[ja + 3])
+          local fields = {'n', c, 'task', ARGV[ja + 2], 'parent', v1, 'ended', 0}
+          for i = 1, c do
+            fields[#fields + 1] = 'r:' .. ARGV[ja + 3 + i]
+            fields[#fields + 1] = ''
+          end
+          redis.call('HSET', state, unpack(fields))
+          redis.call('EXPIRE', state, result_ttl)
+          fired = c == 0 and fire(state, KEYS[jk + 1], KEYS[jk + 2], KEYS[jk + 3], jtenant)
+        else
+          local place = 'r:' .. ARGV[ja + 2]
+          if redis.call('HGET', state, place) == '' then
+            redis.call('HSET', state, place, v1)
+            redis.call('EXPIRE', state, result_ttl)
+            local done = redis.call('HINCRBY', state, 'ended', 1)
+            fired = done >= tonumber(redis.call('HGET', state, 'n'))
+              and fire(state, KEYS[jk + 1], KEYS[jk + 2], KEYS[jk + 3], jtenant)
+          else
+            join_missed = join_missed + 1
+          end
+        end
+        if fired and jevent ~= '' and tkey then events[#events + 1] = jevent end
+      end
     else
       dups = dups + 1
       events = {}
@@ -164,12 +224,8 @@ while a <= n do
       acks[src] = {}
     end
   end
-  a = a + 3 * nf
-  k = k + 3 * nf
-  if box then
-    a = a + 1 + 6 * no
-    k = k + 1
-  end
+  a = ja + jargs
+  k = jk + (jargs > 0 and 4 or 0)
 end
 for src, list in pairs(acks) do
   if #list > 0 then redis.call('XACK', src, group, unpack(list)) end
@@ -196,4 +252,6 @@ if followups > 0 then redis.call('HINCRBY', KEYS[1], 'followups', followups) end
 if fenced > 0 then redis.call('HINCRBY', KEYS[1], 'fenced', fenced) end
 if retried > 0 then redis.call('HINCRBY', KEYS[1], 'retried', retried) end
 if dead > 0 then redis.call('HINCRBY', KEYS[1], 'dead_lettered', dead) end
+if joins > 0 then redis.call('HINCRBY', KEYS[1], 'joins', joins) end
+if join_missed > 0 then redis.call('HINCRBY', KEYS[1], 'join_missed', join_missed) end
 return {written, dups, fenced, retried, dead}
