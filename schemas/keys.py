@@ -109,7 +109,8 @@ def join_state(model: str, parent_id: str) -> str:
     join step's `task`, the parent's result `parent`, `ended`, `fired`, and `r:<child id>`
     each child's result.  Written by commit.lua only: the parent's commit opens it, each
     child's first result adds itself, the one that completes it enqueues the join; children
-    on other models write it across slots (docs/agent-steps.md)."""
+    on other models add themselves through their outboxes (workers/lua/join.lua), so every
+    script stays in one slot (docs/agent-steps.md)."""
     return f"{_tag(model)}:join:{parent_id}"
 
 
@@ -177,9 +178,12 @@ def batch_counts(model: str, batch_id: str) -> str:
 
 
 def outbox_stream(model: str) -> str:
-    """Follow-ups this model's tasks made for other models (a stream, fields: s target
-    stream, l its lane's tenant set, q its model's queued counts, t tenant, d the task),
-    written by commit.lua with the parents' results and emptied by the model's movers."""
+    """What this model's commits made for other slots (a stream), emptied by the model's
+    movers: follow-ups and join steps for other models (fields: s target stream, l its
+    lane's tenant set, q its model's queued counts, t tenant, d the task), and children's
+    places in joins kept on other models (j the join's state, m the child's id, r its
+    result, e the join's trace event, k the join model's trace list, x result ttl, and s, l,
+    q, t of the join step)."""
     return f"{_tag(model)}:outbox"
 
 

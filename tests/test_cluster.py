@@ -17,7 +17,7 @@ from agentfleet.producer.client import Producer
 from agentfleet.producer.connection import connect
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import BrokerError, NotReplicatedError
-from agentfleet.schemas.wire import FollowUp, Task, encode
+from agentfleet.schemas.wire import FollowUp, Sampling, Task, encode
 from agentfleet.workers.fake_engine import FakeEngine
 from agentfleet.workers.mover import Mover
 from agentfleet.workers.runner import ModelRunner
@@ -173,3 +173,89 @@ def _sentinel_primary(group):
         return group.primary()
     except Exception:  # noqa: BLE001 - Sentinels still electing
         return None
+
+
+# ---- agent steps: fan-outs and joins across models, every script on one slot ---------------
+
+def _fanout(i: int, kids: str, join: str, n: int = 4) -> Task:
+    return Task(model="m1", id=f"f{i}", prompt=f"split {i}", tenant="acme", correlation_id=f"f{i}",
+                followups=[FollowUp(items=list(range(n)), model=kids, prompt="part {item}",
+                                    sampling=Sampling(max_tokens=8))],
+                join=FollowUp(model=join, prompt="merge {results}", sampling=Sampling(max_tokens=8),
+                              metadata={"fake_output": f"joined {i}"}))
+
+
+async def _joined(producer, redis, roots: list[str], n: int) -> None:
+    """Each fan-out joined once with all its children's results, every outbox empty."""
+    joins = await producer.wait_many([r + ".join" for r in roots], timeout_s=15)
+    assert [j.text for j in joins] == [f"joined {r[1:]}" for r in roots]
+    for r in roots:
+        state = await redis.hgetall(keys.join_state("m1", r))
+        assert (state[b"n"], state[b"ended"], state[b"fired"]) == (b"%d" % n, b"%d" % n, b"1")
+        assert all(state[b"r:%s.1-%d" % (r.encode(), k)] for k in range(1, n + 1))
+    for _ in range(100):
+        if not await _outbox(redis, "m1") and not await _outbox(redis, "m2"):
+            break
+        await asyncio.sleep(0.05)
+    assert await _outbox(redis, "m1") == [] and await _outbox(redis, "m2") == []
+    for model in ("m1", "m2"):
+        stats = await redis.hgetall(keys.stats_key(model))
+        assert b"duplicates" not in stats and b"join_missed" not in stats, (model, stats)
+        queued = await redis.hgetall(keys.queued_counts(model))
+        assert all(int(v) == 0 for v in queued.values()), (model, queued)
+
+
+async def test_children_on_another_model_fill_their_join_through_the_outbox_and_it_fires_once(
+        producer, start_worker, redis):
+    """Parent on m1, children and join on m2: each child's place goes through m2's outbox
+    to m1's slot (join.lua); the last one's fires the join step into m1's outbox, moved to
+    m2 like a follow-up."""
+    await start_worker()
+    roots = await producer.submit_many([_fanout(i, kids="m2", join="m2") for i in range(10)])
+    await _joined(producer, redis, roots, 4)
+    m1 = await redis.hgetall(keys.stats_key("m1"))
+    # the joins fired on m1's slot; 40 children and 10 join steps moved out of its outbox
+    assert int(m1[b"joins"]) == 10 and int(m1[b"moved"]) == 50, m1
+    assert int((await redis.hgetall(keys.stats_key("m2")))[b"moved"]) == 40  # the places
+    assert all(j.model == "m2" for j in await producer.wait_many(
+        [r + ".join" for r in roots], timeout_s=1))
+
+
+async def test_a_join_step_for_another_model_fires_through_the_parents_outbox(
+        producer, start_worker, redis):
+    """Parent and children on m1, join on m2: the last child's commit fires the join into
+    m1's outbox, moved to m2 like a follow-up."""
+    await start_worker()
+    roots = await producer.submit_many([_fanout(i, kids="m1", join="m2") for i in range(5)])
+    await _joined(producer, redis, roots, 4)
+    assert int(await redis.hget(keys.stats_key("m1"), "joins")) == 5
+
+
+async def test_a_childs_place_moved_twice_is_filled_once(producer, start_worker, redis,
+                                                        settings):
+    """A mover that died after join.lua and before its XACK: the entry is moved again and
+    changes nothing (join_missed), the join step is not enqueued twice."""
+    await start_worker(models=("m1",))  # nobody serves m2 yet: its children wait
+    root = await producer.submit(_fanout(0, kids="m2", join="m1", n=2))
+    kids = [f"{root}.1-1", f"{root}.1-2"]
+    for _ in range(100):
+        if await redis.xlen(keys.task_stream("m2", "acme")) == 2:
+            break
+        await asyncio.sleep(0.05)
+    await start_worker(models=("m2",))
+    await producer.wait_many(kids, timeout_s=10)
+    join = await producer.wait(root + ".join", timeout_s=10)
+    assert join.ok
+    state = await redis.hgetall(keys.join_state("m1", root))
+    place = {"j": keys.join_state("m1", root), "m": kids[0], "r": b"other", "t": "acme",
+             "s": keys.task_stream("m1", "acme"), "l": keys.tenant_lanes("m1", "i"),
+             "q": keys.queued_counts("m1"), "e": b"", "k": "", "x": 60}
+    await redis.xadd(keys.outbox_stream("m2"), place)
+    for _ in range(100):
+        if await redis.hget(keys.stats_key("m1"), "join_missed"):
+            break
+        await asyncio.sleep(0.05)
+    assert int(await redis.hget(keys.stats_key("m1"), "join_missed")) == 1
+    assert await redis.hgetall(keys.join_state("m1", root)) == state  # unchanged
+    assert int(await redis.hget(keys.stats_key("m1"), "joins")) == 1
+    assert await _outbox(redis, "m2") == []

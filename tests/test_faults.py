@@ -29,6 +29,7 @@ from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import (
     FollowUp,
     Result,
+    Sampling,
     Status,
     Task,
     decode_dead_letter,
@@ -673,3 +674,56 @@ def _promoted(fleet: Fleet, victim) -> bool:
         return fleet.server.node_for(keys.task_stream(MODEL)) is not victim
     except Exception:  # noqa: BLE001 - a node that is down or not yet agreed: not yet
         return False
+
+
+def cross_fanouts(n: int, tag: str, children: int = 5) -> list[Task]:
+    """Fan-outs across two primaries: the parent on MODEL, its children and join on SECOND
+    (each child's place goes through SECOND's outbox to MODEL's slot, the join step through
+    MODEL's outbox to SECOND)."""
+    return [Task(model=MODEL, id=f"{tag}{i}", prompt=f"split {tag}{i}", idempotency_key=f"{tag}{i}",
+                 tenant=TENANTS[i % len(TENANTS)],
+                 followups=[FollowUp(items=list(range(children)), model=SECOND,
+                                     prompt="part {item}", sampling=Sampling(max_tokens=8))],
+                 join=FollowUp(model=SECOND, prompt="merge {results}",
+                               sampling=Sampling(max_tokens=8),
+                               metadata={"fake_output": "joined"}))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("fleet", ["cluster"], indirect=True)
+@pytest.mark.timeout(150)
+async def test_worker_kills_with_fan_outs_across_cluster_nodes_join_each_once(
+        fleet, producer, tmp_path):
+    rng = random.Random(16)
+    env = {"AGENTFLEET_MODELS_FILE": _two_models_file(tmp_path),
+           "AGENTFLEET_MAX_DELIVERIES": "1000"}
+    producer.settings = Settings.from_env(env)
+    workers = [fleet.worker(f"j{i}", **env) for i in range(3)]
+    roots: list[str] = []
+    kills, batch, started = 0, 0, time.monotonic()
+    while time.monotonic() - started < 20 or kills < 3:
+        roots += await producer.submit_many(cross_fanouts(10, f"j{batch}-"))
+        batch += 1
+        await asyncio.sleep(rng.uniform(0.2, 1.0))
+        victim = rng.randrange(len(workers))
+        workers[victim].kill()
+        workers[victim] = fleet.worker(f"j{victim}-{kills}", **env)
+        kills += 1
+    try:
+        joins = await producer.wait_many([r + ".join" for r in roots], timeout_s=60)
+    except ResultTimeoutError as exc:
+        raise AssertionError(f"joins missing {len(exc.missing)}: {exc.missing[:5]}") from exc
+    assert all(j.status is Status.SUCCEEDED and j.text == "joined" for j in joins)
+    redis = producer.redis
+    for root in roots:
+        state = await redis.hgetall(keys.join_state(MODEL, root))
+        assert (state[b"ended"], state[b"fired"]) == (b"5", b"1"), (root, state)
+    first = await redis.hgetall(keys.stats_key(MODEL))
+    second = await redis.hgetall(keys.stats_key(SECOND))
+    assert int(first[b"joins"]) == len(roots), first  # each join fired once, on MODEL's slot
+    # each child and join step written once on SECOND
+    assert int(second[b"written"]) == 6 * len(roots) and b"duplicates" not in second, second
+    await wait_until(lambda: _zero(redis.xlen(keys.outbox_stream(MODEL))), 10)
+    await wait_until(lambda: _zero(redis.xlen(keys.outbox_stream(SECOND))), 10)
+    print(f"cluster: {len(roots)} fan-outs of 5 across two nodes, {kills} worker kills, "
+          f"join fills moved again: {int(first.get(b'join_missed', 0))}")

@@ -15,6 +15,12 @@ serving the model runs this loop, a consumer of the outbox's group (`keys.MOVER_
             outbox's slot; with `wait_replicas`, only once the target's replicas have the
             move (otherwise the entries stay pending and are moved again later)
 
+A child of a fan-out whose join is kept on another model (its parent's) leaves its place in
+the outbox too (an entry with `j`, the join's state): the mover fills it with one call of
+join.lua per join slot, which enqueues the join step when the last place is filled, once,
+or puts it into that slot's outbox when the step is for a third model (moved from there by
+that model's movers).  A second fill of the same place adds nothing.
+
 Nothing is lost (an entry leaves the outbox only after its move) and nothing is doubled (the
 move is idempotent).  On a drain the loop ends once the runner's commits are done and the
 outbox holds nothing more for it.
@@ -34,6 +40,7 @@ from agentfleet.producer.enqueue import Lane, enqueue_args, enqueue_lua
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import AgentFleetError, NotReplicatedError
 from agentfleet.schemas.wire import decode_task
+from agentfleet.schemas.scripts import lua
 from agentfleet.workers.transient import TRANSIENT, with_retries
 
 if TYPE_CHECKING:
@@ -53,6 +60,8 @@ class Mover:
         s = runner.settings
         self._enqueue = replicated(runner.redis, runner.redis.register_script(enqueue_lua()),
                                    s.wait_replicas, s.wait_timeout_ms)
+        self._join = replicated(runner.redis, runner.redis.register_script(join_lua()),
+                                s.wait_replicas, s.wait_timeout_ms)
         self._claim_at = 0.0  # monotonic time of the next XAUTOCLAIM
         self._again = 0  # entries of the last `move` whose follow-up was moved before
 
@@ -98,7 +107,12 @@ class Mover:
         target stream; the ids of those moved (and, with wait_replicas, replicated)."""
         r = self.runner
         by_lane: dict[Lane, list[tuple]] = {}
+        by_join: dict[str, list[tuple]] = {}  # join slot's hash tag -> (entry id, fields)
         for entry_id, fields in entries:
+            if b"j" in fields:  # a child's place in a join kept on another model
+                by_join.setdefault(keys.hash_tag(fields[b"j"].decode()), []).append(
+                    (entry_id, fields))
+                continue
             try:
                 lane, item = self._item(entry_id, fields)
             except AgentFleetError as exc:  # e.g. written by a newer worker: left for one
@@ -124,6 +138,17 @@ class Mover:
             # {0, taken, then index and prior id of each one moved before}
             again += (len(reply) - 2) // 2
         self._again = again
+        for tag, items in by_join.items():
+            try:
+                keys_, args = join_args(tag, items)
+                await self._join(keys=keys_, args=args)
+            except NotReplicatedError as exc:  # filled, but not yet safe: settle it later
+                r.stats.unreplicated += 1
+                log.warning("model %s: %d places in joins of %s filled but %s; they stay in "
+                            "the outbox and are filled again (a no-op) after claim_idle_ms",
+                            r.model, len(items), tag, exc)
+                continue
+            done += [entry_id for entry_id, _ in items]
         return done
 
     async def settle(self, done: list[bytes]) -> None:
@@ -170,3 +195,25 @@ class Mover:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+
+def join_lua() -> str:
+    """join.lua: children's places in joins of another slot (contract atop the file)."""
+    return lua("agentfleet.workers", "join")
+
+
+def join_args(tag: str, entries: list) -> tuple[list[str], list]:
+    """join.lua's keys and arguments for outbox entries (id, fields) of joins kept in the
+    slot of `tag` (a model): `keys=..., args=...` of one call."""
+    keys_ = [keys.stats_key(tag), keys.outbox_stream(tag)]
+    args: list = [keys.GROUP]
+    for _, f in entries:
+        state, stream, trace = f[b"j"], f[b"s"], f[b"k"]
+        here = keys.hash_tag(stream.decode()) == tag
+        keys_ += (state, trace if trace and f[b"e"] else state)
+        args += (b"h" if here else b"o", f[b"m"], f[b"r"], f[b"t"], f[b"e"], f[b"x"])
+        if here:
+            keys_ += (stream, f[b"l"], f[b"q"])
+        else:
+            args += (stream, f[b"l"], f[b"q"])
+    return keys_, args

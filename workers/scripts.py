@@ -85,6 +85,9 @@ class JoinWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
     payload: bytes = b""  # opening: the join step (a Task)
     children: tuple[str, ...] = ()  # opening: the children's ids
     member: str = ""  # a child's record: its id
+    # A child's record: the trace list of the join's model, where the join's trace event
+    # goes when the join is in another slot and fires there (workers/lua/join.lua)
+    trace_key: str = ""
 
 
 class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
@@ -180,15 +183,8 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
                     for f in away:
                         args += (f.payload, f.event, f.tenant, f.stream, f.lanes_key,
                                  f.queued_key)
-            j = r.join
-            if j is not None:
-                keys += (j.state_key, j.stream, j.lanes_key, j.queued_key)
-                if j.member:
-                    flags[6] = "M"
-                    args += (j.tenant, j.event, j.member)
-                else:
-                    flags[6] = "J"
-                    args += (j.tenant, j.event, j.payload, len(j.children), *j.children)
+            if r.join is not None:
+                flags[6] = _join_args(head.outbox_key, r.join, keys, args)
             args[at] = "".join(flags)
     args[4] = len(payloads)
     for reply, results in payloads.items():
@@ -211,6 +207,29 @@ def _by_slot(outbox_key: str, followups: Sequence[FollowUpWrite]
     if not away:
         return followups, away
     return [f for f in followups if keys.hash_tag(f.stream) == tag], away
+
+
+def _join_args(outbox_key: str, j: JoinWrite, out_keys: list, args: list) -> str:
+    """A record's join, added to its keys and arguments; its flag.  The join's state or its
+    step's stream in another slot than the outbox's goes through the outbox (commit.lua)."""
+    tag = keys.hash_tag(outbox_key) if outbox_key else ""
+    if tag and j.member and keys.hash_tag(j.state_key) != tag:
+        out_keys.append(outbox_key)
+        args += (j.tenant, j.event, j.member, j.state_key, j.stream, j.lanes_key, j.queued_key,
+                 j.trace_key if j.event else "")
+        return "A"
+    away = bool(tag) and keys.hash_tag(j.stream) != tag
+    if away:
+        out_keys += (j.state_key, outbox_key)
+    else:
+        out_keys += (j.state_key, j.stream, j.lanes_key, j.queued_key)
+    if j.member:
+        args += (j.tenant, j.event, j.member)
+    else:
+        args += (j.tenant, j.event, j.payload, len(j.children), *j.children)
+    if away:
+        args += (j.stream, j.lanes_key, j.queued_key)
+    return ("N" if j.member else "K") if away else ("M" if j.member else "J")
 
 
 def reply_entry(results: Sequence[bytes]) -> bytes:
