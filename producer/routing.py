@@ -284,11 +284,13 @@ class Router:
                     pipe.zrange(keys.tenant_lanes(model, lane, version), 0, -1)
                 pipe.hgetall(keys.version_load(model))
                 *tenant_sets, load = await pipe.execute()
-            streams = [keys.lane_stream(model, lane, keys.DEFAULT_TENANT, version)
-                       for lane in lanes]
+            parts = [None, *range(self.settings.affinity_partitions)]  # docs/affinity.md
+            streams = [keys.lane_stream(model, lane, keys.DEFAULT_TENANT, version, p)
+                       for lane in lanes for p in parts]
             for lane, tenants in zip(lanes, tenant_sets):
-                streams += [keys.lane_stream(model, lane, t.decode(), version)
-                            for t in tenants if t.decode() != keys.DEFAULT_TENANT]
+                streams += [keys.lane_stream(model, lane, t.decode(), version, p)
+                            for t in tenants if t.decode() != keys.DEFAULT_TENANT
+                            for p in parts]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream in streams:
                     pipe.xinfo_groups(stream)

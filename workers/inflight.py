@@ -52,6 +52,8 @@ class RunnerStats(msgspec.Struct):
     reclaimed: int = 0
     lost: int = 0
     cancelled: int = 0
+    moved: int = 0  # follow-ups this worker moved from the model's outbox (workers/mover.py)
+    unreplicated: int = 0  # commits and moves WAIT did not see on wait_replicas replicas
     # affinity partitions (docs/affinity.md): tasks read from partitions this worker owns,
     # taken from others' (stealing), and taken over from a stalled or dead worker (reclaim)
     affinity_hits: int = 0

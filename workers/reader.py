@@ -13,13 +13,14 @@ HGETALL per window's joins, off the read loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from agentfleet.producer.connection import sibling
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import AgentFleetError, DecodeError, ErrorCode, ValidationError
 from agentfleet.schemas.validate import TaskChecker
@@ -44,8 +45,9 @@ class Reader:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         r = runner
-        # A client of our own on the same pool: stream replies stay raw lists, not dicts.
-        self._redis = aioredis.Redis(connection_pool=r.redis.connection_pool)
+        # A client of our own (on the same pool, but for a cluster's): stream replies stay
+        # raw lists, not dicts.
+        self._redis = sibling(r.redis)
         self._redis.set_response_callback("XREADGROUP", _raw)
         self._check_task = TaskChecker(r.settings, internal=True)
         self._joins: set[asyncio.Task] = set()  # join steps having their input filled in
@@ -149,12 +151,21 @@ class Reader:
         entries at most per lane (COUNT applies to each stream: split between them)."""
         r = self.runner
         streams = r.streams
-        waiting = r.admission.waiting_by_tenant()
+        waiting, held = r.admission.by_tenant()
         total = sum(counts.values())
         read_ahead = r.settings.max_inflight
+        # The read-ahead beyond max_inflight is kept for the other tenants (runner.py)
+        full = {t for t, n in held.items() if n >= read_ahead} if r.read_reserve else set()
         picked = {lane: streams.lanes[lane].pick(max(1, min(count, MAX_STREAMS_PER_READ)),
-                                                 waiting, read_ahead)
+                                                 waiting, read_ahead, full)
                   for lane, count in counts.items()}
+        picked = {lane: tenants for lane, tenants in picked.items() if tenants}
+        if not picked:  # every tenant with work holds its most: wait for a commit (or a mark)
+            r.slot_free.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(r.slot_free.wait(), (block_ms or r.settings.block_ms)
+                                       / 1000)
+            return []
         per_stream = max(1, total // sum(len(t) for t in picked.values()))
         if "b" in picked and per_stream * len(picked["b"]) > counts["b"]:
             # within the bulk room: fewer bulk streams this time (they take turns)
