@@ -283,3 +283,14 @@ async def test_a_registered_versions_partitions_are_owned_by_the_workers_serving
     part = keys.affinity_partition("k0", PARTS)
     assert await redis.xlen(keys.task_stream("m1", version="v1", part=part)) >= 12
     assert await redis.xlen(keys.task_stream("m1")) == 0
+
+
+async def test_a_follow_up_for_another_model_is_moved_into_its_partition(
+        producer, start_worker, redis):
+    await start_worker()
+    root = await producer.submit(model="m1", prompt="one", affinity_key="s-7",
+                                 followups=[FollowUp(model="m2", prompt="two: {output}")])
+    first, second = await producer.wait_chain(root, timeout_s=10)
+    assert first.ok and second.ok and second.model == "m2"
+    part = keys.affinity_partition("s-7", PARTS)
+    assert await redis.xlen(keys.task_stream("m2", part=part)) == 1
