@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
+from agentfleet.producer.connection import is_cluster
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import AgentFleetError, ErrorCode
 from agentfleet.schemas.wire import DeadLetter, decode_task, encode
@@ -129,7 +130,12 @@ class Housekeeping:
                 return
             if not by_source:
                 continue
-            try:  # one round trip for every stream (a tenant's lane has its partitions too)
+            try:
+                if is_cluster(r.redis):  # a cluster pipeline runs no scripts: one at a time
+                    for source, ids in by_source.items():
+                        await self._renew(keys=[source], args=[keys.GROUP, r.worker_id, *ids])
+                    continue
+                # One round trip for every stream (a tenant's lane has its partitions too).
                 async with r.redis.pipeline(transaction=False) as pipe:
                     for source, ids in by_source.items():
                         await self._renew(keys=[source], args=[keys.GROUP, r.worker_id, *ids],
