@@ -55,15 +55,14 @@ def _settings(model: str):
     return Settings(models={model: ModelSpec(name=model)}, default_model=model, engine="fake")
 
 
-async def _go() -> None:
-    """Until the parent's SIGUSR1 (sent once every process of the measurement is ready)."""
+def _go():
+    """An event set by the parent's SIGUSR1 (sent once every process of the measurement is
+    ready); the handler is in place when this returns, before the child reports "ready"."""
     import asyncio
 
-    loop = asyncio.get_running_loop()
     go = asyncio.Event()
-    loop.add_signal_handler(signal.SIGUSR1, go.set)
-    await go.wait()
-    loop.remove_signal_handler(signal.SIGUSR1)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, go.set)
+    return go
 
 
 async def model_worker(report: Report, url: str, model: str) -> None:
@@ -97,9 +96,9 @@ async def model_producer(report: Report, url: str, model: str, n: int) -> None:
     async with Producer(connect(url), settings=_settings(model)) as producer:
         await producer.wait_many(await producer.submit_many(
             [Task(model=model, prompt="warm up")]))  # connections and scripts in place
-        go = asyncio.ensure_future(_go())
+        go = _go()
         report("ready", {})
-        await go
+        await go.wait()
         cpu0, t0 = time.process_time(), time.monotonic()
         ids = await producer.submit_many(tasks)
         t1 = time.monotonic()
@@ -125,9 +124,9 @@ async def model_latency(report: Report, url: str, model: str, rate: float,
     async with Producer(connect(url), settings=_settings(model)) as producer:
         await producer.wait_many(await producer.submit_many(
             [Task(model=model, prompt=f"warm up {i}") for i in range(100)]))
-        go = asyncio.ensure_future(_go())
+        go = _go()
         report("ready", {})
-        await go
+        await go.wait()
 
         async def one(i: int) -> None:
             started = time.monotonic()
