@@ -43,7 +43,6 @@ PRIMARIES = 3
 MODELS = 3
 READY_TIMEOUT_S = 60.0
 TARGETS = {"cluster_vs_one": 2.5, "latency_p50_ms": 2.0, "latency_p99_ms": 10.0}
-_MS = {"scale": 1000, "ndigits": 3, "qs": (0.5, 0.9, 0.99)}
 
 
 # ---- children ----------------------------------------------------------------------------
