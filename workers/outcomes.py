@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
-from agentfleet.schemas import keys, steps
+from agentfleet.schemas import keys, resultcache, steps
 from agentfleet.schemas.errors import ErrorCode, JoinInputLostError
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import (
@@ -51,7 +51,7 @@ from agentfleet.schemas.wire import (
 )
 from agentfleet.workers import structured
 from agentfleet.workers.inflight import InFlight
-from agentfleet.workers.scripts import CommitRecord, FollowUpWrite, JoinWrite
+from agentfleet.workers.scripts import CacheWrite, CommitRecord, FollowUpWrite, JoinWrite
 
 STATUS_BY_CODE = {
     ErrorCode.DEADLINE_EXCEEDED: Status.EXPIRED,
@@ -386,7 +386,20 @@ class Outcomes:
             record.join = self._open_join(task, fanout, now, traceparent, trace_on)
         elif task.joins_into is not None:
             record.join = self._join_member(task, now, trace_on)
+        if task.cache_digest:
+            record.cache = self._cache(task, result)
         return record
+
+    def _cache(self, task: Task, result: Result) -> CacheWrite:
+        """A task the result cache may answer: its answer for identical tasks, on success."""
+        write = CacheWrite(
+            cache_key=keys.result_cache(self.model, task.tenant, task.cache_digest),
+            inflight_key=keys.result_cache_inflight(self.model, task.tenant, task.cache_digest),
+            task_id=task.id, ttl_s=max(task.cache_ttl_s, 1))
+        if result.status is Status.SUCCEEDED:
+            shared, bare = resultcache.shared(result)
+            write = msgspec.structs.replace(write, shared=shared, bare=bare)
+        return write
 
     def _open_join(self, task: Task, fanout: Fanout, now: float, traceparent: str,
                    trace_on: bool) -> JoinWrite:

@@ -21,7 +21,7 @@ _PACKAGE = "agentfleet.workers"
 
 
 def commit_lua() -> str:
-    return lua(_PACKAGE, "commit")
+    return lua(_PACKAGE, "commit", prelude="resultcache")
 
 
 def reclaim_lua() -> str:
@@ -81,6 +81,19 @@ class JoinWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
     member: str = ""  # a child's record: its id
 
 
+class CacheWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
+    """The result cache's side of a task the cache may answer (docs/result-cache.md): on
+    success its answer is cached (`shared`, `bare`: schemas/resultcache.py) and the tasks
+    joined to it are answered; on failure one of them is queued instead."""
+
+    cache_key: str
+    inflight_key: str
+    task_id: str
+    ttl_s: int
+    shared: bytes = b""  # b"" unless it succeeded
+    bare: bytes = b""
+
+
 class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
     """One task's outcome, encoded and ready for commit.lua (one per task, never in a cycle:
     untracked by the cyclic collector).  `status` and `error_code` stay in Python for the
@@ -107,6 +120,7 @@ class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
     result_ttl_s: int = 86_400
     trace_ttl_s: int = 86_400
     join: JoinWrite | None = None  # a fan-out's join, opened (parent) or joined (child)
+    cache: CacheWrite | None = None  # a task the result cache may answer
 
 
 def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list, list]:
@@ -175,6 +189,11 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
                 else:
                     flags[6] = "J"
                     args += (j.tenant, j.event, j.payload, len(j.children), *j.children)
+            c = r.cache
+            if c is not None:
+                flags.append("C")
+                keys += (c.cache_key, c.inflight_key)
+                args += (c.task_id, c.ttl_s, c.shared, c.bare)
             args[at] = "".join(flags)
     args[4] = len(payloads)
     for reply, results in payloads.items():

@@ -1,0 +1,245 @@
+"""The result cache (docs/result-cache.md): identical deterministic tasks of a tenant that
+opted in run once; the others are answered from the cached result ("hit") or by the
+identical task in flight ("joined"), each with a result of its own, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from agentfleet.ops.trace import load_trace
+from agentfleet.producer.tenants import TenantRegistry
+from agentfleet.schemas import keys, resultcache
+from agentfleet.schemas.wire import (
+    Finished,
+    FollowUp,
+    Result,
+    Sampling,
+    Status,
+    Task,
+    TenantConfig,
+    decode_event,
+    decode_result,
+    encode,
+)
+from agentfleet.workers.fake_engine import FakeEngine
+from agentfleet.workers.scripts import CacheWrite, commit_args
+from tests.test_scripts import HEAD, _rec
+
+
+async def _opt_in(redis, tenant: str = "acme", ttl_s: int = 60) -> None:
+    await TenantRegistry(redis).set(tenant, TenantConfig(result_cache_ttl_s=ttl_s))
+
+
+async def _worker(start_worker, **kw):
+    engine = FakeEngine(**kw)
+    await start_worker(engines={"m1": engine, "m2": FakeEngine()})
+    return engine
+
+
+# ---- without a server: the halves the scripts put together -----------------------------
+
+
+def _assemble(stub: bytes, shared: bytes, mark: str) -> bytes:
+    """What rc_answer (schemas/lua/resultcache.lua) writes, in Python."""
+    n = stub[0] + shared[0] + 1
+    head = bytes((0x80 + n,)) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+    return head + stub[1:] + encode("cache") + encode(mark) + shared[1:]
+
+
+def test_a_copied_result_is_the_answer_with_the_tasks_own_identity():
+    ran = Result(task_id="lead", correlation_id="lead", tenant="acme", model="m1",
+                 status=Status.SUCCEEDED, text="echo: hi", prompt_tokens=3, output_tokens=2,
+                 parsed={"a": [1, {}]}, worker_id="w1", model_version="v1")
+    task = Task(id="t2", correlation_id="c2", tenant="acme", agent_id="ag", model="m1",
+                prompt="hi", enqueued_at=12.5)
+    shared, bare = resultcache.shared(ran)
+    got = decode_result(_assemble(resultcache.stub(task), shared, "joined"))
+    assert got == msgspec.structs.replace(
+        ran, task_id="t2", correlation_id="c2", agent_id="ag", cache="joined",
+        cached_from="lead", timings=msgspec.structs.replace(ran.timings, enqueued=12.5))
+    fin = (b"\x82" + encode("type") + encode("fin") + encode("result")
+           + _assemble(resultcache.stub(task), bare, "hit"))
+    event = decode_event(fin)
+    assert isinstance(event, Finished) and event.result.cache == "hit"
+    assert event.result.text == "" and event.result.parsed is None  # no content in traces
+    assert event.result.task_id == "t2" and event.result.output_tokens == 2
+
+
+def test_the_digest_covers_tenant_model_version_input_and_sampling_only():
+    base = Task(id="a", model="m1", tenant="acme", prompt="hi", sampling=Sampling(seed=1))
+    d = resultcache.digest(base, "v1")
+    same = msgspec.structs.replace(base, id="b", metadata={"x": "y"}, priority=3, deadline=9.0)
+    assert resultcache.digest(same, "v1") == d
+    for other in (msgspec.structs.replace(base, tenant="bob"),
+                  msgspec.structs.replace(base, model="m2"),
+                  msgspec.structs.replace(base, prompt="hi!"),
+                  msgspec.structs.replace(base, sampling=Sampling(seed=2))):
+        assert resultcache.digest(other, "v1") != d
+    assert resultcache.digest(base, "v2") != d
+
+
+@pytest.mark.parametrize("task, why", [
+    (Task(model="m1", prompt="x", sampling=Sampling(temperature=0.7)), "neither greedy"),
+    (Task(model="m1", prompt="x", followups=[FollowUp(prompt="{output}")]), "follow-ups"),
+    (Task(model="m1", prompt="x", batch_id="b1"), "bulk job"),
+    (Task(model="m1", prompt="x", stream=True), "streams"),
+    (Task(model="m1", prompt="x", needs_approval=True), "approval"),
+])
+def test_tasks_with_effects_or_random_sampling_are_never_cached(task, why):
+    assert why in resultcache.ineligible(task)
+    assert not resultcache.ineligible(Task(model="m1", prompt="x",
+                                           sampling=Sampling(temperature=0.7, seed=4)))
+
+
+def test_a_cached_record_carries_flag_c_and_its_keys_last():
+    rec = _rec(b"5-0", cache=CacheWrite(cache_key="ck", inflight_key="ik", task_id="t",
+                                        ttl_s=9, shared=b"S", bare=b"B"))
+    keys_, args = commit_args(HEAD, [rec])
+    assert keys_ == ["st", "dl", "dd", "qu", "s1", "res:5-0", "ck", "ik"]
+    assert args[6] == "rS-----C" and args[-4:] == ["t", 9, b"S", b"B"]
+
+
+# ---- with a server and a worker --------------------------------------------------------
+
+
+async def test_identical_tasks_run_once_the_rest_join_or_hit(producer, start_worker, redis):
+    await _opt_in(redis)
+    engine = await _worker(start_worker, delay_s=0.3)
+    ids = await asyncio.gather(*(producer.submit(model="m1", prompt="same", tenant="acme")
+                                 for _ in range(5)))
+    results = await producer.wait_many(ids, timeout_s=10)
+    assert engine.submitted == 1
+    assert {r.text for r in results} == {"echo: same"}
+    assert all(r.ok for r in results) and len({r.task_id for r in results}) == 5
+    leader = [r for r in results if not r.cache]
+    assert len(leader) == 1 and leader[0].task_id == ids[0]
+    assert [r.cache for r in results[1:]] == ["joined"] * 4
+    assert {r.cached_from for r in results[1:]} == {ids[0]}
+    # Later: answered at submit from the cache, with no engine.
+    later = await producer.submit(model="m1", prompt="same", tenant="acme")
+    hit = await producer.wait(later, timeout_s=5)
+    assert hit.cache == "hit" and hit.text == "echo: same" and hit.tenant == "acme"
+    assert hit.cached_from == ids[0] and hit.timings.enqueued > 0
+    assert engine.submitted == 1
+    stats = await redis.hgetall(keys.stats_key("m1"))
+    assert int(stats[b"cache_joins"]) == 4 and int(stats[b"cache_hits"]) == 1
+    assert int(stats[b"written"]) == 1  # results of tasks that ran; the others are counted apart
+    assert await redis.hget(keys.queued_counts("m1"), "acme") in (b"0", None)
+    stream = keys.task_stream("m1", "acme")
+    assert (await redis.xpending(stream, keys.GROUP))["pending"] == 0
+
+
+async def test_tenants_never_share_and_tenants_not_opted_in_are_unchanged(
+        producer, start_worker, redis):
+    await _opt_in(redis, "acme")
+    await _opt_in(redis, "bob")
+    engine = await _worker(start_worker)
+    for tenant in ("acme", "bob", "carol", "carol"):
+        r = await producer.wait(await producer.submit(model="m1", prompt="p", tenant=tenant))
+        assert r.ok and r.cache == "" and r.tenant == tenant
+    assert engine.submitted == 4
+    again = await producer.wait(await producer.submit(model="m1", prompt="p", tenant="bob"))
+    assert again.cache == "hit" and again.tenant == "bob"
+    assert engine.submitted == 4
+    # carol's tasks carry no digest: nothing of hers is kept
+    assert not [k async for k in redis.scan_iter(match="af:{m1}:rc*:carol:*")]
+
+
+async def test_random_sampling_and_tasks_with_followups_always_run(producer, start_worker,
+                                                                   redis):
+    await _opt_in(redis)
+    engine = await _worker(start_worker)
+    hot = Sampling(temperature=0.8)
+    for _ in range(2):
+        r = await producer.wait(await producer.submit(model="m1", prompt="q", tenant="acme",
+                                                      sampling=hot))
+        assert r.cache == ""
+    for _ in range(2):
+        chain = await producer.wait_chain(await producer.submit(
+            model="m1", prompt="q", tenant="acme", followups=[FollowUp(prompt="{output}")]))
+        assert len(chain) == 2 and [r.cache for r in chain] == ["", ""]
+    assert engine.submitted == 6
+    seeded = Sampling(temperature=0.8, seed=7)
+    first = await producer.wait(await producer.submit(model="m1", prompt="q", tenant="acme",
+                                                      sampling=seeded))
+    second = await producer.wait(await producer.submit(model="m1", prompt="q", tenant="acme",
+                                                       sampling=seeded))
+    assert (first.cache, second.cache) == ("", "hit") and engine.submitted == 7
+
+
+async def test_a_cached_answer_expires_with_the_tenants_ttl(producer, start_worker, redis):
+    await _opt_in(redis, ttl_s=1)
+    engine = await _worker(start_worker)
+    first = await producer.wait(await producer.submit(model="m1", prompt="t", tenant="acme"))
+    hit = await producer.wait(await producer.submit(model="m1", prompt="t", tenant="acme"))
+    assert (first.cache, hit.cache) == ("", "hit")
+    await asyncio.sleep(1.2)
+    late = await producer.wait(await producer.submit(model="m1", prompt="t", tenant="acme"))
+    assert late.cache == "" and engine.submitted == 2
+
+
+async def test_when_the_leader_fails_a_joiner_runs_and_nobody_hangs(producer, start_worker,
+                                                                    redis):
+    await _opt_in(redis)
+    engine = await _worker(start_worker, delay_s=0.2)
+    # Metadata is not part of the input: the leader's fake failure is its own.
+    lead = await producer.submit(model="m1", prompt="f", tenant="acme",
+                                 metadata={"fake_error": "invalid_task"})
+    rest = await asyncio.gather(*(producer.submit(model="m1", prompt="f", tenant="acme")
+                                  for _ in range(3)))
+    failed = await producer.wait(lead, timeout_s=10)
+    assert failed.status is Status.FAILED and failed.cache == ""
+    results = await producer.wait_many(rest, timeout_s=10)
+    assert all(r.ok for r in results)
+    assert sorted(r.cache for r in results) == ["", "joined", "joined"]
+    assert engine.submitted == 2
+    stats = await redis.hgetall(keys.stats_key("m1"))
+    assert int(stats[b"cache_requeued"]) == 1
+    assert not await redis.exists(keys.result_cache_inflight(
+        "m1", "acme", (await _digest(producer, "f"))))
+
+
+async def _digest(producer, prompt: str) -> str:
+    t = Task(model="m1", prompt=prompt, tenant="acme")
+    return resultcache.digest(t, producer.settings.models["m1"].version)
+
+
+async def test_a_leader_held_by_a_dead_worker_is_reclaimed_and_all_answered_once(
+        producer, start_worker, redis, settings):
+    await _opt_in(redis)
+    ids = [await producer.submit(model="m1", prompt="k", tenant="acme") for _ in range(3)]
+    stream = keys.task_stream("m1", "acme")
+    # A worker read the leader and died: it stays pending on a consumer that never beats.
+    got = await redis.xreadgroup(keys.GROUP, "ghost", {stream: ">"}, count=10)
+    assert len(got[0][1]) == 1  # only the leader was queued
+    engine = FakeEngine()
+    await start_worker(engines={"m1": engine, "m2": FakeEngine()},
+                       worker_settings=msgspec.structs.replace(settings, claim_idle_ms=200))
+    results = await producer.wait_many(ids, timeout_s=15)
+    assert [r.cache for r in results] == ["", "joined", "joined"] and engine.submitted == 1
+    stats = await redis.hgetall(keys.stats_key("m1"))
+    assert int(stats[b"written"]) == 1 and int(stats[b"cache_joins"]) == 2
+    assert int(stats.get(b"duplicates", 0)) == 0 and int(stats.get(b"fenced", 0)) == 0
+
+
+async def test_a_traced_task_says_in_its_trace_that_the_cache_answered(
+        producer, start_worker, redis):
+    await _opt_in(redis)
+    await _worker(start_worker)
+    await producer.wait(await producer.submit(model="m1", prompt="tr", tenant="acme"))
+    task_id = await producer.submit(model="m1", prompt="tr", tenant="acme",
+                                    correlation_id="flow-1")
+    assert (await producer.wait(task_id)).cache == "hit"
+    events = await load_trace(redis, producer.settings, "flow-1")
+    assert len(events) == 1 and events[0].result.cache == "hit"
+    assert events[0].result.task_id == task_id and events[0].result.text == ""
+
+
+async def test_a_callers_digest_is_replaced_by_the_producers(producer, start_worker, redis):
+    await _worker(start_worker)  # acme has not opted in: a forged digest is dropped
+    forged = Task(model="m1", prompt="z", tenant="acme", cache_digest="0" * 32, cache_ttl_s=60)
+    r = await producer.wait(await producer.submit(forged))
+    assert r.cache == "" and not await redis.exists(keys.result_cache("m1", "acme", "0" * 32))
