@@ -228,7 +228,8 @@ class Producer:
             trace_key=keys.trace_key(m, task.correlation_id) if traced else "",
             result_ttl_s=limits.result_ttl_s or s.result_ttl_s,
             trace_ttl_s=limits.trace_ttl_s or s.trace_ttl_s, reply_maxlen=s.reply_maxlen,
-            stream=keys.task_stream(m, task.tenant), lanes_key=keys.tenant_lanes(m, "i"))
+            stream=keys.task_stream(m, task.tenant), lanes_key=keys.tenant_lanes(m, "i"),
+            deadline=task.deadline)
 
     async def submit_many(self, tasks: Iterable[Task], *, reply: bool = True,
                           on_quota: str = "raise") -> list[str]:

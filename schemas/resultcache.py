@@ -19,8 +19,9 @@ import hashlib
 
 import msgspec
 
-from agentfleet.schemas.wire import Message, ResponseFormat, Result, Sampling, Task, Tool, \
-    ToolChoice, Timings, encode
+from agentfleet.schemas.errors import ErrorCode
+from agentfleet.schemas.wire import Message, ResponseFormat, Result, Sampling, Status, Task, \
+    Timings, Tool, ToolChoice, encode
 
 # The fields of a result that belong to the task it answers, never to the answer.
 OWN_FIELDS = ("task_id", "correlation_id", "parent_id", "agent_id", "tenant", "timings",
@@ -112,6 +113,24 @@ def shared(result: Result) -> tuple[bytes, bytes]:
     return map_half(fields), map_half(bare)
 
 
+def ended(result: Result) -> tuple[bytes, bytes]:
+    """The halves for a task joined to `result`'s task that was cancelled, or whose deadline
+    passed, while it waited: it gets that end, not the answer (docs/result-cache.md)."""
+    common: dict[str, object] = {"model": result.model}
+    if result.worker_id:
+        common["worker_id"] = result.worker_id
+    if result.model_version:
+        common["model_version"] = result.model_version
+    common["cached_from"] = result.task_id
+    cancelled = {**common, "status": Status.CANCELLED.value,
+                 "error_code": ErrorCode.CANCELLED.value,
+                 "error_message": f"cancelled while joined to {result.task_id}"}
+    expired = {**common, "status": Status.EXPIRED.value,
+               "error_code": ErrorCode.DEADLINE_EXCEEDED.value,
+               "error_message": f"deadline passed while joined to {result.task_id}"}
+    return map_half(cancelled), map_half(expired)
+
+
 class Waiter(msgspec.Struct, kw_only=True, frozen=True):
     """What a script needs to answer one task from the cache, or to queue it after all: kept
     in the in-flight hash while the task is joined (`pack`)."""
@@ -126,6 +145,7 @@ class Waiter(msgspec.Struct, kw_only=True, frozen=True):
     reply_maxlen: int
     stream: str  # where it is queued if the task it joined fails
     lanes_key: str
+    deadline: float | None = None  # the task's: past it, a joined task ends expired
 
     def pack(self, payload: bytes) -> bytes:
         """Length-prefixed fields (8 decimal digits each), in this order, then `payload` (the
@@ -135,5 +155,6 @@ class Waiter(msgspec.Struct, kw_only=True, frozen=True):
                  self.reply_key.encode(), self.trace_key.encode(),
                  str(self.result_ttl_s).encode(), str(self.trace_ttl_s).encode(),
                  str(self.reply_maxlen).encode(), self.stream.encode(),
-                 self.lanes_key.encode(), payload)
+                 self.lanes_key.encode(),
+                 b"" if self.deadline is None else repr(self.deadline).encode(), payload)
         return b"".join(b"%08d" % len(p) + p for p in parts)

@@ -5,13 +5,16 @@ identical task in flight ("joined"), each with a result of its own, exactly once
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 import pytest
 
 from agentfleet.ops.trace import load_trace
+from agentfleet.producer.connection import connect_sync
 from agentfleet.producer.tenants import TenantRegistry
 from agentfleet.schemas import keys, resultcache
+from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.wire import (
     Finished,
     FollowUp,
@@ -95,11 +98,12 @@ def test_tasks_with_effects_or_random_sampling_are_never_cached(task, why):
 
 
 def test_a_cached_record_carries_flag_c_and_its_keys_last():
-    rec = _rec(b"5-0", cache=CacheWrite(cache_key="ck", inflight_key="ik", task_id="t",
-                                        ttl_s=9, shared=b"S", bare=b"B"))
+    rec = _rec(b"5-0", cache=CacheWrite(cache_key="ck", inflight_key="ik", cancelled_key="cx",
+                                        task_id="t", ttl_s=9, shared=b"S", bare=b"B",
+                                        cancelled=b"X", expired=b"E"))
     keys_, args = commit_args(HEAD, [rec])
-    assert keys_ == ["st", "dl", "dd", "qu", "s1", "res:5-0", "ck", "ik"]
-    assert args[6] == "rS-----C" and args[-4:] == ["t", 9, b"S", b"B"]
+    assert keys_ == ["st", "dl", "dd", "qu", "s1", "res:5-0", "ck", "ik", "cx"]
+    assert args[6] == "rS-----C" and args[-6:] == ["t", 9, b"S", b"B", b"X", b"E"]
 
 
 # ---- with a server and a worker --------------------------------------------------------
@@ -243,3 +247,60 @@ async def test_a_callers_digest_is_replaced_by_the_producers(producer, start_wor
     forged = Task(model="m1", prompt="z", tenant="acme", cache_digest="0" * 32, cache_ttl_s=60)
     r = await producer.wait(await producer.submit(forged))
     assert r.cache == "" and not await redis.exists(keys.result_cache("m1", "acme", "0" * 32))
+
+
+async def test_a_joined_task_cancelled_or_past_its_deadline_gets_that_end(
+        producer, start_worker, redis):
+    await _opt_in(redis)
+    await _worker(start_worker, delay_s=0.6)
+    lead = await producer.submit(model="m1", prompt="c", tenant="acme")
+    gone = await producer.submit(model="m1", prompt="c", tenant="acme")
+    late = await producer.submit(model="m1", prompt="c", tenant="acme",
+                                 deadline=time.time() + 0.2)
+    kept = await producer.submit(model="m1", prompt="c", tenant="acme")
+    await producer.cancel(gone, "m1")
+    results = await producer.wait_many([lead, gone, late, kept], timeout_s=10)
+    assert [r.status for r in results] == [Status.SUCCEEDED, Status.CANCELLED, Status.EXPIRED,
+                                           Status.SUCCEEDED]
+    assert [r.cache for r in results] == ["", "joined", "joined", "joined"]
+    assert results[1].error_code is ErrorCode.CANCELLED and results[1].text == ""
+    assert results[2].error_code is ErrorCode.DEADLINE_EXCEEDED
+    assert results[3].text == "echo: c" and results[3].cached_from == lead
+
+
+async def test_a_cancelled_leader_hands_its_input_to_a_joined_task(producer, start_worker,
+                                                                   redis):
+    await _opt_in(redis)
+    engine = await _worker(start_worker, delay_s=0.5)
+    lead = await producer.submit(model="m1", prompt="lc", tenant="acme")
+    rest = [await producer.submit(model="m1", prompt="lc", tenant="acme") for _ in range(2)]
+    await asyncio.sleep(0.1)
+    await producer.cancel(lead, "m1")
+    assert (await producer.wait(lead, timeout_s=5)).status is Status.CANCELLED
+    results = await producer.wait_many(rest, timeout_s=10)
+    assert all(r.ok for r in results) and sorted(r.cache for r in results) == ["", "joined"]
+    ran = next(r for r in results if not r.cache)
+    assert ran.task_id in rest and {r.cached_from for r in results} == {"", ran.task_id}
+    # the leader ran, or was cancelled before a worker started it
+    assert engine.submitted in (1, 2)
+
+
+async def test_the_exporter_counts_hits_joins_and_requeues_by_model(server, redis):
+    from prometheus_client import generate_latest
+
+    from agentfleet.ops.exporter import exporter_registry
+    from tests.test_metrics import samples, value
+
+    await redis.hset(keys.stats_key("m1"), mapping={"cache_hits": 3, "cache_joins": 4,
+                                                    "cache_requeued": 1})
+    client = connect_sync(server.url)
+    try:
+        text = await asyncio.to_thread(
+            lambda: generate_latest(exporter_registry(client, ["m1", "m2"])).decode())
+    finally:
+        client.close()
+    found = samples(text)
+    assert value(found, "agentfleet_result_cache_hits_total", model="m1") == 3
+    assert value(found, "agentfleet_result_cache_joins_total", model="m1") == 4
+    assert value(found, "agentfleet_result_cache_requeued_total", model="m1") == 1
+    assert value(found, "agentfleet_result_cache_hits_total", model="m2") == 0

@@ -395,10 +395,13 @@ class Outcomes:
         write = CacheWrite(
             cache_key=keys.result_cache(self.model, task.tenant, task.cache_digest),
             inflight_key=keys.result_cache_inflight(self.model, task.tenant, task.cache_digest),
-            task_id=task.id, ttl_s=max(task.cache_ttl_s, 1))
+            cancelled_key=keys.cancelled_key(self.model), task_id=task.id,
+            ttl_s=max(task.cache_ttl_s, 1))
         if result.status is Status.SUCCEEDED:
             shared, bare = resultcache.shared(result)
-            write = msgspec.structs.replace(write, shared=shared, bare=bare)
+            cancelled, expired = resultcache.ended(result)
+            write = msgspec.structs.replace(write, shared=shared, bare=bare, cancelled=cancelled,
+                                            expired=expired)
         return write
 
     def _open_join(self, task: Task, fanout: Fanout, now: float, traceparent: str,

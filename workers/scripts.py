@@ -84,14 +84,18 @@ class JoinWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
 class CacheWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
     """The result cache's side of a task the cache may answer (docs/result-cache.md): on
     success its answer is cached (`shared`, `bare`: schemas/resultcache.py) and the tasks
-    joined to it are answered; on failure one of them is queued instead."""
+    joined to it are answered (those cancelled or past their deadline with that end); on
+    failure one of them is queued instead."""
 
     cache_key: str
     inflight_key: str
+    cancelled_key: str  # the model's cancelled ids (keys.cancelled_key)
     task_id: str
     ttl_s: int
     shared: bytes = b""  # b"" unless it succeeded
     bare: bytes = b""
+    cancelled: bytes = b""  # the halves for a joined task cancelled, or past its deadline
+    expired: bytes = b""
 
 
 class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
@@ -192,8 +196,8 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
             c = r.cache
             if c is not None:
                 flags.append("C")
-                keys += (c.cache_key, c.inflight_key)
-                args += (c.task_id, c.ttl_s, c.shared, c.bare)
+                keys += (c.cache_key, c.inflight_key, c.cancelled_key)
+                args += (c.task_id, c.ttl_s, c.shared, c.bare, c.cancelled, c.expired)
             args[at] = "".join(flags)
     args[4] = len(payloads)
     for reply, results in payloads.items():

@@ -27,7 +27,8 @@ local function rc_waiter(blob)
     at = at + 8 + len
   end
   return {id = f[1], stub = f[2], rkey = f[3], reply = f[4], tkey = f[5], result_ttl = f[6],
-          trace_ttl = f[7], reply_maxlen = f[8], stream = f[9], lanes = f[10], payload = f[11]}
+          trace_ttl = f[7], reply_maxlen = f[8], stream = f[9], lanes = f[10], deadline = f[11],
+          payload = f[12]}
 end
 
 -- Write waiter w's result from a cached answer (its shared and bare halves), marked `mark`:

@@ -21,8 +21,9 @@
 -- The result cache (docs/result-cache.md; loaded after schemas/lua/resultcache.lua): a
 -- record with flag C is a task the cache may answer.  When its result is written: on
 -- success its answer is cached (with the tenant's TTL) and, if it still leads its input's
--- in-flight hash, every task joined to it gets a result of its own, marked "joined"; on
--- failure one joined task is queued (its tenant's stream, counted as queued) and leads.
+-- in-flight hash, every task joined to it gets a result of its own, marked "joined" (a
+-- cancelled one, or one past its deadline, gets that end instead); on failure one joined
+-- task is queued (its tenant's stream, counted as queued) and leads.
 --
 -- Each source stream is one tenant's lane: a task that ends (its result or dead letter
 -- written) leaves the tenant's queued count; a follow-up joins its own tenant's count and
@@ -34,16 +35,17 @@
 --       for y), reply stream (flag P), trace list (flag T), bulk-job output and counts (flag
 --       B), per follow-up its task stream, its lane's tenant set and its model's queued
 --       counts (flag F), the join's state, its step's task stream, lane's tenant set and
---       model's queued counts (flag J or M), the cache key and in-flight hash (flag C); last
---       the m reply streams of the built payloads.
+--       model's queued counts (flag J or M), the cache key, in-flight hash and the model's
+--       cancelled set (flag C); last the m reply streams of the built payloads.
 -- ARGV: 1 group, 2 consumer, 3 reply maxlen, 4 dead maxlen, 5 m; then per record: entry id,
 --       flags, v1, v2 (not for r), with S the source's lowest and highest entry id in this
 --       commit, its tenant, result ttl s and trace ttl s; trace event (T), bulk-job status
 --       (B), follow-up count n and n x (task, trace event, tenant) (F); the join's tenant
 --       and its step's trace event, then for J (this record opens the join) the join step
 --       and the count c and c ids of the children it waits for, for M (a child of the join)
---       its own id; for C its id, the cache TTL s and the answer's shared and bare halves
---       ('' unless it succeeded); last m x (result count, payload).
+--       its own id; for C its id, the cache TTL s, the answer's shared and bare halves and
+--       the cancelled and expired halves ('' unless it succeeded); last m x (result count,
+--       payload).
 --   flags: seven or eight bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P
 --       reply to the stream named next in KEYS or p to the same one as the record before,
 --       4 T, 5 B, 6 F, 7 J|M, 8 C (absent: no cache).
@@ -84,18 +86,27 @@ end
 -- The result cache: a finished task's answer cached, the tasks joined to it answered; or,
 -- when it failed, one of them queued in its place (the others stay joined to that one).
 local cache_requeued = 0
-local function resolve(ckey, running, id, ttl, shared, bare, rtenant)
+local function resolve(ckey, running, cancelled, ca, rtenant)
+  local id, ttl, shared, bare = ARGV[ca], ARGV[ca + 1], ARGV[ca + 2], ARGV[ca + 3]
   if shared ~= '' then
     redis.call('HSET', ckey, 'r', shared, 't', bare)
     redis.call('EXPIRE', ckey, ttl)
   end
   if redis.call('HGET', running, 'leader') ~= id then return end
   local all = redis.call('HGETALL', running)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
   for i = 1, #all, 2 do
     if string.sub(all[i], 1, 2) == 'w:' then
       local w = rc_waiter(all[i + 1])
       if shared ~= '' then
-        rc_answer(w, shared, bare, 'joined')
+        if redis.call('ZSCORE', cancelled, w.id) then
+          rc_answer(w, ARGV[ca + 4], ARGV[ca + 4], 'joined')
+        elseif w.deadline ~= '' and tonumber(w.deadline) < now then
+          rc_answer(w, ARGV[ca + 5], ARGV[ca + 5], 'joined')
+        else
+          rc_answer(w, shared, bare, 'joined')
+        end
       else
         redis.call('HDEL', running, all[i])
         redis.call('HSET', running, 'leader', w.id)
@@ -154,7 +165,7 @@ while a <= n do
     jargs = 3
   end
   local ca, ck = ja + jargs, jk + (jargs > 0 and 4 or 0)  -- the cache's follow the join's
-  local cargs = fc == C and 4 or 0
+  local cargs = fc == C and 6 or 0
   local mine = owned[src]
   if mine == nil then
     mine = {}
@@ -230,8 +241,7 @@ while a <= n do
         if fired and jevent ~= '' and tkey then events[#events + 1] = jevent end
       end
       if cargs > 0 then
-        resolve(KEYS[ck], KEYS[ck + 1], ARGV[ca], ARGV[ca + 1], ARGV[ca + 2], ARGV[ca + 3],
-                tenant)
+        resolve(KEYS[ck], KEYS[ck + 1], KEYS[ck + 2], ca, tenant)
       end
     else
       dups = dups + 1
@@ -252,7 +262,7 @@ while a <= n do
     end
   end
   a = ca + cargs
-  k = ck + (cargs > 0 and 2 or 0)
+  k = ck + (cargs > 0 and 3 or 0)
 end
 for src, list in pairs(acks) do
   if #list > 0 then redis.call('XACK', src, group, unpack(list)) end
