@@ -199,37 +199,38 @@ class Producer:
     def _item(self, task: Task, index: int, table: TenantTable
               ) -> tuple[str, str | None, bytes, int, int, CacheItem | None]:
         idem = task.idempotency_key
-        waiter = self._cacheable(task, table)
+        limits = self._mark_cacheable(task, table)
         payload = encode(task)
-        cache = None
-        if waiter is not None:
-            m, tenant, digest = task.model, task.tenant, task.cache_digest
-            cache = CacheItem(keys.result_cache(m, tenant, digest),
-                              keys.result_cache_inflight(m, tenant, digest), waiter.pack(payload))
         return (task.id, keys.idempotency_key(task.model, idem) if idem else None,
-                payload, index, estimate_tokens(task), cache)
+                payload, index, estimate_tokens(task),
+                None if limits is None else self._cache_item(task, limits))
 
-    def _cacheable(self, task: Task, table: TenantTable) -> resultcache.Waiter | None:
+    def _mark_cacheable(self, task: Task, table: TenantTable) -> TenantConfig | None:
         """Mark a task of a tenant that opted in to the result cache with its input's digest
-        when the cache may answer it (schemas/resultcache.py); its caller's marks never
-        count."""
+        when the cache may answer it (schemas/resultcache.py), and return the tenant's
+        settings; its caller's marks never count."""
         task.cache_digest, task.cache_ttl_s = "", 0
         limits = table.get(task.tenant)
         if not limits.result_cache_ttl_s or resultcache.ineligible(task):
             return None
-        s = self.settings
-        task.cache_digest = resultcache.digest(task, s.models[task.model].version)
+        task.cache_digest = resultcache.digest(task, self.settings.models[task.model].version)
         task.cache_ttl_s = limits.result_cache_ttl_s
-        m = task.model
+        return limits
+
+    def _cache_item(self, task: Task, limits: TenantConfig) -> CacheItem:
+        s = self.settings
+        m, tenant, digest = task.model, task.tenant, task.cache_digest
         traced = s.trace_enabled and bool(task.parent_id or task.correlation_id != task.id)
-        return resultcache.Waiter(
+        waiter = resultcache.waiter(
             task_id=task.id, stub=resultcache.stub(task), result_key=keys.result_key(m, task.id),
             reply_key=keys.reply_stream(m, task.reply_to) if task.reply_to else "",
             trace_key=keys.trace_key(m, task.correlation_id) if traced else "",
             result_ttl_s=limits.result_ttl_s or s.result_ttl_s,
             trace_ttl_s=limits.trace_ttl_s or s.trace_ttl_s, reply_maxlen=s.reply_maxlen,
-            stream=keys.task_stream(m, task.tenant), lanes_key=keys.tenant_lanes(m, "i"),
+            stream=keys.task_stream(m, tenant), lanes_key=keys.tenant_lanes(m, "i"),
             deadline=task.deadline)
+        return CacheItem(keys.result_cache(m, tenant, digest),
+                         keys.result_cache_inflight(m, tenant, digest), waiter)
 
     async def submit_many(self, tasks: Iterable[Task], *, reply: bool = True,
                           on_quota: str = "raise") -> list[str]:

@@ -19,7 +19,7 @@ def enqueue_lua() -> str:
 
 class CacheItem(msgspec.Struct, frozen=True, gc=False):
     """A task the result cache may answer: its tenant's cached answer to its input, the
-    input's in-flight hash, and its packed Waiter (schemas/resultcache.py)."""
+    input's in-flight hash, and its waiter (schemas/resultcache.py, `waiter`)."""
 
     cache_key: str
     inflight_key: str

@@ -21,7 +21,7 @@ import msgspec
 
 from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.wire import Message, ResponseFormat, Result, Sampling, Status, Task, \
-    Timings, Tool, ToolChoice, encode
+    Tool, ToolChoice, encode
 
 # The fields of a result that belong to the task it answers, never to the answer.
 OWN_FIELDS = ("task_id", "correlation_id", "parent_id", "agent_id", "tenant", "timings",
@@ -98,7 +98,7 @@ def stub(task: Task) -> bytes:
     if task.agent_id:
         own["agent_id"] = task.agent_id
     own["tenant"] = task.tenant
-    own["timings"] = msgspec.to_builtins(Timings(enqueued=task.enqueued_at))
+    own["timings"] = {"enqueued": task.enqueued_at} if task.enqueued_at else {}
     return map_half(own)
 
 
@@ -131,30 +131,23 @@ def ended(result: Result) -> tuple[bytes, bytes]:
     return map_half(cancelled), map_half(expired)
 
 
-class Waiter(msgspec.Struct, kw_only=True, frozen=True):
-    """What a script needs to answer one task from the cache, or to queue it after all: kept
-    in the in-flight hash while the task is joined (`pack`)."""
+_WAITER = b"%08d%b" * 11
 
-    task_id: str
-    stub: bytes
-    result_key: str
-    reply_key: str  # "" when nobody waits on a reply stream
-    trace_key: str  # "" when the task keeps no trace list
-    result_ttl_s: int
-    trace_ttl_s: int
-    reply_maxlen: int
-    stream: str  # where it is queued if the task it joined fails
-    lanes_key: str
-    deadline: float | None = None  # the task's: past it, a joined task ends expired
 
-    def pack(self, payload: bytes) -> bytes:
-        """Length-prefixed fields (8 decimal digits each), in this order, then `payload` (the
-        task as queued), as the scripts' `rc_waiter` (schemas/lua/resultcache.lua) reads
-        them."""
-        parts = (self.task_id.encode(), self.stub, self.result_key.encode(),
-                 self.reply_key.encode(), self.trace_key.encode(),
-                 str(self.result_ttl_s).encode(), str(self.trace_ttl_s).encode(),
-                 str(self.reply_maxlen).encode(), self.stream.encode(),
-                 self.lanes_key.encode(),
-                 b"" if self.deadline is None else repr(self.deadline).encode(), payload)
-        return b"".join(b"%08d" % len(p) + p for p in parts)
+def waiter(*, task_id: str, stub: bytes, result_key: str, reply_key: str, trace_key: str,
+           result_ttl_s: int, trace_ttl_s: int, reply_maxlen: int, stream: str,
+           lanes_key: str, deadline: float | None) -> bytes:
+    """What a script needs to answer one task from the cache, or to queue it after all (kept
+    in the in-flight hash while the task is joined): length-prefixed fields (8 decimal digits
+    each), in this order, as `rc_waiter` (schemas/lua/resultcache.lua) reads them; enqueue.lua
+    appends the task's payload, the twelfth.  The reply key and trace key are "" when nobody
+    waits and no trace list is kept; `stream` and `lanes_key` are where it is queued if the
+    task it joined fails; past `deadline`, a joined task ends expired."""
+    parts = (task_id.encode(), stub, result_key.encode(), reply_key.encode(),
+             trace_key.encode(), b"%d" % result_ttl_s, b"%d" % trace_ttl_s,
+             b"%d" % reply_maxlen, stream.encode(), lanes_key.encode(),
+             b"" if deadline is None else repr(deadline).encode())
+    flat: list = []
+    for part in parts:
+        flat += (len(part), part)
+    return _WAITER % tuple(flat)

@@ -10,7 +10,7 @@ import time
 import msgspec
 import pytest
 
-from agentfleet.ops.trace import load_trace
+from agentfleet.ops.trace import load_trace, render
 from agentfleet.producer.connection import connect_sync
 from agentfleet.producer.tenants import TenantRegistry
 from agentfleet.schemas import keys, resultcache
@@ -240,6 +240,8 @@ async def test_a_traced_task_says_in_its_trace_that_the_cache_answered(
     events = await load_trace(redis, producer.settings, "flow-1")
     assert len(events) == 1 and events[0].result.cache == "hit"
     assert events[0].result.task_id == task_id and events[0].result.text == ""
+    shown = render("flow-1", events)
+    assert "cache hit" in shown and "succeeded, the answer of" in shown
 
 
 async def test_a_callers_digest_is_replaced_by_the_producers(producer, start_worker, redis):

@@ -21,7 +21,8 @@
 -- ARGV: 1 idempotency ttl s, 2 tenant, 3 max_queued, 4 tokens_per_minute, 5 partial (1|0),
 --       6 consumer group, then per task: its tokens, the index k of its idempotency key in
 --       KEYS (0: none), the index c of its cache key in KEYS (0: none), its id (if k > 0),
---       its payload, its waiter (if c > 0: schemas/resultcache.py, Waiter.pack).
+--       its payload, its waiter (if c > 0: schemas/resultcache.py, `waiter`; the payload is
+--       appended to it here).
 -- Returns: {0, added, index, prior task id, ...}: the tasks that went in (`added` counts the
 --       ones taken, duplicates, hits and joins included) and those not added because their
 --       key was used; or {1, quota}: refused, nothing added ("max_queued" or
@@ -83,7 +84,7 @@ for i = 0, take - 1 do
     result[#result + 1] = prior
     queue = false
   elseif c > 0 then
-    local blob = ARGV[at + 1]
+    local blob = ARGV[at + 1] .. string.format('%08d', #payload) .. payload
     local cached = redis.call('HMGET', KEYS[c], 'r', 't')
     if cached[1] then
       rc_answer(rc_waiter(blob), cached[1], cached[2], 'hit')

@@ -3,7 +3,7 @@
 --
 -- KEYS/ARGV: none of its own.  A cached answer (keys.result_cache) holds the shared half of
 -- a result (`r`) and the same without content (`t`); a waiter (schemas/resultcache.py,
--- Waiter.pack) is a task that the cache answers, as length-prefixed fields.  A result is
+-- `waiter`) is a task that the cache answers, as length-prefixed fields.  A result is
 -- put together as a msgpack map: a header for both halves' field counts plus one, the task's
 -- own half, the `cache` field ("hit" or "joined"), the answer's half (docs/result-cache.md).
 
