@@ -306,3 +306,24 @@ async def test_the_exporter_counts_hits_joins_and_requeues_by_model(server, redi
     assert value(found, "agentfleet_result_cache_joins_total", model="m1") == 4
     assert value(found, "agentfleet_result_cache_requeued_total", model="m1") == 1
     assert value(found, "agentfleet_result_cache_hits_total", model="m2") == 0
+
+
+def test_the_cli_opts_a_tenant_in_and_out_audited(server):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REDIS_URL": server.url, "AGENTFLEET_ACTOR": "alice"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "agentfleet", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    made = cli("tenants", "set", "acme", "--result-cache-ttl-s", "600", "--why", "faq bot")
+    assert made.returncode == 0, made.stderr
+    assert "result_cache_ttl_s=600" in made.stdout
+    bad = cli("tenants", "set", "acme", "--result-cache-ttl-s", "-1")
+    assert bad.returncode == 2 and "result_cache_ttl_s" in bad.stderr
+    assert cli("tenants", "set", "acme", "--result-cache-ttl-s", "0").returncode == 0
+    audit = cli("audit", "--kind", "tenant").stdout
+    assert "faq bot" in audit and "result_cache_ttl_s" in audit
