@@ -327,3 +327,19 @@ def test_the_cli_opts_a_tenant_in_and_out_audited(server):
     assert cli("tenants", "set", "acme", "--result-cache-ttl-s", "0").returncode == 0
     audit = cli("audit", "--kind", "tenant").stdout
     assert "faq bot" in audit and "result_cache_ttl_s" in audit
+
+
+async def test_a_structured_answer_is_copied_whole(producer, start_worker, redis):
+    from agentfleet.schemas.wire import JsonSchema, ResponseFormat
+
+    await _opt_in(redis)
+    engine = await _worker(start_worker)
+    fmt = ResponseFormat(type="json_schema", json_schema=JsonSchema(schema={
+        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}},
+                                         "n": {"type": "integer", "minimum": 3}},
+        "required": ["tags", "n"]}))
+    first, second = [await producer.wait(await producer.submit(
+        model="m1", prompt="classify", tenant="acme", response_format=fmt)) for _ in range(2)]
+    assert first.ok and isinstance(first.parsed, dict) and first.parsed["n"] == 3
+    assert second.cache == "hit" and second.parsed == first.parsed
+    assert second.text == first.text and engine.submitted == 1
