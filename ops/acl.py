@@ -47,18 +47,34 @@ def _selector(patterns: list[str], commands: list[str]) -> str:
 
 
 def _lanes(tenant: str | None) -> list[str]:
-    """The lane streams a producer may queue into: every tenant's, or one tenant's."""
+    """The lane streams a producer may queue into: every tenant's, or one tenant's; of the
+    unversioned streams and of every registered model version's (docs/versions.md)."""
     if tenant:
-        return [keys.task_stream(_ANY, tenant), keys.bulk_stream(_ANY, tenant)]
+        return [keys.task_stream(_ANY, tenant), keys.bulk_stream(_ANY, tenant),
+                keys.task_stream(_ANY, tenant, _ANY), keys.bulk_stream(_ANY, tenant, _ANY)]
     return [keys.task_stream(_ANY), keys.task_stream(_ANY, _ANY),
-            keys.bulk_stream(_ANY), keys.bulk_stream(_ANY, _ANY)]
+            keys.bulk_stream(_ANY), keys.bulk_stream(_ANY, _ANY),
+            keys.task_stream(_ANY, version=_ANY), keys.task_stream(_ANY, _ANY, _ANY),
+            keys.bulk_stream(_ANY, version=_ANY), keys.bulk_stream(_ANY, _ANY, _ANY)]
+
+
+# The tenant sets of every lane, unversioned and per model version.
+_TENANT_LANES = [keys.tenant_lanes(_ANY, _ANY), keys.tenant_lanes(_ANY, _ANY, _ANY)]
 
 
 # What the enqueue script (producer/lua/enqueue.lua) calls, and the quota reads before it.
 _ENQUEUE = [*_SCRIPTS, "+xadd", "+set", "+hget", "+hincrby", "+exists", "+xgroup|create",
             "+zadd", "+expire"]
-# The tenant registry, read (quotas, weights, data rules); changing it is the admin's.
-_REGISTRY = f"(%R~{keys.tenants()} %R~{keys.tenants_version()} +get +hget +hgetall +multi +exec)"
+# The tenant and model registries, read (quotas, weights, data rules, versions, templates);
+# changing them is the admin's (and the canary guard's, which a worker runs).
+_REGISTRY = (f"(%R~{keys.tenants()} %R~{keys.tenants_version()} %R~{keys.models()} "
+             f"%R~{keys.templates()} %R~{keys.models_version()} "
+             f"+get +hget +hgetall +multi +exec)")
+# A producer's SLA estimate (producer/routing.py): the versions' load reports and queues'
+# group lag, no entry of a stream.
+_SLA = "(" + " ".join([f"%R~{keys.version_load(_ANY)}", *(f"%R~{p}" for p in _lanes(None)),
+                       *(f"%R~{p}" for p in _TENANT_LANES), "+hgetall", "+zrange",
+                       "+xinfo|groups"]) + ")"
 
 
 def _producer(tenant: str | None) -> list[str]:
@@ -82,12 +98,12 @@ def _producer(tenant: str | None) -> list[str]:
         # queue tasks: only the enqueue script's commands on the lane streams and the quota
         # bookkeeping (EVAL needs read and write on the keys it declares; this selector grants
         # these commands alone, so a lane stream is never read)
-        _selector([*_lanes(tenant), keys.tenant_lanes(_ANY, _ANY), keys.queued_counts(_ANY),
+        _selector([*_lanes(tenant), *_TENANT_LANES, keys.queued_counts(_ANY),
                    keys.tokens_minute(_ANY, _ANY), keys.quota_refusals(_ANY),
                    keys.idempotency_key(_ANY, own)], _ENQUEUE),
         # a bulk job's backpressure: the length of its tenant's bulk lane, nothing else of it
         "(" + " ".join(f"%R~{p}" for p in _lanes(tenant) if ":bulk" in p) + " +xlen)",
-        _REGISTRY,
+        _REGISTRY, _SLA,
     ]
 
 
@@ -122,7 +138,7 @@ def _worker() -> list[str]:
         "+hvals", "+hmget", "+zadd", "+zrange", "+zrangebyscore", "+zscore", "+zrem", "+rpush",
         "+exists", "+xinfo|stream", "+subscribe", "+unsubscribe",
         *_perm("RW", [
-            *_lanes(None), keys.tenant_lanes(_ANY, _ANY), keys.queued_counts(_ANY),
+            *_lanes(None), *_TENANT_LANES, keys.queued_counts(_ANY),
             keys.tokens_minute(_ANY, _ANY), keys.result_key(_ANY, _ANY),
             keys.reply_stream(_ANY, _ANY), keys.trace_key(_ANY, _ANY), keys.stats_key(_ANY),
             keys.delayed_key(_ANY), keys.dead_stream(_ANY), keys.cancelled_key(_ANY),
@@ -131,7 +147,13 @@ def _worker() -> list[str]:
             keys.kpi_hour_key(_ANY, _ANY), keys.kpi_series_key(_ANY, _ANY),
             keys.partial_stream(_ANY, _ANY),
             # the commit script may hold a follow-up for approval (ops/approvals.py)
-            keys.approvals_held(_ANY), keys.approvals_due(_ANY)]),
+            keys.approvals_held(_ANY), keys.approvals_due(_ANY),
+            keys.join_state(_ANY, _ANY),  # fan-outs' joins (docs/agent-steps.md)
+            # model versions: load reports, and the canary guard's lease, registry changes
+            # (promote, step, roll back) and their audit records (ops/canary.py)
+            keys.version_load(_ANY), keys.canary_lease(), keys.models(),
+            keys.models_version(), keys.audit_log()]),
+        "+watch", "+unwatch", "+incr", "+pexpire", "+del",
         f"&{keys.cancel_channel(_ANY)}",
         _REGISTRY,
     ]
@@ -141,10 +163,11 @@ def _exporter() -> list[str]:
     return [
         *_BASE, "+info", "+xlen", "+xinfo|groups", "+xinfo|stream", "+xpending", "+hgetall",
         "+hget", "+zcard", "+zrange",
-        *_perm("R", [*_lanes(None), keys.tenant_lanes(_ANY, _ANY), keys.queued_counts(_ANY),
+        *_perm("R", [*_lanes(None), *_TENANT_LANES, keys.queued_counts(_ANY),
                      keys.quota_refusals(_ANY), keys.workers_key(_ANY), keys.stats_key(_ANY),
                      keys.delayed_key(_ANY), keys.dead_stream(_ANY), keys.kpi_key(_ANY, _ANY),
-                     keys.kpi_hour_key(_ANY, _ANY), keys.kpi_series_key(_ANY, _ANY)]),
+                     keys.kpi_hour_key(_ANY, _ANY), keys.kpi_series_key(_ANY, _ANY),
+                     keys.version_load(_ANY)]),
         _REGISTRY,
     ]
 

@@ -15,6 +15,10 @@
     agentfleet keys create|list|revoke   API keys of the gateway and console
     agentfleet tenants list|show|set|remove   the tenant registry (weights, quotas, data rules)
     agentfleet audit                  every change to the registries: who, when, why
+    agentfleet models list|show|register|set-weights|promote|retire|route|seed
+                                      the model registry: versions, weights, routing
+    agentfleet templates register|list|show   versioned prompt templates
+    agentfleet canary start|status|rollback|promote|watch|compare   guarded rollouts
     agentfleet plan --model M --deadline 6h   workers a backlog needs to finish in time
     agentfleet drill --target staging  a disaster drill with tasks of its own
     agentfleet gateway                the OpenAI-compatible HTTP gateway (docs/gateway.md)
@@ -161,17 +165,31 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.producer.connection import connect
     from agentfleet.workers.worker import Worker, make_engine
 
-    models = models_arg(args.models, settings)
-
     if settings.otel_enabled:
         from agentfleet.workers.otel import configure_from_env
 
         configure_from_env("agentfleet-worker")
 
     async def run(url: str) -> None:
+        from agentfleet.schemas.registry import load_table
+
         redis = connect(url)
-        engines = {m: make_engine(settings.models[m], settings) for m in models}
-        worker = Worker(settings, redis, engines)
+        try:
+            models = (known_models(args.models, settings, (await load_table(redis)).entries)
+                      if args.models else list(settings.models))  # the rest: all_models
+        except AgentFleetError:
+            await redis.aclose()
+            raise
+        engines = {m: make_engine(settings.models[m], settings)
+                   for m in models if m in settings.models}
+        side = []
+        if settings.canary_guard:  # one worker of the fleet runs it at a time (a lease)
+            from agentfleet.ops.canary import Guard
+
+            side.append(("canary guard", Guard(redis, settings,
+                                               holder=settings.resolved_worker_id()).run))
+        worker = Worker(settings, redis, engines, models=models, side_loops=side,
+                        all_models=not args.models)
         worker.metrics.serve(settings.metrics_port)  # /metrics; nothing when the port is 0
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
@@ -277,24 +295,51 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_exporter(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops.exporter import run_exporter
 
-    models = models_arg(args.models, settings)
     with redis_url(settings) as url:
+        models = with_registered(url, settings, args.models)
         return run_exporter(url, models, port=args.port, addr=args.addr, once=args.once,
-                            default_task_tokens=args.default_task_tokens)
+                            default_task_tokens=args.default_task_tokens,
+                            registered=not args.models)
+
+
+def with_registered(url: str, settings: Settings, given: str, flag: str = "--models"
+                    ) -> list[str]:
+    """`--models` as given (each configured or registered), else the settings' models and the
+    model registry's."""
+    from agentfleet.producer.connection import connect_sync
+    from agentfleet.schemas import keys
+
+    client = connect_sync(url)
+    try:
+        registered = sorted(m.decode() for m in client.hkeys(keys.models()))
+    finally:
+        client.close()
+    return known_models(given, settings, registered, flag)
+
+
+def known_models(given: str, settings: Settings, registered, flag: str = "--models"
+                 ) -> list[str]:
+    known = list(dict.fromkeys([*settings.models, *registered]))
+    models = [m for m in given.split(",") if m] or known
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise AgentFleetError(f"{flag}: unknown model {', '.join(map(repr, unknown))}; known: "
+                              f"{', '.join(sorted(known))} (AGENTFLEET_MODELS_FILE, or "
+                              f"agentfleet models register)")
+    return models
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops.status import run_status
 
-    models = models_arg(args.models, settings)
     with redis_url(settings) as url:
+        models = with_registered(url, settings, args.models)
         return run_status(url, models, as_json=args.json, interval_s=args.interval_s)
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from agentfleet.ops.report import SloPolicy, run_report
 
-    models = models_arg(args.models, settings)
     defaults = SloPolicy()
     policy = SloPolicy(
         availability=args.availability if args.availability is not None
@@ -310,6 +355,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     if policy.ttft_s <= 0 or policy.e2e_s <= 0:
         raise AgentFleetError("--ttft-slo-s and --e2e-slo-s: seconds above 0")
     with redis_url(settings) as url:
+        models = with_registered(url, settings, args.models)
         return run_report(url, models, since=args.since, html_path=args.html,
                           json_path=args.json, tenant=args.tenant, policy=policy,
                           price_per_gpu_hour=args.price_per_gpu_hour)
@@ -378,6 +424,29 @@ def cmd_tenants(args: argparse.Namespace, settings: Settings) -> int:
             await redis.aclose()
 
     with redis_url(settings) as url:
+        print(asyncio.run(run(url)))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from agentfleet.ops.canary import run_canary, run_watch
+    from agentfleet.ops.models import run_models, run_templates
+    from agentfleet.producer.connection import connect
+
+    async def run(url: str) -> str:
+        redis = connect(url)
+        try:
+            if args.command == "templates":
+                return await run_templates(redis, args)
+            if args.command == "canary":
+                return await run_canary(redis, args, settings)
+            return await run_models(redis, args, settings)
+        finally:
+            await redis.aclose()
+
+    with redis_url(settings) as url:
+        if args.command == "canary" and args.action == "watch":
+            return run_watch(url, settings, args.every_s)
         print(asyncio.run(run(url)))
     return 0
 
@@ -585,7 +654,8 @@ def parser() -> argparse.ArgumentParser:
                    help="where to start it (default: its last port, else 6399, else any free)")
     s.set_defaults(func=cmd_server)
     s = sub.add_parser("worker", help="serve models until SIGTERM")
-    s.add_argument("--models", default="", help="comma-separated; default: all configured")
+    s.add_argument("--models", default="", help="comma-separated; default: every model of the "
+                   "settings and of the model registry, new ones as they are registered")
     s.add_argument("--drain-timeout-s", type=float, default=30.0)
     s.set_defaults(func=cmd_worker)
     s = sub.add_parser("submit", help="queue one task")
@@ -616,6 +686,13 @@ def parser() -> argparse.ArgumentParser:
     add_tenants_parser(sub)  # agentfleet tenants list|show|set|remove, agentfleet audit
     sub.choices["tenants"].set_defaults(func=cmd_tenants)
     sub.choices["audit"].set_defaults(func=cmd_tenants)
+    from agentfleet.ops.canary import add_parser as add_canary_parser
+    from agentfleet.ops.models import add_parser as add_models_parser
+
+    add_models_parser(sub)  # agentfleet models ..., agentfleet templates ...
+    add_canary_parser(sub)  # agentfleet canary ...
+    for name in ("models", "templates", "canary"):
+        sub.choices[name].set_defaults(func=cmd_models)
     s = sub.add_parser("keys", help="API keys of the gateway and console: create, list, revoke")
     s.add_argument("action", choices=["create", "list", "revoke"])
     s.add_argument("key_id", nargs="?", default="", help="revoke: the key id")

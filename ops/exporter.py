@@ -18,6 +18,11 @@ it), then, for every configured model:
     HGETALL refused    submits refused by a quota, per tenant and quota
 A lane's gauges sum its tenants' streams.  Per-tenant gauges name the `TOP_TENANTS` tenants
 with the most queued work of each model and sum the others as "other": labels stay bounded.
+A registered model (docs/versions.md) has streams per version: the first pipeline also reads
+its registry entry, a second one its versions' tenant sets, and its lanes' gauges sum every
+version's streams (what autoscaling reads); `agentfleet_version_queue_lag_tasks` and
+`agentfleet_version_weight_ratio` show them per version (the registry's versions: as many as
+operators register).
 
 `read_queues` is also what `agentfleet status` shows.
 
@@ -42,6 +47,8 @@ from redis.exceptions import RedisError
 from agentfleet.ops.capacity import DEFAULT_TASK_TOKENS, BacklogEstimator
 from agentfleet.producer.connection import connect_sync
 from agentfleet.schemas import keys
+from agentfleet.schemas.registry import SERVING, serving_weights
+from agentfleet.schemas.wire import decode_model_entry
 
 log = logging.getLogger("agentfleet.exporter")
 
@@ -97,24 +104,33 @@ class QueueStats(msgspec.Struct, kw_only=True):
     tenants: dict[tuple[str, str], StreamStats] = {}
     queued: dict[str, int] = {}  # tenant -> tasks queued and not ended
     refused: dict[tuple[str, str], int] = {}  # (tenant, quota) -> submits refused
+    # registered models: (version, lane) -> its streams summed; version -> traffic share
+    versions: dict[tuple[str, str], StreamStats] = {}
+    weights: dict[str, float] = {}
 
 
 LANES = ("interactive", "bulk")
 
 
-Streams = dict[str, list[tuple[str, str]]]  # model -> [(lane name, tenant)]
+Streams = dict[str, list[tuple[str, str, str]]]  # model -> [(lane name, tenant, version)]
 
 
 def read_queues(client: redis.Redis, models: Sequence[str], *,
                 live_within_s: float = LIVE_WITHIN_S) -> list[QueueStats]:
-    """Every model's queue figures, in two pipelines (raises RedisError if Redis is down)."""
+    """Every model's queue figures, in two pipelines, three with registered models (raises
+    RedisError if Redis is down)."""
     with client.pipeline(transaction=False) as pipe:
         tenant_commands(pipe, models)
-        streams = parse_tenants(models, pipe.execute())
+        streams, entries = parse_tenants(models, pipe.execute())
+    if entries:
+        with client.pipeline(transaction=False) as pipe:
+            version_commands(pipe, entries)
+            add_versions(streams, entries, pipe.execute())
     with client.pipeline(transaction=False) as pipe:
         queue_commands(pipe, models, streams)
         replies = pipe.execute(raise_on_error=False)
-    return parse_queues(models, streams, replies, live_within_s=live_within_s)
+    return parse_queues(models, streams, replies, live_within_s=live_within_s,
+                        entries=entries)
 
 
 async def read_queues_async(client, models: Sequence[str], *,
@@ -122,35 +138,66 @@ async def read_queues_async(client, models: Sequence[str], *,
     """`read_queues` on an asyncio client (the console)."""
     async with client.pipeline(transaction=False) as pipe:
         tenant_commands(pipe, models)
-        streams = parse_tenants(models, await pipe.execute())
+        streams, entries = parse_tenants(models, await pipe.execute())
+    if entries:
+        async with client.pipeline(transaction=False) as pipe:
+            version_commands(pipe, entries)
+            add_versions(streams, entries, await pipe.execute())
     async with client.pipeline(transaction=False) as pipe:
         queue_commands(pipe, models, streams)
         replies = await pipe.execute(raise_on_error=False)
-    return parse_queues(models, streams, replies, live_within_s=live_within_s)
+    return parse_queues(models, streams, replies, live_within_s=live_within_s,
+                        entries=entries)
 
 
 def tenant_commands(pipe, models: Sequence[str]) -> None:
     for model in models:
         for lane in keys.LANES:
             pipe.zrange(keys.tenant_lanes(model, lane), 0, -1)
+        pipe.hget(keys.models(), model)
 
 
-def parse_tenants(models: Sequence[str], replies: list) -> Streams:
-    """model -> (lane, tenant) of every tenant stream; the default tenant's always."""
+def parse_tenants(models: Sequence[str], replies: list) -> tuple[Streams, dict]:
+    """model -> (lane, tenant, "") of every unversioned tenant stream (the default tenant's
+    always), and the registry entries of the registered models."""
     out: Streams = {}
+    entries = {}
     for i, model in enumerate(models):
         streams = out[model] = []
         for j, (lane, name) in enumerate(zip(keys.LANES, LANES)):
-            tenants = {t.decode() for t in replies[2 * i + j]} | {keys.DEFAULT_TENANT}
-            streams += [(name, t) for t in sorted(tenants)]
-    return out
+            tenants = {t.decode() for t in replies[3 * i + j]} | {keys.DEFAULT_TENANT}
+            streams += [(name, t, "") for t in sorted(tenants)]
+        if replies[3 * i + 2] is not None:
+            entries[model] = decode_model_entry(replies[3 * i + 2])
+    return out, entries
+
+
+def version_commands(pipe, entries: dict) -> None:
+    for model, entry in entries.items():
+        for version in entry.versions:
+            for lane in keys.LANES:
+                pipe.zrange(keys.tenant_lanes(model, lane, version), 0, -1)
+
+
+def add_versions(streams: Streams, entries: dict, replies: list) -> None:
+    """Add every version's tenant streams: of serving versions always, of the others while
+    their tenant sets hold a tenant (the canary guard moves what they hold)."""
+    at = 0
+    for model, entry in entries.items():
+        for version, v in entry.versions.items():
+            for name in LANES:
+                tenants = {t.decode() for t in replies[at]}
+                at += 1
+                if v.state in SERVING:
+                    tenants.add(keys.DEFAULT_TENANT)
+                streams[model] += [(name, t, version) for t in sorted(tenants)]
 
 
 def queue_commands(pipe, models: Sequence[str], streams: Streams) -> None:
     """Queue the reads of `read_queues` on a pipeline, sync or asyncio."""
     for model in models:
-        for lane, tenant in streams[model]:
-            stream = keys.lane_stream(model, "b" if lane == "bulk" else "i", tenant)
+        for lane, tenant, version in streams[model]:
+            stream = keys.lane_stream(model, "b" if lane == "bulk" else "i", tenant, version)
             pipe.xlen(stream)
             pipe.xinfo_groups(stream)
             pipe.xpending(stream, keys.GROUP)
@@ -163,7 +210,8 @@ def queue_commands(pipe, models: Sequence[str], streams: Streams) -> None:
 
 
 def parse_queues(models: Sequence[str], streams: Streams, replies: list, *,
-                 live_within_s: float = LIVE_WITHIN_S) -> list[QueueStats]:
+                 live_within_s: float = LIVE_WITHIN_S,
+                 entries: dict | None = None) -> list[QueueStats]:
     """The replies of `queue_commands` as QueueStats."""
     now = time.time()
     out = []
@@ -182,16 +230,26 @@ def parse_queues(models: Sequence[str], streams: Streams, replies: list, *,
             live_workers=keys.live_workers(beats.values(), now, live_within_s),
             queued={k.decode(): int(v) for k, v in queued.items()},
             refused={tuple(k.decode().split("|", 1)): int(v) for k, v in refused.items()})
-        q.tenants = {}
-        for j, (lane, tenant) in enumerate(per):
+        q.tenants, q.versions = {}, {}
+        for j, (lane, tenant, version) in enumerate(per):
             xlen = r[_PER_STREAM * j]
             if isinstance(xlen, Exception):
                 raise xlen
             one = _stream_stats(*r[_PER_STREAM * j:_PER_STREAM * (j + 1)], now)
-            q.tenants[(lane, tenant)] = one
+            _add(q.tenants.setdefault((lane, tenant), StreamStats()), one)
             _add(getattr(q, lane), one)
+            if version:
+                _add(q.versions.setdefault((version, lane), StreamStats()), one)
+        if entries is not None and model in entries:
+            q.weights = _shares(entries[model])
         out.append(q)
     return out
+
+
+def _shares(entry) -> dict[str, float]:
+    weights = serving_weights(entry)
+    total = sum(weights.values()) or 1.0
+    return {v: w / total for v, w in weights.items()}
 
 
 def _add(total: StreamStats, one: StreamStats) -> None:
@@ -243,9 +301,11 @@ class QueueCollector:
 
     def __init__(self, client: redis.Redis, models: Sequence[str], *,
                  live_within_s: float = LIVE_WITHIN_S,
-                 default_task_tokens: float = DEFAULT_TASK_TOKENS):
+                 default_task_tokens: float = DEFAULT_TASK_TOKENS,
+                 registered: bool = False):
         self.client = client
         self.models = list(models)
+        self.registered = registered  # also every model of the model registry, as it grows
         self.live_within_s = live_within_s
         self.backlog = BacklogEstimator(client, self.models,
                                         default_task_tokens=default_task_tokens)
@@ -255,7 +315,13 @@ class QueueCollector:
         up = GaugeMetricFamily("agentfleet_exporter_redis_up",
                                "1 if the last scrape could read Redis, else 0.")
         try:
-            queues = read_queues(self.client, self.models, live_within_s=self.live_within_s)
+            models = list(self.models)
+            if self.registered:
+                known = set(models)
+                models += sorted(m.decode() for m in self.client.hkeys(keys.models())
+                                 if m.decode() not in known)
+                self.backlog.models = models
+            queues = read_queues(self.client, models, live_within_s=self.live_within_s)
             backlog = {q.model: self.backlog.tokens(q.model, queued_tasks(q)) for q in queues}
         except RedisError as exc:
             log.warning("exporter: reading Redis failed (%s)", exc)
@@ -309,6 +375,26 @@ def queue_families(queues: list[QueueStats]) -> Iterator[Metric]:
             family.add_metric([q.model], q.counters.get(field, 0))
         yield family
     yield from tenant_families(queues)
+    yield from version_families(queues)
+
+
+def version_families(queues: list[QueueStats]) -> Iterator[Metric]:
+    """Registered models' versions (docs/versions.md): lag per version and lane, and each
+    serving version's share of the routed traffic."""
+    lag = GaugeMetricFamily(
+        "agentfleet_version_queue_lag_tasks", "Tasks of a model version never delivered to a "
+        "worker, by lane (a version that no longer serves, until its tasks moved to the "
+        "stable version).", labels=["model", "version", "lane"])
+    share = GaugeMetricFamily(
+        "agentfleet_version_weight_ratio", "A serving version's share of its model's routed "
+        "traffic (its weight over the serving versions' weights).",
+        labels=["model", "version"])
+    for q in queues:
+        for (version, lane), st in sorted(q.versions.items()):
+            lag.add_metric([q.model, version, lane], st.lag)
+        for version, ratio in sorted(q.weights.items()):
+            share.add_metric([q.model, version], ratio)
+    yield from (lag, share)
 
 
 def tenant_families(queues: list[QueueStats]) -> Iterator[Metric]:
@@ -365,14 +451,17 @@ def backlog_family(backlog: dict[str, dict[str, float]]) -> Metric:
 
 
 def exporter_registry(client: redis.Redis, models: Sequence[str], *,
-                      default_task_tokens: float = DEFAULT_TASK_TOKENS) -> CollectorRegistry:
+                      default_task_tokens: float = DEFAULT_TASK_TOKENS,
+                      registered: bool = False) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(client, models, default_task_tokens=default_task_tokens))
+    registry.register(QueueCollector(client, models, default_task_tokens=default_task_tokens,
+                                     registered=registered))
     return registry
 
 
 def run_exporter(url: str, models: Sequence[str], *, port: int, addr: str = "0.0.0.0",
-                 once: bool = False, default_task_tokens: float = DEFAULT_TASK_TOKENS) -> int:
+                 once: bool = False, default_task_tokens: float = DEFAULT_TASK_TOKENS,
+                 registered: bool = False) -> int:
     """Serve the queue gauges on `port` until SIGTERM or SIGINT (`once`: print them, exit)."""
     import signal
     import threading
@@ -383,7 +472,8 @@ def run_exporter(url: str, models: Sequence[str], *, port: int, addr: str = "0.0
     from agentfleet.workers.metrics import MetricsServer
 
     client = connect_sync(url, socket_timeout=5)
-    registry = exporter_registry(client, models, default_task_tokens=default_task_tokens)
+    registry = exporter_registry(client, models, default_task_tokens=default_task_tokens,
+                                 registered=registered)
     try:
         if once:
             print(generate_latest(registry).decode(), end="", flush=True)

@@ -34,7 +34,7 @@ import redis
 
 from agentfleet.schemas import keys
 from agentfleet.workers.kpi import LANES, parse_field, split_lane
-from agentfleet.workers.metrics import LATENCY_BUCKETS_S
+from agentfleet.workers.kpi import LATENCY_BUCKETS_S
 
 _CHUNK = 2000  # HGETALLs per pipeline round trip
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")

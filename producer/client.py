@@ -25,9 +25,11 @@ from redis.exceptions import RedisError, ResponseError
 
 from agentfleet.producer.connection import connect
 from agentfleet.producer.enqueue import CacheItem, Lane, enqueue_args, enqueue_lua
+from agentfleet.producer.routing import Router
 from agentfleet.producer.tracing import current_traceparent
 from agentfleet.schemas import keys, resultcache
 from agentfleet.schemas.errors import (
+    AgentFleetError,
     BrokerError,
     FatalConfigError,
     QuotaExceededError,
@@ -35,6 +37,7 @@ from agentfleet.schemas.errors import (
     ServerOutOfMemoryError,
     ValidationError,
 )
+from agentfleet.schemas.registry import TableCache as ModelTableCache
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.tenants import TableCache, TenantTable, estimate_tokens
 from agentfleet.schemas.validate import TaskChecker, validate_task
@@ -98,6 +101,13 @@ class Producer:
         self._seq = itertools.count(1)
         self._enqueue = redis.register_script(enqueue_lua())
         self.tenants = TableCache(redis)  # quotas, reloaded when the registry changes
+        # Model versions, templates and SLA classes (producer/routing.py): a model without a
+        # registry entry takes the plain path below, as before the registry existed.
+        self.models = ModelTableCache(redis)
+        self.router = Router(redis, self.settings)
+        self._listening: set[str] = set(self.settings.models)  # models whose replies we read
+        self._reply_ids: dict[str, bytes | str] = {}  # reply stream -> last id read
+        self._shadows: set[asyncio.Task] = set()  # shadow copies on their way out
         self._waiters: dict[str, _Waiting] = {}
         self._arrived: dict[str, Result] = {}
         self._listener: asyncio.Task | None = None
@@ -129,6 +139,8 @@ class Producer:
         for check in self._checks:
             check.cancel()
         await asyncio.gather(*self._checks, return_exceptions=True)
+        if self._shadows:
+            await asyncio.gather(*self._shadows, return_exceptions=True)
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -145,15 +157,23 @@ class Producer:
         """
         task = task if task is not None else Task(**fields)
         self._fill(task, reply, time.time(), current_traceparent())
-        validate_task(task, self.settings)
-        table = await self.tenants.current()
+        table = self.models.table if self.models.fresh else await self.models.current()
+        if table.entries or task.version or task.sla or task.template:
+            lane = await self.router.route(task, table)
+            shadow = self.router.shadow(task, table)
+            if shadow is not None:
+                self._send_shadows([shadow])
+        else:
+            validate_task(task, self.settings)
+            lane = self._lane(task)
+        tenants = await self.tenants.current()
         if task.model not in self._served:
             self._look_for_workers([task.model])
         if reply:
-            self._ensure_listener()
+            self._ensure_listener(task.model)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queued.append((self._lane(task), self._item(task, -1, table), fut))
+        self._queued.append((lane, self._item(task, -1, tenants), fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         return await fut
@@ -213,7 +233,9 @@ class Producer:
         limits = table.get(task.tenant)
         if not limits.result_cache_ttl_s or resultcache.ineligible(task):
             return None
-        task.cache_digest = resultcache.digest(task, self.settings.models[task.model].version)
+        spec = self.settings.models.get(task.model)  # a registered model may have none
+        task.cache_digest = resultcache.digest(
+            task, task.version or (spec.version if spec is not None else ""))
         task.cache_ttl_s = limits.result_cache_ttl_s
         return limits
 
@@ -227,7 +249,8 @@ class Producer:
             trace_key=keys.trace_key(m, task.correlation_id) if traced else "",
             result_ttl_s=limits.result_ttl_s or s.result_ttl_s,
             trace_ttl_s=limits.trace_ttl_s or s.trace_ttl_s, reply_maxlen=s.reply_maxlen,
-            stream=keys.task_stream(m, tenant), lanes_key=keys.tenant_lanes(m, "i"),
+            stream=keys.task_stream(m, tenant, task.version),
+            lanes_key=keys.tenant_lanes(m, "i", task.version),
             deadline=task.deadline)
         return CacheItem(keys.result_cache(m, tenant, digest),
                          keys.result_cache_inflight(m, tenant, digest), waiter)
@@ -251,25 +274,37 @@ class Producer:
         ids: list[str] = []
         traceparent = current_traceparent()
         check = TaskChecker(s)  # one per call: nothing mutates the tasks while it runs
+        models = await self.models.current()
+        routed = bool(models.entries)
+        shadows: list[Task] = []
         table = await self.tenants.current()
         for i, task in enumerate(tasks):
             self._fill(task, reply, now, traceparent)
             try:
-                check(task)
+                if routed or task.version or task.sla or task.template:
+                    lane = await self.router.route(task, models)
+                    if routed and (shadow := self.router.shadow(task, models)) is not None:
+                        shadows.append(shadow)
+                else:
+                    check(task)
+                    lane = self._lane(task)
             except ValidationError as exc:
                 if i or not isinstance(tasks, Sequence) or len(tasks) > 1:
                     exc.args = (f"tasks[{i}].{exc.args[0]}",)
                 raise
-            by_lane.setdefault(self._lane(task), []).append(self._item(task, i, table))
+            by_lane.setdefault(lane, []).append(self._item(task, i, table))
             ids.append(task.id)
         if not ids:
             return ids
         if on_quota == "raise":
             await self._check_quotas(by_lane, table)
         if reply:
-            self._ensure_listener()
+            for model in {lane.model for lane in by_lane}:
+                self._ensure_listener(model)
         self._look_for_workers(list(dict.fromkeys(
             lane.model for lane in by_lane if lane.model not in self._served)))
+        if shadows:
+            self._send_shadows(shadows)
         queued: list[str] = []  # ids of chunks that went in, for a refusal's report
         calls: list[tuple[asyncio.Future, list]] = []
         try:
@@ -503,7 +538,7 @@ class Producer:
 
     async def get_result(self, task_id: str, model: str | None = None) -> Result | None:
         """The stored result of any task (this producer's or not), or None."""
-        found = await self._stored([task_id], [model] if model else list(self.settings.models))
+        found = await self._stored([task_id], [model] if model else self._known_models())
         return found[0] if found else None
 
     async def get_results(self, task_ids: Sequence[str], model: str | None = None
@@ -514,6 +549,23 @@ class Producer:
         for start in range(0, len(task_ids), 10_000):
             found += await self._stored(list(task_ids[start:start + 10_000]), models)
         return found
+    def _known_models(self) -> list[str]:
+        """The settings' models, the registry's and any this producer submitted to."""
+        return sorted(self._listening | self.models.table.entries.keys())
+
+    def _send_shadows(self, shadows: list[Task]) -> None:
+        """Queue shadow copies for a canary's comparison (producer/routing.py), beside the
+        caller's tasks: their failure is logged, never the caller's."""
+        async def send() -> None:
+            try:
+                await self.submit_many(shadows, reply=False)
+            except (AgentFleetError, RedisError) as exc:
+                log.warning("producer %s: %d shadow copies not queued (%s)", self.id,
+                            len(shadows), exc)
+
+        job = asyncio.get_running_loop().create_task(send())
+        self._shadows.add(job)
+        job.add_done_callback(self._shadows.discard)
 
     def _deliver(self, result: Result) -> None:
         w = self._waiters.pop(result.task_id, None)
@@ -532,7 +584,7 @@ class Producer:
         """The reply stream is late (or was trimmed before we read it): read result keys."""
         self._polling = True
         try:
-            for result in await self._stored(task_ids, list(self.settings.models)):
+            for result in await self._stored(task_ids, self._known_models()):
                 self._deliver(result)
         finally:
             self._polling = False
@@ -548,14 +600,23 @@ class Producer:
             raise BrokerError(f"reading results failed: {exc}") from exc
         return [decode_result(v) for v in values if v is not None]
 
-    def _ensure_listener(self) -> None:
+    def _ensure_listener(self, model: str | None = None) -> None:
+        if model is not None and model not in self._listening:
+            # A model the listener does not read yet (registered since it started): read its
+            # replies too, at once rather than after the current blocking read.
+            self._listening.add(model)
+            if self._listener is not None and not self._listener.done():
+                self._listener.cancel()  # it resumes nowhere: what it read is read again
+                self._listener = None
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(
                 self._listen(), name=f"agentfleet-producer-{self.id}")
 
     async def _listen(self) -> None:
         """Read this producer's reply streams and hand results to their waiters."""
-        streams = {keys.reply_stream(m, self.id): "0-0" for m in self.settings.models}
+        streams = self._reply_ids  # kept across restarts: nothing read twice or skipped
+        for m in sorted(self._listening | self.models.table.entries.keys()):
+            streams.setdefault(keys.reply_stream(m, self.id), "0-0")
         unread = {stream: 0 for stream in streams}  # read since the last trim
         trimmed_at = time.monotonic()
         backoff_s = 0.05

@@ -27,15 +27,17 @@ class CacheItem(msgspec.Struct, frozen=True, gc=False):
 
 
 class Lane(msgspec.Struct, frozen=True):
-    """Where a chunk goes: one tenant's stream of one lane ("i" or "b") of a model."""
+    """Where a chunk goes: one tenant's stream of one lane ("i" or "b") of a model (of one of
+    its registered versions; "" for the unversioned streams)."""
 
     model: str
     lane: str
     tenant: str
+    version: str = ""
 
     @property
     def stream(self) -> str:
-        return keys.lane_stream(self.model, self.lane, self.tenant)
+        return keys.lane_stream(self.model, self.lane, self.tenant, self.version)
 
 
 def enqueue_args(lane: Lane, idem_ttl_s: int, items: Sequence[tuple], *,
@@ -45,8 +47,9 @@ def enqueue_args(lane: Lane, idem_ttl_s: int, items: Sequence[tuple], *,
     index, tokens, CacheItem or None)."""
     minute = int((time.time() if now is None else now) // 60) * 60
     m = lane.model
-    keys_: list = [lane.stream, keys.tenant_lanes(m, lane.lane), keys.queued_counts(m),
-                   keys.tokens_minute(m, minute), keys.quota_refusals(m), keys.stats_key(m)]
+    keys_: list = [lane.stream, keys.tenant_lanes(m, lane.lane, lane.version),
+                   keys.queued_counts(m), keys.tokens_minute(m, minute),
+                   keys.quota_refusals(m), keys.stats_key(m)]
     args: list = [idem_ttl_s, lane.tenant, quota.max_queued if quota else 0,
                   quota.tokens_per_minute if quota else 0, 1 if partial else 0, keys.GROUP]
     for task_id, idem_key, payload, _, tokens, cache in items:

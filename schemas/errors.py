@@ -63,6 +63,42 @@ class PromptTooLongError(ValidationError):
     code = ErrorCode.PROMPT_TOO_LONG
 
 
+class UnknownVersionError(ValidationError):
+    """Raised at submit when a task is pinned to a version its model's registry entry does not
+    have (`limit` lists the versions it serves)."""
+
+
+class RetiredVersionError(ValidationError):
+    """Raised at submit when a task is pinned to a version that was retired or rolled back:
+    nothing routes to it any more (`limit` lists the versions it serves)."""
+
+
+class SlaExceededError(AgentFleetError):
+    """Raised at submit when a task's SLA class has a time budget that the version it was
+    routed to would pass (its estimated queue wait) and no fallback can take it: nothing was
+    queued.  Never silently late: retry after `retry_after_s`, or submit without a class.
+    The estimate: docs/versions.md."""
+
+    def __init__(self, model: str, version: str, sla: str, budget_s: float,
+                 estimated_wait_s: float, reason: str = ""):
+        self.model = model
+        self.version = version
+        self.sla = sla
+        self.budget_s = budget_s
+        self.estimated_wait_s = estimated_wait_s
+        self.retry_after_s = max(0.5, estimated_wait_s - budget_s)
+        where = f"{model}@{version}" if version else model
+        wait = "unknown" if estimated_wait_s == float("inf") else f"{estimated_wait_s:.2f}s"
+        super().__init__(f"sla {sla!r}: the estimated queue wait on {where} ({wait}) passes "
+                         f"its budget of {budget_s:g}s" + (f"; {reason}" if reason else ""))
+
+
+class RegistryError(AgentFleetError):
+    """Raised by the model registry (producer/models.py) for a change that cannot apply: an
+    unknown model or version, a version registered twice, retiring the stable version,
+    a second canary."""
+
+
 class DecodeError(AgentFleetError):
     """Raised by the worker when a stream entry cannot be decoded into a task."""
 

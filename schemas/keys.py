@@ -31,29 +31,48 @@ def valid_tenant_name(tenant: str) -> bool:
     return bool(_TENANT_NAME.match(tenant))
 
 
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+
+
+def valid_version_name(version: str) -> bool:
+    """Model version names go into keys: letters, digits, '.', '_' and '-', 64 at most."""
+    return bool(_VERSION_NAME.match(version))
+
+
 def _tag(model: str) -> str:
     return f"{PREFIX}:{{{model}}}"
 
 
-def task_stream(model: str, tenant: str = DEFAULT_TENANT) -> str:
+def _lanes_of(model: str, version: str) -> str:
+    # A version's streams keep the model's hash tag: everything of one logical model stays in
+    # one slot, so that moving a canary's queued tasks to the stable version is one script.
+    return f"{_tag(model)}:v:{version}" if version else _tag(model)
+
+
+def task_stream(model: str, tenant: str = DEFAULT_TENANT, version: str = "") -> str:
     """A tenant's interactive lane of a model: the stream its producers add tasks to and the
     model's consumer group reads.  Each tenant has its own, so that one tenant's backlog never
-    sits in front of another's next task (workers read them by fair share: docs/tenants.md)."""
+    sits in front of another's next task (workers read them by fair share: docs/tenants.md).
+    A registered model version has its own (`af:{m}:v:<version>:tasks[:<tenant>]`,
+    docs/versions.md); "" is the unversioned one a fleet without a model registry uses."""
     if tenant == DEFAULT_TENANT:
-        return f"{_tag(model)}:tasks"
-    return f"{_tag(model)}:tasks:{tenant}"
+        return f"{_lanes_of(model, version)}:tasks"
+    return f"{_lanes_of(model, version)}:tasks:{tenant}"
 
 
-def lane_stream(model: str, lane: str, tenant: str = DEFAULT_TENANT) -> str:
+def lane_stream(model: str, lane: str, tenant: str = DEFAULT_TENANT, version: str = "") -> str:
     """`task_stream` for lane "i", `bulk_stream` for lane "b"."""
-    return bulk_stream(model, tenant) if lane == "b" else task_stream(model, tenant)
+    if lane == "b":
+        return bulk_stream(model, tenant, version)
+    return task_stream(model, tenant, version)
 
 
-def tenant_lanes(model: str, lane: str) -> str:
+def tenant_lanes(model: str, lane: str, version: str = "") -> str:
     """The tenants that have a stream in one lane of a model (a sorted set: tenant -> 1 while
     its stream holds undelivered tasks, 0 once a worker found it drained).  Producers set 1
-    with every enqueue; workers read the streams of the tenants at 1."""
-    return f"{_tag(model)}:tenants:{lane}"
+    with every enqueue; workers read the streams of the tenants at 1.  Each model version has
+    its own."""
+    return f"{_lanes_of(model, version)}:tenants:{lane}"
 
 
 def queued_counts(model: str) -> str:
@@ -161,12 +180,12 @@ def cancel_channel(model: str) -> str:
     return f"{_tag(model)}:cancel"
 
 
-def bulk_stream(model: str, tenant: str = DEFAULT_TENANT) -> str:
-    """A tenant's bulk lane of a model: tasks of bulk jobs, run when interactive work leaves
-    room."""
+def bulk_stream(model: str, tenant: str = DEFAULT_TENANT, version: str = "") -> str:
+    """A tenant's bulk lane of a model (of one of its versions): tasks of bulk jobs, run when
+    interactive work leaves room."""
     if tenant == DEFAULT_TENANT:
-        return f"{_tag(model)}:bulk"
-    return f"{_tag(model)}:bulk:{tenant}"
+        return f"{_lanes_of(model, version)}:bulk"
+    return f"{_lanes_of(model, version)}:bulk:{tenant}"
 
 
 def batch_output(model: str, batch_id: str) -> str:
@@ -307,3 +326,35 @@ def purge_log() -> str:
     """Every `agentfleet purge`: who erased which tenant's data, when, and how much (an
     append-only stream)."""
     return f"{PREFIX}:purges"
+
+
+# The model registry (producer/models.py, docs/versions.md): global keys, like the tenants'.
+
+def models() -> str:
+    """Every registered logical model (a hash: model -> msgpack ModelEntry: its versions,
+    weights, states, stable version, fallback, canary)."""
+    return f"{PREFIX}:models"
+
+
+def templates() -> str:
+    """Every prompt template version (a hash: "<name>@<version>" -> msgpack PromptTemplate)."""
+    return f"{PREFIX}:templates"
+
+
+def models_version() -> str:
+    """A counter bumped by every change to the model or template registry: running processes
+    reload when it moves."""
+    return f"{PREFIX}:models:version"
+
+
+def canary_lease() -> str:
+    """Who runs the canary guard and the drain of retired versions (a string: holder id,
+    with a TTL the holder renews): one process at a time, a worker or `canary watch`."""
+    return f"{PREFIX}:canary:lease"
+
+
+def version_load(model: str) -> str:
+    """What each worker's runner of a model version reports once a second (a hash:
+    "<version>|<worker>" -> "<epoch s> <completions/s> <engine slots> <mean engine s per
+    task> <state>"): what the producers' SLA estimate divides the backlog by."""
+    return f"{_tag(model)}:vload"

@@ -17,6 +17,7 @@ configuration table lists every field below with its variable and default; a tes
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
 import tomllib
@@ -111,6 +112,10 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Bulk-tuned on an H100 (docs/benchmarks.md): 512 sequences, 8192 tokens a step.  Keep
     # KV blocks x block size >= max_num_seqs x (prompt + max_tokens), or vLLM preempts.
     max_num_seqs: Count = 512
+    # Engine slots beyond max_num_seqs, as a share of it, that only a tenant below its fair
+    # share may take: its next task starts now, not when a flood's wave of slots frees
+    # (workers/admission.py).  vLLM gets max_num_seqs plus these.
+    spare_share: Annotated[float, Bound(ge=0, le=1)] = 0.0625
     max_num_batched_tokens: Count | None = 8192
     gpu_memory_utilization: Share = 0.45
     kv_cache_space_gib: Count = 4  # CPU engine only (VLLM_CPU_KVCACHE_SPACE)
@@ -125,9 +130,18 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # vLLM's tool parser for this model family ("hermes", "llama3_json", ...): tool calls of
     # tasks with tool_choice "auto" are read by it; "": by structured outputs instead.
     tool_parser: str = ""
+    # Any other vLLM engine argument (AsyncEngineArgs), passed as is: a registered model
+    # version's (docs/versions.md), or a models file's `[models.NAME.engine_args]`.
+    engine_args: dict[str, object] = {}
+    sleep_group: str = ""  # engines of one group in a worker share a GPU, taking turns
 
     def __post_init__(self) -> None:
         check_bounds(self, lambda field: f"[models.{self.name}] {field}")
+
+    @property
+    def spare_seqs(self) -> int:
+        """Engine slots kept for tenants below their fair share (`spare_share`)."""
+        return math.ceil(self.max_num_seqs * self.spare_share)
 
     @property
     def prompt_chars_limit(self) -> int:
@@ -207,6 +221,14 @@ class Settings(msgspec.Struct, kw_only=True):
     webhook_retry_base_s: Positive = 1.0  # first retry delay; doubles per attempt, with jitter
     webhook_retry_max_s: Positive = 300.0
     webhook_timeout_s: Positive = 10.0
+    # model versions and routing (docs/versions.md)
+    sla_interactive_s: NonNegative = 2.0  # queue-wait budget of the SLA class "interactive"
+    sla_standard_s: NonNegative = 30.0  # ... of "standard"
+    sla_batch_s: NonNegative = 0.0  # ... of "batch" (0: no budget, never refused)
+    sla_refresh_s: Positive = 0.25  # a producer re-reads a version's queue at most this often
+    canary_guard: bool = True  # workers take turns running the canary guard (one at a time)
+    sleep_idle_s: Positive = 60.0  # an engine of a sleep group idle this long goes to sleep
+    sleep_turn_s: NonNegative = 5.0  # it keeps the GPU at least this long while another waits
 
     def __post_init__(self) -> None:
         check_bounds(self, variable)
@@ -220,6 +242,11 @@ class Settings(msgspec.Struct, kw_only=True):
 
     def model(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
+
+    def sla_budget_s(self, sla: str) -> float | None:
+        """The fleet's queue-wait budget of an SLA class (0: none); None for an unknown class."""
+        return {"interactive": self.sla_interactive_s, "standard": self.sla_standard_s,
+                "batch": self.sla_batch_s}.get(sla)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

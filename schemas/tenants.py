@@ -94,30 +94,41 @@ async def load_table(redis: aioredis.Redis) -> TenantTable:
 
 class TableCache:
     """A `TenantTable` kept fresh: `current()` checks the version at most every `refresh_s`
-    (one GET) and reloads the entries only when it moved."""
+    (one GET) and reloads the entries only when it moved.  The model registry's cache is the
+    same with its own key, loader and table (schemas/registry.py)."""
+
+    version_key = staticmethod(keys.tenants_version)
+    loader = staticmethod(load_table)
+    empty = TenantTable
+    what = "the tenant registry"
 
     def __init__(self, redis: aioredis.Redis, refresh_s: float = 1.0):
         self.redis = redis
         self.refresh_s = refresh_s
-        self._table: TenantTable | None = None
+        self._table = None
         self._checked_at = 0.0
 
     @property
-    def table(self) -> TenantTable:
+    def table(self):
         """The last table read (an empty one before the first read)."""
-        return self._table or TenantTable()
+        return self._table or self.empty()
 
-    async def current(self) -> TenantTable:
+    @property
+    def fresh(self) -> bool:
+        """Whether `table` is recent enough to use without asking Redis."""
+        return self._table is not None and time.monotonic() - self._checked_at < self.refresh_s
+
+    async def current(self):
         now = time.monotonic()
         if self._table is not None and now - self._checked_at < self.refresh_s:
             return self._table
         self._checked_at = now
         try:
-            version = int(await self.redis.get(keys.tenants_version()) or 0)
+            version = int(await self.redis.get(self.version_key()) or 0)
         except RedisError as exc:
             if self._table is not None:  # keep serving with what we know
                 return self._table
-            raise BrokerError(f"reading the tenant registry failed: {exc}") from exc
+            raise BrokerError(f"reading {self.what} failed: {exc}") from exc
         if self._table is None or version != self._table.version:
-            self._table = await load_table(self.redis)
+            self._table = await self.loader(self.redis)
         return self._table

@@ -121,6 +121,7 @@ class JoinRef(Base, kw_only=True):
     parent: str
     model: str
     join_model: str
+    join_version: str = ""  # the version of join_model it runs on (docs/versions.md)
 
 
 class Sampling(Base, kw_only=True):
@@ -213,6 +214,12 @@ class Task(Base, kw_only=True):
     join: FollowUp | None = None
     joins_into: JoinRef | None = None  # set by the worker on a fan-out's child
     join_of: JoinRef | None = None  # set by the worker on a join step: its input's state
+    # Model versions (docs/versions.md): the version of `model` it runs on: pinned by its
+    # submitter, or chosen by the producer's routing; a follow-up keeps its parent's.
+    version: str = ""
+    sla: str = ""  # "", or an SLA class: "interactive", "standard", "batch"
+    template: str = ""  # the prompt template it was rendered from, "<name>@<version>"
+    variables: dict[str, str] = {}  # a template's variables: rendered at submit, then dropped
     # The result cache (docs/result-cache.md): set by the producer, never by its caller, on a
     # deterministic task without effects of a tenant that opted in: the digest of its input
     # (schemas/resultcache.py) and how long its result answers identical tasks.
@@ -271,6 +278,7 @@ class Result(Base, kw_only=True):
     tool_calls: list[ToolCall] = []
     join_id: str = ""
     skipped: list[str] = []
+    template: str = ""  # the prompt template its prompt came from, "<name>@<version>"
     # The result cache (docs/result-cache.md): "" ran in an engine; "hit" answered at submit
     # from an identical task's cached result; "joined" answered by the identical task that was
     # in flight.  `cached_from`: that task's id (its result's other fields are that task's).
@@ -385,6 +393,82 @@ class AuditEntry(Base, kw_only=True):
     after: object = None
 
 
+class VersionState(str, enum.Enum):
+    """Where a model version stands (docs/versions.md)."""
+
+    ACTIVE = "active"  # serves its weight's share, and tasks pinned to it
+    CANARY = "canary"  # serves its weight under a guard, which promotes or rolls it back
+    RETIRED = "retired"  # serves nothing: workers drain it, its queued tasks go to the stable
+    ROLLED_BACK = "rolled_back"  # a canary the guard (or an operator) took back: as retired
+
+
+class ModelVersion(Base, kw_only=True):
+    """One version of a logical model in the registry (producer/models.py).  Checked at
+    registration: the directory exists, vLLM accepts the engine arguments."""
+
+    version: str
+    path: str = ""  # the model directory (weights, config, tokenizer)
+    # Any vLLM engine argument (AsyncEngineArgs), plus agentfleet's own ModelSpec fields
+    # (max_model_len, max_num_seqs, kv_cache_space_gib, ...): they override the model's
+    # settings for this version only.
+    engine_args: dict[str, object] = {}
+    templates: dict[str, int] = {}  # prompt template name -> the version this one renders
+    weight: float = 0.0  # share of the logical model's routed traffic, against the others'
+    state: VersionState = VersionState.ACTIVE
+    # Engines of one sleep group in a worker share a GPU: one awake at a time, the others
+    # asleep (vLLM sleep mode), woken when work for them queues.  "" for an engine of its own.
+    sleep_group: str = ""
+    created_at: float = 0.0
+    note: str = ""
+
+
+class CanaryPlan(Base, kw_only=True):
+    """A canary in progress or ended: its guard, its steps, where it stands."""
+
+    version: str
+    guard: str  # "error_ratio<1%,p99<2x": every condition must hold (schemas/registry.py)
+    steps: list[float]  # the canary's share of traffic at each step, percent, last 100
+    step: int = 0
+    step_s: float = 300.0  # a step lasts at least this long ...
+    min_tasks: int = 50  # ... and until the canary has finished this many attempts in it
+    started_at: float = 0.0
+    step_started_at: float = 0.0
+    status: str = "running"  # running, promoted, rolled_back
+    reason: str = ""  # why it ended
+    shadow: float = 0.0  # share of the stable version's tasks also run on the canary
+    stable_weights: dict[str, float] = {}  # the weights before it started: restored on rollback
+
+
+class ModelEntry(Base, kw_only=True):
+    """A logical model in the registry: what tasks name, and the versions that serve it."""
+
+    name: str
+    stable: str  # the version rollbacks and retries of canary tasks go to
+    versions: dict[str, ModelVersion] = {}
+    # Where tasks go when their SLA class's budget would pass on the version routed to:
+    # "<model>", "<model>@<version>" or "@<version>" (of this model); "": refused instead.
+    fallback: str = ""
+    sla_budget_s: dict[str, float] = {}  # per class, overriding the fleet's settings
+    canary: CanaryPlan | None = None
+
+
+class PromptTemplate(Base, kw_only=True):
+    """One version of a prompt template: a prompt or messages with `{variable}` places,
+    rendered once at submit by the producer (producer/templates.py)."""
+
+    name: str
+    version: int
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    variables: list[str] = []
+    created_at: float = 0.0
+    note: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
 # Built once: encoders and decoders are reused on the hot path (msgspec performance tips).
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
@@ -429,6 +513,8 @@ decode_dead_letter = msgspec.msgpack.Decoder(DeadLetter).decode
 decode_api_key = msgspec.msgpack.Decoder(ApiKeyRecord).decode
 decode_tenant = msgspec.msgpack.Decoder(TenantConfig).decode
 decode_audit = msgspec.msgpack.Decoder(AuditEntry).decode
+decode_model_entry = msgspec.msgpack.Decoder(ModelEntry).decode
+decode_template = msgspec.msgpack.Decoder(PromptTemplate).decode
 
 
 def result_to_dict(result: Result) -> dict:

@@ -57,10 +57,14 @@ async def start_worker(redis, settings):
     """Factory: start a worker on fake engines in the background; stopped after the test."""
     running: list[tuple[Worker, asyncio.Task]] = []
 
-    async def start(models=("m1", "m2"), *, engines=None, worker_settings=None, worker_id=None):
+    async def start(models=("m1", "m2"), *, engines=None, worker_settings=None, worker_id=None,
+                    registry_models=None, **worker_kwargs):
+        """`registry_models`: served models only the model registry knows (Worker's
+        `models`); other keywords go to the Worker as they are."""
         s = worker_settings or settings
-        engines = engines or {m: FakeEngine() for m in models}
-        worker = Worker(s, redis, engines, worker_id=worker_id or f"w{len(running) + 1}")
+        engines = engines if engines is not None else {m: FakeEngine() for m in models}
+        worker = Worker(s, redis, engines, worker_id=worker_id or f"w{len(running) + 1}",
+                        models=registry_models, **worker_kwargs)
         task = asyncio.create_task(worker.run(drain_timeout_s=5))
         running.append((worker, task))
         await asyncio.wait_for(worker.ready.wait(), 10)

@@ -231,6 +231,33 @@ def test_bulk_holds_at_most_its_share_of_slots():
     assert len(adm.offer([(f"i{i}", interactive, False) for i in range(10)])) == 6
 
 
+def test_a_newcomer_starts_in_a_spare_slot_while_a_flood_holds_every_slot():
+    """A flood of equal tasks ends in waves: without the spare slots tenant B's first task
+    would wait for a whole wave.  B takes spare slots up to its fair share (half of 8 at
+    equal weights, so the 2 spare cap it); the flood takes none and pays back the borrowed
+    slots: it starts again only when fewer than 8 run."""
+    adm = Admission(slots=8, bulk_cap=8, spare=2)
+    flood = adm.offer([(f"a{i}", Task(model="m", tenant="a", prompt="x"), False)
+                       for i in range(100)])
+    assert len(flood) == 8 and adm.offer([("a100", flood[0][1], False)]) == []
+    came = adm.offer([(f"b{i}", Task(model="m", tenant="b", prompt="x"), False)
+                      for i in range(5)])
+    assert [rid for rid, _ in came] == ["b0", "b1"] and adm.running == 10
+    adm.done("a0", 1, 1)
+    adm.done("a1", 1, 1)
+    assert adm.dispatch() == []  # 8 run: the borrowed slots are paid back first
+    adm.done("a2", 1, 1)
+    assert len(adm.dispatch()) == 1 and adm.running == 8  # then by the token counters
+
+
+def test_a_lone_tenant_never_takes_spare_slots():
+    adm = Admission(slots=4, bulk_cap=4, spare=2)
+    assert len(adm.offer([(f"a{i}", Task(model="m", tenant="a", prompt="x"), False)
+                          for i in range(10)])) == 4
+    assert adm.offer([("a10", Task(model="m", tenant="a", prompt="x"), False)]) == []
+    assert Admission(slots=4, bulk_cap=4, spare=2, fair=False).spare == 0
+
+
 def test_fairness_off_serves_first_come_first_served():
     adm = _admission(1, {"a": 1, "b": 100}, fair=False)
     adm.offer([("a0", Task(model="m", tenant="a", prompt="x"), False)])

@@ -13,7 +13,12 @@ dispatches as slots free (docs/tenants.md):
     ends, so that long prompts buy no larger share; a tenant that comes back from idle is
     lifted to the lowest counter of those waiting, so idle time banks no credit;
   - within a tenant: higher task priority first, then arrival;
-  - a tenant's `max_running` (split across the model's live workers) caps its slots.
+  - a tenant's `max_running` (split across the model's live workers) caps its slots;
+  - spare slots (`spare`, beyond `slots`: vLLM runs both) go only to a tenant running fewer
+    than its fair share of `slots`: when a flood of equal tasks holds every slot, they all
+    end together, and a newcomer would wait for that whole wave; through a spare slot its
+    task starts at the next engine step.  What it borrows is paid back: the flood's next
+    tasks start only once fewer than `slots` run.
 Nothing is held back that nobody else wants: a slot is never left free while a task waits.
 """
 
@@ -72,8 +77,9 @@ class Admission:
     """The fair queue between a runner's reads and its engine."""
 
     def __init__(self, *, slots: int | None, bulk_cap: int, fair: bool = True,
-                 policy: Callable[[str], tuple[float, int]] | None = None):
+                 policy: Callable[[str], tuple[float, int]] | None = None, spare: int = 0):
         self.slots = slots  # None: the engine takes everything at once (the fake engine)
+        self.spare = spare if slots is not None and fair else 0
         self.bulk_cap = bulk_cap
         self.fair = fair  # False: first come, first served across tenants (within a lane)
         self._policy = policy or (lambda tenant: (1.0, 0))  # tenant -> (weight, limit)
@@ -108,6 +114,7 @@ class Admission:
         """Take checked tasks (request id, task, bulk?); return those to start now."""
         if self.slots is None and not self.waiting:  # no slot limit: nothing to order
             return [(rid, task) for rid, task, _ in requests]
+        arrived: set[tuple[bool, str]] = set()
         for request_id, task, bulk in requests:
             lane = self._lanes[bulk]
             q = lane.tenants.get(task.tenant)
@@ -122,7 +129,11 @@ class Admission:
             lane.waiting += 1
             if idle:
                 self._push_order(lane, task.tenant, q)
-        return self.dispatch()
+            arrived.add((bulk, task.tenant))
+        out = self.dispatch()
+        if self.spare and self.waiting and self.running >= self.slots:
+            out += self._spare(arrived)
+        return out
 
     def dispatch(self) -> list[Request]:
         """Tasks to start now: as many as there are free slots."""
@@ -135,6 +146,21 @@ class Admission:
             if picked is None:
                 break  # what waits is capped (bulk share, tenant limits): a finish frees it
             out.append(picked)
+        return out
+
+    def _spare(self, arrived: set[tuple[bool, str]]) -> list[Request]:
+        """Spare slots for the tenants that just brought work, while they run fewer than
+        their fair share of `slots` (only an arrival can make one eligible: a finish frees a
+        slot of its own).  Interactive first; bulk within its cap."""
+        out: list[Request] = []
+        for bulk, tenant in sorted(arrived):
+            lane = self._lanes[bulk]
+            q = lane.tenants[tenant]
+            share = self.slots * q.weight / self._weights(lane)
+            while (q.heap and q.running < share and self.running < self.slots + self.spare
+                   and (not q.limit or q.running < q.limit)
+                   and (not bulk or self.running_bulk < self.bulk_cap)):
+                out.append(self._take(lane, tenant, q, bulk))
         return out
 
     def done(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
@@ -171,30 +197,39 @@ class Admission:
             if q.limit and q.running >= q.limit:
                 deferred.append(entry)
                 continue
-            _, _, request_id, task = heapq.heappop(q.heap)
-            lane.waiting -= 1
-            tokens = estimate_tokens(task)
-            lane.vtime = q.counter
-            if self.fair:
-                q.counter += tokens / q.weight
-            q.running += 1
-            self.charges[request_id] = Charge(tenant, bulk, tokens, q.weight)
-            self.running += 1
-            if bulk:
-                self.running_bulk += 1
-            if q.heap:
-                self._push_order(lane, tenant, q)
-            picked = (request_id, task)
+            picked = self._take(lane, tenant, q, bulk)
             break
         for entry in deferred:
             heapq.heappush(lane.order, entry)
         return picked
+
+    def _take(self, lane: _Lane, tenant: str, q: _TenantQueue, bulk: bool) -> Request:
+        """Start the tenant's next task: charge it, count its slot."""
+        _, _, request_id, task = heapq.heappop(q.heap)
+        lane.waiting -= 1
+        tokens = estimate_tokens(task)
+        lane.vtime = q.counter
+        if self.fair:
+            q.counter += tokens / q.weight
+        q.running += 1
+        self.charges[request_id] = Charge(tenant, bulk, tokens, q.weight)
+        self.running += 1
+        if bulk:
+            self.running_bulk += 1
+        if q.heap:
+            self._push_order(lane, tenant, q)  # a new stamp: its old entry goes stale
+        return request_id, task
 
     def _push_order(self, lane: _Lane, tenant: str, q: _TenantQueue) -> None:
         q.stamp = next(self._arrival)
         # Fairness off: the head task's arrival orders tenants, first come, first served.
         key = q.counter if self.fair else q.heap[0][1]
         heapq.heappush(lane.order, (key, q.stamp, tenant))
+
+    @staticmethod
+    def _weights(lane: _Lane) -> float:
+        """The weights of the lane's tenants with work (waiting or running)."""
+        return sum(q.weight for q in lane.tenants.values() if q.heap or q.running)
 
     @staticmethod
     def _lowest_waiting(lane: _Lane) -> float | None:

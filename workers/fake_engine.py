@@ -22,6 +22,12 @@ none), with arguments built the same way.  Regexes and grammars are answered wit
 fake_output hook.  Such answers count a token per 4 characters, and are cut at max_tokens
 (finish_reason "length"), as a real engine cuts them.
 
+With `error_rate`, that share of its requests fails with engine_error (transient: retried),
+chosen by a hash of the task id and attempt, so that a test knows which and a retry of the
+same task on another engine succeeds (a canary that fails 30% of its tasks).  With
+`sleep_mode`, it sleeps and wakes as vLLM's sleep mode does (`wake_s` to wake), and fails any
+request submitted while asleep: the runner's turn-taking (workers/sleep.py) is tested on it.
+
 Test hooks, set through a task's metadata:
     fake_output = "<text>"            -> the answer is this text (tokens: a word each)
     fake_error = "<ErrorCode value>"  -> the request fails with that code
@@ -45,6 +51,7 @@ import math
 import os
 import re
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 
 import msgspec
@@ -59,13 +66,22 @@ class FakeEngine:
     """Answers at once (or after `delay_s`), with no model: a test double, not an engine."""
 
     def __init__(self, model_version: str = "fake-1", delay_s: float = 0.0,
-                 slots: int | None = None, token_delay_s: float = 0.0):
+                 slots: int | None = None, token_delay_s: float = 0.0, *,
+                 error_rate: float = 0.0, sleep_mode: bool = False, wake_s: float = 0.0,
+                 spare_slots: int = 0):
         self.model_version = model_version
         self.delay_s = delay_s
         self.slots = slots  # None: no limit, every request runs at once
+        self.spare_slots = spare_slots if slots else 0  # it runs slots + these, as vLLM does
         self.token_delay_s = token_delay_s
         self.partials = None  # a PartialPublisher, set by the worker (workers/streaming.py)
         self._streams: dict[str, _Stream] = {}
+        self.error_rate = error_rate
+        self.can_sleep = sleep_mode
+        self.wake_s = wake_s
+        self.asleep = False
+        self.sleeps = 0
+        self.wake_times_s: list[float] = []
         self.submitted = 0
         self.peak_running = 0  # most requests that ran at once
         self._timers: dict[str, tuple[asyncio.TimerHandle, EngineOutput, OnDone]] = {}
@@ -81,7 +97,16 @@ class FakeEngine:
         self.submitted += len(requests)
         now = time.time()
         for request_id, task in requests:
+            if self.asleep:
+                on_done(EngineOutput(request_id=request_id, finished=now,
+                                     error_code=ErrorCode.INTERNAL,
+                                     error_message="submitted to a sleeping engine"))
+                continue
             out = answer(request_id, task, now)
+            if self.error_rate and out.error_code is None and _fails(task, self.error_rate):
+                out = EngineOutput(request_id=request_id, engine_start=now, finished=now,
+                                   error_code=ErrorCode.ENGINE_ERROR,
+                                   error_message="fake engine: its error_rate failed this one")
             if task.stream and self.partials is not None and out.error_code is None:
                 self._stream(request_id, task, out, on_done)
                 continue
@@ -111,7 +136,7 @@ class FakeEngine:
 
     def _start_waiting(self) -> None:
         now = time.time()
-        while self._waiting and len(self._timers) < self.slots:
+        while self._waiting and len(self._timers) < self.slots + self.spare_slots:
             _, _, request_id, out, on_done, delay = heapq.heappop(self._waiting)
             self._run(request_id, out, on_done, delay, now)
 
@@ -191,6 +216,20 @@ class FakeEngine:
     async def stop(self) -> None:
         self.abort([w[2] for w in self._waiting] + list(self._timers) + list(self._streams))
 
+    async def sleep(self) -> None:
+        if self._timers or self._waiting or self._streams:
+            raise RuntimeError(f"sleep with {len(self._timers) + len(self._waiting) + len(self._streams)} requests "
+                               "in flight: vLLM would abort them")
+        self.asleep = True
+        self.sleeps += 1
+
+    async def wake_up(self) -> None:
+        started = time.monotonic()
+        await asyncio.sleep(self.wake_s)
+        self.asleep = False
+        self.wake_times_s.append(time.monotonic() - started)
+
+
 
 class _Stream:
     """A streaming request in the fake engine: its words and how many are out."""
@@ -209,6 +248,10 @@ class _Stream:
 
     def left(self) -> bool:
         return self.sent < len(self.words)
+
+
+def _fails(task: Task, rate: float) -> bool:
+    return zlib.crc32(f"{task.id}:{task.attempt}".encode()) / 4294967296.0 < rate
 
 
 def answer(request_id: str, task: Task, now: float) -> EngineOutput:

@@ -4,7 +4,8 @@
             worker); suspects (delivered twice already) one at a time
   renew     keep our claim on tasks still in the engine, so that a slow worker is not taken
             for a dead one
-  promote   move retries that are due from the delayed set back into their tenant's lane
+  promote   move retries that are due from the delayed set back into their tenant's lane (of
+            the version they ran on, or the stable version for a canary's: docs/versions.md)
   trim      drop acknowledged stream entries, never one pending or undelivered; forget
             expired cancellation marks
 """
@@ -142,18 +143,23 @@ class Housekeeping:
             try:
                 due = await r.redis.zrangebyscore(delayed, "-inf", time.time(), start=0,
                                                   num=PROMOTE_BATCH)
-                groups: dict[tuple[str, str], list[bytes]] = {}
+                groups: dict[tuple[str, str, str], list[bytes]] = {}
+                registry = r.registry
                 for member in due:
                     lane = "b" if member[:1] == b"b" else "i"
+                    version = r.route_version
                     try:
-                        tenant = decode_task(member[1:]).tenant
+                        task = decode_task(member[1:])
+                        tenant = task.tenant
+                        if registry.entries:
+                            version = registry.retry_version(r.model, task.version)
                     except AgentFleetError:  # not a task: its own stream's worker dead-letters it
                         tenant = keys.DEFAULT_TENANT
-                    groups.setdefault((lane, tenant), []).append(member)
-                for (lane, tenant), members in groups.items():
+                    groups.setdefault((lane, tenant, version), []).append(member)
+                for (lane, tenant, version), members in groups.items():
                     await self._promote(
-                        keys=[delayed, r.streams.stream(lane, tenant),
-                              keys.tenant_lanes(r.model, lane)],
+                        keys=[delayed, keys.lane_stream(r.model, lane, tenant, version),
+                              keys.tenant_lanes(r.model, lane, version)],
                         args=[tenant, keys.GROUP, *members])
             except TRANSIENT as exc:
                 log.warning("model %s: moving due retries failed (%s)", r.model, exc)

@@ -30,6 +30,9 @@ is `interactive` or `bulk`, followed by `@<model version>` when the engine has o
       w                 sum of queue waits, seconds
       g                 sum of engine seconds (engine start to end)
       d                 bulk-job tasks that succeeded within their job's completion window
+      y:<error code>    attempts that failed transiently and were retried (not an end: the
+                        task goes on, on the stable version for a canary's): what a canary's
+                        guard counts besides the errors that ended tasks (docs/versions.md)
 Fields of the model as a whole:
       x:<error code>    the correlation id of one task that ended with that code (HSET)
       c:up, c:busy      engine seconds up, and up with a task in flight, summed over workers
@@ -67,9 +70,15 @@ log = logging.getLogger("agentfleet.worker")
 _MAX_PENDING_HASHES = 10_000  # unwritten (Redis down): keep this many, drop the oldest
 HOUR_TTL_FACTOR = 4  # hour hashes live this many times kpi_ttl_s
 LANES = ("interactive", "bulk")
+RETRIED = "retried"  # the status a retried attempt is buffered with: counted as y:, not s:
 # Fields summed into the series hashes (tenant and version dropped); the others stay per tail.
 _SERIES_KINDS = frozenset("sebpotqdlwg")
-_TAIL_KINDS = frozenset("sebtq")  # a detail (status, code, bucket index) before the tail
+# Latency histogram bounds (seconds): the Prometheus histograms (workers/metrics.py) and the
+# per-minute aggregates share them.  Here, not there: the client's CLI (report, canary) reads
+# them without prometheus_client.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_TAIL_KINDS = frozenset("sebtqy")  # a detail (status, code, bucket index) before the tail
 _BARE_KINDS = frozenset("lpowgd")  # the tail right after the kind
 
 
@@ -99,6 +108,10 @@ class KpiBuffer:
         self._watched.append((model, inflight))
         if self._last_tick is None:
             self._last_tick = time.time()  # up from now, not from the first flush
+
+    def unwatch(self, inflight: Callable[[], int]) -> None:
+        """Stop sampling a lane (its runner was retired: docs/versions.md)."""
+        self._watched = [(m, f) for m, f in self._watched if f is not inflight]
 
     def fold(self) -> dict[tuple[str, int], dict[str, float | str]]:
         """What the buffer holds, as minute-hash fields per (model, minute)."""
@@ -147,6 +160,9 @@ class KpiBuffer:
             tte, wait, eng, version, within, corr = task[9:15] if len(task) > 9 else \
                 (None, None, None, "", False, "")
             row = acc[(model, minute, _tail(lane, version), tenant)]
+            if status == RETRIED:  # an attempt, not an end
+                row.retries[code] = row.retries.get(code, 0) + 1
+                continue
             row.statuses[status] = row.statuses.get(status, 0) + 1
             if code:
                 row.codes[code] = row.codes.get(code, 0) + 1
@@ -291,12 +307,13 @@ class KpiBuffer:
 class _Row:
     """One (model, minute, lane, version, tenant)'s totals while folding."""
 
-    __slots__ = ("statuses", "codes", "e2e", "ttft", "wait", "e2e_sum", "wait_sum",
+    __slots__ = ("statuses", "codes", "retries", "e2e", "ttft", "wait", "e2e_sum", "wait_sum",
                  "engine_sum", "ptok", "otok", "within")
 
     def __init__(self, n_buckets: int):
         self.statuses: dict[str, int] = {}
         self.codes: dict[str, int] = {}
+        self.retries: dict[str, int] = {}
         self.e2e = [0] * n_buckets
         self.ttft = [0] * n_buckets
         self.wait = [0] * n_buckets
@@ -308,6 +325,8 @@ class _Row:
             out[f"s:{status}:{tail}"] = n
         for code, n in self.codes.items():
             out[f"e:{code}:{tail}"] = n
+        for code, n in self.retries.items():
+            out[f"y:{code}:{tail}"] = n
         for kind, buckets in (("b", self.e2e), ("t", self.ttft), ("q", self.wait)):
             for i, n in enumerate(buckets):
                 if n:

@@ -39,7 +39,7 @@ from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.wire import Status
 from agentfleet.workers.exposition import HISTOGRAMS, escape_label, render
 from agentfleet.workers.http import MetricsServer
-from agentfleet.workers.kpi import KpiBuffer
+from agentfleet.workers.kpi import LATENCY_BUCKETS_S, RETRIED, KpiBuffer
 
 if TYPE_CHECKING:
     from agentfleet.workers.inflight import RunnerStats
@@ -48,8 +48,6 @@ log = logging.getLogger("agentfleet.worker")
 
 # Seconds: from half a millisecond (a queue hop on a fast server) to ten minutes (a long agent
 # step on a busy engine).
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                     2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TOKEN_BUCKETS = tuple(float(2 ** i) for i in range(15))  # 1 .. 16384 tokens
 SIZE_BUCKETS = tuple(float(2 ** i) for i in range(11))  # 1 .. 1024 tasks
 
@@ -128,8 +126,9 @@ class LaneMetrics:
         self.model = runner.model
         self.runner = runner
         self.kpi = kpi  # per-minute aggregates in Redis (workers/kpi.py), None when off
+        self.busy = lambda: runner.busy
         if kpi is not None:  # engine up/busy seconds and queue depth, sampled by the flush
-            kpi.watch(runner.model, lambda: runner.busy)
+            kpi.watch(runner.model, self.busy)
         self._lock = threading.Lock()  # the event loop appends, a scrape thread folds
         self.queue_wait = _Histogram(LATENCY_BUCKETS_S)
         self.first_token = _Histogram(LATENCY_BUCKETS_S)
@@ -258,6 +257,11 @@ class LaneMetrics:
                 if record.outcome == b"y":  # back to the queue for another attempt
                     code = out.error_code.value if out.error_code else "retry"
                     _count_alarm(alarms, "warning", code, rec)
+                    if kpi is not None:  # a canary's guard counts failed attempts too
+                        kpi.append((self.model, minute, "bulk" if klass == "bulk" else
+                                    "interactive", task.tenant if task is not None else "",
+                                    RETRIED, code, None, 0, 0, None, None, None, self.version,
+                                    False, ""))
                     continue
                 ptok = otok = 0
                 if out.error_code is None and not rec.cancelled:
@@ -437,6 +441,14 @@ class WorkerMetrics:
         for runner in worker.runners:
             runner.metrics = metrics.add_runner(runner, runner.engine)
         return metrics
+
+    def remove_runner(self, runner: RunnerView) -> None:
+        """A runner retired (docs/versions.md): its series leave /metrics, its engine's up
+        time stops counting."""
+        for lane in [lane for lane in self.lanes if lane.runner is runner]:
+            self.lanes.remove(lane)
+            if self.kpi is not None:
+                self.kpi.unwatch(lane.busy)
 
     def add_runner(self, runner: RunnerView, engine: object) -> LaneMetrics | NullLaneMetrics:
         if not self.enabled:

@@ -7,7 +7,8 @@ unit-tested without a server (tests/test_outcomes.py).  The rules:
   - decode errors, too many deliveries and unsupported versions are dead-lettered;
   - a deadline passed or a cancellation ends the task with its status (expired, cancelled);
   - a success enqueues the task's follow-ups (deterministic ids `<parent>.<n>`), a failure
-    does not;
+    does not; a follow-up of the same model keeps its parent's version while that version
+    serves, one of another model is routed by that model's registry entry;
   - chains (a follow-up, or a task with follow-ups or its own correlation id) get trace
     events; a lone task's result is its whole trace.
 Agent steps (docs/agent-steps.md):
@@ -32,6 +33,7 @@ import msgspec
 
 from agentfleet.schemas import keys, resultcache, steps
 from agentfleet.schemas.errors import ErrorCode, JoinInputLostError
+from agentfleet.schemas.registry import ModelTable
 from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import (
     DeadLetter,
@@ -104,6 +106,8 @@ def child(task: Task, index: int, spec: FollowUp, output: str, now: float,
         reply_to=task.reply_to,
         enqueued_at=now,
         traceparent=traceparent,  # the parent task's span: a chain is one trace
+        # a chain keeps its version: the parent's, for a step of the same model
+        version=task.version if not spec.model or spec.model == task.model else "",
     )
     if spec.response_format is not None or spec.tools or spec.join is not None \
             or joins_into is not None:
@@ -252,8 +256,10 @@ class Outcomes:
 
     def __init__(self, *, model: str, worker_id: str, settings: Settings,
                  model_version: Callable[[], str], spans=None,
-                 retention: Callable[[str], tuple[int, int]] | None = None):
+                 retention: Callable[[str], tuple[int, int]] | None = None,
+                 registry: Callable[[], ModelTable] | None = None):
         self.model = model
+        self._registry = registry or ModelTable  # the model registry: follow-ups' versions
         # tenant -> (result ttl s, trace ttl s): its registry entry, else the fleet's settings
         self.retention = retention or (lambda tenant: (settings.result_ttl_s,
                                                        settings.trace_ttl_s))
@@ -312,12 +318,24 @@ class Outcomes:
                 for kid, _ in fanout.children:
                     kid.traceparent = traceparent
         followups: list[FollowUpWrite] = []
+        registry = self._registry() if fanout is not None else None
+        join_version = ""
+        if registry is not None and registry.entries:  # a chain keeps its model's version
+            if task.join is not None:
+                join_model = task.join.model or task.model
+                join_version = registry.carry_version(
+                    join_model, task.version if join_model == task.model else "",
+                    task.correlation_id)
+            for kid, _ in fanout.children:
+                kid.version = registry.carry_version(kid.model, kid.version, kid.correlation_id)
+                if kid.joins_into is not None:
+                    kid.joins_into.join_version = join_version
         for kid, via in fanout.children if fanout is not None else ():
             event = encode(Enqueued(task_id=kid.id, parent_id=task.id, model=kid.model,
                                     agent_id=kid.agent_id, at=now, via=via)) if trace_on else b""
             followups.append(FollowUpWrite(
-                keys.task_stream(kid.model, kid.tenant), encode(kid), event,
-                keys.tenant_lanes(kid.model, "i"), keys.queued_counts(kid.model),
+                keys.task_stream(kid.model, kid.tenant, kid.version), encode(kid), event,
+                keys.tenant_lanes(kid.model, "i", kid.version), keys.queued_counts(kid.model),
                 kid.tenant))
         # Only the fields that differ from their defaults go through the constructor:
         # msgspec matches keyword arguments one by one, and most tasks leave these empty.
@@ -353,6 +371,8 @@ class Outcomes:
                 result.join_id = task.id + ".join"
         if task.attempt:
             result.attempts = task.attempt + 1
+        if task.template:
+            result.template = task.template
         trace = b""
         if trace_on:
             # Traces hold no content: no text, parsed value or tool arguments.
@@ -383,7 +403,8 @@ class Outcomes:
             record.batch_counts = keys.batch_counts(self.model, task.batch_id)
             record.batch_status = status.value
         if fanout is not None and task.join is not None:
-            record.join = self._open_join(task, fanout, now, traceparent, trace_on)
+            record.join = self._open_join(task, fanout, now, traceparent, trace_on,
+                                          join_version)
         elif task.joins_into is not None:
             record.join = self._join_member(task, now, trace_on)
         if task.cache_digest:
@@ -405,13 +426,14 @@ class Outcomes:
         return write
 
     def _open_join(self, task: Task, fanout: Fanout, now: float, traceparent: str,
-                   trace_on: bool) -> JoinWrite:
+                   trace_on: bool, version: str) -> JoinWrite:
         """The parent's side of a join: the step, and the children it waits for."""
         step = join_step(task, now, traceparent)
+        step.version = step.join_of.join_version = version
         return JoinWrite(
             state_key=keys.join_state(task.model, task.id),
-            stream=keys.task_stream(step.model, task.tenant),
-            lanes_key=keys.tenant_lanes(step.model, "i"),
+            stream=keys.task_stream(step.model, task.tenant, version),
+            lanes_key=keys.tenant_lanes(step.model, "i", version),
             queued_key=keys.queued_counts(step.model), tenant=task.tenant,
             event=self._join_event(task.id, step.model, len(fanout.children), now, trace_on),
             payload=encode(step), children=tuple(kid.id for kid, _ in fanout.children))
@@ -421,8 +443,8 @@ class Outcomes:
         ref = task.joins_into
         return JoinWrite(
             state_key=keys.join_state(ref.model, ref.parent),
-            stream=keys.task_stream(ref.join_model, task.tenant),
-            lanes_key=keys.tenant_lanes(ref.join_model, "i"),
+            stream=keys.task_stream(ref.join_model, task.tenant, ref.join_version),
+            lanes_key=keys.tenant_lanes(ref.join_model, "i", ref.join_version),
             queued_key=keys.queued_counts(ref.join_model), tenant=task.tenant,
             event=self._join_event(ref.parent, ref.join_model, 0, now, trace_on),
             member=task.id)

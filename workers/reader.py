@@ -53,6 +53,10 @@ class Reader:
         self._backlog = True  # the last read found a backlog: poll lanes before blocking
         self._last_streams: list[str] = []
 
+    def use_settings(self, settings) -> None:
+        """Check tasks against other settings from now on (the model registry changed)."""
+        self._check_task = TaskChecker(settings)
+
     async def read_loop(self) -> None:
         r = self.runner
         s = r.settings
@@ -72,9 +76,10 @@ class Reader:
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
-                # A stream without the group (deleted, or made by hand): make it again.
+                # A stream without the group (deleted, or made by hand; deleted while a read
+                # blocked on it: UNBLOCKED): make it again.
                 await r.ensure_groups(self._last_streams)
                 continue
             backoff_s = 0.05
@@ -171,6 +176,7 @@ class Reader:
         prefix = f"{lane}{tenant}/"
         max_deliveries = r.settings.max_deliveries
         cancelled = r.cancelled
+        version = r.route_version
         for entry_id, fields in entries:
             rec = InFlight(source, bulk, entry_id, now, window_id, size, tenant)
             if deliveries is not None:
@@ -200,6 +206,8 @@ class Reader:
                 r.finish_now(rec, ErrorCode.INVALID_TASK, f"tenant: a task of {task.tenant!r} "
                              f"in the stream of {tenant!r}", now)
                 continue
+            if task.version != version:  # moved here from a version rolled back: runs here
+                task.version = version
             request_id = prefix + entry_id.decode()
             r.inflight[request_id] = rec
             if task.join_of is not None:

@@ -13,7 +13,9 @@ run when interactive work leaves room); every tenant has its own stream in each 
 (workers/streams.py).  Between the reader and the engine, tasks wait in `Admission`
 (workers/admission.py) for an engine slot and leave in fair order.  The runner holds the
 state the rooms share: the in-flight records, the slot accounting, the outbox, cancellation
-marks and counters.
+marks and counters.  A runner serves one model, or one registered version of it (its own
+streams, its own engine: docs/versions.md); an engine that shares a GPU with others sleeps
+between its turns (`sleeper`, workers/sleep.py): what it should start meanwhile is held.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from redis.exceptions import ResponseError
 
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import ErrorCode
+from agentfleet.schemas.registry import ModelTable
 from agentfleet.schemas.settings import ModelSpec, Settings
 from agentfleet.schemas.tenants import TenantTable
 from agentfleet.schemas.wire import Task
@@ -70,14 +73,18 @@ class ModelRunner:
     """Serves one model's lanes for one worker."""
 
     def __init__(self, *, spec: ModelSpec, engine: Engine, redis: aioredis.Redis,
-                 settings: Settings, worker_id: str):
+                 settings: Settings, worker_id: str, route_version: str = ""):
         self.model = spec.name
         self.spec = spec
         self.engine = engine
         self.redis = redis
         self.settings = settings
         self.worker_id = worker_id
-        self.streams = TenantStreams(redis, self.model)
+        # The registered version whose streams it reads ("" for the unversioned ones); its
+        # engine's model_version is that name too, so results and aggregates carry it.
+        self.route_version = route_version
+        self.registry = ModelTable()  # the model registry; the Worker keeps it current
+        self.streams = TenantStreams(redis, self.model, route_version)
         self.stats = RunnerStats()
         share = settings.bulk_max_share
         # Reads: bulk-job tasks hold at most their share of what is read ahead, so that
@@ -88,6 +95,7 @@ class ModelRunner:
         engine_slots = getattr(engine, "slots", None)
         self.admission = Admission(
             slots=engine_slots, bulk_cap=max(1, int((engine_slots or 1) * share)),
+            spare=getattr(engine, "spare_slots", 0),
             fair=settings.fairness, policy=self._policy)
         self.tenants = TenantTable()  # the registry; the Worker keeps it current
         self.live_workers = 1  # of this model, from the heartbeats: splits max_running
@@ -100,6 +108,11 @@ class ModelRunner:
         self.slot_free = asyncio.Event()  # a commit released slots
         self.suspect_done = asyncio.Event()  # a task delivered 3+ times was committed
         self.metrics = NULL_LANE_METRICS  # the Worker attaches real ones (workers/metrics.py)
+        self.sleeper = None  # workers/sleep.py, for an engine sharing a GPU; None: always awake
+        self.held: list[tuple[str, Task]] = []  # dispatched while the engine sleeps
+        self.in_engine = 0  # requests submitted to the engine and not yet done
+        self.engine_busy_s = 0.0  # engine seconds of the requests that ended (load reports)
+        self.engine_ends = 0
         spans = None
         if settings.otel_enabled:
             from agentfleet.workers.otel import TaskSpans
@@ -107,7 +120,7 @@ class ModelRunner:
             spans = TaskSpans()
         self.outcomes = Outcomes(model=self.model, worker_id=worker_id, settings=settings,
                                  model_version=lambda: engine.model_version, spans=spans,
-                                 retention=self._retention)
+                                 retention=self._retention, registry=lambda: self.registry)
         self.reader = Reader(self)
         self.committer = Committer(self, CommitHead(
             stats_key=keys.stats_key(self.model), delayed_key=keys.delayed_key(self.model),
@@ -172,12 +185,19 @@ class ModelRunner:
 
     def _submit(self, ready: Sequence[tuple[str, Task]]) -> None:
         """Hand tasks to the engine; an engine bug fails them, not the worker."""
+        sleeper = self.sleeper
+        if sleeper is not None and not sleeper.available:  # asleep: wait for its turn
+            self.held += ready
+            sleeper.want_turn()
+            return
         table = self.tenants
         salts = [table.cache_salt(task.tenant) for _, task in ready]
+        self.in_engine += len(ready)
         try:
             self.engine.submit(ready, self.on_done, salts=salts)
         except Exception as exc:
             log.exception("model %s: engine.submit failed", self.model)
+            self.in_engine = max(0, self.in_engine - len(ready))
             now = time.time()
             for request_id, _ in ready:
                 rec = self.inflight.pop(request_id, None)
@@ -192,6 +212,12 @@ class ModelRunner:
         if not self._dispatch_soon and self.admission.waiting:
             self._dispatch_soon = True
             asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def release_held(self) -> None:
+        """The engine is awake again: start what waited for it."""
+        held, self.held = self.held, []
+        if held:
+            self._submit(held)
 
     def _dispatch(self) -> None:
         self._dispatch_soon = False
@@ -208,6 +234,10 @@ class ModelRunner:
     def on_done(self, out: EngineOutput) -> None:
         """Engine callback: a request finished (or failed)."""
         rec = self.inflight.pop(out.request_id, None)
+        self.in_engine -= 1
+        if out.engine_start:
+            self.engine_busy_s += out.finished - out.engine_start
+            self.engine_ends += 1
         self.admission.done(out.request_id, out.prompt_tokens, out.output_tokens)
         if self.admission.waiting:
             self._schedule_dispatch()
@@ -223,7 +253,11 @@ class ModelRunner:
         self.cancelled[task_id] = until
         for request_id, rec in self.inflight.items():
             if rec.task is not None and rec.task.id == task_id:
-                if self.admission.drop(request_id) is not None:  # waiting: never starts
+                held = [i for i, (rid, _) in enumerate(self.held) if rid == request_id]
+                if self.admission.drop(request_id) is not None or held:  # never starts
+                    if held:  # dispatched while the engine slept: its slot is freed here
+                        del self.held[held[0]]
+                        self.admission.done(request_id, 0, 0)
                     del self.inflight[request_id]
                     self.finish_now(rec, ErrorCode.CANCELLED, "cancelled before it ran",
                                     time.time())

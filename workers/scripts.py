@@ -3,7 +3,8 @@
 `commit.lua` applies a group of finished tasks in one atomic call; its KEYS/ARGV contract is
 at the top of the file, and `commit_args` is the only code that builds it (tested without a
 server in tests/test_scripts.py).  `reclaim.lua`, `renew.lua`, `promote.lua` and
-`deactivate.lua` are the housekeeping steps (workers/housekeeping.py, workers/streams.py).
+`deactivate.lua` are the housekeeping steps (workers/housekeeping.py, workers/streams.py);
+`move.lua` hands a version's queued tasks to another (ops/canary.py: rollbacks, retirement).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from operator import attrgetter
 
 import msgspec
 
+from agentfleet.schemas.keys import GROUP
 from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.scripts import lua
 from agentfleet.schemas.wire import Status
@@ -38,6 +40,18 @@ def promote_lua() -> str:
 
 def deactivate_lua() -> str:
     return lua(_PACKAGE, "deactivate")
+
+
+def move_lua() -> str:
+    return lua(_PACKAGE, "move")
+
+
+def move_args(*, source: str, target: str, target_lanes: str, source_lanes: str,
+              stats_key: str, consumer: str, count: int, min_idle_ms: int,
+              tenant: str) -> tuple[list, list]:
+    """KEYS and ARGV of move.lua (the contract atop that file)."""
+    return ([source, target, target_lanes, source_lanes, stats_key],
+            [GROUP, consumer, count, min_idle_ms, tenant])
 
 
 class CommitHead(msgspec.Struct, kw_only=True, frozen=True):

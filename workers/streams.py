@@ -5,7 +5,8 @@ enqueue; a runner refreshes the marked tenants every `REFRESH_S` and reads their
 plus those it found work in recently (a steady tenant is never dropped between two tasks).
 When a read finds a marked stream empty, `deactivate.lua` sets its mark to 0, atomically
 against enqueue.lua, so no task is left unread.  The default tenant's streams keep the
-short names `af:{m}:tasks` and `af:{m}:bulk` and are always read.
+short names `af:{m}:tasks` and `af:{m}:bulk` and are always read.  A runner of a registered
+model version reads that version's streams and tenant sets (`af:{m}:v:<version>:...`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ MIN_PART = 16  # a tenant may always hold this many read tasks waiting for the e
 class LaneStreams:
     """One lane's tenants and their streams, for one runner."""
 
-    def __init__(self, model: str, lane: str):
+    def __init__(self, model: str, lane: str, version: str = ""):
         self.model = model
         self.lane = lane
-        self.key = keys.tenant_lanes(model, lane)
+        self.version = version
+        self.key = keys.tenant_lanes(model, lane, version)
         self.marked: set[str] = {DEFAULT_TENANT}  # tenants at 1 in the tenant set
         self.recent: dict[str, float] = {}  # tenant -> monotonic time its stream had work
         self.empty: set[str] = set()  # marked tenants a read found empty: drain candidates
@@ -41,7 +43,8 @@ class LaneStreams:
     def stream(self, tenant: str) -> str:
         name = self._names.get(tenant)
         if name is None:
-            name = self._names[tenant] = keys.lane_stream(self.model, self.lane, tenant)
+            name = self._names[tenant] = keys.lane_stream(self.model, self.lane, tenant,
+                                                          self.version)
         return name
 
     def pick(self, limit: int, waiting: dict[str, int], read_ahead: int) -> list[str]:
@@ -78,9 +81,9 @@ class LaneStreams:
 class TenantStreams:
     """Both lanes of one model: refreshing the marks, draining empty ones, listing streams."""
 
-    def __init__(self, redis: aioredis.Redis, model: str):
+    def __init__(self, redis: aioredis.Redis, model: str, version: str = ""):
         self.redis = redis
-        self.lanes = {"i": LaneStreams(model, "i"), "b": LaneStreams(model, "b")}
+        self.lanes = {"i": LaneStreams(model, "i", version), "b": LaneStreams(model, "b", version)}
         self._deactivate = redis.register_script(deactivate_lua())
         self._refreshed_at = 0.0
         self._deactivated_at = 0.0

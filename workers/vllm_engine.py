@@ -31,6 +31,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+from agentfleet.schemas.engine_args import engine_kwargs, sleep_mode_available
 from agentfleet.schemas.errors import ErrorCode, FatalConfigError
 from agentfleet.schemas.settings import ModelSpec
 from agentfleet.schemas import steps
@@ -94,9 +95,13 @@ class VllmEngine:
         self._inflight: dict[str, asyncio.Task] = {}
         self._stats_sink = None
         self.slots = spec.max_num_seqs
+        self.spare_slots = spec.spare_seqs  # vLLM runs slots + these (workers/admission.py)
         self._last_stream_key: tuple | None = None  # (sampling, constraint) of the last
         self._last_stream_params: SamplingParams | None = None
         self.partials = None  # a PartialPublisher, set by the worker (workers/streaming.py)
+        # Sleep mode (a sleep group sharing a GPU: workers/sleep.py), where the platform has
+        # it; elsewhere (the CPU) the engine stays awake and the group runs side by side.
+        self.can_sleep = bool(spec.sleep_group) and sleep_mode_available()
 
     def set_stats_sink(self, sink) -> None:
         """Where vLLM's own statistics go (KV-cache use, prefix-cache hits); before start()."""
@@ -203,25 +208,19 @@ class VllmEngine:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    async def sleep(self) -> None:
+        """Free the GPU: weights to CPU memory, the KV cache dropped (vLLM sleep level 1).
+        Called only with nothing in flight (vLLM would abort what runs)."""
+        await self._llm.sleep(level=1)
+
+    async def wake_up(self) -> None:
+        """Weights back on the GPU, a fresh KV cache: the engine takes requests again."""
+        await self._llm.wake_up()
+
     def _engine_args(self) -> AsyncEngineArgs:
-        spec = self.spec
-        return AsyncEngineArgs(
-            model=str(self.model_path),
-            served_model_name=spec.name,
-            max_model_len=spec.max_model_len,
-            max_num_seqs=spec.max_num_seqs,
-            max_num_batched_tokens=spec.max_num_batched_tokens,
-            gpu_memory_utilization=spec.gpu_memory_utilization,
-            enable_prefix_caching=spec.enable_prefix_caching,
-            enforce_eager=spec.enforce_eager,
-            dtype=resolve_dtype(spec.dtype),
-            scheduling_policy=spec.scheduling_policy,
-            load_format=spec.load_format,
-            seed=spec.seed,
-            # Stats on: they carry each request's first-token time (RequestOutput.metrics).
-            disable_log_stats=False,
-            enable_log_requests=False,
-        )
+        return AsyncEngineArgs(**engine_kwargs(self.spec, self.model_path,
+                                               dtype=resolve_dtype(self.spec.dtype),
+                                               sleep_mode=self.can_sleep))
 
     def _refusal(self, request_id: str) -> tuple[ErrorCode, str] | None:
         if self._llm is None:
@@ -412,14 +411,20 @@ class VllmEngine:
         _report(on_done, output)
 
 
+_OPERATOR_KV: list[str | None] = []  # VLLM_CPU_KVCACHE_SPACE as found before any engine
+
+
 def _prepare_environment(spec: ModelSpec) -> None:
-    """Set what vLLM reads from the environment; the engine core process inherits it."""
+    """Set what vLLM reads from the environment; the engine core process inherits it (when
+    it starts: so each engine of a worker serving several versions gets its own)."""
     # Model directories are local: never reach for the Hub, nor send usage statistics.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     if current_platform.is_cpu():
-        # An operator's own setting wins over the models file.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_space_gib))
+        if not _OPERATOR_KV:
+            _OPERATOR_KV.append(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+        # An operator's own setting wins over the models file and the registry.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = _OPERATOR_KV[0] or str(spec.kv_cache_space_gib)
 
 
 def _sampling_params(sampling: Sampling,

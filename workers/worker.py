@@ -1,8 +1,12 @@
-"""The worker process's core: one model runner per served model, supervised until stopped.
+"""The worker process's core: one model runner per served model (per served version of a
+registered model), supervised until stopped.
 
 `Worker.run` checks the server, starts the engines, creates the consumer groups and serves:
 each runner's loops (workers/runner.py) plus the process's own (heartbeats, cancellations,
-per-minute aggregates).  It ends in order (docs/operations.md):
+per-minute aggregates, the registries it follows, and the side loops it was given: the
+canary guard).  Registered model versions come and go while it serves (workers/versions.py:
+a new version's engine starts, a retired one's runner drains and stops).  It ends in order
+(docs/operations.md):
   - `request_stop` (SIGTERM): stop reading, let what is in the engine finish and commit
     within the drain deadline, stop; what is left stays pending for another worker;
   - a loop that fails, or an engine that dies: the failure is logged with its traceback,
@@ -16,6 +20,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -39,6 +44,7 @@ from agentfleet.workers.metrics import WorkerMetrics
 from agentfleet.workers.runner import ModelRunner
 from agentfleet.workers.streaming import attach as attach_partials  # streaming (gateway)
 from agentfleet.workers.transient import TRANSIENT, with_retries
+from agentfleet.workers.versions import EngineFactory, Versions
 
 __all__ = ["Worker", "check_server", "make_engine", "quiet_gc", "trim_stream"]
 
@@ -51,15 +57,30 @@ class Worker:
     """A worker process's core: one runner per model, run until asked to stop."""
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, engines: dict[str, Engine],
-                 *, worker_id: str | None = None):
+                 *, worker_id: str | None = None, models: list[str] | None = None,
+                 engine_factory: EngineFactory | None = None,
+                 side_loops: list[tuple[str, Callable[[], Awaitable[None]]]] | None = None,
+                 all_models: bool = False):
+        """`engines`: one per model of the settings it serves, for their unversioned
+        streams; `models`: further models it serves that only the model registry knows;
+        `all_models`: also every model registered, now or later.
+        A registered model's versions get engines from `engine_factory` (`make_engine` by
+        default).  `side_loops` run supervised beside the worker's own (the canary guard)."""
         self.settings = settings
         self.redis = redis
         self.worker_id = worker_id or settings.resolved_worker_id()
+        self.served = list(dict.fromkeys([*engines, *(models or ())]))  # logical models
+        self.all_models = all_models  # Versions adds registered models to `served`
         self.runners = [
             ModelRunner(spec=settings.models[name], engine=engine, redis=redis,
                         settings=settings, worker_id=self.worker_id)
             for name, engine in engines.items()
         ]
+        self.side_loops = list(side_loops or ())
+        self.versions = Versions(self, engine_factory or (lambda spec: make_engine(spec,
+                                                                                   settings)))
+        self._loops: dict[ModelRunner, list[asyncio.Task]] = {}  # commit first
+        self._tg: asyncio.TaskGroup | None = None
         self.partials = attach_partials(self)  # streaming (gateway): engines publish deltas
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()  # serving: engines started, groups made, loops running
@@ -112,9 +133,14 @@ class Worker:
         """
         self._loop = asyncio.get_running_loop()
         await self._wait_for_server()
+        # Registered models run their versions' runners; a settings model that has an entry
+        # in the model registry has no unversioned runner (the canary guard moves what its
+        # old streams hold to the stable version).
+        await self.versions.load()
         for runner in self.runners:
             await runner.engine.start()
             await with_retries(runner.ensure_groups, f"creating the groups of {runner.model}")
+        await self.versions.start_all()
         await with_retries(self._load_cancellations, "loading cancellation marks")
         self._tenants = TableCache(self.redis, refresh_s=0)
         await with_retries(self._refresh_tenants, "reading the tenant registry")
@@ -122,6 +148,7 @@ class Worker:
             with quiet_gc():
                 await self._serve(drain_timeout_s)
         finally:
+            await self.versions.close()
             for runner in self.runners:
                 await runner.engine.stop()
             await self._beat(alive=False)
@@ -145,35 +172,63 @@ class Worker:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
 
+    def spawn(self, name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task:
+        """Run a loop (or a one-off job) supervised in the serving task group."""
+        return self._tg.create_task(self._guard(name, loop), name=name)
+
+    def start_loops(self, runner: ModelRunner) -> None:
+        """A runner's loops: commit (drained apart), renew, its side loops, its engine's
+        watch."""
+        name = runner.model + (f"@{runner.route_version}" if runner.route_version else "")
+        self._loops[runner] = [
+            self.spawn(f"commit {name}", runner.committer.commit_loop),
+            self.spawn(f"renew {name}", runner.housekeeping.renew_loop),
+            *(self.spawn(f"{loop.__name__} {name}", loop) for loop in runner.loops()),
+            self.spawn(f"engine watch {name}", self._watch_engine(runner))]
+
+    async def stop_runner(self, runner: ModelRunner) -> None:
+        """Retire one runner while the worker serves on: stop reading, let what it read
+        finish and commit, stop its loops and its engine."""
+        runner.stop_reading()
+        commit, *others = self._loops.pop(runner, [None])
+        if commit is not None:
+            await asyncio.wait([commit])
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        if runner in self.runners:
+            self.runners.remove(runner)
+        self.metrics.remove_runner(runner)
+        await runner.engine.stop()
+
     async def _serve(self, drain_timeout_s: float) -> None:
         async with asyncio.TaskGroup() as tg:
-            def guarded(name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task:
-                return tg.create_task(self._guard(name, loop), name=name)
-
-            commits = [guarded(f"commit {r.model}", r.committer.commit_loop)
-                       for r in self.runners]
-            renews = [guarded(f"renew {r.model}", r.housekeeping.renew_loop)
-                      for r in self.runners]
-            side = [guarded(f"{loop.__name__} {r.model}", loop)
-                    for r in self.runners for loop in r.loops()]
-            side += [guarded("heartbeat", self._heartbeat),
-                     guarded("tenants", self._follow_tenants),
-                     guarded("kpi", lambda: self.metrics.kpi_loop(self.redis)),
-                     guarded("cancellations", self._listen_cancellations)]
-            side += [guarded(f"engine watch {r.model}", self._watch_engine(r))
-                     for r in self.runners]
+            self._tg = tg
+            for runner in self.runners:
+                self.start_loops(runner)
+            side = [self.spawn("heartbeat", self._heartbeat),
+                    self.spawn("tenants", self._follow_tenants),
+                    self.spawn("models", self.versions.follow),
+                    self.spawn("kpi", lambda: self.metrics.kpi_loop(self.redis)),
+                    self.spawn("cancellations", self._listen_cancellations)]
+            side += [self.spawn(name, loop) for name, loop in self.side_loops]
+            side += self.versions.share_loops()
             self.ready.set()
-            log.info("worker %s serving %s", self.worker_id, [r.model for r in self.runners])
+            log.info("worker %s serving %s", self.worker_id, self.versions.serving())
             await self._stop.wait()
             self.draining = True
             log.info("worker %s draining", self.worker_id)
             for runner in self.runners:
                 runner.stop_reading()
-            _, pending = await asyncio.wait(commits, timeout=drain_timeout_s)
+            commits = [loops[0] for loops in self._loops.values()]
+            pending: set[asyncio.Task] = set()
+            if commits:
+                _, pending = await asyncio.wait(commits, timeout=drain_timeout_s)
             if pending:  # what is left stays pending in Redis, claimable by another worker
                 log.warning("worker %s: drain deadline passed with %d tasks in flight",
                             self.worker_id, sum(r.busy for r in self.runners))
-            for task in [*pending, *renews, *side]:
+            others = [t for loops in self._loops.values() for t in loops[1:]]
+            for task in [*pending, *others, *side, *self.versions.jobs]:
                 task.cancel()
 
     async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
@@ -191,38 +246,45 @@ class Worker:
     def _watch_engine(self, runner: ModelRunner) -> Callable[[], Awaitable[None]]:
         async def watch() -> None:
             await runner.engine_dead.wait()
+            name = runner.model + (f"@{runner.route_version}" if runner.route_version else "")
             log.error("worker %s: the engine of %s died; stopping (its tasks will be retried)",
-                      self.worker_id, runner.model)
-            self.crash(f"the engine of {runner.model} died")
+                      self.worker_id, name)
+            self.crash(f"the engine of {name} died")
 
         watch.__name__ = "engine_watch"
         return watch
 
     async def _listen_cancellations(self) -> None:
         """Cancellation marks: loaded at (re)connect, then pushed over pub/sub."""
-        by_channel = {keys.cancel_channel(r.model).encode(): r for r in self.runners}
         backoff_s = 0.1
         while not self.draining:
+            served = list(self.served)  # a model registered later: subscribed again below
+            by_channel = {keys.cancel_channel(model).encode(): model for model in served}
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(*by_channel)
                 await self._load_cancellations()  # again: no mark falls between the two
                 backoff_s = 0.1
-                while not self.draining:
+                while not self.draining and served == self.served:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is not None and msg["channel"] in by_channel:
-                        by_channel[msg["channel"]].cancel(
-                            msg["data"].decode(), time.time() + self.settings.cancel_ttl_s)
+                        model = by_channel[msg["channel"]]
+                        for runner in self.runners:  # every version of the model
+                            if runner.model == model:
+                                runner.cancel(msg["data"].decode(),
+                                              time.time() + self.settings.cancel_ttl_s)
             except TRANSIENT as exc:
                 log.warning("worker %s: cancellation listener lost its connection (%s)",
                             self.worker_id, exc)
             finally:
                 await pubsub.aclose()
+            if served != self.served:
+                continue
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
 
-    async def _load_cancellations(self) -> None:
-        for runner in self.runners:
+    async def _load_cancellations(self, runners: list[ModelRunner] | None = None) -> None:
+        for runner in self.runners if runners is None else runners:
             marks = await self.redis.zrangebyscore(keys.cancelled_key(runner.model),
                                                    time.time(), "+inf", withscores=True)
             for task_id, until in marks:
@@ -259,11 +321,13 @@ class Worker:
     async def _beat(self, *, alive: bool) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for runner in self.runners:
+                for model in self.served:
                     if alive:
-                        pipe.hset(keys.workers_key(runner.model), self.worker_id, time.time())
+                        pipe.hset(keys.workers_key(model), self.worker_id, time.time())
                     else:
-                        pipe.hdel(keys.workers_key(runner.model), self.worker_id)
+                        pipe.hdel(keys.workers_key(model), self.worker_id)
+                if not alive:
+                    self.versions.forget_load(pipe)
                 await pipe.execute()
         except RedisError as exc:
             log.warning("worker %s: heartbeat failed (%s)", self.worker_id, exc)
@@ -313,11 +377,24 @@ async def check_server(redis: aioredis.Redis) -> None:
 
 
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
-    """The engine named by `settings.engine` for one model."""
+    """The engine named by `settings.engine` for one model (or model version: `spec.version`
+    is then its registered name, which its results carry)."""
     if settings.engine == "fake":
         from agentfleet.workers.fake_engine import FakeEngine
 
-        return FakeEngine(delay_s=settings.fake_delay_s, slots=settings.fake_slots or None)
+        # The test double's knobs ride in engine_args (fake_delay_s, fake_slots,
+        # fake_error_rate, fake_sleep_mode, fake_wake_s), else the settings' (bench.headroom):
+        # fleets on it need no vLLM.
+        args = spec.engine_args
+        slots = args.get("fake_slots", settings.fake_slots)
+        return FakeEngine(model_version=spec.version or "fake-1",
+                          delay_s=float(args.get("fake_delay_s", settings.fake_delay_s)),
+                          slots=int(slots) if slots else None,
+                          spare_slots=math.ceil(int(slots) * spec.spare_share) if slots else 0,
+                          error_rate=float(args.get("fake_error_rate", 0.0)),
+                          sleep_mode=bool(args.get("fake_sleep_mode", False)) and
+                          bool(spec.sleep_group),
+                          wake_s=float(args.get("fake_wake_s", 0.0)))
     from agentfleet.workers.models import resolve_model_path
 
     path = resolve_model_path(spec, settings.home_path)  # before vLLM's slow import

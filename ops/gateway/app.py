@@ -191,8 +191,13 @@ class Gateway:
         raise ApiError(499, "the client closed the connection; its task was cancelled",
                        code="client_closed")
 
+    async def known_models(self) -> list[str]:
+        """The settings' models and the model registry's (docs/versions.md)."""
+        table = await self.producer.models.current()
+        return sorted({*self.settings.models, *table.entries})
+
     async def cancel(self, task_id: str, model: str | None = None) -> None:
-        for name in [model] if model else list(self.settings.models):
+        for name in [model] if model else await self.known_models():
             await self.producer.cancel(task_id, name)
 
 
@@ -237,18 +242,18 @@ def _model_object(name: str, created: int) -> dict[str, object]:
 
 @get("/v1/models", name="models")
 async def list_models(request: Request) -> Response:
-    """The models this fleet serves (from the settings until the model registry exists)."""
+    """The models this fleet serves: the settings' and the model registry's."""
     gw = gateway_of(request)
     await gw.auth(request, Role.READ)
     return json_response({"object": "list", "data": [
-        _model_object(name, gw.started_at) for name in sorted(gw.settings.models)]})
+        _model_object(name, gw.started_at) for name in await gw.known_models()]})
 
 
 @get("/v1/models/{model:str}", name="model")
 async def get_model(request: Request, model: FromPath[str]) -> Response:
     gw = gateway_of(request)
     await gw.auth(request, Role.READ)
-    if model not in gw.settings.models:
+    if model not in await gw.known_models():
         raise ApiError(404, f"the model {model!r} does not exist", code="model_not_found",
                        param="model")
     return json_response(_model_object(model, gw.started_at))
