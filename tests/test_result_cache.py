@@ -343,3 +343,27 @@ async def test_a_structured_answer_is_copied_whole(producer, start_worker, redis
     assert first.ok and isinstance(first.parsed, dict) and first.parsed["n"] == 3
     assert second.cache == "hit" and second.parsed == first.parsed
     assert second.text == first.text and engine.submitted == 1
+
+
+async def test_each_model_version_keeps_its_own_answers(producer, start_worker, redis,
+                                                        tmp_path):
+    from agentfleet.producer.models import ModelRegistry
+    from versions_fleet import fake_factory, model_directory
+
+    await _opt_in(redis)
+    reg = ModelRegistry(redis)
+    for version in ("v1", "v2"):
+        await reg.register("m1", version, path=str(model_directory(tmp_path)),
+                           check_engine=False)
+    await reg.set_weights("m1", {"v1": 50, "v2": 50})
+    factory = fake_factory(v1={"delay_s": 0.3}, v2={"delay_s": 0.3})
+    await start_worker(("m1",), engines={}, registry_models=["m1"], engine_factory=factory)
+    results = []
+    for version in ("v1", "v2", "v1", "v2"):
+        ids = await asyncio.gather(*(producer.submit(model="m1", prompt="same", tenant="acme",
+                                                     version=version) for _ in range(3)))
+        results.append(await producer.wait_many(ids, timeout_s=10))
+    assert {e: f.submitted for e, f in factory.made.items()} == {"v1": 1, "v2": 1}
+    assert [sorted(r.cache for r in rs) for rs in results] == [
+        ["", "joined", "joined"], ["", "joined", "joined"], ["hit"] * 3, ["hit"] * 3]
+    assert [{r.model_version for r in rs} for rs in results] == [{"v1"}, {"v2"}, {"v1"}, {"v2"}]
