@@ -100,10 +100,10 @@ def test_tasks_with_effects_or_random_sampling_are_never_cached(task, why):
 def test_a_cached_record_carries_flag_c_and_its_keys_last():
     rec = _rec(b"5-0", cache=CacheWrite(cache_key="ck", inflight_key="ik", cancelled_key="cx",
                                         task_id="t", ttl_s=9, shared=b"S", bare=b"B",
-                                        cancelled=b"X", expired=b"E"))
+                                        cancelled=b"X", expired=b"E", now=12.5))
     keys_, args = commit_args(HEAD, [rec])
     assert keys_ == ["st", "dl", "dd", "qu", "s1", "res:5-0", "ck", "ik", "cx"]
-    assert args[6] == "rS-----C" and args[-6:] == ["t", 9, b"S", b"B", b"X", b"E"]
+    assert args[6] == "rS-----C" and args[-7:] == ["t", 9, b"S", b"B", b"X", b"E", "12.5"]
 
 
 # ---- with a server and a worker --------------------------------------------------------
@@ -367,3 +367,39 @@ async def test_each_model_version_keeps_its_own_answers(producer, start_worker, 
     assert [sorted(r.cache for r in rs) for rs in results] == [
         ["", "joined", "joined"], ["", "joined", "joined"], ["hit"] * 3, ["hit"] * 3]
     assert [{r.model_version for r in rs} for rs in results] == [{"v1"}, {"v2"}, {"v1"}, {"v2"}]
+
+
+from tests.test_acl import users  # noqa: E402,F401  (the ACL users fixture)
+
+
+async def test_hits_and_joins_work_under_the_least_privilege_users(users, settings, redis):
+    from agentfleet.producer.client import Producer
+    from agentfleet.producer.connection import connect
+    from agentfleet.workers.worker import Worker
+    from redis.exceptions import NoPermissionError
+
+    await _opt_in(redis)
+    worker_redis = connect(users["worker"])
+    engine = FakeEngine(delay_s=0.3)
+    worker = Worker(settings, worker_redis, {"m1": engine, "m2": FakeEngine()}, worker_id="w")
+    running = asyncio.create_task(worker.run(drain_timeout_s=5))
+    await asyncio.wait_for(worker.ready.wait(), 10)
+    producer = Producer(connect(users["producer"]), settings=settings)
+    try:
+        ids = await asyncio.gather(*(producer.submit(model="m1", prompt="acl", tenant="acme",
+                                                     correlation_id=f"c{i}") for i in range(3)))
+        results = await producer.wait_many(ids, timeout_s=10)
+        assert sorted(r.cache for r in results) == ["", "joined", "joined"]
+        hit = await producer.wait(await producer.submit(model="m1", prompt="acl", tenant="acme"))
+        assert hit.cache == "hit" and engine.submitted == 1
+    finally:
+        await producer.close()
+        worker.request_stop()
+        await asyncio.wait_for(running, 10)
+        await worker_redis.aclose()
+    acme = connect(users["producer-acme"])
+    try:
+        with pytest.raises(NoPermissionError):  # another tenant's answers are not its own
+            await acme.hgetall(keys.result_cache("m1", "bob", "0" * 32))
+    finally:
+        await acme.aclose()

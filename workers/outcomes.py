@@ -408,16 +408,16 @@ class Outcomes:
         elif task.joins_into is not None:
             record.join = self._join_member(task, now, trace_on)
         if task.cache_digest:
-            record.cache = self._cache(task, result)
+            record.cache = self._cache(task, result, now)
         return record
 
-    def _cache(self, task: Task, result: Result) -> CacheWrite:
+    def _cache(self, task: Task, result: Result, now: float) -> CacheWrite:
         """A task the result cache may answer: its answer for identical tasks, on success."""
         write = CacheWrite(
             cache_key=keys.result_cache(self.model, task.tenant, task.cache_digest),
             inflight_key=keys.result_cache_inflight(self.model, task.tenant, task.cache_digest),
             cancelled_key=keys.cancelled_key(self.model), task_id=task.id,
-            ttl_s=max(task.cache_ttl_s, 1))
+            ttl_s=max(task.cache_ttl_s, 1), now=now)
         if result.status is Status.SUCCEEDED:
             shared, bare = resultcache.shared(result)
             cancelled, expired = resultcache.ended(result)

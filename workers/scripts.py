@@ -110,6 +110,7 @@ class CacheWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
     bare: bytes = b""
     cancelled: bytes = b""  # the halves for a joined task cancelled, or past its deadline
     expired: bytes = b""
+    now: float = 0.0  # epoch s: a joined task whose deadline is before ends expired
 
 
 class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
@@ -211,7 +212,8 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
             if c is not None:
                 flags.append("C")
                 keys += (c.cache_key, c.inflight_key, c.cancelled_key)
-                args += (c.task_id, c.ttl_s, c.shared, c.bare, c.cancelled, c.expired)
+                args += (c.task_id, c.ttl_s, c.shared, c.bare, c.cancelled, c.expired,
+                         repr(c.now))
             args[at] = "".join(flags)
     args[4] = len(payloads)
     for reply, results in payloads.items():

@@ -43,9 +43,9 @@
 --       (B), follow-up count n and n x (task, trace event, tenant) (F); the join's tenant
 --       and its step's trace event, then for J (this record opens the join) the join step
 --       and the count c and c ids of the children it waits for, for M (a child of the join)
---       its own id; for C its id, the cache TTL s, the answer's shared and bare halves and
---       the cancelled and expired halves ('' unless it succeeded); last m x (result count,
---       payload).
+--       its own id; for C its id, the cache TTL s, the answer's shared and bare halves,
+--       the cancelled and expired halves ('' unless it succeeded) and the worker's clock
+--       (epoch s, for joined tasks' deadlines); last m x (result count, payload).
 --   flags: seven or eight bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P
 --       reply to the stream named next in KEYS or p to the same one as the record before,
 --       4 T, 5 B, 6 F, 7 J|M, 8 C (absent: no cache).
@@ -88,14 +88,13 @@ end
 local cache_requeued = 0
 local function resolve(ckey, running, cancelled, ca, rtenant)
   local id, ttl, shared, bare = ARGV[ca], ARGV[ca + 1], ARGV[ca + 2], ARGV[ca + 3]
+  local now = tonumber(ARGV[ca + 6])
   if shared ~= '' then
     redis.call('HSET', ckey, 'r', shared, 't', bare)
     redis.call('EXPIRE', ckey, ttl)
   end
   if redis.call('HGET', running, 'leader') ~= id then return end
   local all = redis.call('HGETALL', running)
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
   for i = 1, #all, 2 do
     if string.sub(all[i], 1, 2) == 'w:' then
       local w = rc_waiter(all[i + 1])
@@ -165,7 +164,7 @@ while a <= n do
     jargs = 3
   end
   local ca, ck = ja + jargs, jk + (jargs > 0 and 4 or 0)  -- the cache's follow the join's
-  local cargs = fc == C and 6 or 0
+  local cargs = fc == C and 7 or 0
   local mine = owned[src]
   if mine == nil then
     mine = {}
