@@ -32,8 +32,10 @@ from agentfleet.schemas import keys
 ROLES = ("producer", "gateway", "worker", "exporter", "admin")
 _ANY = "*"
 
-# Commands every user needs: liveness and MULTI (redis-py ignores a refused CLIENT SETINFO).
-_BASE = ["+ping", "+multi", "+exec", "+discard"]
+# Commands every user needs: liveness and MULTI (redis-py ignores a refused CLIENT SETINFO),
+# WAIT (`wait_replicas`), and what a Redis Cluster client reads of the topology.
+_BASE = ["+ping", "+multi", "+exec", "+discard", "+wait", "+command", "+cluster|slots",
+         "+cluster|shards"]
 _SCRIPTS = ["+evalsha", "+eval", "+script|load"]
 
 
@@ -143,7 +145,7 @@ def _worker() -> list[str]:
         "+xinfo|groups", "+xtrim", "+xadd", "+xlen", "+xrange", "+set", "+get", "+hset",
         "+hget", "+hsetnx", "+hdel", "+hincrby", "+hincrbyfloat", "+hgetall", "+expire",
         "+hvals", "+hmget", "+zadd", "+zrange", "+zrangebyscore", "+zscore", "+zrem", "+rpush",
-        "+exists", "+xinfo|stream", "+subscribe", "+unsubscribe",
+        "+exists", "+xinfo|stream", "+subscribe", "+unsubscribe", "+xdel",
         *_perm("RW", [
             *_lanes(None), *_TENANT_LANES, keys.queued_counts(_ANY),
             keys.tokens_minute(_ANY, _ANY), keys.result_key(_ANY, _ANY),
@@ -152,7 +154,9 @@ def _worker() -> list[str]:
             keys.workers_key(_ANY), keys.batch_output(_ANY, _ANY),
             keys.batch_counts(_ANY, _ANY), keys.kpi_key(_ANY, _ANY),
             keys.kpi_hour_key(_ANY, _ANY), keys.kpi_series_key(_ANY, _ANY),
-            keys.partial_stream(_ANY, _ANY),
+            keys.partial_stream(_ANY, _ANY), keys.join_state(_ANY, _ANY),
+            # follow-ups for other models, and the mover's marks (workers/mover.py)
+            keys.outbox_stream(_ANY), keys.moved_key(_ANY, _ANY),
             # the commit script may hold a follow-up for approval (ops/approvals.py)
             keys.approvals_held(_ANY), keys.approvals_due(_ANY),
             keys.join_state(_ANY, _ANY),  # fan-outs' joins (docs/agent-steps.md)

@@ -60,10 +60,11 @@ class Decision(msgspec.Struct, kw_only=True):
 
 
 # Hold a task unless its idempotency key was used before (then answer the earlier task id).
-# KEYS: 1 held hash, 2 due set, 3 idempotency key or ''.  ARGV: 1 task id, 2 payload,
+# KEYS: 1 held hash, 2 due set, 3 idempotency key or the held hash again (none: a key of
+# the same slot, so that a Redis Cluster sees one slot).  ARGV: 1 task id, 2 payload,
 # 3 deadline score, 4 idempotency ttl.
 HOLD_LUA = """
-if KEYS[3] ~= '' then
+if KEYS[3] ~= KEYS[1] then
   local prior = redis.call('SET', KEYS[3], ARGV[1], 'NX', 'GET', 'EX', ARGV[4])
   if prior then return prior end
 end
@@ -74,7 +75,8 @@ return false
 
 # Decide on a held task, if it is still held exactly as the caller read it.
 # KEYS: 1 held hash, 2 due set, 3 log stream, 4 its result key (the held hash again for an
-#       approval, which writes none), 5 reply stream or '', 6 trace list or ''.
+#       approval, which writes none), 5 reply stream, 6 trace list (either one the held
+#       hash again where there is none: one slot on a Redis Cluster).
 # ARGV: 1 task id, 2 the payload read, 3 decision, 4 the result, 5 reply entry, 6 trace
 #       event, 7 result ttl, 8 trace ttl, then the log's fields.
 DECIDE_LUA = """
@@ -83,12 +85,12 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[3] ~= 'approved' then
   redis.call('SET', KEYS[4], ARGV[4], 'NX', 'EX', ARGV[7])
-  if KEYS[5] ~= '' then
+  if KEYS[5] ~= KEYS[1] then
     redis.call('XADD', KEYS[5], '*', 'rs', ARGV[5])
     redis.call('EXPIRE', KEYS[5], ARGV[7])
   end
 end
-if KEYS[6] ~= '' then
+if KEYS[6] ~= KEYS[1] then
   redis.call('RPUSH', KEYS[6], ARGV[6])
   redis.call('EXPIRE', KEYS[6], ARGV[8])
 end
@@ -107,11 +109,12 @@ async def hold(redis: aioredis.Redis, task: Task, settings: Settings, *,
     task.reply_to = task.reply_to or reply_to
     task.enqueued_at = now
     validate_task(task, settings)
-    idem = keys.idempotency_key(task.model, task.idempotency_key) if task.idempotency_key else ""
+    held = keys.approvals_held(task.model)
+    idem = keys.idempotency_key(task.model, task.idempotency_key) if task.idempotency_key \
+        else held
     score = "+inf" if task.deadline is None else repr(task.deadline)
     try:
-        prior = await redis.eval(HOLD_LUA, 3, keys.approvals_held(task.model),
-                                 keys.approvals_due(task.model), idem, task.id, encode(task),
+        prior = await redis.eval(HOLD_LUA, 3, held, keys.approvals_due(task.model), idem, task.id, encode(task),
                                  score, settings.result_ttl_s)
     except RedisError as exc:
         raise BrokerError(f"holding task {task.id} for approval failed: {exc}") from exc
@@ -264,17 +267,18 @@ async def _decide(redis: aioredis.Redis, settings: Settings, task: Task, raw: by
                   decision: str, by: str, reason: str, target: str, value: bytes,
                   result: Result | None = None) -> None:
     model = task.model
+    held = keys.approvals_held(model)
     reply = keys.reply_stream(model, task.reply_to) if result is not None and task.reply_to \
-        else ""
+        else held
     chained = bool(task.parent_id or task.followups or task.correlation_id != task.id)
     trace = keys.trace_key(model, task.correlation_id) if result is not None and chained \
-        and settings.trace_enabled else ""
-    event = encode(Finished(result=result)) if trace else b""
+        and settings.trace_enabled else held
+    event = encode(Finished(result=result)) if trace != held else b""
     log = ["task_id", task.id, "tenant", task.tenant, "decision", decision, "by", by,
            "reason", reason, "at", repr(time.time())]
     try:
         done = await redis.eval(
-            DECIDE_LUA, 6, keys.approvals_held(model), keys.approvals_due(model),
+            DECIDE_LUA, 6, held, keys.approvals_due(model),
             keys.approvals_log(model), target, reply, trace,
             task.id, raw, decision, value, encode([result]) if result is not None else b"",
             event, settings.result_ttl_s, settings.trace_ttl_s, *log)

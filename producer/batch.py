@@ -339,8 +339,10 @@ class BatchClient:
                     "completion_window": window, "completion_window_s": repr(window_s),
                     "input_file": name, "tenant": tenant})
                 pipe.expire(key, int(window_s) + self.settings.result_ttl_s)
-                pipe.zadd(keys.batch_index(), {batch_id: created_at})
                 await pipe.execute()
+            # Apart: the index is another key's slot on a cluster (list_batches drops an
+            # entry whose record is gone, so a crash in between leaves no stale entry).
+            await self.redis.zadd(keys.batch_index(), {batch_id: created_at})
         except RedisError as exc:
             raise BrokerError(f"creating batch {batch_id} failed: {exc}") from exc
 

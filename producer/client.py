@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from agentfleet.producer.connection import connect
+from agentfleet.producer.connection import connect, replicated
 from agentfleet.producer.enqueue import CacheItem, Lane, enqueue_args, enqueue_lua
 from agentfleet.producer.routing import Router
 from agentfleet.producer.tracing import current_traceparent
@@ -99,7 +99,8 @@ class Producer:
         self.max_unclaimed = max_unclaimed
         self._id_prefix = self.id + "-"
         self._seq = itertools.count(1)
-        self._enqueue = redis.register_script(enqueue_lua())
+        self._enqueue = replicated(redis, redis.register_script(enqueue_lua()),
+                                   self.settings.wait_replicas, self.settings.wait_timeout_ms)
         self.tenants = TableCache(redis)  # quotas, reloaded when the registry changes
         # Model versions, templates and SLA classes (producer/routing.py): a model without a
         # registry entry takes the plain path below, as before the registry existed.
@@ -430,12 +431,10 @@ class Producer:
 
         Its result says `cancelled`, unless it finished first.
         """
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(keys.cancelled_key(model),
-                          {task_id: time.time() + self.settings.cancel_ttl_s})
-                pipe.publish(keys.cancel_channel(model), task_id)
-                await pipe.execute()
+        try:  # the mark first: a worker that misses the message loads the marks again
+            await self.redis.zadd(keys.cancelled_key(model),
+                                  {task_id: time.time() + self.settings.cancel_ttl_s})
+            await self.redis.publish(keys.cancel_channel(model), task_id)
         except RedisError as exc:
             raise BrokerError(f"cancel of {task_id} failed: {exc}") from exc
 
@@ -551,7 +550,8 @@ class Producer:
         return found
     def _known_models(self) -> list[str]:
         """The settings' models, the registry's and any this producer submitted to."""
-        return sorted(self._listening | self.models.table.entries.keys())
+        return sorted(self._listening | self.settings.models.keys()
+                      | self.models.table.entries.keys())
 
     def _send_shadows(self, shadows: list[Task]) -> None:
         """Queue shadow copies for a canary's comparison (producer/routing.py), beside the
@@ -615,7 +615,8 @@ class Producer:
     async def _listen(self) -> None:
         """Read this producer's reply streams and hand results to their waiters."""
         streams = self._reply_ids  # kept across restarts: nothing read twice or skipped
-        for m in sorted(self._listening | self.models.table.entries.keys()):
+        for m in sorted(self._listening | self.settings.models.keys()
+                        | self.models.table.entries.keys()):
             streams.setdefault(keys.reply_stream(m, self.id), "0-0")
         unread = {stream: 0 for stream in streams}  # read since the last trim
         trimmed_at = time.monotonic()

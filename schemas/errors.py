@@ -153,6 +153,19 @@ class ServerOutOfMemoryError(BrokerError):
     """Raised on enqueue when the server is at maxmemory: nothing of that chunk was queued."""
 
 
+class NotReplicatedError(BrokerError):
+    """Raised after a write when `wait_replicas` is set and fewer replicas than that confirmed
+    it within `wait_timeout_ms`: the write is on the primary, but a failover now could lose
+    it (resubmit with the same idempotency key to be sure).  `reply` is the write's own
+    answer, `acked` how many replicas confirmed it."""
+
+    def __init__(self, message: str, reply: object = None, acked: int = 0, wanted: int = 0):
+        super().__init__(message)
+        self.reply = reply
+        self.acked = acked
+        self.wanted = wanted
+
+
 class EngineError(AgentFleetError):
     """Raised by an engine adapter when one request fails; the engine itself goes on."""
 

@@ -1,8 +1,10 @@
 """Every Redis key and stream name agentfleet uses, built here and nowhere else.
 
 All keys of one model share the hash tag `{<model>}`, so a Redis Cluster keeps a model's
-stream, results, reply streams and traces in one slot and the worker's commit script touches
-one slot (a follow-up for another model is the one cross-slot write; see docs/operations.md).
+stream, results, reply streams and traces in one slot and every script touches one slot: a
+follow-up for another model goes into its parent model's outbox, in the commit, and a mover
+takes it to its own model (docs/operations.md, "Redis Cluster").  Global keys are single
+keys, or share a hash tag with the keys written beside them (`{registry}`, `{<batch id>}`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterable
 
 PREFIX = "af"
 GROUP = "workers"  # one consumer group per model stream
+MOVER_GROUP = "movers"  # the consumer group of each model's outbox (workers/mover.py)
 DEFAULT_TENANT = "default"  # its streams keep the short names af:{m}:tasks and af:{m}:bulk
 LANES = ("i", "b")  # interactive, bulk: the two lanes of a model, as their keys name them
 
@@ -41,6 +44,14 @@ def valid_version_name(version: str) -> bool:
 
 def _tag(model: str) -> str:
     return f"{PREFIX}:{{{model}}}"
+
+
+def hash_tag(key: str) -> str:
+    """What a Redis Cluster hashes of `key`: the text between its first '{' and the next
+    '}' (the model of a model's key), or the whole key when it has none."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1:end] if start >= 0 and end > start + 1 else key
 
 
 def _lanes_of(model: str, version: str) -> str:
@@ -117,7 +128,8 @@ def join_state(model: str, parent_id: str) -> str:
     join step's `task`, the parent's result `parent`, `ended`, `fired`, and `r:<child id>`
     each child's result.  Written by commit.lua only: the parent's commit opens it, each
     child's first result adds itself, the one that completes it enqueues the join; children
-    on other models write it across slots (docs/agent-steps.md)."""
+    on other models add themselves through their outboxes (workers/lua/join.lua), so every
+    script stays in one slot (docs/agent-steps.md)."""
     return f"{_tag(model)}:join:{parent_id}"
 
 
@@ -198,6 +210,22 @@ def batch_counts(model: str, batch_id: str) -> str:
     return f"{_tag(model)}:batch:{batch_id}:counts"
 
 
+def outbox_stream(model: str) -> str:
+    """What this model's commits made for other slots (a stream), emptied by the model's
+    movers: follow-ups and join steps for other models (fields: s target stream, l its
+    lane's tenant set, q its model's queued counts, t tenant, d the task), and children's
+    places in joins kept on other models (j the join's state, m the child's id, r its
+    result, e the join's trace event, k the join model's trace list, x result ttl, and s, l,
+    q, t of the join step)."""
+    return f"{_tag(model)}:outbox"
+
+
+def moved_key(model: str, task_id: str) -> str:
+    """Marks a follow-up moved into this model's streams (a string holding its id, with a
+    TTL): a second move of the same follow-up adds nothing (enqueue.lua's idempotency)."""
+    return f"{_tag(model)}:moved:{task_id}"
+
+
 def kpi_key(model: str, minute: int) -> str:
     """Per-minute aggregates of finished tasks by tenant (a hash; `minute` is epoch seconds of
     the minute's start), for `agentfleet report` and `status`.  Fields: workers/kpi.py."""
@@ -242,23 +270,27 @@ def api_keys() -> str:
     return f"{PREFIX}:apikeys"
 
 
-# The tenant registry (producer/tenants.py) and the audit record: global keys.
+# The tenant registry (producer/tenants.py) and the audit record: global keys sharing the
+# hash tag {registry}, so that a change, its version bump and its audit entry stay one
+# transaction on a Redis Cluster too.
+_REGISTRY = f"{PREFIX}:{{registry}}"
+
 
 def tenants() -> str:
     """Every configured tenant (a hash: tenant -> msgpack TenantConfig); "default" holds the
     settings of tenants without an entry of their own."""
-    return f"{PREFIX}:tenants"
+    return f"{_REGISTRY}:tenants"
 
 
 def tenants_version() -> str:
     """A counter bumped by every registry change: running processes reload when it moves."""
-    return f"{PREFIX}:tenants:version"
+    return f"{_REGISTRY}:tenants:version"
 
 
 def audit_log() -> str:
     """Every change to the registries (tenants, models, routing, canaries): an append-only
     stream of msgpack AuditEntry under field 'd'."""
-    return f"{PREFIX}:audit"
+    return f"{_REGISTRY}:audit"
 
 
 # Streaming (workers/streaming.py publishes, the gateway reads): in the model's slot.
@@ -328,29 +360,30 @@ def purge_log() -> str:
     return f"{PREFIX}:purges"
 
 
-# The model registry (producer/models.py, docs/versions.md): global keys, like the tenants'.
+# The model registry (producer/models.py, docs/versions.md): under {registry}, like the
+# tenants', so that a change, its version bump and its audit entry are one transaction.
 
 def models() -> str:
     """Every registered logical model (a hash: model -> msgpack ModelEntry: its versions,
     weights, states, stable version, fallback, canary)."""
-    return f"{PREFIX}:models"
+    return f"{_REGISTRY}:models"
 
 
 def templates() -> str:
     """Every prompt template version (a hash: "<name>@<version>" -> msgpack PromptTemplate)."""
-    return f"{PREFIX}:templates"
+    return f"{_REGISTRY}:templates"
 
 
 def models_version() -> str:
     """A counter bumped by every change to the model or template registry: running processes
     reload when it moves."""
-    return f"{PREFIX}:models:version"
+    return f"{_REGISTRY}:models:version"
 
 
 def canary_lease() -> str:
     """Who runs the canary guard and the drain of retired versions (a string: holder id,
     with a TTL the holder renews): one process at a time, a worker or `canary watch`."""
-    return f"{PREFIX}:canary:lease"
+    return f"{_REGISTRY}:canary:lease"
 
 
 def version_load(model: str) -> str:

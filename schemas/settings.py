@@ -149,7 +149,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Settings(msgspec.Struct, kw_only=True):
-    redis_url: Annotated[str, Bound(prefixes=("redis://", "rediss://", "unix://"))] = ""
+    redis_url: Annotated[str, Bound(prefixes=(
+        "redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://",
+        "redis+sentinel://", "rediss+sentinel://"))] = ""  # producer/connection.py
     # "" finds (or starts) the local server (ops/localserver.py)
     home: str = ""  # cache and data folder; "" is ~/.cache/agentfleet
     models: dict[str, ModelSpec] = msgspec.field(
@@ -205,6 +207,10 @@ class Settings(msgspec.Struct, kw_only=True):
     # (0: no limit) and how long each takes, for queue and headroom benchmarks
     fake_slots: Count0 = 0
     fake_delay_s: NonNegative = 0.0
+    # replication (docs/operations.md): WAIT for this many replicas after each enqueue, commit
+    # and follow-up move, so that a failover cannot lose what was confirmed; 0: no WAIT
+    wait_replicas: Annotated[int, Bound(ge=0, le=16)] = 0
+    wait_timeout_ms: Annotated[int, Bound(ge=1, le=600_000)] = 1000  # then NotReplicatedError
     # streaming (workers/streaming.py)
     stream_ttl_s: Count = 600  # how long a streaming task's partial output is kept
     # the gateway (ops/gateway/, docs/gateway.md)

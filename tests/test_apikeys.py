@@ -14,6 +14,7 @@ from agentfleet.schemas.errors import ValidationError
 from agentfleet.schemas.wire import Role
 
 
+@pytest.mark.cluster_too
 async def test_a_created_key_verifies_and_its_secret_is_not_stored(redis):
     record, key = await apikeys.create(redis, tenant="acme", role="submit", name="billing")
     assert key.startswith("afk_" + record.key_id + "_")
@@ -57,6 +58,7 @@ async def test_key_cache_checks_redis_once_per_ttl(redis):
     assert (await cache.verify(key)) is not None
 
 
+@pytest.mark.cluster_too
 def test_cli_creates_lists_and_revokes_keys(server):
     env = {**os.environ, "REDIS_URL": server.url}
 

@@ -309,6 +309,7 @@ def invalid_file(tmp_path: Path) -> Path:
     ])
 
 
+@pytest.mark.cluster_too
 async def test_invalid_lines_are_reported_by_number_and_nothing_is_queued(
         batches, redis, tmp_path):
     with pytest.raises(InvalidBatchFileError) as err:
@@ -346,6 +347,7 @@ async def test_skip_invalid_queues_the_valid_lines_only(batches, start_worker, r
                   for x in lines) == [("a", "echo: one"), ("d", "echo: two")]
 
 
+@pytest.mark.cluster_too
 async def test_resubmitting_the_same_file_queues_nothing_twice(
         server, batches, start_worker, redis, settings, tmp_path):
     n = 5000
@@ -428,6 +430,7 @@ async def test_past_its_window_a_job_is_expired_at_once_and_settles_when_drained
     assert st.status == "expired" and st.settled and st.by_status == {"expired": 30}
 
 
+@pytest.mark.cluster_too
 async def test_cancel_finishes_queued_requests_as_cancelled(
         batches, start_worker, settings, tmp_path):
     slow = msgspec.structs.replace(settings, max_inflight=4)
@@ -474,6 +477,7 @@ async def test_interactive_tasks_finish_while_a_batch_runs(
     assert slowest_s < 2.0, slowest_s
 
 
+@pytest.mark.cluster_too
 async def test_results_can_be_iterated_as_they_complete(batches, start_worker, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [request(f"r{i}", model="gpt-a" if i % 2
                                                        else "gpt-b") for i in range(300)])
@@ -494,6 +498,7 @@ async def test_results_can_be_iterated_as_they_complete(batches, start_worker, t
     assert {r.model for r in seen} == {"m1", "m2"}
 
 
+@pytest.mark.cluster_too
 async def test_an_iterable_of_dicts_is_submitted_like_a_file(batches, start_worker, redis):
     lines = (request(f"r{i}", f"p{i}", url=COMPLETIONS_URL) for i in range(50))  # an iterator
 
@@ -520,6 +525,7 @@ async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.cluster_too
 async def test_cli_submit_wait_results(server, start_worker, tmp_path):
     models = tmp_path / "models.toml"
     models.write_text("[models.m1]\nmax_model_len = 512\n[models.m2]\nmax_model_len = 256\n")

@@ -15,7 +15,7 @@ from console_fleet import ConsoleProcess, Fleet, populated
 from agentfleet.producer.connection import connect
 from agentfleet.schemas import keys
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.cluster_too]
 
 
 @pytest.fixture(scope="module")

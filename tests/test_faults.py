@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agentfleet.ops.embedded import ServerProcess, redis_binary, valkey_binary
+from agentfleet.ops.embedded import ServerCluster, ServerProcess, redis_binary, valkey_binary
 from agentfleet.producer.client import Producer
 from agentfleet.producer.connection import connect
 from agentfleet.schemas import keys
@@ -29,6 +29,7 @@ from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import (
     FollowUp,
     Result,
+    Sampling,
     Status,
     Task,
     decode_dead_letter,
@@ -66,11 +67,21 @@ class Fleet:
 
 @pytest.fixture(params=["valkey", "redis7"])
 def fleet(request, tmp_path):
-    binary = valkey_binary() if request.param == "valkey" else redis_binary()
-    server = ServerProcess(tmp_path / "server", binary=binary, appendfsync="always")
-    server.start()
+    if request.param == "cluster":  # the session's cluster, flushed: no restart_server
+        server = request.getfixturevalue("cluster_server")
+        server.flushall()
+    else:
+        binary = valkey_binary() if request.param == "valkey" else redis_binary()
+        server = ServerProcess(tmp_path / "server", binary=binary, appendfsync="always")
+        server.start()
     f = Fleet(server)
     yield f
+    _stop_workers(f)
+    if request.param != "cluster":
+        server.stop()
+
+
+def _stop_workers(f: Fleet) -> None:
     for proc in f.procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)
@@ -81,7 +92,11 @@ def fleet(request, tmp_path):
             if "Traceback" in err:  # shown with the test's report when it fails
                 print(f"--- worker {proc.args} stderr ---\n{err[-4000:]}")
             proc.stderr.close()
-    server.stop()
+
+
+# Also on a Redis Cluster of 3 primaries and 3 replicas (tests/conftest.py): the tests that
+# kill, stop or crash workers; those that restart the server have their cluster form below.
+on_cluster_too = pytest.mark.parametrize("fleet", ["valkey", "redis7", "cluster"], indirect=True)
 
 
 @pytest.fixture
@@ -176,6 +191,7 @@ async def _zero(coro) -> bool:
     return await coro == 0
 
 
+@on_cluster_too
 async def test_sigkill_mid_batch_every_task_completes_once(fleet, producer):
     a = fleet.worker("a")
     roots = await producer.submit_many(chains(60, delay_s=4.0))
@@ -205,6 +221,7 @@ async def _positive(coro) -> bool:
     return await coro > 0
 
 
+@on_cluster_too
 async def test_crash_after_engine_before_result_write(fleet, producer):
     fleet.worker("a", AGENTFLEET_CRASH_AT="before_commit")
     roots = await producer.submit_many(chains(40))
@@ -214,6 +231,7 @@ async def test_crash_after_engine_before_result_write(fleet, producer):
     assert stats.get("duplicates", 0) == 0
 
 
+@on_cluster_too
 async def test_crash_after_the_commit(fleet, producer):
     a = fleet.worker("a", AGENTFLEET_CRASH_AT="after_commit")
     roots = await producer.submit_many(chains(40, delay_s=0.05))
@@ -243,6 +261,7 @@ async def test_result_written_but_not_acknowledged_is_not_duplicated(fleet, prod
     assert stats["followups"] == len(roots) - 1  # the ghost's task made none: no effects twice
 
 
+@on_cluster_too
 async def test_sigstop_past_idle_time_is_fenced(fleet, producer):
     a = fleet.worker("a")
     roots = await producer.submit_many(chains(30, delay_s=1.0))
@@ -346,6 +365,7 @@ async def test_a_bulk_job_wait_rides_out_a_server_restart(fleet, producer):
     assert (st.status, st.completed) == ("completed", 20)
 
 
+@on_cluster_too
 async def test_poison_task_is_dead_lettered_and_its_batch_completes(fleet, producer):
     poison = Task(model=MODEL, id="poison", prompt="boom", metadata={"fake_crash": "1"})
     roots = await producer.submit_many(chains(10, delay_s=0.05))
@@ -399,6 +419,7 @@ async def test_trimming_keeps_pending_entries_and_reports_lost_ones(fleet, produ
     assert len(done) == len(roots) - 1
 
 
+@on_cluster_too
 async def test_sigterm_drains_in_flight_work_and_exits_0(fleet, producer):
     a = fleet.worker("a")
     roots = await producer.submit_many(chains(20, delay_s=1.0))
@@ -414,6 +435,7 @@ async def test_sigterm_drains_in_flight_work_and_exits_0(fleet, producer):
     await audit(producer, roots)
 
 
+@on_cluster_too
 async def test_second_sigterm_stops_at_once_leaving_work_claimable(fleet, producer):
     a = fleet.worker("a")
     roots = await producer.submit_many(chains(20, delay_s=5.0))
@@ -509,3 +531,199 @@ async def test_fan_outs_join_exactly_once_while_workers_are_killed(fleet, produc
     problems = await audit(producer, submit.result(), 20)
     assert not problems, problems[:10]
     assert kills >= 3 and restarted
+
+
+# ---- on a Redis Cluster: follow-ups across nodes, a primary killed -------------------------
+
+SECOND = "second"  # hashes to another primary than MODEL on a 3-primary cluster
+
+
+def _two_models_file(folder) -> str:
+    path = folder / "models.toml"
+    path.write_text(f"[models.{MODEL}]\n[models.{SECOND}]\n")
+    return str(path)
+
+
+def cross_chains(n: int, tag: str, delay_s: float = 0.0) -> list[Task]:
+    meta = {"fake_delay_s": str(delay_s)} if delay_s else {}
+    return [Task(model=MODEL, id=f"{tag}{i}", prompt=f"one {tag}{i}", metadata=meta,
+                 idempotency_key=f"{tag}{i}", tenant=TENANTS[i % len(TENANTS)],
+                 followups=[FollowUp(model=SECOND, prompt="two: {output}")])
+            for i in range(n)]
+
+
+async def audit_across(producer: Producer, roots: list[str], timeout_s: float = 60.0) -> dict:
+    """Every chain's two steps succeeded, each result written once on its own model, each
+    follow-up moved out of the outbox, nothing pending or queued."""
+    try:
+        results = await producer.wait_many(roots + [f"{r}.1" for r in roots],
+                                           timeout_s=timeout_s)
+    except ResultTimeoutError as exc:
+        raise AssertionError(f"missing {len(exc.missing)}: {exc.missing[:5]}") from exc
+    assert all(r.status is Status.SUCCEEDED for r in results)
+    assert {r.model for r in results[len(roots):]} == {SECOND}
+    redis = producer.redis
+    first = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.stats_key(MODEL))).items()}
+    second = {k.decode(): int(v) for k, v in
+              (await redis.hgetall(keys.stats_key(SECOND))).items()}
+    assert first["written"] == len(roots) and first["followups"] == len(roots), first
+    assert second["written"] == len(roots) and second.get("duplicates", 0) == 0, second
+    await wait_until(lambda: _zero(redis.xlen(keys.outbox_stream(MODEL))), 10)
+    for model in (MODEL, SECOND):
+        queued = await redis.hgetall(keys.queued_counts(model))
+        assert all(int(v) == 0 for v in queued.values()), (model, queued)
+    return {"first": first, "second": second}
+
+
+@pytest.mark.parametrize("fleet", ["cluster"], indirect=True)
+@pytest.mark.timeout(120)
+async def test_worker_kills_with_follow_ups_across_cluster_nodes_lose_and_double_nothing(
+        fleet, producer, tmp_path):
+    rng = random.Random(11)
+    env = {"AGENTFLEET_MODELS_FILE": _two_models_file(tmp_path),
+           "AGENTFLEET_MAX_DELIVERIES": "1000"}
+    producer.settings = Settings.from_env(env)
+    workers = [fleet.worker(f"x{i}", **env) for i in range(3)]
+    roots: list[str] = []
+    kills = 0
+    started = time.monotonic()
+    batch = 0
+    while time.monotonic() - started < 25:
+        roots += await producer.submit_many(cross_chains(
+            20, f"k{batch}-", delay_s=rng.choice([0.0, 0.05, 0.2])))
+        batch += 1
+        if rng.random() < 0.2:
+            victim = rng.randrange(len(workers))
+            workers[victim].kill()
+            workers[victim] = fleet.worker(f"x{victim}-{kills}", **env)
+            kills += 1
+        await asyncio.sleep(0.1)
+    stats = await audit_across(producer, roots)
+    assert kills >= 3
+    print(f"cluster: {len(roots)} chains across two nodes, {kills} worker kills: {stats}")
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster of this test's own (3 primaries, 3 replicas), whose primaries may be
+    killed: a replica takes over after 1 s of silence."""
+    cluster = ServerCluster(tmp_path / "cluster", node_timeout_ms=1000)
+    cluster.start()
+    f = Fleet(cluster)
+    yield f
+    _stop_workers(f)
+    cluster.stop()
+
+
+@pytest.mark.timeout(150)
+async def test_a_primary_killed_and_its_replica_promoted_loses_nothing_with_wait(own_cluster,
+                                                                              tmp_path):
+    """WAIT for one replica after every enqueue, commit and move: a submit that returned,
+    and a commit that was confirmed, are on the replica that takes over."""
+    fleet = own_cluster
+    env = {"AGENTFLEET_MODELS_FILE": _two_models_file(tmp_path),
+           "AGENTFLEET_WAIT_REPLICAS": "1", "AGENTFLEET_WAIT_TIMEOUT_MS": "500"}
+    producer = Producer(connect(fleet.server.url), settings=Settings.from_env(env))
+    try:
+        for name in ("a", "b"):
+            fleet.worker(name, **env)
+        victim = fleet.server.node_for(keys.task_stream(MODEL))
+        roots: list[str] = []
+        retried = 0
+        started = time.monotonic()
+        failover = asyncio.ensure_future(_kill_and_rejoin(fleet, victim, after_s=4))
+        batch = 0
+        while time.monotonic() - started < 14:
+            tasks = cross_chains(20, f"f{batch}-", delay_s=0.05)
+            batch += 1
+            while True:  # a retried submit is safe: idempotency keys
+                try:
+                    roots += await producer.submit_many(tasks)
+                    break
+                except BrokerError:  # the cluster down, or no replica yet (NotReplicated)
+                    retried += 1
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
+        promoted_s = await failover
+        stats = await audit_across(producer, roots, timeout_s=90)
+        assert len(set(roots)) == len(roots) and retried > 0
+        print(f"failover: replica promoted {promoted_s:.1f}s after the kill; {len(roots)} "
+              f"chains, {retried} submits retried across it: {stats}")
+    finally:
+        await producer.close()
+
+
+async def _kill_and_rejoin(fleet: Fleet, victim, after_s: float) -> float:
+    """SIGKILL `victim` (a primary) after `after_s`; once its replica has taken over, start
+    it again: it rejoins as the new primary's replica (until then WAIT 1 cannot be met on
+    that slot, and its writes are refused with NotReplicatedError and retried).  Returns how
+    long the promotion took."""
+    await asyncio.sleep(after_s)
+    victim.kill()  # whatever it had not sent its replica is gone
+    killed_at = time.monotonic()
+    while not await asyncio.to_thread(_promoted, fleet, victim):
+        assert time.monotonic() - killed_at < 30, "no replica took over"
+        await asyncio.sleep(0.1)
+    promoted_s = time.monotonic() - killed_at
+    fleet.server.restart(victim)  # from this thread: the server dies with its starter
+    return promoted_s
+
+
+def _promoted(fleet: Fleet, victim) -> bool:
+    try:
+        return fleet.server.node_for(keys.task_stream(MODEL)) is not victim
+    except Exception:  # noqa: BLE001 - a node that is down or not yet agreed: not yet
+        return False
+
+
+def cross_fanouts(n: int, tag: str, children: int = 5) -> list[Task]:
+    """Fan-outs across two primaries: the parent on MODEL, its children and join on SECOND
+    (each child's place goes through SECOND's outbox to MODEL's slot, the join step through
+    MODEL's outbox to SECOND)."""
+    return [Task(model=MODEL, id=f"{tag}{i}", prompt=f"split {tag}{i}", idempotency_key=f"{tag}{i}",
+                 tenant=TENANTS[i % len(TENANTS)],
+                 followups=[FollowUp(items=list(range(children)), model=SECOND,
+                                     prompt="part {item}", sampling=Sampling(max_tokens=8))],
+                 join=FollowUp(model=SECOND, prompt="merge {results}",
+                               sampling=Sampling(max_tokens=8),
+                               metadata={"fake_output": "joined"}))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("fleet", ["cluster"], indirect=True)
+@pytest.mark.timeout(150)
+async def test_worker_kills_with_fan_outs_across_cluster_nodes_join_each_once(
+        fleet, producer, tmp_path):
+    rng = random.Random(16)
+    env = {"AGENTFLEET_MODELS_FILE": _two_models_file(tmp_path),
+           "AGENTFLEET_MAX_DELIVERIES": "1000"}
+    producer.settings = Settings.from_env(env)
+    workers = [fleet.worker(f"j{i}", **env) for i in range(3)]
+    roots: list[str] = []
+    kills, batch, started = 0, 0, time.monotonic()
+    while time.monotonic() - started < 20 or kills < 3:
+        roots += await producer.submit_many(cross_fanouts(10, f"j{batch}-"))
+        batch += 1
+        await asyncio.sleep(rng.uniform(0.2, 1.0))
+        victim = rng.randrange(len(workers))
+        workers[victim].kill()
+        workers[victim] = fleet.worker(f"j{victim}-{kills}", **env)
+        kills += 1
+    try:
+        joins = await producer.wait_many([r + ".join" for r in roots], timeout_s=60)
+    except ResultTimeoutError as exc:
+        raise AssertionError(f"joins missing {len(exc.missing)}: {exc.missing[:5]}") from exc
+    assert all(j.status is Status.SUCCEEDED and j.text == "joined" for j in joins)
+    redis = producer.redis
+    for root in roots:
+        state = await redis.hgetall(keys.join_state(MODEL, root))
+        assert (state[b"ended"], state[b"fired"]) == (b"5", b"1"), (root, state)
+    first = await redis.hgetall(keys.stats_key(MODEL))
+    second = await redis.hgetall(keys.stats_key(SECOND))
+    assert int(first[b"joins"]) == len(roots), first  # each join fired once, on MODEL's slot
+    # each child and join step written once on SECOND
+    assert int(second[b"written"]) == 6 * len(roots) and b"duplicates" not in second, second
+    await wait_until(lambda: _zero(redis.xlen(keys.outbox_stream(MODEL))), 10)
+    await wait_until(lambda: _zero(redis.xlen(keys.outbox_stream(SECOND))), 10)
+    print(f"cluster: {len(roots)} fan-outs of 5 across two nodes, {kills} worker kills, "
+          f"join fills moved again: {int(first.get(b'join_missed', 0))}")

@@ -16,6 +16,7 @@ from agentfleet.workers.fake_engine import FakeEngine
 from agentfleet.workers.worker import Worker
 
 
+@pytest.mark.cluster_too
 async def test_transient_errors_are_retried_with_backoff(producer, start_worker, redis, settings):
     await start_worker()
     task_id = await producer.submit(model="m1", prompt="flaky", correlation_id="flaky-1",
@@ -57,6 +58,7 @@ async def test_non_retryable_errors_fail_at_once(producer, start_worker):
     assert result.status is Status.FAILED and result.attempts == 1
 
 
+@pytest.mark.cluster_too
 async def test_dlq_replay_show_and_purge(producer, start_worker, redis):
     await start_worker()
     task_id = await producer.submit(model="m1", prompt="doomed", id="d1",
@@ -75,6 +77,7 @@ async def test_dlq_replay_show_and_purge(producer, start_worker, redis):
     assert await redis.xlen(keys.dead_stream("m1")) == 0
 
 
+@pytest.mark.cluster_too
 async def test_cancel_a_queued_task_never_runs(producer, start_worker, redis):
     await producer.submit(model="m1", prompt="never", id="c1")
     await producer.cancel("c1", "m1")
@@ -85,6 +88,7 @@ async def test_cancel_a_queued_task_never_runs(producer, start_worker, redis):
     assert engine.submitted == 0
 
 
+@pytest.mark.cluster_too
 async def test_cancel_a_running_task_aborts_it(producer, start_worker):
     engine = FakeEngine()
     worker = await start_worker(engines={"m1": engine, "m2": FakeEngine()})
@@ -98,6 +102,7 @@ async def test_cancel_a_running_task_aborts_it(producer, start_worker):
     assert result.status is Status.CANCELLED and result.finish_reason == "abort"
 
 
+@pytest.mark.cluster_too
 async def test_refuses_a_server_that_evicts(redis, settings):
     await redis.config_set("maxmemory-policy", "allkeys-lru")
     try:

@@ -117,6 +117,7 @@ def fleet_processes(server, tmp_path):
             print((tmp_path / f"proc-{i}.log").read_text(errors="replace")[-3000:])
 
 
+@pytest.mark.cluster_too
 async def test_prometheus_scrapes_a_worker_and_the_exporter(fleet_processes, producer,
                                                            tmp_path):
     prometheus = _binary("prometheus")

@@ -278,7 +278,8 @@ def test_a_child_joins_its_join_whatever_its_status(out, status):
     assert record.status is status
     assert record.join == JoinWrite(state_key="af:{m1}:join:p", stream="af:{m2}:tasks:acme",
                                     lanes_key="af:{m2}:tenants:i", queued_key="af:{m2}:queued",
-                                    tenant="acme", event=record.join.event, member="p.1-2")
+                                    tenant="acme", event=record.join.event, member="p.1-2",
+                                    trace_key="af:{m1}:trace:c")
     assert decode_event(record.join.event).task_id == "p.join"
 
 

@@ -120,6 +120,7 @@ async def _finished_tokens(redis, model: str) -> tuple[int, int]:
     return tasks, tokens
 
 
+@pytest.mark.cluster_too
 async def test_exporter_and_plan_measure_backlog_tokens_and_throughput(
         server, redis, producer, start_worker, tmp_path):
     await start_worker(("m1",))

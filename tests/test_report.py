@@ -205,6 +205,7 @@ async def _run_some_work(producer, start_worker, redis):
     return failed
 
 
+@pytest.mark.cluster_too
 async def test_report_command_text_html_and_json(producer, start_worker, redis, server,
                                                  tmp_path):
     failed = await _run_some_work(producer, start_worker, redis)

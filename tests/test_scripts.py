@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from importlib import resources
 
+import msgspec
+
 from agentfleet.workers.scripts import (
     CommitHead,
     CommitRecord,
@@ -73,6 +75,44 @@ def test_every_script_file_opens_with_its_contract():
             assert "-- KEYS:" in head and "-- ARGV:" in head, f.name
 
 
+OUTBOX_HEAD = CommitHead(stats_key="af:{m1}:stats", delayed_key="af:{m1}:delayed",
+                         dead_stream="af:{m1}:dead", queued_key="af:{m1}:queued", group="g",
+                         consumer="me", reply_maxlen=80, dead_maxlen=90,
+                         outbox_key="af:{m1}:outbox")
+
+
+def test_follow_ups_for_another_model_go_through_the_outbox_and_name_no_key_of_its_slot():
+    here = FollowUpWrite("af:{m1}:tasks", b"T1", b"E1", "af:{m1}:tenants:i", "af:{m1}:queued",
+                         "acme")
+    away = FollowUpWrite("af:{m2}:tasks:acme", b"T2", b"E2", "af:{m2}:tenants:i",
+                         "af:{m2}:queued", "acme")
+    keys, args = commit_args(OUTBOX_HEAD, [_rec(b"3-0", source="af:{m1}:tasks",
+                                                result_key="af:{m1}:result:x",
+                                                followups=[away, here])])
+    # Every key is the parent model's: one slot, one node of a cluster.
+    assert {k.split("}")[0] for k in keys} == {"af:{m1"}
+    assert keys[-4:] == ["af:{m1}:tasks", "af:{m1}:tenants:i", "af:{m1}:queued",
+                         "af:{m1}:outbox"]
+    at = args.index(b"3-0")
+    assert args[at + 1] == "rS---O-"
+    # n local follow-ups (payload, event, tenant), then o outbox ones with their keys as ARGV
+    assert args[at + 8:] == [1, b"T1", b"E1", "acme",
+                             1, b"T2", b"E2", "acme", "af:{m2}:tasks:acme",
+                             "af:{m2}:tenants:i", "af:{m2}:queued"]
+
+
+def test_without_an_outbox_or_with_same_model_follow_ups_the_layout_is_unchanged():
+    here = FollowUpWrite("af:{m1}:tasks", b"T1", b"", "af:{m1}:tenants:i", "af:{m1}:queued",
+                         "acme")
+    rec = _rec(b"1-0", source="af:{m1}:tasks", followups=[here])
+    assert commit_args(OUTBOX_HEAD, [rec])[1][-4:] == [1, b"T1", b"", "acme"]
+    plain = msgspec.structs.replace(OUTBOX_HEAD, outbox_key="")
+    away = FollowUpWrite("af:{m2}:tasks", b"T2", b"", "af:{m2}:tenants:i", "af:{m2}:queued",
+                         "acme")
+    keys, args = commit_args(plain, [_rec(b"1-0", source="af:{m1}:tasks", followups=[away])])
+    assert args[args.index(b"1-0") + 1] == "rS---F-" and "af:{m2}:tasks" in keys
+
+
 def test_a_join_opened_by_its_parent_and_joined_by_a_child_takes_its_four_keys_last():
     opening = JoinWrite(state_key="js", stream="jq", lanes_key="jl", queued_key="jc",
                         tenant="acme", event=b"JE", payload=b"JOIN", children=("p.1", "p.2"))
@@ -89,3 +129,31 @@ def test_a_join_opened_by_its_parent_and_joined_by_a_child_takes_its_four_keys_l
         1, b"T1", b"E1", "acme",  # the follow-ups first, then the join: tenant, event, ...
         "acme", b"JE", b"JOIN", 2, "p.1", "p.2",  # ... the step and the children it waits for
         b"2-0", "r-----M", b"R2-0", "acme", b"", "p.1"]  # a child: its own id
+
+
+def test_joins_in_another_slot_go_through_the_outbox_with_their_keys_as_arguments():
+    step = dict(stream="af:{m2}:tasks:acme", lanes_key="af:{m2}:tenants:i",
+                queued_key="af:{m2}:queued", tenant="acme")
+    # a child on m1 whose join is kept on m2: its place, through m1's outbox
+    away = JoinWrite(state_key="af:{m2}:join:p", event=b"JE", member="p.1",
+                     trace_key="af:{m2}:trace:c", **step)
+    keys, args = commit_args(OUTBOX_HEAD, [_rec(b"1-0", source="af:{m1}:tasks",
+                                                result_key="af:{m1}:result:x", join=away)])
+    assert {k.split("}")[0] for k in keys} == {"af:{m1"} and keys[-1] == "af:{m1}:outbox"
+    at = args.index(b"1-0")
+    assert args[at + 1] == "rS----A"
+    assert args[at + 8:] == ["acme", b"JE", "p.1", "af:{m2}:join:p", "af:{m2}:tasks:acme",
+                             "af:{m2}:tenants:i", "af:{m2}:queued", "af:{m2}:trace:c"]
+    # a parent on m1 opening a join whose step is for m2: the state here, the step's lane
+    # through the outbox; the same for a child on m1 whose join (on m1) fires a step for m2
+    opening = JoinWrite(state_key="af:{m1}:join:p", payload=b"STEP", children=("p.1",),
+                        **step)
+    member = JoinWrite(state_key="af:{m1}:join:p", member="p.1", **step)
+    for join, flag, tail in ((opening, "K", [b"STEP", 1, "p.1"]), (member, "N", ["p.1"])):
+        keys, args = commit_args(OUTBOX_HEAD, [_rec(b"2-0", source="af:{m1}:tasks",
+                                                    result_key="af:{m1}:result:y", join=join)])
+        assert keys[-2:] == ["af:{m1}:join:p", "af:{m1}:outbox"]
+        at = args.index(b"2-0")
+        assert args[at + 1] == "rS----" + flag
+        assert args[at + 8:] == ["acme", b"", *tail, "af:{m2}:tasks:acme",
+                                 "af:{m2}:tenants:i", "af:{m2}:queued"]

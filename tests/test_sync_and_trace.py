@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from agentfleet.ops.trace import load_trace, render
 from agentfleet.producer.sync import SyncProducer
 from agentfleet.schemas.wire import FollowUp, Task
 
 
+@pytest.mark.cluster_too
 async def test_sync_producer_round_trip(server, settings, start_worker):
     await start_worker()
 
@@ -27,6 +30,7 @@ async def test_sync_producer_round_trip(server, settings, start_worker):
     assert [r.text for r in chain] == ["echo: a", "echo: b echo: a"]
 
 
+@pytest.mark.cluster_too
 async def test_trace_timeline_of_a_chain(producer, start_worker, redis, settings):
     await start_worker()
     root = Task(model="m1", prompt="one", correlation_id="c-9", agent_id="agent-7",

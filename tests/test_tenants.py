@@ -23,6 +23,7 @@ from agentfleet.workers.fake_engine import FakeEngine
 # ---- the registry ----------------------------------------------------------------------
 
 
+@pytest.mark.cluster_too
 async def test_registry_changes_are_checked_versioned_and_audited(redis):
     reg = TenantRegistry(redis)
     await reg.set("acme", TenantConfig(weight=2, max_queued=100), who="ops", why="contract")
@@ -68,6 +69,7 @@ async def test_malformed_tenant_names_are_refused_at_submit_and_in_the_registry(
 # ---- a stream per tenant ---------------------------------------------------------------
 
 
+@pytest.mark.cluster_too
 async def test_each_tenant_has_its_own_streams_and_follow_ups_stay_in_them(
         redis, producer, start_worker):
     await start_worker()
@@ -101,6 +103,7 @@ async def test_a_retry_goes_back_into_its_tenants_stream(redis, producer, start_
 # ---- quotas ----------------------------------------------------------------------------
 
 
+@pytest.mark.cluster_too
 async def test_over_max_queued_nothing_is_queued_and_retry_after_is_given(redis, producer):
     await TenantRegistry(redis).set("small", TenantConfig(max_queued=3))
     await asyncio.sleep(1.1)  # the producer's registry cache refreshes within a second
@@ -297,6 +300,7 @@ async def test_a_flooding_tenant_does_not_hold_back_a_steady_one(redis, producer
     assert all(r.ok for r in done)
 
 
+@pytest.mark.cluster_too
 async def test_registry_changes_reach_a_running_worker(redis, producer, start_worker):
     worker = await start_worker(("m1",))
     runner = worker.runners[0]

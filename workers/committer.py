@@ -5,7 +5,9 @@ CommitRecord (workers/outcomes.py) and writes them with one call of commit.lua: 
 follow-ups, retries, dead letters, traces and the XACK, atomically.  Up to two commits are in
 flight, so that building the next group overlaps the server running the previous one.  A
 write that fails is retried until it lands: its tasks stay pending meanwhile, and a crash
-leaves them to be redelivered, never lost.
+leaves them to be redelivered, never lost.  With `wait_replicas`, each commit is followed by
+WAIT on its connection; one the replicas did not confirm in time is logged and counted
+(`unreplicated`), not redone: it stands on the primary.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from agentfleet.producer.connection import replicated
+from agentfleet.schemas.errors import NotReplicatedError
 from agentfleet.schemas.wire import Status
 from agentfleet.workers.inflight import InFlight
 from agentfleet.workers.scripts import CommitHead, CommitRecord, commit_args, commit_lua
@@ -36,7 +40,9 @@ class Committer:
     def __init__(self, runner: ModelRunner, head: CommitHead):
         self.runner = runner
         self.head = head
-        self._commit = runner.redis.register_script(commit_lua())
+        s = runner.settings
+        self._commit = replicated(runner.redis, runner.redis.register_script(commit_lua()),
+                                  s.wait_replicas, s.wait_timeout_ms)
 
     async def commit_loop(self, max_writes: int = 2) -> None:
         """Commit what finished until the runner stops reading and nothing is left."""
@@ -86,6 +92,11 @@ class Committer:
         while True:
             try:
                 written, dups, fenced, retried, dead = await self._commit(keys=keys_, args=args)
+                break
+            except NotReplicatedError as exc:  # committed on the primary: nothing to redo
+                written, dups, fenced, retried, dead = exc.reply
+                r.stats.unreplicated += 1
+                log.warning("model %s: commit of %d %s", r.model, len(records), exc)
                 break
             except TRANSIENT as exc:
                 log.warning("model %s: commit of %d failed (%s); retrying in %.2fs",

@@ -41,6 +41,10 @@ _LANE_COUNTERS = (
      "the task meanwhile.", "fenced"),
     ("agentfleet_tasks_lost_total", "Pending tasks whose stream entry vanished before they "
      "finished.", "lost"),
+    ("agentfleet_followups_moved_total", "Follow-ups for other models moved from this model's "
+     "outbox to their own model's stream.", "moved"),
+    ("agentfleet_unreplicated_writes_total", "Commits and follow-up moves that fewer than "
+     "wait_replicas replicas confirmed within wait_timeout_ms.", "unreplicated"),
 )
 
 

@@ -52,6 +52,8 @@ class RunnerStats(msgspec.Struct):
     reclaimed: int = 0
     lost: int = 0
     cancelled: int = 0
+    moved: int = 0  # follow-ups this worker moved from the model's outbox (workers/mover.py)
+    unreplicated: int = 0  # commits and moves WAIT did not see on wait_replicas replicas
 
 
 class Slots:

@@ -447,7 +447,8 @@ class Outcomes:
             lanes_key=keys.tenant_lanes(ref.join_model, "i", ref.join_version),
             queued_key=keys.queued_counts(ref.join_model), tenant=task.tenant,
             event=self._join_event(ref.parent, ref.join_model, 0, now, trace_on),
-            member=task.id)
+            member=task.id,
+            trace_key=keys.trace_key(ref.model, task.correlation_id) if trace_on else "")
 
     @staticmethod
     def _join_event(parent: str, model: str, children: int, now: float, trace_on: bool) -> bytes:

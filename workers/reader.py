@@ -17,9 +17,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from agentfleet.producer.connection import sibling
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import AgentFleetError, DecodeError, ErrorCode, ValidationError
 from agentfleet.schemas.validate import TaskChecker
@@ -43,8 +43,9 @@ class Reader:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         r = runner
-        # A client of our own on the same pool: stream replies stay raw lists, not dicts.
-        self._redis = aioredis.Redis(connection_pool=r.redis.connection_pool)
+        # A client of our own (on the same pool, but for a cluster's): stream replies stay
+        # raw lists, not dicts.
+        self._redis = sibling(r.redis)
         self._redis.set_response_callback("XREADGROUP", _raw)
         self._check_task = TaskChecker(r.settings, internal=True)
         self._joins: set[asyncio.Task] = set()  # join steps having their input filled in

@@ -7,6 +7,7 @@
     Committer (workers/committer.py)   outcomes (workers/outcomes.py) written with one
                                        script call per group, with the XACK
     Housekeeping (workers/housekeeping.py)  reclaim, renew, promote, trim
+    Mover (workers/mover.py)           follow-ups for other models, outbox -> their streams
 
 "Lane" means one of a model's two kinds of stream: interactive and bulk (tasks of bulk jobs,
 run when interactive work leaves room); every tenant has its own stream in each lane
@@ -41,6 +42,7 @@ from agentfleet.workers.engine import Engine, EngineOutput
 from agentfleet.workers.housekeeping import Housekeeping
 from agentfleet.workers.inflight import InFlight, RunnerStats, Slots
 from agentfleet.workers.metrics import NULL_LANE_METRICS
+from agentfleet.workers.mover import Mover
 from agentfleet.workers.outcomes import Outcomes
 from agentfleet.workers.reader import Reader
 from agentfleet.workers.scripts import CommitHead
@@ -126,8 +128,9 @@ class ModelRunner:
             stats_key=keys.stats_key(self.model), delayed_key=keys.delayed_key(self.model),
             dead_stream=keys.dead_stream(self.model), queued_key=keys.queued_counts(self.model),
             group=keys.GROUP, consumer=worker_id, reply_maxlen=settings.reply_maxlen,
-            dead_maxlen=settings.dead_maxlen))
+            dead_maxlen=settings.dead_maxlen, outbox_key=keys.outbox_stream(self.model)))
         self.housekeeping = Housekeeping(self)
+        self.mover = Mover(self)  # follow-ups for other models: outbox -> their streams
 
     @property
     def busy(self) -> int:

@@ -2,9 +2,11 @@
 
 `commit.lua` applies a group of finished tasks in one atomic call; its KEYS/ARGV contract is
 at the top of the file, and `commit_args` is the only code that builds it (tested without a
-server in tests/test_scripts.py).  `reclaim.lua`, `renew.lua`, `promote.lua` and
-`deactivate.lua` are the housekeeping steps (workers/housekeeping.py, workers/streams.py);
-`move.lua` hands a version's queued tasks to another (ops/canary.py: rollbacks, retirement).
+server in tests/test_scripts.py).  Follow-ups for other models go through the model's
+outbox (`CommitHead.outbox_key`), which workers/mover.py empties.  `reclaim.lua`,
+`renew.lua`, `promote.lua` and `deactivate.lua` are the housekeeping steps
+(workers/housekeeping.py, workers/streams.py); `move.lua` hands a version's queued tasks to
+another (ops/canary.py: rollbacks, retirement).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from operator import attrgetter
 
 import msgspec
 
+from agentfleet.schemas import keys
 from agentfleet.schemas.keys import GROUP
 from agentfleet.schemas.errors import ErrorCode
 from agentfleet.schemas.scripts import lua
@@ -65,6 +68,9 @@ class CommitHead(msgspec.Struct, kw_only=True, frozen=True):
     consumer: str
     reply_maxlen: int
     dead_maxlen: int
+    # This model's outbox (keys.outbox_stream): follow-ups for other models go there, for
+    # the mover; "" writes them straight into their streams (one server only).
+    outbox_key: str = ""
 
 
 class FollowUpWrite(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -93,6 +99,9 @@ class JoinWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
     payload: bytes = b""  # opening: the join step (a Task)
     children: tuple[str, ...] = ()  # opening: the children's ids
     member: str = ""  # a child's record: its id
+    # A child's record: the trace list of the join's model, where the join's trace event
+    # goes when the join is in another slot and fires there (workers/lua/join.lua)
+    trace_key: str = ""
 
 
 class CacheWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
@@ -195,19 +204,20 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
                 args.append(r.batch_status)
             if r.followups:
                 flags[5] = "F"
-                args.append(len(r.followups))
-                for f in r.followups:
+                here, away = _by_slot(head.outbox_key, r.followups)
+                args.append(len(here))
+                for f in here:
                     keys += (f.stream, f.lanes_key, f.queued_key)
                     args += (f.payload, f.event, f.tenant)
-            j = r.join
-            if j is not None:
-                keys += (j.state_key, j.stream, j.lanes_key, j.queued_key)
-                if j.member:
-                    flags[6] = "M"
-                    args += (j.tenant, j.event, j.member)
-                else:
-                    flags[6] = "J"
-                    args += (j.tenant, j.event, j.payload, len(j.children), *j.children)
+                if away:
+                    flags[5] = "O"
+                    keys.append(head.outbox_key)
+                    args.append(len(away))
+                    for f in away:
+                        args += (f.payload, f.event, f.tenant, f.stream, f.lanes_key,
+                                 f.queued_key)
+            if r.join is not None:
+                flags[6] = _join_args(head.outbox_key, r.join, keys, args)
             c = r.cache
             if c is not None:
                 flags.append("C")
@@ -223,6 +233,42 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
 
 
 _REPLY_OF = attrgetter("reply_key")
+
+
+def _by_slot(outbox_key: str, followups: Sequence[FollowUpWrite]
+             ) -> tuple[Sequence[FollowUpWrite], list[FollowUpWrite]]:
+    """The follow-ups of the outbox's model (written in place) and those of other models
+    (through the outbox); all in place when there is no outbox."""
+    if not outbox_key:
+        return followups, []
+    tag = keys.hash_tag(outbox_key)
+    away = [f for f in followups if keys.hash_tag(f.stream) != tag]
+    if not away:
+        return followups, away
+    return [f for f in followups if keys.hash_tag(f.stream) == tag], away
+
+
+def _join_args(outbox_key: str, j: JoinWrite, out_keys: list, args: list) -> str:
+    """A record's join, added to its keys and arguments; its flag.  The join's state or its
+    step's stream in another slot than the outbox's goes through the outbox (commit.lua)."""
+    tag = keys.hash_tag(outbox_key) if outbox_key else ""
+    if tag and j.member and keys.hash_tag(j.state_key) != tag:
+        out_keys.append(outbox_key)
+        args += (j.tenant, j.event, j.member, j.state_key, j.stream, j.lanes_key, j.queued_key,
+                 j.trace_key if j.event else "")
+        return "A"
+    away = bool(tag) and keys.hash_tag(j.stream) != tag
+    if away:
+        out_keys += (j.state_key, outbox_key)
+    else:
+        out_keys += (j.state_key, j.stream, j.lanes_key, j.queued_key)
+    if j.member:
+        args += (j.tenant, j.event, j.member)
+    else:
+        args += (j.tenant, j.event, j.payload, len(j.children), *j.children)
+    if away:
+        args += (j.stream, j.lanes_key, j.queued_key)
+    return ("N" if j.member else "K") if away else ("M" if j.member else "J")
 
 
 def reply_entry(results: Sequence[bytes]) -> bytes:

@@ -7,13 +7,24 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from redis.exceptions import (
+    ClusterError,
+    NoScriptError,
+    ReadOnlyError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("agentfleet.worker")
 
 # The server is unreachable or slow: retry with backoff; anything else is a bug or a refusal.
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# A failover looks the same: a cluster without a primary for a slot (CLUSTERDOWN, TRYAGAIN,
+# a slot not covered yet), a demoted primary that refuses writes (READONLY), a promoted replica
+# that lacks a script the client just loaded elsewhere (NOSCRIPT: the next call loads it).
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ClusterError,
+             TryAgainError, SlotNotCoveredError, ReadOnlyError, NoScriptError)
 
 T = TypeVar("T")
 

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from agentfleet.producer.connection import server_infos
 from agentfleet.schemas import keys
 from agentfleet.schemas.errors import (
     BrokerError,
@@ -51,6 +52,7 @@ __all__ = ["Worker", "check_server", "make_engine", "quiet_gc", "trim_stream"]
 log = logging.getLogger("agentfleet.worker")
 
 HEARTBEAT_S = keys.HEARTBEAT_S  # how often a worker says it is alive; three missed: gone
+DRAINED = 2  # a runner's first loops (commit, move) are waited for at a drain, not cancelled
 
 
 class Worker:
@@ -177,11 +179,12 @@ class Worker:
         return self._tg.create_task(self._guard(name, loop), name=name)
 
     def start_loops(self, runner: ModelRunner) -> None:
-        """A runner's loops: commit (drained apart), renew, its side loops, its engine's
-        watch."""
+        """A runner's loops: commit and move (drained apart: what the commits put in the
+        outbox is moved before exit), renew, its side loops, its engine's watch."""
         name = runner.model + (f"@{runner.route_version}" if runner.route_version else "")
         self._loops[runner] = [
             self.spawn(f"commit {name}", runner.committer.commit_loop),
+            self.spawn(f"move {name}", runner.mover.move_loop),
             self.spawn(f"renew {name}", runner.housekeeping.renew_loop),
             *(self.spawn(f"{loop.__name__} {name}", loop) for loop in runner.loops()),
             self.spawn(f"engine watch {name}", self._watch_engine(runner))]
@@ -190,9 +193,10 @@ class Worker:
         """Retire one runner while the worker serves on: stop reading, let what it read
         finish and commit, stop its loops and its engine."""
         runner.stop_reading()
-        commit, *others = self._loops.pop(runner, [None])
-        if commit is not None:
-            await asyncio.wait([commit])
+        loops = self._loops.pop(runner, [])
+        drained, others = loops[:DRAINED], loops[DRAINED:]
+        if drained:
+            await asyncio.wait(drained)
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
@@ -220,14 +224,14 @@ class Worker:
             log.info("worker %s draining", self.worker_id)
             for runner in self.runners:
                 runner.stop_reading()
-            commits = [loops[0] for loops in self._loops.values()]
+            commits = [t for loops in self._loops.values() for t in loops[:DRAINED]]
             pending: set[asyncio.Task] = set()
             if commits:
                 _, pending = await asyncio.wait(commits, timeout=drain_timeout_s)
             if pending:  # what is left stays pending in Redis, claimable by another worker
                 log.warning("worker %s: drain deadline passed with %d tasks in flight",
                             self.worker_id, sum(r.busy for r in self.runners))
-            others = [t for loops in self._loops.values() for t in loops[1:]]
+            others = [t for loops in self._loops.values() for t in loops[DRAINED:]]
             for task in [*pending, *others, *side, *self.versions.jobs]:
                 task.cancel()
 
@@ -367,13 +371,14 @@ def quiet_gc() -> Iterator[None]:
 
 
 async def check_server(redis: aioredis.Redis) -> None:
-    """Refuse a server that may evict keys: an evicted task or result is a lost one."""
-    info = await redis.info("memory")
-    policy = info.get("maxmemory_policy", "noeviction")
-    if policy != "noeviction":
-        raise EvictingServerError(
-            f"the server's maxmemory-policy is {policy!r}: it may evict queued tasks and "
-            f"results; set it to 'noeviction'")
+    """Refuse a server (any primary of a cluster) that may evict keys: an evicted task or
+    result is a lost one."""
+    for info in await server_infos(redis, "memory"):
+        policy = info.get("maxmemory_policy", "noeviction")
+        if policy != "noeviction":
+            raise EvictingServerError(
+                f"the server's maxmemory-policy is {policy!r}: it may evict queued tasks and "
+                f"results; set it to 'noeviction'")
 
 
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:

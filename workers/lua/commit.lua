@@ -30,25 +30,44 @@
 -- marks its stream as holding work.  Results and traces live as long as the source
 -- tenant's retention says.
 --
+-- A follow-up for another model would be a write to another hash slot (another node of a
+-- Redis Cluster): it goes into this model's outbox instead (flag O), a stream entry naming
+-- its stream, lane set, queued counts and tenant, and a mover (workers/mover.py) enqueues
+-- it on its own model's slot, once (enqueue.lua with the follow-up's id as idempotency key).
+-- Joins keep to the same rule: a join step for another model fires into this outbox (K, N),
+-- and a child of a parent on another model writes its place through this outbox (A: the
+-- entry names the join's state; the mover fills the place with join.lua, in that slot).
+--
 -- KEYS: 1 stats hash, 2 delayed set, 3 dead-letter stream, 4 queued counts, then per record
 --       only the keys it uses, in this order: its source stream (flag S), result key (not
 --       for y), reply stream (flag P), trace list (flag T), bulk-job output and counts (flag
 --       B), per follow-up its task stream, its lane's tenant set and its model's queued
---       counts (flag F), the join's state, its step's task stream, lane's tenant set and
---       model's queued counts (flag J or M), the cache key, in-flight hash and the model's
---       cancelled set (flag C); last the m reply streams of the built payloads.
+--       counts (flag F or O), then this model's outbox (flag O), the join's state, its
+--       step's task stream, lane's tenant set and model's queued counts (flag J or M), the
+--       cache key, in-flight hash and the model's cancelled set (flag C); last the m reply
+--       streams of the built payloads.
 -- ARGV: 1 group, 2 consumer, 3 reply maxlen, 4 dead maxlen, 5 m; then per record: entry id,
 --       flags, v1, v2 (not for r), with S the source's lowest and highest entry id in this
 --       commit, its tenant, result ttl s and trace ttl s; trace event (T), bulk-job status
---       (B), follow-up count n and n x (task, trace event, tenant) (F); the join's tenant
---       and its step's trace event, then for J (this record opens the join) the join step
---       and the count c and c ids of the children it waits for, for M (a child of the join)
---       its own id; for C its id, the cache TTL s, the answer's shared and bare halves,
---       the cancelled and expired halves ('' unless it succeeded) and the worker's clock
---       (epoch s, for joined tasks' deadlines); last m x (result count, payload).
+--       (B), follow-up count n and n x (task, trace event, tenant) (F or O), then for O
+--       the outbox's count o and o x (task, trace event, tenant, stream, lane set, queued
+--       counts); the join's tenant and its step's trace event, then for J or K (this
+--       record opens the join) the join step and the count c and c ids of the children it
+--       waits for, for M or N (a child of the join) its own id, for A (a child whose join
+--       is in another slot) its own id, the join's state, its step's stream, lane set and
+--       queued counts, and the trace list of the join's model ('' when not traced); then
+--       for K and N the step's stream, lane set and queued counts; for C its id, the cache
+--       TTL s, the answer's shared and bare halves, the cancelled and expired halves (''
+--       unless it succeeded) and the worker's clock (epoch s, for joined tasks' deadlines);
+--       last m x (result count, payload).
 --   flags: seven or eight bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P
 --       reply to the stream named next in KEYS or p to the same one as the record before,
---       4 T, 5 B, 6 F, 7 J|M, 8 C (absent: no cache).
+--       4 T, 5 B,
+--       6 F follow-ups, or O follow-ups some of which go through the outbox, 7 the join:
+--       J opens it, M joins it, with their step's stream in this slot (KEYS: the state, the
+--       step's stream, lane set and queued counts), K and N the same with the step for
+--       another model (KEYS: the state, this model's outbox), A joins one in another slot
+--       through the outbox (KEYS: this model's outbox), 8 C the result cache (absent: none).
 --       Records come grouped by source and by reply stream, so each is named once.
 --   v1/v2: r = result/-, d = result/dead letter, y = retry member (lane byte + task)/due.
 --   payloads: where every result for a stream was written (no duplicate, none fenced), its
@@ -65,18 +84,27 @@ for j = 1, m do
   built[KEYS[#KEYS - m + j]] = {tonumber(ARGV[n + 2 * j - 1]), ARGV[n + 2 * j]}
 end
 local byte = string.byte
-local R, D, Y, S, P, SAME, T, B, F, J, M, C = byte('rdySPpTBFJMC', 1, 12)
+local R, D, Y, S, P, SAME, T, B, F, O, J, M = byte('rdySPpTBFOJM', 1, 12)
+local K, N, A = byte('KNA', 1, 3)
+local C = byte('C')
 local acks = {}
 local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
 local joins, join_missed = 0, 0
 
--- Enqueue a join step once (the `fired` mark), as a follow-up is enqueued.
-local function fire(state, stream, lanes, queued, jtenant)
+-- Enqueue a join step once (the `fired` mark), as a follow-up is enqueued: into its stream,
+-- or, for another model (`box`), into this model's outbox naming its stream.
+local function fire(state, stream, lanes, queued, jtenant, box)
   if redis.call('HSETNX', state, 'fired', 1) == 0 then return false end
+  local step = redis.call('HGET', state, 'task')
+  if box then
+    redis.call('XADD', box, '*', 's', stream, 'l', lanes, 'q', queued, 't', jtenant, 'd', step)
+    joins = joins + 1
+    return true
+  end
   if redis.call('EXISTS', stream) == 0 then
     redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
   end
-  redis.call('XADD', stream, '*', 'd', redis.call('HGET', state, 'task'))
+  redis.call('XADD', stream, '*', 'd', step)
   redis.call('ZADD', lanes, 1, jtenant)
   redis.call('HINCRBY', queued, jtenant, 1)
   joins = joins + 1
@@ -156,14 +184,30 @@ while a <= n do
     bstatus = ARGV[a]
     a = a + 1
   end
-  if ff == F then nf = tonumber(ARGV[a]); a = a + 1 end
-  local ja, jk, jargs = a + 3 * nf, k + 3 * nf, 0  -- the join's arguments follow the follow-ups'
-  if fj == J then
-    jargs = 4 + tonumber(ARGV[ja + 3])
-  elseif fj == M then
-    jargs = 3
+  local no, ob, box = 0, 0, nil  -- the outbox's follow-ups: count, first argument, key
+  if ff == F or ff == O then nf = tonumber(ARGV[a]); a = a + 1 end
+  -- the outbox's arguments follow the follow-ups', the join's follow both
+  local ja, jk, jargs = a + 3 * nf, k + 3 * nf, 0
+  if ff == O then
+    no, ob, box = tonumber(ARGV[ja]), ja + 1, KEYS[jk]
+    ja, jk = ja + 1 + 6 * no, jk + 1
   end
-  local ca, ck = ja + jargs, jk + (jargs > 0 and 4 or 0)  -- the cache's follow the join's
+  local jkeys, jbox, js, jl, jq = 0, nil, nil, nil, nil  -- the join's keys, its step's lane
+  if fj == J or fj == K then
+    jargs = 4 + tonumber(ARGV[ja + 3])
+  elseif fj == M or fj == N then
+    jargs = 3
+  elseif fj == A then
+    jargs, jkeys = 8, 1
+  end
+  if fj == J or fj == M then
+    jkeys, js, jl, jq = 4, KEYS[jk + 1], KEYS[jk + 2], KEYS[jk + 3]
+  elseif fj == K or fj == N then
+    jkeys, jbox = 2, KEYS[jk + 1]
+    js, jl, jq = ARGV[ja + jargs], ARGV[ja + jargs + 1], ARGV[ja + jargs + 2]
+    jargs = jargs + 3
+  end
+  local ca, ck = ja + jargs, jk + jkeys  -- the cache's arguments follow the join's
   local cargs = fc == C and 7 or 0
   local mine = owned[src]
   if mine == nil then
@@ -211,11 +255,21 @@ while a <= n do
         redis.call('HINCRBY', queued, child_tenant, 1)
         if trace then events[#events + 1] = ARGV[a + 3 * j + 1] end
       end
-      followups = followups + nf
+      for j = 0, no - 1 do
+        local b = ob + 6 * j
+        redis.call('XADD', box, '*', 's', ARGV[b + 3], 'l', ARGV[b + 4], 'q', ARGV[b + 5],
+                   't', ARGV[b + 2], 'd', ARGV[b])
+        if trace then events[#events + 1] = ARGV[b + 1] end
+      end
+      followups = followups + nf + no
       if jargs > 0 then
         local state, jtenant, jevent = KEYS[jk], ARGV[ja], ARGV[ja + 1]
         local fired = false
-        if fj == J then
+        if fj == A then  -- the join's slot is another: the mover fills the place
+          redis.call('XADD', KEYS[jk], '*', 'j', ARGV[ja + 3], 'm', ARGV[ja + 2], 'r', v1,
+                     's', ARGV[ja + 4], 'l', ARGV[ja + 5], 'q', ARGV[ja + 6], 't', jtenant,
+                     'e', jevent, 'k', ARGV[ja + 7], 'x', result_ttl)
+        elseif fj == J or fj == K then
           local c = tonumber(ARGV[ja + 3])
           local fields = {'n', c, 'task', ARGV[ja + 2], 'parent', v1, 'ended', 0}
           for i = 1, c do
@@ -224,7 +278,7 @@ while a <= n do
           end
           redis.call('HSET', state, unpack(fields))
           redis.call('EXPIRE', state, result_ttl)
-          fired = c == 0 and fire(state, KEYS[jk + 1], KEYS[jk + 2], KEYS[jk + 3], jtenant)
+          fired = c == 0 and fire(state, js, jl, jq, jtenant, jbox)
         else
           local place = 'r:' .. ARGV[ja + 2]
           if redis.call('HGET', state, place) == '' then
@@ -232,7 +286,7 @@ while a <= n do
             redis.call('EXPIRE', state, result_ttl)
             local done = redis.call('HINCRBY', state, 'ended', 1)
             fired = done >= tonumber(redis.call('HGET', state, 'n'))
-              and fire(state, KEYS[jk + 1], KEYS[jk + 2], KEYS[jk + 3], jtenant)
+              and fire(state, js, jl, jq, jtenant, jbox)
           else
             join_missed = join_missed + 1
           end
