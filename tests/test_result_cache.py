@@ -109,6 +109,7 @@ def test_a_cached_record_carries_flag_c_and_its_keys_last():
 # ---- with a server and a worker --------------------------------------------------------
 
 
+@pytest.mark.cluster_too
 async def test_identical_tasks_run_once_the_rest_join_or_hit(producer, start_worker, redis):
     await _opt_in(redis)
     engine = await _worker(start_worker, delay_s=0.3)
@@ -185,6 +186,7 @@ async def test_a_cached_answer_expires_with_the_tenants_ttl(producer, start_work
     assert late.cache == "" and engine.submitted == 2
 
 
+@pytest.mark.cluster_too
 async def test_when_the_leader_fails_a_joiner_runs_and_nobody_hangs(producer, start_worker,
                                                                     redis):
     await _opt_in(redis)
@@ -251,6 +253,7 @@ async def test_a_callers_digest_is_replaced_by_the_producers(producer, start_wor
     assert r.cache == "" and not await redis.exists(keys.result_cache("m1", "acme", "0" * 32))
 
 
+@pytest.mark.cluster_too
 async def test_a_joined_task_cancelled_or_past_its_deadline_gets_that_end(
         producer, start_worker, redis):
     await _opt_in(redis)
