@@ -548,6 +548,7 @@ class Producer:
         for start in range(0, len(task_ids), 10_000):
             found += await self._stored(list(task_ids[start:start + 10_000]), models)
         return found
+
     def _known_models(self) -> list[str]:
         """The settings' models, the registry's and any this producer submitted to."""
         return sorted(self._listening | self.settings.models.keys()

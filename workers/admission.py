@@ -96,12 +96,19 @@ class Admission:
 
     def waiting_by_tenant(self) -> dict[str, int]:
         """Tasks waiting per tenant, both lanes (the reader reads the emptiest first)."""
-        out: dict[str, int] = {}
+        return self.by_tenant()[0]
+
+    def by_tenant(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per tenant, both lanes: tasks waiting, and tasks held (waiting or running)."""
+        waiting: dict[str, int] = {}
+        held: dict[str, int] = {}
         for lane in self._lanes:
             for tenant, q in lane.tenants.items():
                 if q.heap:
-                    out[tenant] = out.get(tenant, 0) + len(q.heap)
-        return out
+                    waiting[tenant] = waiting.get(tenant, 0) + len(q.heap)
+                if q.heap or q.running:
+                    held[tenant] = held.get(tenant, 0) + len(q.heap) + q.running
+        return waiting, held
 
     def set_policy(self, policy: Callable[[str], tuple[float, int]]) -> None:
         """New weights and limits (the registry changed): applied from the next dispatch."""

@@ -13,6 +13,7 @@ HGETALL per window's joins, off the read loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -134,12 +135,21 @@ class Reader:
         entries at most per lane (COUNT applies to each stream: split between them)."""
         r = self.runner
         streams = r.streams
-        waiting = r.admission.waiting_by_tenant()
+        waiting, held = r.admission.by_tenant()
         total = sum(counts.values())
         read_ahead = r.settings.max_inflight
+        # The read-ahead beyond max_inflight is kept for the other tenants (runner.py)
+        full = {t for t, n in held.items() if n >= read_ahead} if r.read_reserve else set()
         picked = {lane: streams.lanes[lane].pick(max(1, min(count, MAX_STREAMS_PER_READ)),
-                                                 waiting, read_ahead)
+                                                 waiting, read_ahead, full)
                   for lane, count in counts.items()}
+        picked = {lane: tenants for lane, tenants in picked.items() if tenants}
+        if not picked:  # every tenant with work holds its most: wait for a commit (or a mark)
+            r.slot_free.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(r.slot_free.wait(), (block_ms or r.settings.block_ms)
+                                       / 1000)
+            return []
         per_stream = max(1, total // sum(len(t) for t in picked.values()))
         if "b" in picked and per_stream * len(picked["b"]) > counts["b"]:
             # within the bulk room: fewer bulk streams this time (they take turns)

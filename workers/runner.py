@@ -91,7 +91,13 @@ class ModelRunner:
         share = settings.bulk_max_share
         # Reads: bulk-job tasks hold at most their share of what is read ahead, so that
         # interactive tasks always find room to be read.
-        self.slots = Slots(settings.max_inflight, max(1, int(settings.max_inflight * share)))
+        # With spare engine slots (workers/admission.py) as many read-ahead slots again are
+        # kept for tenants holding less than max_inflight (workers/reader.py): a flood that
+        # filled max_inflight before another tenant came does not keep that tenant's next
+        # task unread until a wave of its tasks ends.
+        self.read_reserve = getattr(engine, "spare_slots", 0) if settings.fairness else 0
+        self.slots = Slots(settings.max_inflight + self.read_reserve,
+                           max(1, int(settings.max_inflight * share)))
         # The engine: bulk-job tasks hold at most their share of its slots; the rest is kept
         # for interactive tasks, which then start within an engine step or two.
         engine_slots = getattr(engine, "slots", None)

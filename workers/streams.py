@@ -47,17 +47,22 @@ class LaneStreams:
                                                           self.version)
         return name
 
-    def pick(self, limit: int, waiting: dict[str, int], read_ahead: int) -> list[str]:
+    def pick(self, limit: int, waiting: dict[str, int], read_ahead: int,
+             full: set[str] = frozenset()) -> list[str]:
         """The tenants to read now, at most `limit`: those with the fewest tasks already
         waiting in admission first, the rest in turn.  A tenant already holding its part
         of the read-ahead (`read_ahead` over the tenants read) waits: else a tenant that
         admission serves slowly (a low weight) would fill the read-ahead, and the others
-        could only be read a few at a time."""
+        could only be read a few at a time.  Tenants in `full` (holding all of
+        `read_ahead`) are not read at all."""
         now = time.monotonic()
         for tenant, seen in list(self.recent.items()):
             if now - seen > RECENT_S:
                 del self.recent[tenant]
-        tenants = list(self.marked | self.recent.keys() | {DEFAULT_TENANT})
+        tenants = [t for t in self.marked | self.recent.keys() | {DEFAULT_TENANT}
+                   if t not in full]
+        if not tenants:
+            return []
         if len(tenants) > 1:
             part = max(MIN_PART, read_ahead // len(tenants))
             below = [t for t in tenants if waiting.get(t, 0) < part]
