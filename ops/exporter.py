@@ -71,6 +71,12 @@ FLEET_COUNTERS = {
                       "Tasks moved to the dead-letter stream."),
     "lost": ("agentfleet_fleet_tasks_lost_total",
              "Pending tasks whose stream entry vanished before they finished."),
+    "cache_hits": ("agentfleet_result_cache_hits_total",
+                   "Tasks answered at submit from the result cache, never run."),
+    "cache_joins": ("agentfleet_result_cache_joins_total",
+                    "Tasks joined to the identical task in flight, never run."),
+    "cache_requeued": ("agentfleet_result_cache_requeued_total",
+                       "Joined tasks queued after all because the task they joined failed."),
 }
 
 

@@ -24,7 +24,7 @@ from agentfleet.schemas.wire import AuditEntry, TenantConfig
 
 # CLI flag -> TenantConfig field (the same names, dashes for underscores)
 FIELDS = ("weight", "max_queued", "tokens_per_minute", "max_running", "cache_group",
-          "result_ttl_s", "trace_ttl_s", "redact", "note")
+          "result_ttl_s", "trace_ttl_s", "redact", "note", "result_cache_ttl_s")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "group ('' for a cache of its own)")
     s.add_argument("--result-ttl-s", type=int, help="how long its results live (0: the fleet's)")
     s.add_argument("--trace-ttl-s", type=int, help="how long its traces live (0: the fleet's)")
+    s.add_argument("--result-cache-ttl-s", type=int, help="answer its identical deterministic "
+                   "tasks from a cached result this long, and join identical ones in flight "
+                   "(0: off; docs/result-cache.md)")
     s.add_argument("--redact", action=argparse.BooleanOptionalAction,
                    help="keep its prompts and outputs out of traces, logs and Sentry")
     s.add_argument("--note")

@@ -180,6 +180,11 @@ def _steps(r: Result, show_enqueue: bool) -> list[tuple[float, str, str, str]]:
     if t.written:
         rows.append((t.written, r.task_id, "result written",
                      f"{r.status.value}, {_ms(t.written - t.enqueued)} after enqueue"))
+    if r.cache:  # the result cache answered it: it never ran (docs/result-cache.md)
+        step = "cache hit" if r.cache == "hit" else "joined"
+        rows.append((t.enqueued, r.task_id, step,
+                     f"{r.status.value}, the answer of {r.cached_from}, run by "
+                     f"{r.worker_id or '-'} on {r.model_version or r.model}"))
     return rows
 
 

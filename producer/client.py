@@ -25,10 +25,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from agentfleet.producer.affinity import derive_affinity_key
 from agentfleet.producer.connection import connect, replicated
-from agentfleet.producer.enqueue import Lane, enqueue_args, enqueue_lua
+from agentfleet.producer.enqueue import CacheItem, Lane, enqueue_args, enqueue_lua
 from agentfleet.producer.routing import Router
 from agentfleet.producer.tracing import current_traceparent
-from agentfleet.schemas import keys
+from agentfleet.schemas import keys, resultcache
 from agentfleet.schemas.errors import (
     AgentFleetError,
     BrokerError,
@@ -40,7 +40,7 @@ from agentfleet.schemas.errors import (
 )
 from agentfleet.schemas.registry import TableCache as ModelTableCache
 from agentfleet.schemas.settings import Settings
-from agentfleet.schemas.tenants import TableCache, estimate_tokens
+from agentfleet.schemas.tenants import TableCache, TenantTable, estimate_tokens
 from agentfleet.schemas.validate import TaskChecker, validate_task
 from agentfleet.schemas.wire import Result, Task, TenantConfig, decode_result, decode_results, encode
 
@@ -168,13 +168,14 @@ class Producer:
         else:
             validate_task(task, self.settings)
             lane = self._lane(task)
+        tenants = await self.tenants.current()
         if task.model not in self._served:
             self._look_for_workers([task.model])
         if reply:
             self._ensure_listener(task.model)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queued.append((lane, self._item(task, -1), fut))
+        self._queued.append((lane, self._item(task, -1, tenants), fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         return await fut
@@ -219,11 +220,44 @@ class Producer:
                     part=keys.affinity_partition(task.affinity_key,
                                                  self.settings.affinity_partitions))
 
-    @staticmethod
-    def _item(task: Task, index: int) -> tuple[str, str | None, bytes, int, int]:
+    def _item(self, task: Task, index: int, table: TenantTable
+              ) -> tuple[str, str | None, bytes, int, int, CacheItem | None]:
         idem = task.idempotency_key
+        limits = self._mark_cacheable(task, table)
+        payload = encode(task)
         return (task.id, keys.idempotency_key(task.model, idem) if idem else None,
-                encode(task), index, estimate_tokens(task))
+                payload, index, estimate_tokens(task),
+                None if limits is None else self._cache_item(task, limits))
+
+    def _mark_cacheable(self, task: Task, table: TenantTable) -> TenantConfig | None:
+        """Mark a task of a tenant that opted in to the result cache with its input's digest
+        when the cache may answer it (schemas/resultcache.py), and return the tenant's
+        settings; its caller's marks never count."""
+        task.cache_digest, task.cache_ttl_s = "", 0
+        limits = table.get(task.tenant)
+        if not limits.result_cache_ttl_s or resultcache.ineligible(task):
+            return None
+        spec = self.settings.models.get(task.model)  # a registered model may have none
+        task.cache_digest = resultcache.digest(
+            task, task.version or (spec.version if spec is not None else ""))
+        task.cache_ttl_s = limits.result_cache_ttl_s
+        return limits
+
+    def _cache_item(self, task: Task, limits: TenantConfig) -> CacheItem:
+        s = self.settings
+        m, tenant, digest = task.model, task.tenant, task.cache_digest
+        traced = s.trace_enabled and bool(task.parent_id or task.correlation_id != task.id)
+        waiter = resultcache.waiter(
+            task_id=task.id, stub=resultcache.stub(task), result_key=keys.result_key(m, task.id),
+            reply_key=keys.reply_stream(m, task.reply_to) if task.reply_to else "",
+            trace_key=keys.trace_key(m, task.correlation_id) if traced else "",
+            result_ttl_s=limits.result_ttl_s or s.result_ttl_s,
+            trace_ttl_s=limits.trace_ttl_s or s.trace_ttl_s, reply_maxlen=s.reply_maxlen,
+            stream=keys.task_stream(m, tenant, task.version),
+            lanes_key=keys.tenant_lanes(m, "i", task.version),
+            deadline=task.deadline)
+        return CacheItem(keys.result_cache(m, tenant, digest),
+                         keys.result_cache_inflight(m, tenant, digest), waiter)
 
     async def submit_many(self, tasks: Iterable[Task], *, reply: bool = True,
                           on_quota: str = "raise") -> list[str]:
@@ -247,6 +281,7 @@ class Producer:
         models = await self.models.current()
         routed = bool(models.entries)
         shadows: list[Task] = []
+        table = await self.tenants.current()
         for i, task in enumerate(tasks):
             self._fill(task, reply, now, traceparent)
             try:
@@ -261,11 +296,10 @@ class Producer:
                 if i or not isinstance(tasks, Sequence) or len(tasks) > 1:
                     exc.args = (f"tasks[{i}].{exc.args[0]}",)
                 raise
-            by_lane.setdefault(lane, []).append(self._item(task, i))
+            by_lane.setdefault(lane, []).append(self._item(task, i, table))
             ids.append(task.id)
         if not ids:
             return ids
-        table = await self.tenants.current()
         if on_quota == "raise":
             await self._check_quotas(by_lane, table)
         if reply:

@@ -152,8 +152,22 @@ def join_state(model: str, parent_id: str) -> str:
     return f"{_tag(model)}:join:{parent_id}"
 
 
+def result_cache(model: str, tenant: str, digest: str) -> str:
+    """A tenant's cached answer to one input (schemas/resultcache.py's digest) on a model (a
+    hash with a TTL: `r` the result's shared fields, `t` the same without content, for
+    traces).  Written by commit.lua when the task that ran succeeds; read by enqueue.lua."""
+    return f"{_tag(model)}:rc:{tenant}:{digest}"
+
+
+def result_cache_inflight(model: str, tenant: str, digest: str) -> str:
+    """The task of a tenant running one input now, and the identical tasks joined to it (a
+    hash: `leader` its id, `w:<id>` each joiner's record).  Opened by enqueue.lua, resolved
+    by the leader's commit (commit.lua): results for the joiners, or one of them queued."""
+    return f"{_tag(model)}:rcrun:{tenant}:{digest}"
+
+
 def stats_key(model: str) -> str:
-    """Counters of one model (a hash): written, duplicates."""
+    """Counters of one model (a hash): written, duplicates, ..., cache_hits, cache_joins."""
     return f"{_tag(model)}:stats"
 
 

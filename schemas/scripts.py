@@ -12,6 +12,11 @@ from importlib import resources
 
 
 @functools.cache
-def lua(package: str, name: str) -> str:
-    """The source of `<package>/lua/<name>.lua`, e.g. lua("agentfleet.workers", "commit")."""
-    return resources.files(package).joinpath("lua", f"{name}.lua").read_text()
+def lua(package: str, name: str, prelude: str = "") -> str:
+    """The source of `<package>/lua/<name>.lua`, e.g. lua("agentfleet.workers", "commit"),
+    after `schemas/lua/<prelude>.lua` when one is named (functions two scripts share)."""
+    source = resources.files(package).joinpath("lua", f"{name}.lua").read_text()
+    if prelude:
+        source = resources.files("agentfleet.schemas").joinpath(
+            "lua", f"{prelude}.lua").read_text() + source
+    return source

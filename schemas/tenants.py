@@ -36,7 +36,7 @@ def check_config(config: TenantConfig) -> None:
         raise ValidationError("weight", f"{config.weight} is outside (0, {MAX_WEIGHT:g}]",
                               limit=(0, MAX_WEIGHT), value=config.weight)
     for name in ("max_queued", "tokens_per_minute", "max_running", "result_ttl_s",
-                 "trace_ttl_s"):
+                 "trace_ttl_s", "result_cache_ttl_s"):
         value = getattr(config, name)
         if not 0 <= value <= MAX_LIMIT:
             raise ValidationError(name, f"{value} is outside 0..{MAX_LIMIT} (0: no limit)",

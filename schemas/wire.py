@@ -221,6 +221,11 @@ class Task(Base, kw_only=True):
     sla: str = ""  # "", or an SLA class: "interactive", "standard", "batch"
     template: str = ""  # the prompt template it was rendered from, "<name>@<version>"
     variables: dict[str, str] = {}  # a template's variables: rendered at submit, then dropped
+    # The result cache (docs/result-cache.md): set by the producer, never by its caller, on a
+    # deterministic task without effects of a tenant that opted in: the digest of its input
+    # (schemas/resultcache.py) and how long its result answers identical tasks.
+    cache_digest: str = ""
+    cache_ttl_s: int = 0
     # Which tasks should run where their KV blocks are (docs/affinity.md): a session id, or
     # "" for the producer to derive one from the leading prompt (its system prompt or
     # template); a follow-up inherits its parent's.  Picks the task's affinity partition.
@@ -279,6 +284,11 @@ class Result(Base, kw_only=True):
     join_id: str = ""
     skipped: list[str] = []
     template: str = ""  # the prompt template its prompt came from, "<name>@<version>"
+    # The result cache (docs/result-cache.md): "" ran in an engine; "hit" answered at submit
+    # from an identical task's cached result; "joined" answered by the identical task that was
+    # in flight.  `cached_from`: that task's id (its result's other fields are that task's).
+    cache: str = ""
+    cached_from: str = ""
 
     @property
     def ok(self) -> bool:
@@ -369,6 +379,9 @@ class TenantConfig(Base, kw_only=True):
     trace_ttl_s: int = 0  # how long its traces live; 0: the fleet's trace_ttl_s
     redact: bool = False  # keep its prompts and outputs out of traces, logs and Sentry
     note: str = ""
+    # How long a deterministic task's result answers the tenant's identical tasks, and
+    # identical tasks join one in flight (docs/result-cache.md); 0: off.
+    result_cache_ttl_s: int = 0
 
 
 class AuditEntry(Base, kw_only=True):

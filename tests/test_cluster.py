@@ -259,3 +259,24 @@ async def test_a_childs_place_moved_twice_is_filled_once(producer, start_worker,
     assert await redis.hgetall(keys.join_state("m1", root)) == state  # unchanged
     assert int(await redis.hget(keys.stats_key("m1"), "joins")) == 1
     assert await _outbox(redis, "m2") == []
+
+
+# ---- what a failover loses: bench.failover's quick run ------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_failover_under_steady_submits_with_wait_1_loses_nothing_acknowledged(tmp_path):
+    """bench.failover --quick, WAIT 1 only (the full run, with WAIT 0 beside it and three
+    repetitions each, is in docs/benchmarks.md): a primary killed under 4 s of steady submits
+    and commits, its replica promoted; every acknowledged task has its result afterwards."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "failover.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.failover", "--quick", "--modes", "1",
+                           "--json", str(out)], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=55)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    [run] = json.loads(out.read_text())["runs"]["1"]
+    assert run["acked"] > 500 and run["lost_tasks"] == run["lost_results"] == 0, run

@@ -124,7 +124,7 @@ class Mover:
         again = 0
         for lane, items in by_lane.items():
             keys_, args = enqueue_args(lane, r.settings.result_ttl_s,
-                                       [(task_id, mark, payload, 0, 0)
+                                       [(task_id, mark, payload, 0, 0, None)
                                         for _, task_id, mark, payload in items])
             try:
                 reply = await self._enqueue(keys=keys_, args=args)

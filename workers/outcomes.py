@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
-from agentfleet.schemas import keys, steps
+from agentfleet.schemas import keys, resultcache, steps
 from agentfleet.schemas.errors import ErrorCode, JoinInputLostError
 from agentfleet.schemas.registry import ModelTable
 from agentfleet.schemas.settings import Settings
@@ -53,7 +53,7 @@ from agentfleet.schemas.wire import (
 )
 from agentfleet.workers import structured
 from agentfleet.workers.inflight import InFlight
-from agentfleet.workers.scripts import CommitRecord, FollowUpWrite, JoinWrite
+from agentfleet.workers.scripts import CacheWrite, CommitRecord, FollowUpWrite, JoinWrite
 
 STATUS_BY_CODE = {
     ErrorCode.DEADLINE_EXCEEDED: Status.EXPIRED,
@@ -414,7 +414,23 @@ class Outcomes:
                                           join_version)
         elif task.joins_into is not None:
             record.join = self._join_member(task, now, trace_on)
+        if task.cache_digest:
+            record.cache = self._cache(task, result, now)
         return record
+
+    def _cache(self, task: Task, result: Result, now: float) -> CacheWrite:
+        """A task the result cache may answer: its answer for identical tasks, on success."""
+        write = CacheWrite(
+            cache_key=keys.result_cache(self.model, task.tenant, task.cache_digest),
+            inflight_key=keys.result_cache_inflight(self.model, task.tenant, task.cache_digest),
+            cancelled_key=keys.cancelled_key(self.model), task_id=task.id,
+            ttl_s=max(task.cache_ttl_s, 1), now=now)
+        if result.status is Status.SUCCEEDED:
+            shared, bare = resultcache.shared(result)
+            cancelled, expired = resultcache.ended(result)
+            write = msgspec.structs.replace(write, shared=shared, bare=bare, cancelled=cancelled,
+                                            expired=expired)
+        return write
 
     def _open_join(self, task: Task, fanout: Fanout, now: float, traceparent: str,
                    trace_on: bool, version: str) -> JoinWrite:

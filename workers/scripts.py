@@ -26,7 +26,7 @@ _PACKAGE = "agentfleet.workers"
 
 
 def commit_lua() -> str:
-    return lua(_PACKAGE, "commit")
+    return lua(_PACKAGE, "commit", prelude="resultcache")
 
 
 def reclaim_lua() -> str:
@@ -104,6 +104,24 @@ class JoinWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
     trace_key: str = ""
 
 
+class CacheWrite(msgspec.Struct, kw_only=True, gc=False, frozen=True):
+    """The result cache's side of a task the cache may answer (docs/result-cache.md): on
+    success its answer is cached (`shared`, `bare`: schemas/resultcache.py) and the tasks
+    joined to it are answered (those cancelled or past their deadline with that end); on
+    failure one of them is queued instead."""
+
+    cache_key: str
+    inflight_key: str
+    cancelled_key: str  # the model's cancelled ids (keys.cancelled_key)
+    task_id: str
+    ttl_s: int
+    shared: bytes = b""  # b"" unless it succeeded
+    bare: bytes = b""
+    cancelled: bytes = b""  # the halves for a joined task cancelled, or past its deadline
+    expired: bytes = b""
+    now: float = 0.0  # epoch s: a joined task whose deadline is before ends expired
+
+
 class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
     """One task's outcome, encoded and ready for commit.lua (one per task, never in a cycle:
     untracked by the cyclic collector).  `status` and `error_code` stay in Python for the
@@ -130,6 +148,7 @@ class CommitRecord(msgspec.Struct, kw_only=True, gc=False):
     result_ttl_s: int = 86_400
     trace_ttl_s: int = 86_400
     join: JoinWrite | None = None  # a fan-out's join, opened (parent) or joined (child)
+    cache: CacheWrite | None = None  # a task the result cache may answer
 
 
 def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list, list]:
@@ -199,6 +218,12 @@ def commit_args(head: CommitHead, records: Sequence[CommitRecord]) -> tuple[list
                                  f.queued_key)
             if r.join is not None:
                 flags[6] = _join_args(head.outbox_key, r.join, keys, args)
+            c = r.cache
+            if c is not None:
+                flags.append("C")
+                keys += (c.cache_key, c.inflight_key, c.cancelled_key)
+                args += (c.task_id, c.ttl_s, c.shared, c.bare, c.cancelled, c.expired,
+                         repr(c.now))
             args[at] = "".join(flags)
     args[4] = len(payloads)
     for reply, results in payloads.items():

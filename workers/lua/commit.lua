@@ -18,6 +18,13 @@
 -- enqueues the join step, once (the `fired` mark).  A child with no place (the state
 -- expired, or a task that was never a child of it) changes nothing there: join_missed.
 --
+-- The result cache (docs/result-cache.md; loaded after schemas/lua/resultcache.lua): a
+-- record with flag C is a task the cache may answer.  When its result is written: on
+-- success its answer is cached (with the tenant's TTL) and, if it still leads its input's
+-- in-flight hash, every task joined to it gets a result of its own, marked "joined" (a
+-- cancelled one, or one past its deadline, gets that end instead); on failure one joined
+-- task is queued (its tenant's stream, counted as queued) and leads.
+--
 -- Each source stream is one tenant's lane: a task that ends (its result or dead letter
 -- written) leaves the tenant's queued count; a follow-up joins its own tenant's count and
 -- marks its stream as holding work.  Results and traces live as long as the source
@@ -36,8 +43,9 @@
 --       for y), reply stream (flag P), trace list (flag T), bulk-job output and counts (flag
 --       B), per follow-up its task stream, its lane's tenant set and its model's queued
 --       counts (flag F or O), then this model's outbox (flag O), the join's state, its
---       step's task stream, lane's tenant set and model's queued counts (flag J or M); last
---       the m reply streams of the built payloads.
+--       step's task stream, lane's tenant set and model's queued counts (flag J or M), the
+--       cache key, in-flight hash and the model's cancelled set (flag C); last the m reply
+--       streams of the built payloads.
 -- ARGV: 1 group, 2 consumer, 3 reply maxlen, 4 dead maxlen, 5 m; then per record: entry id,
 --       flags, v1, v2 (not for r), with S the source's lowest and highest entry id in this
 --       commit, its tenant, result ttl s and trace ttl s; trace event (T), bulk-job status
@@ -48,15 +56,18 @@
 --       waits for, for M or N (a child of the join) its own id, for A (a child whose join
 --       is in another slot) its own id, the join's state, its step's stream, lane set and
 --       queued counts, and the trace list of the join's model ('' when not traced); then
---       for K and N the step's stream, lane set and queued counts; last m x (result count,
---       payload).
---   flags: seven bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P reply to the
---       stream named next in KEYS or p to the same one as the record before, 4 T, 5 B,
+--       for K and N the step's stream, lane set and queued counts; for C its id, the cache
+--       TTL s, the answer's shared and bare halves, the cancelled and expired halves (''
+--       unless it succeeded) and the worker's clock (epoch s, for joined tasks' deadlines);
+--       last m x (result count, payload).
+--   flags: seven or eight bytes, '-' where absent: 1 outcome r|d|y, 2 S new source, 3 P
+--       reply to the stream named next in KEYS or p to the same one as the record before,
+--       4 T, 5 B,
 --       6 F follow-ups, or O follow-ups some of which go through the outbox, 7 the join:
 --       J opens it, M joins it, with their step's stream in this slot (KEYS: the state, the
 --       step's stream, lane set and queued counts), K and N the same with the step for
 --       another model (KEYS: the state, this model's outbox), A joins one in another slot
---       through the outbox (KEYS: this model's outbox).
+--       through the outbox (KEYS: this model's outbox), 8 C the result cache (absent: none).
 --       Records come grouped by source and by reply stream, so each is named once.
 --   v1/v2: r = result/-, d = result/dead letter, y = retry member (lane byte + task)/due.
 --   payloads: where every result for a stream was written (no duplicate, none fenced), its
@@ -75,6 +86,7 @@ end
 local byte = string.byte
 local R, D, Y, S, P, SAME, T, B, F, O, J, M = byte('rdySPpTBFOJM', 1, 12)
 local K, N, A = byte('KNA', 1, 3)
+local C = byte('C')
 local acks = {}
 local written, dups, followups, fenced, retried, dead = 0, 0, 0, 0, 0, 0
 local joins, join_missed = 0, 0
@@ -99,6 +111,46 @@ local function fire(state, stream, lanes, queued, jtenant, box)
   return true
 end
 
+-- The result cache: a finished task's answer cached, the tasks joined to it answered; or,
+-- when it failed, one of them queued in its place (the others stay joined to that one).
+local cache_requeued = 0
+local function resolve(ckey, running, cancelled, ca, rtenant)
+  local id, ttl, shared, bare = ARGV[ca], ARGV[ca + 1], ARGV[ca + 2], ARGV[ca + 3]
+  local now = tonumber(ARGV[ca + 6])
+  if shared ~= '' then
+    redis.call('HSET', ckey, 'r', shared, 't', bare)
+    redis.call('EXPIRE', ckey, ttl)
+  end
+  if redis.call('HGET', running, 'leader') ~= id then return end
+  local all = redis.call('HGETALL', running)
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 2) == 'w:' then
+      local w = rc_waiter(all[i + 1])
+      if shared ~= '' then
+        if redis.call('ZSCORE', cancelled, w.id) then
+          rc_answer(w, ARGV[ca + 4], ARGV[ca + 4], 'joined')
+        elseif w.deadline ~= '' and tonumber(w.deadline) < now then
+          rc_answer(w, ARGV[ca + 5], ARGV[ca + 5], 'joined')
+        else
+          rc_answer(w, shared, bare, 'joined')
+        end
+      else
+        redis.call('HDEL', running, all[i])
+        redis.call('HSET', running, 'leader', w.id)
+        if redis.call('EXISTS', w.stream) == 0 then
+          redis.call('XGROUP', 'CREATE', w.stream, group, '0', 'MKSTREAM')
+        end
+        redis.call('XADD', w.stream, '*', 'd', w.payload)
+        redis.call('ZADD', w.lanes, 1, rtenant)
+        redis.call('HINCRBY', KEYS[4], rtenant, 1)
+        cache_requeued = cache_requeued + 1
+        return
+      end
+    end
+  end
+  redis.call('DEL', running)
+end
+
 local replies = {}
 local owned = {}  -- per source stream: the entries pending on this consumer, read once
 local ended = {}  -- tenant -> tasks of its that ended here
@@ -106,7 +158,7 @@ local src, cur_reply, tenant, result_ttl, trace_ttl
 while a <= n do
   local eid, flags, v1 = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   a = a + 3
-  local outcome, fs, fp, ft, fb, ff, fj = byte(flags, 1, 7)
+  local outcome, fs, fp, ft, fb, ff, fj, fc = byte(flags, 1, 8)
   local v2, rkey, reply, tkey, trace, bout, bcounts, bstatus, lo, hi
   local nf = 0
   if outcome ~= R then v2 = ARGV[a]; a = a + 1 end
@@ -155,6 +207,8 @@ while a <= n do
     js, jl, jq = ARGV[ja + jargs], ARGV[ja + jargs + 1], ARGV[ja + jargs + 2]
     jargs = jargs + 3
   end
+  local ca, ck = ja + jargs, jk + jkeys  -- the cache's arguments follow the join's
+  local cargs = fc == C and 7 or 0
   local mine = owned[src]
   if mine == nil then
     mine = {}
@@ -239,6 +293,9 @@ while a <= n do
         end
         if fired and jevent ~= '' and tkey then events[#events + 1] = jevent end
       end
+      if cargs > 0 then
+        resolve(KEYS[ck], KEYS[ck + 1], KEYS[ck + 2], ca, tenant)
+      end
     else
       dups = dups + 1
       events = {}
@@ -257,8 +314,8 @@ while a <= n do
       acks[src] = {}
     end
   end
-  a = ja + jargs
-  k = jk + jkeys
+  a = ca + cargs
+  k = ck + (cargs > 0 and 3 or 0)
 end
 for src, list in pairs(acks) do
   if #list > 0 then redis.call('XACK', src, group, unpack(list)) end
@@ -287,4 +344,7 @@ if retried > 0 then redis.call('HINCRBY', KEYS[1], 'retried', retried) end
 if dead > 0 then redis.call('HINCRBY', KEYS[1], 'dead_lettered', dead) end
 if joins > 0 then redis.call('HINCRBY', KEYS[1], 'joins', joins) end
 if join_missed > 0 then redis.call('HINCRBY', KEYS[1], 'join_missed', join_missed) end
+if cache_requeued > 0 then
+  redis.call('HINCRBY', KEYS[1], 'cache_requeued', cache_requeued)
+end
 return {written, dups, fenced, retried, dead}
