@@ -139,8 +139,10 @@ async def test_an_idle_worker_steals_from_a_saturated_owner(producer, start_work
 async def test_a_dead_workers_partitions_move_within_the_claim_time(
         producer, start_worker, redis, settings):
     w1 = await start_worker(["m1"])
-    # A worker that beat once and died (SIGKILL leaves its heartbeat behind).
+    # A worker that beat once, reported its runner's load, and died (SIGKILL leaves both
+    # behind: workers/versions.py).
     await redis.hset(keys.workers_key("m1"), "ghost", time.time())
+    await redis.hset(keys.version_load("m1"), "|ghost", f"{time.time():.3f} 0 1 0 serving")
     deadline = time.monotonic() + 5
     while "ghost" not in ownership(w1).live:
         assert time.monotonic() < deadline
