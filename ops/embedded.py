@@ -77,10 +77,14 @@ def port_free(port: int) -> bool:
         return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(below: int = 65536) -> int:
+    """A free loopback port under `below` (a cluster node also binds its port + 10,000)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < below:
+            return port
 
 
 class ServerProcess:
@@ -105,7 +109,9 @@ class ServerProcess:
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):  # a free port can be taken between the check and the bind
-            port = self.port or free_port()
+            # a cluster node's bus port is its port + 10,000: keep both in range
+            port = self.port or free_port(55536 if "--cluster-enabled" in self.extra_args
+                                          else 65536)
             self.proc = subprocess.Popen(self._args(port), stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL,
                                          preexec_fn=die_with_parent())
