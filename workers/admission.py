@@ -94,19 +94,16 @@ class Admission:
     def waiting(self) -> int:
         return self._lanes[0].waiting + self._lanes[1].waiting
 
-    def waiting_by_tenant(self) -> dict[str, int]:
-        """Tasks waiting per tenant, both lanes (the reader reads the emptiest first)."""
-        return self.by_tenant()[0]
-
-    def by_tenant(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Per tenant, both lanes: tasks waiting, and tasks held (waiting or running)."""
+    def by_tenant(self, with_held: bool) -> tuple[dict[str, int], dict[str, int]]:
+        """Per tenant, both lanes: tasks waiting (the reader reads the emptiest first), and
+        with `with_held` tasks held, waiting or running (else {})."""
         waiting: dict[str, int] = {}
         held: dict[str, int] = {}
         for lane in self._lanes:
             for tenant, q in lane.tenants.items():
                 if q.heap:
                     waiting[tenant] = waiting.get(tenant, 0) + len(q.heap)
-                if q.heap or q.running:
+                if with_held and (q.heap or q.running):
                     held[tenant] = held.get(tenant, 0) + len(q.heap) + q.running
         return waiting, held
 

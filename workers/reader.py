@@ -151,11 +151,12 @@ class Reader:
         entries at most per lane (COUNT applies to each stream: split between them)."""
         r = self.runner
         streams = r.streams
-        waiting, held = r.admission.by_tenant()
+        # held counts only where the read-ahead beyond max_inflight is kept for the other
+        # tenants (runner.py): a tenant holding max_inflight is not read
+        waiting, held = r.admission.by_tenant(with_held=bool(r.read_reserve))
         total = sum(counts.values())
         read_ahead = r.settings.max_inflight
-        # The read-ahead beyond max_inflight is kept for the other tenants (runner.py)
-        full = {t for t, n in held.items() if n >= read_ahead} if r.read_reserve else set()
+        full = {t for t, n in held.items() if n >= read_ahead}
         picked = {lane: streams.lanes[lane].pick(max(1, min(count, MAX_STREAMS_PER_READ)),
                                                  waiting, read_ahead, full)
                   for lane, count in counts.items()}

@@ -28,7 +28,7 @@ def _any(t: type) -> dict[str, object]:
     """`object` fields (a JSON schema, a tool's parameters, a fan-out's items) take any JSON."""
     if t is object:
         return {"description": "any JSON value"}  # msgspec takes {} for "no schema given"
-    raise NotImplementedError(t)
+    raise NotImplementedError(t)  # msgspec's protocol for "no schema for this type here"
 
 
 def build(handlers, fast_routes=()) -> dict[str, object]:
