@@ -13,6 +13,9 @@ columns from the workers' per-minute aggregates of the last `--window` (5 minute
   tasks/s   tasks that ended, per second over the window
   p50, p99  end-to-end latency of interactive tasks over the window
   errors    tasks that ended failed, expired or dead-lettered over the window
+
+Below the table: the tenants with the most queued work, and the tasks the result cache
+answered without running them (hits and joins since the counters began; docs/result-cache.md).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class ModelStatus(msgspec.Struct, kw_only=True):
     window_s: float
     # the tenants with the most queued work: (tenant, queued and not ended, never delivered)
     tenants: list[tuple[str, int, int]] = []
+    # tasks answered by the result cache, never run: hits and joins, since the counters began
+    answered_from_cache: int = 0
 
 
 def snapshot(client: redis.Redis, models: Sequence[str],
@@ -87,7 +92,9 @@ def combine(queues: list[QueueStats], window: Window, now: float) -> list[ModelS
             tasks_per_s=ended / covered,
             p50_s=interactive.quantile(0.5) if interactive else None,
             p99_s=interactive.quantile(0.99) if interactive else None,
-            errors=errors, window_s=covered, tenants=_top_tenants(q)))
+            errors=errors, window_s=covered, tenants=_top_tenants(q),
+            answered_from_cache=q.counters.get("cache_hits", 0)
+            + q.counters.get("cache_joins", 0)))
     return out
 
 
@@ -129,6 +136,9 @@ def render_table(statuses: list[ModelStatus], url: str = ""):
         table.caption += "\ntenants with the most queued: " + "; ".join(
             f"{model}/{tenant} {queued:,} queued ({lag:,} unread)"
             for model, (tenant, queued, lag) in busiest[:8])
+    cached = [f"{s.model} {s.answered_from_cache:,}" for s in statuses if s.answered_from_cache]
+    if cached:
+        table.caption += "\nanswered by the result cache, never run: " + "; ".join(cached)
     return table
 
 

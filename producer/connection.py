@@ -45,7 +45,26 @@ except ImportError:  # the client install: redis-py's own packer
     hiredis = None
 
 
-class _HiredisPacking:
+class _ClosedTransportIsConnectionError:
+    """uvloop raises RuntimeError ("... the handler is closed") for a write to a socket that
+    the server closed (a restart, a failover), where asyncio's loop raises OSError, which
+    redis-py turns into ConnectionError: do the same, so that callers retry it as the
+    connection error it is instead of crashing on it."""
+
+    async def send_packed_command(self, command, check_health=True):
+        try:
+            return await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            if "handler is closed" not in str(exc):
+                raise
+            raise redis.exceptions.ConnectionError(f"writing to a closed socket: {exc}") from exc
+
+
+class _PlainConnection(_ClosedTransportIsConnectionError, Connection):
+    pass
+
+
+class _HiredisPacking(_ClosedTransportIsConnectionError):
     def pack_command(self, *args):
         first = args[0]
         if isinstance(first, str) and " " in first:  # "XGROUP CREATE" and the like
@@ -58,6 +77,10 @@ class _HiredisPackedConnection(_HiredisPacking, Connection):
 
 
 class _HiredisSentinelConnection(_HiredisPacking, SentinelManagedConnection):
+    pass
+
+
+class _SentinelConnection(_ClosedTransportIsConnectionError, SentinelManagedConnection):
     pass
 
 
@@ -79,8 +102,7 @@ class ClusterClient(aioredis.RedisCluster):
         self._init = (args, dict(kwargs))
         self._siblings: list[ClusterClient] = []
         super().__init__(*args, **kwargs)
-        if hiredis is not None:
-            _pack_with_hiredis(self)
+        _own_connections(self)
         _tolerate_options(self.response_callbacks)
         self.nodes_manager.__class__ = _OneObjectPerNode  # same slots: a safe swap
 
@@ -218,12 +240,16 @@ def _without_options(callback, response, **options):
     return callback(response)
 
 
-def _pack_with_hiredis(client: aioredis.RedisCluster) -> None:
+def _own_connections(client: aioredis.RedisCluster) -> None:
     # RedisCluster takes no connection_class: set it where nodes are made (the shared
     # connection kwargs) and on the startup nodes already made, before any connection.
-    client.connection_kwargs["connection_class"] = _HiredisPackedConnection
+    # TLS (its SSLConnection) keeps redis-py's class.
+    if client.connection_kwargs.get("connection_class", Connection) is not Connection:
+        return
+    cls = _PlainConnection if hiredis is None else _HiredisPackedConnection
+    client.connection_kwargs["connection_class"] = cls
     for node in client.startup_nodes:
-        node.connection_class = _HiredisPackedConnection
+        node.connection_class = cls
 
 
 def _split(url: str, schemes: dict[str, str]) -> tuple[list[tuple[str, int]], str, dict, str]:
@@ -271,15 +297,17 @@ def connect(url: str, **kwargs) -> aioredis.Redis:
         options = {**_options(first, query), **kwargs}
         if options.pop("connection_class", None) is not None:
             options["ssl"] = True
-        if hiredis is not None:
-            options.setdefault("connection_class", _HiredisSentinelConnection)
+        if not options.get("ssl"):  # TLS keeps redis-py's SentinelManagedSSLConnection
+            options.setdefault("connection_class", _SentinelConnection if hiredis is None
+                               else _HiredisSentinelConnection)
         sentinel = Sentinel(hosts, sentinel_kwargs=_sentinel_kwargs(options, sentinel_password))
         client = sentinel.master_for(_service(url, service), redis_class=_SentinelClient,
                                      **options)
         client.sentinel = sentinel
         return client
-    if hiredis is not None:
-        kwargs.setdefault("connection_class", _HiredisPackedConnection)
+    if url.startswith("redis://"):  # rediss:// and unix:// keep redis-py's own classes
+        kwargs.setdefault("connection_class",
+                          _PlainConnection if hiredis is None else _HiredisPackedConnection)
     pool = aioredis.ConnectionPool.from_url(url, **kwargs)
     return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 

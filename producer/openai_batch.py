@@ -129,6 +129,7 @@ class RequestBody(msgspec.Struct, kw_only=True):
     tool_choice: str | ToolChoice | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: _StructuredOutputs | None = None
+    prompt_cache_key: str | None = None  # OpenAI's: the task's affinity key (docs/affinity.md)
 
 
 class RequestLine(msgspec.Struct, kw_only=True):
@@ -281,7 +282,11 @@ def request_input(body: RequestBody, chat: bool, model: str, settings: Settings,
 def apply_steps(task: Task, body: RequestBody) -> Task:
     """Agent steps from a request body onto its task (docs/agent-steps.md): the response
     format (OpenAI's `response_format`, or vLLM's `structured_outputs`), `tools` and
-    `tool_choice`.  Shared by batch lines and the gateway."""
+    `tool_choice`; and OpenAI's `prompt_cache_key` as the affinity key, which keeps the
+    requests that share it on one worker's prefix cache.  Shared by batch lines and the
+    gateway."""
+    if body.prompt_cache_key:
+        task.affinity_key = body.prompt_cache_key
     fmt = _response_format(body)
     if fmt is not None:
         task.response_format = fmt

@@ -47,6 +47,7 @@ pytestmark = pytest.mark.timeout(120)
 @dataclass
 class Fleet:
     server: ServerProcess
+    logs: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def worker(self, name: str, **env: str) -> subprocess.Popen:
@@ -56,10 +57,27 @@ class Fleet:
                 "AGENTFLEET_MAX_DELIVERIES": "3", "AGENTFLEET_TRIM_INTERVAL_S": "1",
                 "AGENTFLEET_HOME": str(self.server.data_dir), "AGENTFLEET_METRICS_PORT": "0",
                 "AGENTFLEET_AFFINITY_PARTITIONS": str(PARTITIONS), **env}
-        proc = subprocess.Popen([sys.executable, "-m", "agentfleet", "worker"], env=full,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr to a file, never a pipe: a pipe nobody reads until teardown fills up (64 KiB
+        # of retry warnings while the server restarts) and blocks the worker's event loop.
+        log = self.logs / f"{name}-{len(self.procs)}.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "agentfleet", "worker"], env=full,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        proc.log = log
         self.procs.append(proc)
         return proc
+
+    def report(self) -> str:
+        """Each worker's state, and the end of its log where it exited or hit a traceback."""
+        lines = []
+        for proc in self.procs:
+            code = proc.poll()
+            text = proc.log.read_text(errors="replace")
+            lines.append(f"worker {proc.log.stem}: {'running' if code is None else code}, "
+                         f"{len(text)} bytes of log")
+            if code is not None or "Traceback" in text:
+                lines.append(text[-3000:])
+        return "\n".join(lines)
 
     def restart_server(self) -> None:
         self.server.kill()
@@ -75,8 +93,10 @@ def fleet(request, tmp_path):
         binary = valkey_binary() if request.param == "valkey" else redis_binary()
         server = ServerProcess(tmp_path / "server", binary=binary, appendfsync="always")
         server.start()
-    f = Fleet(server)
+    global _fleet
+    f = _fleet = Fleet(server, tmp_path)
     yield f
+    _fleet = None
     _stop_workers(f)
     if request.param != "cluster":
         server.stop()
@@ -88,11 +108,6 @@ def _stop_workers(f: Fleet) -> None:
             proc.send_signal(signal.SIGCONT)
             proc.kill()
         proc.wait()
-        if proc.stderr:
-            err = proc.stderr.read().decode(errors="replace")
-            if "Traceback" in err:  # shown with the test's report when it fails
-                print(f"--- worker {proc.args} stderr ---\n{err[-4000:]}")
-            proc.stderr.close()
 
 
 # Also on a Redis Cluster of 3 primaries and 3 replicas (tests/conftest.py): the tests that
@@ -125,10 +140,14 @@ def streams() -> list[str]:
     return [keys.task_stream(MODEL, t, part=p) for t in TENANTS for p in parts]
 
 
+_fleet: Fleet | None = None  # the running test's, whose workers a failed wait describes
+
+
 async def wait_until(predicate, timeout_s: float = 20.0, every_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
+        assert time.monotonic() < deadline, \
+            f"condition not reached in time\n{_fleet.report() if _fleet else ''}"
         await asyncio.sleep(every_s)
 
 
@@ -301,7 +320,7 @@ async def test_server_killed_and_restarted_under_load(fleet, producer):
     stats = await audit(producer, roots, timeout_s=60)
     assert stats.get("duplicates", 0) == 0
     await producer.redis.delete(keys.workers_key(MODEL))
-    await wait_until(lambda: _live_workers(producer.redis, 2), 10)  # both beat again
+    await wait_until(lambda: _live_workers(producer.redis, 2))  # both beat again
 
 
 async def test_waits_ride_out_a_sigkilled_server_restarted_on_its_data(fleet, producer):
@@ -612,7 +631,7 @@ def own_cluster(tmp_path):
     killed: a replica takes over after 1 s of silence."""
     cluster = ServerCluster(tmp_path / "cluster", node_timeout_ms=1000)
     cluster.start()
-    f = Fleet(cluster)
+    f = Fleet(cluster, tmp_path)
     yield f
     _stop_workers(f)
     cluster.stop()

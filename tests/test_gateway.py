@@ -347,3 +347,31 @@ def _models_file(tmp_path) -> str:
     path = tmp_path / "models.toml"
     path.write_text("[models.m1]\nmax_model_len = 512\n[models.m2]\nmax_model_len = 256\n")
     return str(path)
+
+
+async def test_prompt_cache_key_and_affinity_key_pick_the_affinity_partition(
+        gateway, api_key, settings, tmp_path, redis):
+    """OpenAI's `prompt_cache_key` (chat, completions) and the task API's `affinity_key` are
+    the task's affinity key: with partitions on, it lands in that key's partition stream."""
+    import msgspec
+
+    s = msgspec.structs.replace(settings, affinity_partitions=8,
+                                gateway_files_dir=str(tmp_path / "files"))
+    url, _ = await gateway(s)
+    key = await api_key()
+    async with httpx.AsyncClient(base_url=url, headers=auth(key)) as http:
+        for body in ({"model": "m1", "prompt": "a", "affinity_key": "session-7"},
+                     {"model": "m1", "prompt": "b", "affinity_key": "x" * 201}):
+            made = await http.post("/v1/tasks", json=body)
+            assert made.status_code in (202, 400), made.text
+        assert made.status_code == 400 and "affinity_key" in made.json()["error"]["message"]
+        chat = asyncio.create_task(http.post("/v1/chat/completions", json={
+            "model": "m1", "messages": [{"role": "user", "content": "c"}],
+            "prompt_cache_key": "session-7"}))
+        part = keys.task_stream("m1", "acme", part=keys.affinity_partition("session-7", 8))
+        deadline = time.monotonic() + 10
+        while await redis.xlen(part) < 2:  # no worker: both wait in session-7's partition
+            assert time.monotonic() < deadline, await queued(redis)
+            await asyncio.sleep(0.05)
+        chat.cancel()
+    assert await queued(redis) == 2  # the refused one queued nothing

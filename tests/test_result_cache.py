@@ -290,7 +290,7 @@ async def test_a_cancelled_leader_hands_its_input_to_a_joined_task(producer, sta
     assert engine.submitted in (1, 2)
 
 
-async def test_the_exporter_counts_hits_joins_and_requeues_by_model(server, redis):
+async def test_the_exporter_and_status_count_hits_joins_and_requeues_by_model(server, redis):
     from prometheus_client import generate_latest
 
     from agentfleet.ops.exporter import exporter_registry
@@ -309,6 +309,15 @@ async def test_the_exporter_counts_hits_joins_and_requeues_by_model(server, redi
     assert value(found, "agentfleet_result_cache_joins_total", model="m1") == 4
     assert value(found, "agentfleet_result_cache_requeued_total", model="m1") == 1
     assert value(found, "agentfleet_result_cache_hits_total", model="m2") == 0
+    from agentfleet.ops.status import render_table, snapshot
+
+    client = connect_sync(server.url)
+    try:
+        views = await asyncio.to_thread(snapshot, client, ["m1", "m2"])
+    finally:
+        client.close()
+    assert [v.answered_from_cache for v in views] == [7, 0]  # `agentfleet status` says so too
+    assert "answered by the result cache, never run: m1 7" in render_table(views).caption
 
 
 def test_the_cli_opts_a_tenant_in_and_out_audited(server):

@@ -129,6 +129,8 @@ def task_from_request(body: TaskRequest, task_id: str, tenant: str) -> Task:
         task.correlation_id = scoped(tenant, body.correlation_id)
     if body.idempotency_key:
         task.idempotency_key = scoped(tenant, body.idempotency_key)
+    if body.affinity_key:
+        task.affinity_key = body.affinity_key
     return task
 
 

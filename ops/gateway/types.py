@@ -47,7 +47,6 @@ class ChatRequest(CompletionRequest, kw_only=True, forbid_unknown_fields=True):
     web_search_options: dict | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
-    prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
 
@@ -82,6 +81,7 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     deadline: float | None = None  # epoch seconds; past it, the task expires unrun
     idempotency_key: str | None = None  # a repeat gets the first task's id; nothing is queued
     metadata: dict[str, str] = {}
+    affinity_key: str | None = None  # default: the chain's, or the prompt's leading text
     needs_approval: bool = False  # held until an admin approves (queued) or rejects it
     webhook_url: str | None = None  # POSTed the result when the task ends (signed)
 
