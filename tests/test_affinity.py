@@ -296,3 +296,23 @@ async def test_a_follow_up_for_another_model_is_moved_into_its_partition(
     assert first.ok and second.ok and second.model == "m2"
     part = keys.affinity_partition("s-7", PARTS)
     assert await redis.xlen(keys.task_stream("m2", part=part)) == 1
+
+
+async def test_a_tenant_whose_streams_do_not_exist_yet_is_no_crash_for_the_reclaim_loop(
+        start_worker, redis, settings):
+    """The tenant's mark is there, its base stream is not (with partitions, producers write
+    only to the partition streams; a purge deletes streams): the reclaim loop makes the group
+    instead of stopping the worker on NOGROUP (found by the fault suite on a slow machine).
+    Marked drained (score 0), so that only the reclaim loop looks at it, not the reader."""
+    fast = msgspec.structs.replace(settings, claim_idle_ms=400)
+    worker = await start_worker(["m1"], worker_settings=fast)
+    await redis.zadd(keys.tenant_lanes("m1", "i"), {"newco": 0})
+    base = keys.task_stream("m1", "newco")
+    deadline = time.monotonic() + 5
+    while not await redis.exists(base):  # the loop runs every claim_idle_ms / 4
+        assert time.monotonic() < deadline, "the reclaim loop never reached the new tenant"
+        assert worker.failure is None, worker.failure
+        await asyncio.sleep(0.05)
+    assert [g["name"] for g in await redis.xinfo_groups(base)] == [keys.GROUP.encode()]
+    await asyncio.sleep(0.3)
+    assert worker.failure is None and not worker.draining

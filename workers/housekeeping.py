@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from agentfleet.producer.connection import is_cluster
 from agentfleet.schemas import keys
@@ -73,6 +74,16 @@ class Housekeeping:
                     await self._reclaim_from(source, min(room, RECLAIM_BATCH))
                 except TRANSIENT as exc:
                     log.warning("model %s: reclaim failed (%s)", r.model, exc)
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    # A tenant's stream listed before its group was made (its first task
+                    # just arrived), or one flushed by hand: make it, as the reader does.
+                    try:
+                        await r.ensure_groups([source])
+                    except TRANSIENT as exc2:
+                        log.warning("model %s: making the group of %s failed (%s)", r.model,
+                                    source, exc2)
 
     async def _next_streams(self) -> list[tuple[str, str, str]]:
         """The next RECLAIM_STREAMS tenant streams in turn (all of them in a few passes)."""
