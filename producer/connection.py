@@ -84,6 +84,11 @@ class _SentinelConnection(_ClosedTransportIsConnectionError, SentinelManagedConn
     pass
 
 
+# The connection classes every client of ours uses (TLS aside): hiredis packing where installed.
+_CONNECTION = _PlainConnection if hiredis is None else _HiredisPackedConnection
+_SENTINEL_CONNECTION = _SentinelConnection if hiredis is None else _HiredisSentinelConnection
+
+
 # RESP2 on every redis-py release we support: 8.0 made RESP3 the default, whose replies are
 # maps where this code reads lists (XREADGROUP of several streams, XINFO, XPENDING).
 PROTOCOL = 2
@@ -246,10 +251,9 @@ def _own_connections(client: aioredis.RedisCluster) -> None:
     # TLS (its SSLConnection) keeps redis-py's class.
     if client.connection_kwargs.get("connection_class", Connection) is not Connection:
         return
-    cls = _PlainConnection if hiredis is None else _HiredisPackedConnection
-    client.connection_kwargs["connection_class"] = cls
+    client.connection_kwargs["connection_class"] = _CONNECTION
     for node in client.startup_nodes:
-        node.connection_class = cls
+        node.connection_class = _CONNECTION
 
 
 def _split(url: str, schemes: dict[str, str]) -> tuple[list[tuple[str, int]], str, dict, str]:
@@ -298,16 +302,14 @@ def connect(url: str, **kwargs) -> aioredis.Redis:
         if options.pop("connection_class", None) is not None:
             options["ssl"] = True
         if not options.get("ssl"):  # TLS keeps redis-py's SentinelManagedSSLConnection
-            options.setdefault("connection_class", _SentinelConnection if hiredis is None
-                               else _HiredisSentinelConnection)
+            options.setdefault("connection_class", _SENTINEL_CONNECTION)
         sentinel = Sentinel(hosts, sentinel_kwargs=_sentinel_kwargs(options, sentinel_password))
         client = sentinel.master_for(_service(url, service), redis_class=_SentinelClient,
                                      **options)
         client.sentinel = sentinel
         return client
     if url.startswith("redis://"):  # rediss:// and unix:// keep redis-py's own classes
-        kwargs.setdefault("connection_class",
-                          _PlainConnection if hiredis is None else _HiredisPackedConnection)
+        kwargs.setdefault("connection_class", _CONNECTION)
     pool = aioredis.ConnectionPool.from_url(url, **kwargs)
     return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
