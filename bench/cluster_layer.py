@@ -2,6 +2,7 @@
 (`python -m bench.queue_layer --cluster`).
 
     python -m bench.queue_layer --cluster [--tasks 60000] [--rounds 3] [--replicas 0]
+                                [--workers-per-model 1]
                                 [--latency-rate 2000] [--latency-duration-s 10]
                                 [--json out.json]
 
@@ -11,8 +12,8 @@ only adds replication work to the same cores, and throughput is what is measured
 Three models are chosen so that their hash tags land on the three different primaries (the
 placement is printed and checked).  Each setup gets the same load:
 
-  fleet     one worker process per model (FakeEngine, uvloop) and one producer process per
-            model, `submit_many` of tasks/3 tasks then `wait_many`; the producers start
+  fleet     `--workers-per-model` worker processes per model (FakeEngine, uvloop; 1 unless
+            said) and one producer process per model, `submit_many` of tasks/3 tasks then `wait_many`; the producers start
             together on a signal once every process is ready.  The rate is all tasks over
             the first submit to the last result of any producer.
   latency   one paced producer per model at rate/3 tasks/s for the duration, one `submit` +
@@ -64,8 +65,9 @@ def _go():
     return go
 
 
-async def model_worker(report: Report, url: str, model: str) -> None:
-    """A Worker serving `model` on a FakeEngine until the parent stops it."""
+async def model_worker(report: Report, url: str, model: str, k: int = 0) -> None:
+    """A Worker (the `k`th of its model) serving `model` on a FakeEngine until the parent
+    stops it."""
     import asyncio
 
     from agentfleet.producer.connection import connect
@@ -73,7 +75,7 @@ async def model_worker(report: Report, url: str, model: str) -> None:
     from agentfleet.workers.worker import Worker
 
     worker = Worker(_settings(model), connect(url), {model: FakeEngine()},
-                    worker_id=f"bench-{model}")
+                    worker_id=f"bench-{model}-{k}")
     run = asyncio.ensure_future(worker.run())
     ready = asyncio.ensure_future(worker.ready.wait())
     await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
@@ -188,8 +190,9 @@ class Run:
         self.procs, self.models, self.args = procs, models, args
 
     def _workers(self, procs: Processes, setup: Setup) -> list:
-        workers = [procs.spawn(model_worker, setup.url, m, serving=True, name=f"worker-{m}")
-                   for m in self.models]
+        workers = [procs.spawn(model_worker, setup.url, m, k, serving=True,
+                               name=f"worker-{m}-{k}")
+                   for m in self.models for k in range(self.args.workers_per_model)]
         for w in workers:
             procs.expect(w, "ready", READY_TIMEOUT_S)
         return workers
@@ -275,7 +278,8 @@ def main(args: argparse.Namespace) -> int:
                          {int(p["primary"].rsplit(":", 1)[1]) for p in placement}]
             setups = [Setup("one server", single.url, [single.proc.pid]),
                       Setup("cluster", cluster.url, [n.proc.pid for n in cluster.nodes])]
-            machine["cluster"] = {"primaries": PRIMARIES, "replicas_per_primary": args.replicas}
+            machine["cluster"] = {"primaries": PRIMARIES, "replicas_per_primary": args.replicas,
+                                  "workers_per_model": args.workers_per_model}
             print(f"{machine}; tasks {args.tasks:,}, rounds {args.rounds}", flush=True)
             print("placement (model: slot of its task stream -> primary):")
             for p in placement:

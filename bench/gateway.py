@@ -45,10 +45,11 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench._child import run_child
+from bench.harness import run_uvloop
 
 MODEL = "bench"
 TENANT = "bench"  # the API key's tenant: its tasks sit in its own lane streams
@@ -69,7 +70,13 @@ class ProcessDied(RuntimeError):
 # ---- children ----------------------------------------------------------------------------
 
 def _child(name: str, out: mp.Queue, *args) -> None:
-    run_child(_CHILDREN, name, out, *args)
+    """A spawned child: `_CHILDREN[name](out.put, *args)` on uvloop; any failure reaches the
+    parent as ("error", text)."""
+    try:
+        run_uvloop(_CHILDREN[name](out.put, *args))
+    except BaseException:  # noqa: BLE001 - the parent must hear about any failure
+        out.put(("error", f"{name}: {traceback.format_exc()}"))
+        raise SystemExit(1) from None
 
 
 async def worker(report: Report, url: str, token_delay_s: float) -> None:
@@ -213,13 +220,22 @@ async def http_closed(report: Report, port: int, key: str, path: str, body: byte
 async def http_paced(report: Report, port: int, key: str, rate: float,
                      duration_s: float) -> None:
     """Chat completions at `rate`/s (open loop) over a pool of keep-alive connections."""
+    import asyncio
+
     raw = _raw_request("POST", "/v1/chat/completions", key, json.dumps(CHAT_BODY).encode())
     idle: list[_Conn] = []
     errors: list[int] = []
 
     async def one(at: float, into: list[float]) -> None:
         conn = idle.pop() if idle else await _Conn.open(port)
-        status, _ = await conn.request(raw)
+        try:
+            status, _ = await conn.request(raw)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # The server closes keep-alive connections idle for 5 s (uvicorn's default); a
+            # pooled one at the bottom of the stack can be: open another, as clients do.
+            conn.close()
+            conn = await _Conn.open(port)
+            status, _ = await conn.request(raw)
         into.append(time.perf_counter() - at)
         if status >= 300:
             errors.append(status)
@@ -342,15 +358,17 @@ def _started_worker(fleet: Fleet, url: str, token_delay_s: float) -> Iterator[in
 
 
 @contextlib.contextmanager
-def _started_gateway(fleet: Fleet, env: dict[str, str], port: int) -> Iterator[int]:
-    """`agentfleet gateway` (granian); yields the pid of its worker process."""
+def _started_gateway(fleet: Fleet, env: dict[str, str], port: int,
+                     cpus: set[int] | None = None) -> Iterator[int]:
+    """`agentfleet gateway`, on `cpus` if given; yields the pid of its worker process."""
     import psutil
 
     log_path = Path(env["AGENTFLEET_HOME"]) / "gateway.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("wb")
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen([sys.executable, "-m", "agentfleet", "gateway", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not _ready(port):
@@ -371,6 +389,15 @@ def _started_gateway(fleet: Fleet, env: dict[str, str], port: int) -> Iterator[i
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _cpu_list(text: str) -> set[int]:
+    """'0-1' or '0,1' (the kernel's cpulist format) as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
 
 
 def _ready(port: int) -> bool:
@@ -579,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=8, help="concurrent streaming clients")
     ap.add_argument("--server", choices=["granian", "uvicorn"], default=None,
                     help="the gateway's HTTP server (default: the setting's)")
+    ap.add_argument("--gateway-cpus", type=_cpu_list, default=None, metavar="LIST",
+                    help="pin the gateway to these CPUs (e.g. 0-1) and every other process "
+                         "of the run to the rest: the targets' 'one gateway process on 2 "
+                         "cores' on a larger machine")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--doc", action="store_true", help="append the run to docs/benchmarks.md")
     args = ap.parse_args(argv)
@@ -587,6 +618,13 @@ def main(argv: list[str] | None = None) -> int:
 
     figures: dict[str, object] = {"load_start": os.getloadavg(), "cores": os.cpu_count(),
                                   "args": vars(args) | {"json": str(args.json)}}
+    if args.gateway_cpus:
+        # Children inherit the parent's affinity: everything but the gateway stays off its CPUs.
+        rest = set(os.sched_getaffinity(0)) - args.gateway_cpus
+        if not rest:
+            ap.error("--gateway-cpus leaves no CPU for the load generators, worker and server")
+        os.sched_setaffinity(0, rest)
+        figures["pinned"] = {"gateway": sorted(args.gateway_cpus), "others": sorted(rest)}
     results: list[tuple[str, bool, str]] = []
     fleet = Fleet()
     try:
@@ -610,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = _make_key(server.url)
                 port = _free_port()
                 with _started_worker(fleet, server.url, args.token_delay_ms / 1000) as wpid, \
-                        _started_gateway(fleet, env, port) as gpid:
+                        _started_gateway(fleet, env, port, args.gateway_cpus) as gpid:
                     _measure(fleet, args, figures, results, server.url, key, port, wpid, gpid,
                              env, tmp)
     except ProcessDied as exc:
@@ -618,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     figures["load_end"] = os.getloadavg()
     for name, ok, line in results:
         print(f"{'PASS' if ok else 'FAIL'}  {name:<10} {line}")
+    if "pinned" in figures:
+        print(f"pinned: gateway on CPUs {figures['pinned']['gateway']}, the rest on "
+              f"{len(figures['pinned']['others'])} others")
     print(f"gateway server {figures.get('server')}; load average "
           f"{figures['load_start'][0]:.1f} -> {figures['load_end'][0]:.1f} on "
           f"{figures['cores']} cores")
@@ -757,12 +798,19 @@ def _append_doc(figures: dict, results: list, argv: list[str] | None) -> None:
              f"`{command.strip()}`, gateway on {figures.get('server')}, on "
              f"{figures['cores']} cores ({cpu}), Python "
              f"{platform.python_version()}; load average {figures['load_start'][0]:.1f} -> "
-             f"{figures['load_end'][0]:.1f} (other sessions shared the machine).\n",
+             f"{figures['load_end'][0]:.1f}"
+             + (f"; the gateway pinned to CPUs {figures['pinned']['gateway']}, every other "
+                f"process of the run to the other {len(figures['pinned']['others'])}"
+                if "pinned" in figures else "") + ".\n",
              "| target | result | |", "|---|---|---|"]
     lines += [f"| {name} | {'PASS' if ok else 'FAIL'} | {line} |" for name, ok, line in results]
     path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-    with path.open("a") as f:
-        f.write("\n".join(lines) + "\n")
+    text = path.read_text()
+    # At the end of the Gateway section (before the next section's heading), newest last.
+    start = text.index("\n## Gateway\n")
+    end = text.find("\n## ", start + 1)
+    end = len(text) if end < 0 else end
+    path.write_text(text[:end].rstrip("\n") + "\n" + "\n".join(lines) + "\n" + text[end:])
 
 
 if __name__ == "__main__":

@@ -874,6 +874,9 @@ def main(argv: list[str] | None = None) -> int:
                              "same load (bench/cluster_layer.py)")
     parser.add_argument("--replicas", type=int, choices=(0, 1), default=0,
                         help="--cluster: replicas per primary")
+    parser.add_argument("--workers-per-model", type=int, default=1,
+                        help="--cluster: worker processes per model (one server's and the "
+                             "cluster's alike)")
     args = parser.parse_args(argv)
     if args.cluster:
         from bench import cluster_layer
