@@ -61,11 +61,12 @@ def _settings(**overrides):
 async def worker(report: Report, url: str, slots: int, delay_s: float, overrides: dict) -> None:
     """A Worker on a FakeEngine of `slots` slots, serving until the parent stops it."""
     from agentfleet.producer.connection import connect
-    from agentfleet.workers.fake_engine import FakeEngine
-    from agentfleet.workers.worker import Worker
+    from agentfleet.workers.worker import Worker, make_engine
 
-    engine = FakeEngine(delay_s=delay_s, slots=slots)
-    w = Worker(_settings(**overrides), connect(url), {MODEL: engine}, worker_id="fair-worker")
+    # Built as `agentfleet worker` builds it (AGENTFLEET_ENGINE=fake): its spare slots too.
+    settings = _settings(fake_slots=slots, fake_delay_s=delay_s, **overrides)
+    engine = make_engine(settings.models[MODEL], settings)
+    w = Worker(settings, connect(url), {MODEL: engine}, worker_id="fair-worker")
     run = asyncio.ensure_future(w.run())
     ready = asyncio.ensure_future(w.ready.wait())
     await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
@@ -85,7 +86,7 @@ async def steady(report: Report, url: str, tenant: str, rate: float, duration_s:
     from agentfleet.producer.connection import connect
     from agentfleet.schemas.wire import Sampling, Task
 
-    waits, e2e = [], []
+    waits, reads, e2e = [], [], []
     rng = random.Random(1)
     async with Producer(connect(url), settings=_settings()) as p:
         start = time.monotonic()
@@ -99,9 +100,10 @@ async def steady(report: Report, url: str, tenant: str, rate: float, duration_s:
             if not r.ok:
                 raise RuntimeError(f"{tenant}: {r.status}: {r.error_message}")
             waits.append(r.timings.engine_start - r.timings.enqueued)
+            reads.append(r.timings.read - r.timings.enqueued)
             e2e.append(r.timings.written - r.timings.enqueued)
             i += 1
-    report("done", {"waits": waits, "e2e": e2e})
+    report("done", {"waits": waits, "reads": reads, "e2e": e2e})
 
 
 async def flood(report: Report, url: str, tenant: str, backlog: int, rate: float,
@@ -208,6 +210,8 @@ def measure_flood(procs: Processes, args) -> dict:
             alone = procs.expect(procs.spawn(steady, srv.url, "steady", args.b_rate,
                                              args.window_s, delay), "done", args.window_s + 120)
             out["b_alone"] = harness.percentiles(alone["waits"], scale=1000, ndigits=2)
+            # of which enqueue to read (the rest: read to engine start, inside the worker)
+            out["b_alone_read"] = harness.percentiles(alone["reads"], scale=1000, ndigits=2)
             a = procs.spawn(flood, srv.url, "flood", args.backlog, 100 * args.b_rate,
                             args.window_s + 2, delay)
             procs.expect(a, "ready", 300)
@@ -216,6 +220,8 @@ def measure_flood(procs: Processes, args) -> dict:
             with_flood = procs.expect(b, "done", args.window_s + 120)
             a_done = procs.expect(a, "done", args.window_s + 300)
             out["b_flood"] = harness.percentiles(with_flood["waits"], scale=1000, ndigits=2)
+            out["b_flood_read"] = harness.percentiles(with_flood["reads"], scale=1000,
+                                                      ndigits=2)
             out["a_per_s_with_b"] = round(a_done["per_s"], 1)
             out["b_per_s"] = round(len(with_flood["waits"]) / args.window_s, 1)
     with harness.server("valkey", procs) as srv:
@@ -285,8 +291,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--delay-ms", type=float, default=100.0, help="each request's engine time")
     p.add_argument("--b-rate", type=float, default=5.0, help="tenant B's tasks per second")
     p.add_argument("--backlog", type=int, default=100_000, help="tenant A's backlog")
-    p.add_argument("--window-s", type=float, default=20.0)
-    p.add_argument("--per-tenant", type=int, default=20_000)
+    p.add_argument("--window-s", type=float, default=60.0,
+                   help="B's window, alone and under the flood (300 tasks at 5/s: a p99 of "
+                        "100 is the second-worst task)")
+    p.add_argument("--per-tenant", type=int, default=40_000,
+                   help="each weighted tenant's backlog (the 40-word one takes about half of "
+                        "the tasks: 20,000 ran out in a 60 s window)")
     p.add_argument("--share-window-s", type=float, default=60.0)
     p.add_argument("--layer-tasks", type=int, default=50_000)
     p.add_argument("--json", default="", help="write the result document here")

@@ -128,6 +128,7 @@ class FakeEngine:
 
     def _run(self, request_id: str, out: EngineOutput, on_done: OnDone, delay: float,
              now: float) -> None:
+        out.engine_start = now  # a request that waited for a slot starts now, not at submit
         out.first_token = now + delay / 2
         out.finished = now + delay
         handle = asyncio.get_running_loop().call_later(delay, self._finish, request_id)
