@@ -2,7 +2,7 @@
 (`python -m bench.queue_layer --cluster`).
 
     python -m bench.queue_layer --cluster [--tasks 60000] [--rounds 3] [--replicas 0]
-                                [--workers-per-model 1]
+                                [--workers-per-model 1] [--producers-per-model 1]
                                 [--latency-rate 2000] [--latency-duration-s 10]
                                 [--json out.json]
 
@@ -12,10 +12,11 @@ only adds replication work to the same cores, and throughput is what is measured
 Three models are chosen so that their hash tags land on the three different primaries (the
 placement is printed and checked).  Each setup gets the same load:
 
-  fleet     `--workers-per-model` worker processes per model (FakeEngine, uvloop; 1 unless
-            said) and one producer process per model, `submit_many` of tasks/3 tasks then `wait_many`; the producers start
-            together on a signal once every process is ready.  The rate is all tasks over
-            the first submit to the last result of any producer.
+  fleet     `--workers-per-model` worker processes per model (FakeEngine, uvloop) and
+            `--producers-per-model` producer processes per model (1 and 1 unless said),
+            each `submit_many` of its share of the tasks then `wait_many`; the producers
+            start together on a signal once every process is ready.  The rate is all tasks
+            over the first submit to the last result of any producer.
   latency   one paced producer per model at rate/3 tasks/s for the duration, one `submit` +
             `wait` per task, against the same three workers; percentiles over all tasks.
 
@@ -204,12 +205,14 @@ class Run:
             child.send(signal.SIGUSR1)
 
     def fleet(self, setup: Setup) -> dict:
-        per = self.args.tasks // len(self.models)
-        n = per * len(self.models)
+        each = self.args.producers_per_model
+        per = self.args.tasks // (len(self.models) * each)
+        n = per * len(self.models) * each
         with self.procs.scope() as procs:
             workers = self._workers(procs, setup)
-            producers = [procs.spawn(model_producer, setup.url, m, per, name=f"producer-{m}")
-                         for m in self.models]
+            producers = [procs.spawn(model_producer, setup.url, m, per,
+                                     name=f"producer-{m}-{k}")
+                         for m in self.models for k in range(each)]
             cpu0 = {"workers": sum(cpu_s(w.pid) for w in workers),
                     "servers": setup.server_cpu_s()}
             background = Background()
@@ -279,7 +282,8 @@ def main(args: argparse.Namespace) -> int:
             setups = [Setup("one server", single.url, [single.proc.pid]),
                       Setup("cluster", cluster.url, [n.proc.pid for n in cluster.nodes])]
             machine["cluster"] = {"primaries": PRIMARIES, "replicas_per_primary": args.replicas,
-                                  "workers_per_model": args.workers_per_model}
+                                  "workers_per_model": args.workers_per_model,
+                                  "producers_per_model": args.producers_per_model}
             print(f"{machine}; tasks {args.tasks:,}, rounds {args.rounds}", flush=True)
             print("placement (model: slot of its task stream -> primary):")
             for p in placement:

@@ -877,6 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers-per-model", type=int, default=1,
                         help="--cluster: worker processes per model (one server's and the "
                              "cluster's alike)")
+    parser.add_argument("--producers-per-model", type=int, default=1,
+                        help="--cluster: producer processes per model in the throughput "
+                             "runs, each submitting its share of --tasks")
     args = parser.parse_args(argv)
     if args.cluster:
         from bench import cluster_layer
