@@ -3,6 +3,7 @@
 
     python -m bench.queue_layer --cluster [--tasks 60000] [--rounds 3] [--replicas 0]
                                 [--workers-per-model 1] [--producers-per-model 1]
+                                [--pin-servers]
                                 [--latency-rate 2000] [--latency-duration-s 10]
                                 [--json out.json]
 
@@ -19,6 +20,10 @@ placement is printed and checked).  Each setup gets the same load:
             over the first submit to the last result of any producer.
   latency   one paced producer per model at rate/3 tasks/s for the duration, one `submit` +
             `wait` per task, against the same three workers; percentiles over all tasks.
+
+With `--pin-servers` (a machine with a core per server and some for the clients), each
+server process gets a CPU of its own and every worker and producer the rest: the servers are
+what is measured, and clients outnumbering the cores would otherwise take their CPU in turns.
 
 Measurements are interleaved (round 1: one server then the cluster, round 2 the other way
 round ...) and each figure is the median over rounds.  Every process is watched: one that
@@ -186,6 +191,20 @@ def choose_models(cluster) -> tuple[list[str], list[dict]]:
     return [p["model"] for p in placement], placement
 
 
+def pin_servers(pids: list[int]) -> dict:
+    """Each server process on a CPU of its own, this process (and so every worker and
+    producer it starts from now on) on the others: the server, the bottleneck being
+    measured, is then never descheduled for a client when clients outnumber the cores."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < len(pids) + 2:
+        raise SystemExit(f"--pin-servers: {len(pids)} servers need more than {len(cpus)} CPUs")
+    for pid, cpu in zip(pids, cpus):
+        os.sched_setaffinity(pid, {cpu})
+    rest = cpus[len(pids):]
+    os.sched_setaffinity(0, rest)
+    return {"servers": cpus[:len(pids)], "clients": rest}
+
+
 class Run:
     def __init__(self, procs: Processes, models: list[str], args: argparse.Namespace):
         self.procs, self.models, self.args = procs, models, args
@@ -279,6 +298,9 @@ def main(args: argparse.Namespace) -> int:
             models, placement = choose_models(cluster)
             primaries = [n for n in cluster.nodes if n.port in
                          {int(p["primary"].rsplit(":", 1)[1]) for p in placement}]
+            if args.pin_servers:
+                machine["pinned"] = pin_servers([single.proc.pid] +
+                                                [n.proc.pid for n in cluster.nodes])
             setups = [Setup("one server", single.url, [single.proc.pid]),
                       Setup("cluster", cluster.url, [n.proc.pid for n in cluster.nodes])]
             machine["cluster"] = {"primaries": PRIMARIES, "replicas_per_primary": args.replicas,

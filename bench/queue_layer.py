@@ -880,6 +880,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--producers-per-model", type=int, default=1,
                         help="--cluster: producer processes per model in the throughput "
                              "runs, each submitting its share of --tasks")
+    parser.add_argument("--pin-servers", action="store_true",
+                        help="--cluster: each server process on a CPU of its own, workers "
+                             "and producers on the rest (machines with the cores for it)")
     args = parser.parse_args(argv)
     if args.cluster:
         from bench import cluster_layer
