@@ -126,3 +126,24 @@ async def test_long_bulk_prompts_under_interactive_arrivals_never_break_the_read
     while runner.slots.held and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert (runner.slots.held, runner.slots.bulk) == (0, 0)
+
+
+def test_per_tenant_counts_hold_tasks_until_their_commit():
+    """The reader keeps the read-ahead reserve for other tenants by these counts: a task
+    that ended in the engine still holds its slot until its commit (admission's counts had
+    already let it go, and a flood's uncommitted tasks took the reserve)."""
+    from agentfleet.workers.inflight import InFlight
+
+    slots = Slots(10, 5, per_tenant=True)
+    slots.take(3, bulk=False, tenant="a")
+    slots.take(2, bulk=True, tenant="b")
+    assert slots.by_tenant == {"a": 3, "b": 2} and slots.free == 5
+
+    def rec(tenant: str, bulk: bool) -> InFlight:
+        return InFlight("s", bulk, b"1-0", 0.0, "w", 1, tenant)
+
+    slots.release(2, 0, [rec("a", False), rec("a", False)])
+    assert slots.by_tenant == {"a": 1, "b": 2}
+    slots.release(3, 2, [rec("a", False), rec("b", True), rec("b", True)])
+    assert slots.by_tenant == {} and slots.held == 0 and slots.bulk == 0
+    assert Slots(10, 5).by_tenant is None  # kept only where a reserve needs it

@@ -94,18 +94,14 @@ class Admission:
     def waiting(self) -> int:
         return self._lanes[0].waiting + self._lanes[1].waiting
 
-    def by_tenant(self, with_held: bool) -> tuple[dict[str, int], dict[str, int]]:
-        """Per tenant, both lanes: tasks waiting (the reader reads the emptiest first), and
-        with `with_held` tasks held, waiting or running (else {})."""
+    def waiting_by_tenant(self) -> dict[str, int]:
+        """Tasks waiting per tenant, both lanes (the reader reads the emptiest first)."""
         waiting: dict[str, int] = {}
-        held: dict[str, int] = {}
         for lane in self._lanes:
             for tenant, q in lane.tenants.items():
                 if q.heap:
                     waiting[tenant] = waiting.get(tenant, 0) + len(q.heap)
-                if with_held and (q.heap or q.running):
-                    held[tenant] = held.get(tenant, 0) + len(q.heap) + q.running
-        return waiting, held
+        return waiting
 
     def set_policy(self, policy: Callable[[str], tuple[float, int]]) -> None:
         """New weights and limits (the registry changed): applied from the next dispatch."""

@@ -80,7 +80,7 @@ class Committer:
         r.metrics.observe_commit(done, records)
         if r.settings.crash_at == "after_commit":
             os._exit(137)  # fault suite: written and acknowledged, then gone
-        r.slots.release(len(done), sum(rec.bulk for rec in done))
+        r.slots.release(len(done), sum(rec.bulk for rec in done), done)
         r.slot_free.set()
         if any(rec.deliveries > 2 for rec in done):
             r.suspect_done.set()

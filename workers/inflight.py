@@ -9,6 +9,8 @@ never pass their cap, and the counts return to zero when the queue drains.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 from agentfleet.schemas.wire import Task
@@ -70,15 +72,18 @@ class Slots:
     starts within an engine step or two.
     """
 
-    __slots__ = ("max_inflight", "bulk_cap", "held", "bulk")
+    __slots__ = ("max_inflight", "bulk_cap", "held", "bulk", "by_tenant")
 
-    def __init__(self, max_inflight: int, bulk_cap: int):
+    def __init__(self, max_inflight: int, bulk_cap: int, *, per_tenant: bool = False):
         if max_inflight < 1 or bulk_cap < 1:
             raise ValueError(f"max_inflight {max_inflight} and bulk_cap {bulk_cap} must be >= 1")
         self.max_inflight = max_inflight
         self.bulk_cap = min(bulk_cap, max_inflight)
         self.held = 0  # read and not yet committed, both lanes
         self.bulk = 0  # the part of `held` read from the bulk lane
+        # `held` per tenant, kept only where the reader needs it (a read-ahead reserve):
+        # admission's counts miss the tasks that ended and wait for their commit.
+        self.by_tenant: dict[str, int] | None = {} if per_tenant else None
 
     @property
     def free(self) -> int:
@@ -89,15 +94,25 @@ class Slots:
         """How many more bulk tasks may be read now."""
         return max(0, min(self.bulk_cap - self.bulk, self.max_inflight - self.held))
 
-    def take(self, count: int, *, bulk: bool) -> None:
+    def take(self, count: int, *, bulk: bool, tenant: str = "") -> None:
         self.held += count
         if bulk:
             self.bulk += count
+        if self.by_tenant is not None:
+            self.by_tenant[tenant] = self.by_tenant.get(tenant, 0) + count
 
-    def release(self, count: int, bulk_count: int) -> None:
-        """`count` tasks committed, `bulk_count` of them from the bulk lane."""
+    def release(self, count: int, bulk_count: int, done: Iterable[InFlight] = ()) -> None:
+        """`count` tasks committed, `bulk_count` of them from the bulk lane (`done`: them)."""
         self.held -= count
         self.bulk -= bulk_count
+        if self.by_tenant is not None:
+            by_tenant = self.by_tenant
+            for rec in done:
+                left = by_tenant[rec.tenant] - 1
+                if left:
+                    by_tenant[rec.tenant] = left
+                else:
+                    del by_tenant[rec.tenant]
         if self.held < 0 or self.bulk < 0 or self.bulk > self.held:
             raise AssertionError(f"slot accounting broke: held {self.held}, bulk {self.bulk}")
 

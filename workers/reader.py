@@ -151,9 +151,11 @@ class Reader:
         entries at most per lane (COUNT applies to each stream: split between them)."""
         r = self.runner
         streams = r.streams
-        # held counts only where the read-ahead beyond max_inflight is kept for the other
-        # tenants (runner.py): a tenant holding max_inflight is not read
-        waiting, held = r.admission.by_tenant(with_held=bool(r.read_reserve))
+        # Where the read-ahead beyond max_inflight is kept for the other tenants (runner.py),
+        # a tenant holding max_inflight (read and not yet committed) is not read, and no
+        # read takes a tenant past it.
+        waiting = r.admission.waiting_by_tenant()
+        held = r.slots.by_tenant or {}
         total = sum(counts.values())
         read_ahead = r.settings.max_inflight
         full = {t for t, n in held.items() if n >= read_ahead}
@@ -168,6 +170,9 @@ class Reader:
                                        / 1000)
             return []
         per_stream = max(1, total // sum(len(t) for t in picked.values()))
+        if held:  # COUNT applies to every stream read: within the room of the fullest
+            per_stream = min(per_stream, *(read_ahead - held.get(t, 0)
+                                           for ts in picked.values() for t in ts))
         if "b" in picked and per_stream * len(picked["b"]) > counts["b"]:
             # within the bulk room: fewer bulk streams this time (they take turns)
             picked["b"] = picked["b"][:max(1, counts["b"] // per_stream)]
@@ -275,7 +280,7 @@ class Reader:
                 r.stats.affinity_hits += size
             else:
                 r.stats.affinity_steals += size
-        r.slots.take(size, bulk=bulk)
+        r.slots.take(size, bulk=bulk, tenant=tenant)
         r.metrics.observe_read(size)
         start: list[tuple[str, Task, bool]] = []
         joins: list[tuple[str, InFlight]] = []

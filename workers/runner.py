@@ -100,7 +100,8 @@ class ModelRunner:
         # task unread until a wave of its tasks ends.
         self.read_reserve = getattr(engine, "spare_slots", 0) if settings.fairness else 0
         self.slots = Slots(settings.max_inflight + self.read_reserve,
-                           max(1, int(settings.max_inflight * share)))
+                           max(1, int(settings.max_inflight * share)),
+                           per_tenant=bool(self.read_reserve))
         # The engine: bulk-job tasks hold at most their share of its slots; the rest is kept
         # for interactive tasks, which then start within an engine step or two.
         engine_slots = getattr(engine, "slots", None)
