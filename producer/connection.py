@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.sentinel
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager
 from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
@@ -217,6 +218,57 @@ class _OwnPoolPubSub(aioredis.client.PubSub):
         await self.connection_pool.disconnect()
 
 
+def _newest(answers: Iterable[tuple[object, object]], service: str, check) -> dict | None:
+    """Of the Sentinels' views of `service`, the valid one of the highest config epoch: a
+    Sentinel that has not yet heard of a failover still names the old primary, and once that
+    one is back (and, until the Sentinels make it a replica, a primary again) redis-py's
+    first-answer-wins sent clients to it, whose writes the resync then dropped."""
+    best: dict | None = None
+    for _, masters in answers:
+        state = None if isinstance(masters, BaseException) else masters.get(service)
+        if state and check(state, service) and (
+                best is None or int(state.get("config-epoch", 0))
+                > int(best.get("config-epoch", 0))):
+            best = state
+    return best
+
+
+class _NewestSentinel(Sentinel):
+    """Sentinel that asks every Sentinel and follows the newest failover (`_newest`)."""
+
+    async def discover_master(self, service_name: str):
+        async def ask(sentinel):
+            try:
+                return await sentinel.sentinel_masters()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                return exc
+
+        answers = list(zip(self.sentinels,
+                           await asyncio.gather(*(ask(s) for s in self.sentinels))))
+        state = _newest(answers, service_name, self.check_master_state)
+        if state is None:
+            errors = ", ".join(f"{s} - {a!r}" for s, a in answers if isinstance(a, Exception))
+            raise redis.sentinel.MasterNotFoundError(
+                f"No master found for {service_name!r}" + (f" : {errors}" if errors else ""))
+        return self._force_master_ip or state["ip"], state["port"]
+
+
+class _NewestSyncSentinel(SyncSentinel):
+    """The blocking client's `_NewestSentinel`."""
+
+    def discover_master(self, service_name: str):
+        answers = []
+        for sentinel in self.sentinels:
+            try:
+                answers.append((sentinel, sentinel.sentinel_masters()))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                answers.append((sentinel, exc))
+        state = _newest(answers, service_name, self.check_master_state)
+        if state is None:
+            raise redis.sentinel.MasterNotFoundError(f"No master found for {service_name!r}")
+        return self._force_master_ip or state["ip"], state["port"]
+
+
 class _SentinelClient(aioredis.Redis):
     """The primary's client; closing it closes the Sentinels' clients too."""
 
@@ -303,7 +355,8 @@ def connect(url: str, **kwargs) -> aioredis.Redis:
             options["ssl"] = True
         if not options.get("ssl"):  # TLS keeps redis-py's SentinelManagedSSLConnection
             options.setdefault("connection_class", _SENTINEL_CONNECTION)
-        sentinel = Sentinel(hosts, sentinel_kwargs=_sentinel_kwargs(options, sentinel_password))
+        sentinel = _NewestSentinel(hosts, sentinel_kwargs=_sentinel_kwargs(options,
+                                                                           sentinel_password))
         client = sentinel.master_for(_service(url, service), redis_class=_SentinelClient,
                                      **options)
         client.sentinel = sentinel
@@ -331,8 +384,8 @@ def connect_sync(url: str, **kwargs) -> redis.Redis:
         options = {**_options(first, query), **kwargs}
         if options.pop("connection_class", None) is not None:
             options["ssl"] = True
-        sentinel = SyncSentinel(hosts, sentinel_kwargs=_sentinel_kwargs(options,
-                                                                         sentinel_password))
+        sentinel = _NewestSyncSentinel(hosts, sentinel_kwargs=_sentinel_kwargs(
+            options, sentinel_password))
         return sentinel.master_for(_service(url, service), **options)
     return redis.Redis.from_url(url, **kwargs)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 
 import pytest
 
@@ -22,6 +23,9 @@ SERVERS = ["valkey", "redis7"]
 
 
 def pytest_configure(config):
+    # A coroutine never awaited (an error here) is reported when the collector finds it, in
+    # whichever test runs then: say where it was made.
+    sys.set_coroutine_origin_tracking_depth(12)
     config.addinivalue_line("markers", "cluster_too: run on a Redis Cluster as well as on "
                                        "the two servers (a test that takes `server` or `redis`)")
 

@@ -280,3 +280,28 @@ def test_a_failover_under_steady_submits_with_wait_1_loses_nothing_acknowledged(
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     [run] = json.loads(out.read_text())["runs"]["1"]
     assert run["acked"] > 500 and run["lost_tasks"] == run["lost_results"] == 0, run
+
+
+def test_the_sentinels_newest_failover_names_the_primary():
+    """A Sentinel that has not heard of a failover yet still names the old primary; once the
+    old one is back it looks valid (and is a primary until the Sentinels make it a replica),
+    so taking the first answer sent clients to it and the resync dropped their writes (a
+    flaky `written == 60` in the failover test above).  The highest config epoch wins."""
+    from agentfleet.producer.connection import _newest
+
+    def state(port: int, epoch: int, **flags) -> dict:
+        return {"ip": "127.0.0.1", "port": port, "config-epoch": epoch, "is_master": True,
+                "is_sdown": False, "is_odown": False, "num-other-sentinels": 2, **flags}
+
+    def check(s: dict, _name: str) -> bool:
+        return s["is_master"] and not s["is_sdown"] and not s["is_odown"]
+
+    lagging, informed = {"agentfleet": state(6000, 0)}, {"agentfleet": state(6001, 1)}
+    for answers in ([lagging, informed], [informed, lagging]):
+        got = _newest([(i, a) for i, a in enumerate(answers)], "agentfleet", check)
+        assert got["port"] == 6001
+    down = {"agentfleet": state(6002, 2, is_sdown=True)}
+    unreachable = ConnectionError("refused")
+    got = _newest([(0, down), (1, unreachable), (2, lagging)], "agentfleet", check)
+    assert got["port"] == 6000  # the only valid view
+    assert _newest([(0, unreachable), (1, {})], "agentfleet", check) is None
