@@ -218,11 +218,12 @@ class _OwnPoolPubSub(aioredis.client.PubSub):
         await self.connection_pool.disconnect()
 
 
-def _newest(answers: Iterable[tuple[object, object]], service: str, check) -> dict | None:
+def _newest(answers: Sequence[tuple[object, object]], service: str, check) -> dict:
     """Of the Sentinels' views of `service`, the valid one of the highest config epoch: a
     Sentinel that has not yet heard of a failover still names the old primary, and once that
     one is back (and, until the Sentinels make it a replica, a primary again) redis-py's
-    first-answer-wins sent clients to it, whose writes the resync then dropped."""
+    first-answer-wins sent clients to it, whose writes the resync then dropped.  None valid:
+    redis-py's MasterNotFoundError, for the async and the blocking client alike."""
     best: dict | None = None
     for _, masters in answers:
         state = None if isinstance(masters, BaseException) else masters.get(service)
@@ -230,6 +231,10 @@ def _newest(answers: Iterable[tuple[object, object]], service: str, check) -> di
                 best is None or int(state.get("config-epoch", 0))
                 > int(best.get("config-epoch", 0))):
             best = state
+    if best is None:  # redis-py's error, with what each unreachable Sentinel said
+        errors = ", ".join(f"{s} - {a!r}" for s, a in answers if isinstance(a, BaseException))
+        raise redis.sentinel.MasterNotFoundError(
+            f"No master found for {service!r}" + (f" : {errors}" if errors else ""))
     return best
 
 
@@ -246,10 +251,6 @@ class _NewestSentinel(Sentinel):
         answers = list(zip(self.sentinels,
                            await asyncio.gather(*(ask(s) for s in self.sentinels))))
         state = _newest(answers, service_name, self.check_master_state)
-        if state is None:
-            errors = ", ".join(f"{s} - {a!r}" for s, a in answers if isinstance(a, Exception))
-            raise redis.sentinel.MasterNotFoundError(
-                f"No master found for {service_name!r}" + (f" : {errors}" if errors else ""))
         return self._force_master_ip or state["ip"], state["port"]
 
 
@@ -264,8 +265,6 @@ class _NewestSyncSentinel(SyncSentinel):
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 answers.append((sentinel, exc))
         state = _newest(answers, service_name, self.check_master_state)
-        if state is None:
-            raise redis.sentinel.MasterNotFoundError(f"No master found for {service_name!r}")
         return self._force_master_ip or state["ip"], state["port"]
 
 

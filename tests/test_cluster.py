@@ -287,6 +287,8 @@ def test_the_sentinels_newest_failover_names_the_primary():
     old one is back it looks valid (and is a primary until the Sentinels make it a replica),
     so taking the first answer sent clients to it and the resync dropped their writes (a
     flaky `written == 60` in the failover test above).  The highest config epoch wins."""
+    from redis.sentinel import MasterNotFoundError
+
     from agentfleet.producer.connection import _newest
 
     def state(port: int, epoch: int, **flags) -> dict:
@@ -304,4 +306,5 @@ def test_the_sentinels_newest_failover_names_the_primary():
     unreachable = ConnectionError("refused")
     got = _newest([(0, down), (1, unreachable), (2, lagging)], "agentfleet", check)
     assert got["port"] == 6000  # the only valid view
-    assert _newest([(0, unreachable), (1, {})], "agentfleet", check) is None
+    with pytest.raises(MasterNotFoundError, match="No master found for 'agentfleet' : 0 - "):
+        _newest([(0, unreachable), (1, {})], "agentfleet", check)
