@@ -36,6 +36,12 @@ SCHEMA = {
         "tags": {"type": "array", "maxItems": 8, "items": {"type": "string", "maxLength": 40}},
     },
 }
+# The same object without length bounds: what the bounds cost a grammar backend.
+UNBOUNDED = {**SCHEMA, "properties": {
+    **SCHEMA["properties"],
+    "summary": {"type": "string"},
+    "tags": {"type": "array", "items": {"type": "string"}},
+}}
 
 
 def with_schema(tasks: list[Task]) -> list[Task]:
