@@ -109,6 +109,59 @@ async def paced(rate_per_s: float, start_s: float, send: Callable[[int], Awaitab
     return started
 
 
+def engine_cores() -> dict[int, int]:
+    """The running vLLM engine core processes (their title is `VLLM::EngineCore...`): pid to
+    the pid of the process that started it (the fleet worker, or offline's driver)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+                    stat = (entry / "stat").read_text()
+                    found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    return found
+
+
+def cpu_seconds(pids) -> float:
+    """CPU seconds (user + system) the processes have used so far."""
+    import os
+
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def py_spy(out_dir: Path, seconds: float, *, parents: bool = True) -> list:
+    """Samples every engine core (and the process that started it) with py-spy for `seconds`,
+    in the background: `<out_dir>/py-spy-<role>-<pid>.txt` (raw, one stack a line)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("py-spy") or "/root/site/bin/py-spy"
+    cores = engine_cores()
+    if not cores or not Path(exe).exists():
+        print(f"no profile: py-spy at {exe!r}, engine cores {cores}", flush=True)
+        return []
+    targets = {pid: "engine-core" for pid in cores}
+    if parents:
+        targets.update({parent: "parent" for parent in cores.values()})
+    spies = []
+    for pid, role in targets.items():
+        path = out_dir / f"py-spy-{role}-{pid}"
+        spies.append(subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+             "--threads", "--nonblocking", "--format", "raw", "--output", f"{path}.txt"],
+            stdout=subprocess.DEVNULL, stderr=open(f"{path}.log", "w")))
+    return spies
+
+
 def interactive_figures(answers: list[Answer], mixed: Mixed) -> dict:
     good = [a for a in answers if a.ok]
     figures = {"rate_per_s": mixed.rate_per_s, "sent": len(answers), "ok": len(good),

@@ -7,7 +7,7 @@ through offline `LLM.generate`, plain and with the same JSON schema, in ABBA ord
 
 Runs: `plain`, `schema` (the schema phase's SCHEMA), `unbounded` (the same without length
 bounds).  Each run records the CPU seconds of the engine core process beside its wall time;
-`--profile-s N` samples the engine core with py-spy for N s of the first schema run.
+`--profile-s N` samples the engine core with py-spy for N s of the first constrained run.
 
 The schema phase (bench/gpu/structured_outputs.py) asks the fleet for schema tokens/s >= 0.9 x
 plain.  This run measures the same ratio for vLLM alone (same model, engine settings t512,
@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from bench.gpu.common import TOKENIZER_DIR, assemble_model
+from bench.gpu.common import TOKENIZER_DIR, assemble_model, cpu_seconds, engine_cores, py_spy
 from bench.gpu.engines import GPU_CONFIGS, TINY_CONFIGS, llm_kwargs
 from bench.gpu.run import GPU_SIZES, TINY_SIZES
 from bench.gpu.structured_outputs import ORDER, SCHEMA, UNBOUNDED
@@ -74,14 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {kind: [] for kind in dict.fromkeys(order)}
     profiled = False
     for kind in order:
-        spy = None
+        spies = []
         if args.profile_s and kind != "plain" and not profiled:
-            spy, profiled = _py_spy(args.out / f"engine_core_{args.backend}_{kind}",
-                                    args.profile_s), True
-        cpu0, t0 = _children_cpu_s(), time.perf_counter()
+            spies, profiled = py_spy(args.out, args.profile_s, parents=False), True
+        cpu0, t0 = cpu_seconds(engine_cores()), time.perf_counter()
         outputs = llm.generate(work.prompts, params[kind], use_tqdm=False)
-        wall_s, cpu_s = time.perf_counter() - t0, _children_cpu_s() - cpu0
-        if spy is not None:
+        wall_s, cpu_s = time.perf_counter() - t0, cpu_seconds(engine_cores()) - cpu0
+        for spy in spies:
             spy.wait()
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         runs[kind].append({"wall_s": round(wall_s, 3), "output_tokens": tokens,
@@ -103,46 +100,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / name).write_text(json.dumps(report, indent=1))
     print(f"offline vLLM ({args.backend}): tokens/s against plain {report.get('vs_plain')}")
     return 0
-
-
-def _engine_core_pids() -> list[int]:
-    """This process's children (the engine core; vLLM starts one per LLM)."""
-    me, pids = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                pids.append(int(entry))
-    return pids
-
-
-def _children_cpu_s() -> float:
-    """CPU seconds (user + system) the children have used so far."""
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    for pid in _engine_core_pids():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
-def _py_spy(path: Path, seconds: float):
-    """Samples the engine core for `seconds` (py-spy, when it is installed), in the background."""
-    exe = shutil.which("py-spy") or "/root/site/bin/py-spy"
-    pids = _engine_core_pids()
-    if not pids or not os.path.exists(exe):
-        print(f"no profile: py-spy {exe!r}, children {pids}", flush=True)
-        return None
-    return subprocess.Popen([exe, "record", "--pid", str(pids[0]), "--duration",
-                             str(int(seconds)), "--rate", "200", "--threads", "--nonblocking",
-                             "--format", "raw", "--output", str(path) + ".txt"],
-                            stdout=subprocess.DEVNULL, stderr=open(str(path) + ".log", "w"))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

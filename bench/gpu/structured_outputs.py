@@ -16,9 +16,10 @@ grammar applied to every token).  Target (issue 16): schema tokens/s >= 0.9 x pl
 
 from __future__ import annotations
 
+import os
 import time
 
-from bench.gpu.common import summary
+from bench.gpu.common import cpu_seconds, engine_cores, py_spy, summary
 from bench.gpu.workload import PromptSet
 from bench.harness import Check, percentiles
 from agentfleet.schemas.wire import JsonSchema, ResponseFormat, Task
@@ -61,11 +62,16 @@ async def alternate(ctx, producer, work: PromptSet) -> dict:
                      prompt_tokens=work.prompt_tokens[:2], max_tokens=work.max_tokens)
     await producer.wait_many(await producer.submit_many(with_schema(_tasks(warm))),
                              timeout_s=ctx.run_timeout_s)
+    profile_s = float(os.environ.get("BENCH_PROFILE_S") or 0)  # py-spy the first schema run
     for kind in ORDER:
         tasks = _tasks(work)
         if kind == "schema":
             with_schema(tasks)
-        t0 = time.perf_counter()
+            if profile_s:
+                py_spy(ctx.out_dir, profile_s)
+                profile_s = 0
+        cores = engine_cores()  # the engine core's CPU and its worker's, beside the wall time
+        cpu0, t0 = (cpu_seconds(cores), cpu_seconds(set(cores.values()))), time.perf_counter()
         ids = await producer.submit_many(tasks)
         results, wall_s = await _collect(producer, ids, ctx.run_timeout_s, t0)
         run = summary(wall_s=wall_s, tasks=len(results),
@@ -74,6 +80,8 @@ async def alternate(ctx, producer, work: PromptSet) -> dict:
                       prompt_tokens=sum(r.prompt_tokens for r in results))
         run["latency_s"] = percentiles([r.timings.finished - r.timings.enqueued
                                         for r in results if r.timings.finished])
+        run["engine_core_cpu_s"] = round(cpu_seconds(cores) - cpu0[0], 1)
+        run["worker_cpu_s"] = round(cpu_seconds(set(cores.values())) - cpu0[1], 1)
         if kind == "schema":
             run["parsed"] = sum(r.ok for r in results)
             run["constrained_to_end"] = sum("cut by max_tokens" in r.error_message
