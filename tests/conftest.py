@@ -30,6 +30,14 @@ def pytest_configure(config):
                                        "the two servers (a test that takes `server` or `redis`)")
 
 
+def pytest_collection_modifyitems(items):
+    # `make test` runs two processes (pytest-xdist, --dist loadgroup): the tests through the
+    # real vLLM engine take all their process's CPU, so they run one after another in one.
+    for item in items:
+        if item.get_closest_marker("engine"):
+            item.add_marker(pytest.mark.xdist_group("engine"))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_generate_tests(metafunc):
     # As a parametrize mark: it then takes precedence over the fixture's own params.

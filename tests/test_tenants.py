@@ -302,21 +302,23 @@ async def test_a_flooding_tenant_does_not_hold_back_a_steady_one(redis, producer
 
 async def test_a_newcomer_is_not_held_for_a_wave_of_a_flood_that_filled_the_read_ahead(
         redis, producer, start_worker, settings):
-    """The GPU shape (bench/gpu, fairness phase): a flood of equal tasks came first, filled
-    the whole read-ahead (8 running, 8 waiting) and ends in waves of 8 every second.  B's
-    task is still read at once (the read-ahead beyond max_inflight is kept for tenants
-    holding less) and starts in a spare engine slot: well within a wave, not after it."""
+    """The GPU shape (bench/gpu, fairness phase): a flood of equal tasks came first, holds
+    most of the read-ahead (8 running, the rest waiting in admission) and ends in waves of 8
+    every 2 s.  B's tasks are read within REFRESH_S and start in spare engine slots: well
+    within a wave, not after it (without spare slots they waited 1.1 and 3.1 s).  The
+    read-ahead reserve kept for tenants holding less has its own proof (test_slots.py)."""
     s = msgspec.structs.replace(settings, max_inflight=16, read_count=16)
-    engine = FakeEngine(delay_s=1.0, slots=8, spare_slots=4)
+    engine = FakeEngine(delay_s=2.0, slots=8, spare_slots=4)
     await start_worker(("m1",), engines={"m1": engine}, worker_settings=s)
     flood = await producer.submit_many([Task(model="m1", prompt=f"a{i}", tenant="flood")
-                                        for i in range(64)])
-    await asyncio.sleep(1.5)  # the read-ahead is full of the flood's, mid-wave
+                                        for i in range(32)])
+    await asyncio.sleep(1.0)  # mid-wave
     ids = await producer.submit_many([Task(model="m1", prompt=f"b{i}", tenant="steady")
                                       for i in range(3)])
     waits = [r.timings.engine_start - r.timings.enqueued
              for r in await producer.wait_many(ids, timeout_s=10)]
-    assert max(waits) < 0.3, waits  # a wave is 1 s: without the reserve, about 0.5 s
+    # Alone 0.01 to 0.14 s, 0.31 s with the suite's other process on the same 2 cores.
+    assert max(waits) < 0.6, waits  # the rest of this wave: about 1 s
     assert all(r.ok for r in await producer.wait_many(flood, timeout_s=30))
 
 
