@@ -5,8 +5,10 @@ conversation, on two GPUs.
     python -m bench.gpu.run --phase affinity                  # nvidia-h200-x2: two GPUs
     python -m bench.gpu.run --tiny --phase affinity           # the CPU smoke run
     python -m bench.gpu.run --phase affinity --affinity-kinds 400 --affinity-system-tokens 1000
+    python -m bench.gpu.run --phase affinity --affinity-in-flight 64   # 64 agents at a time
 
-Runs, each on the same chains (agents started in random order, all at once):
+Runs, each on the same chains (agents in random order, all started at once, or with
+`--affinity-in-flight N` N at a time, each starting when one ends; offline always runs all):
   fleet@a512x2+affinity  two fleet workers (one GPU each), affinity partitions on
   fleet@a512x2           the same fleet with affinity off: any worker takes any task
   serve@a512x2           two `vllm serve` (one GPU each); every request goes to the next server
@@ -54,6 +56,7 @@ class ChainWorkload(msgspec.Struct, kw_only=True):
     followups: list[str]
     max_tokens: int
     system_tokens: int
+    in_flight: int = 0  # agents running at once (a closed loop); 0: all started at once
 
     @property
     def steps(self) -> int:
@@ -65,7 +68,7 @@ class ChainWorkload(msgspec.Struct, kw_only=True):
 
 
 def chain_workload(tokens: Tokens, *, kinds: int, system_tokens: int, agents: int, steps: int,
-                   max_tokens: int, seed: int = 18) -> ChainWorkload:
+                   max_tokens: int, in_flight: int = 0, seed: int = 18) -> ChainWorkload:
     rng = random.Random(seed)
     systems = [words_to_tokens(tokens, rng, f"You are agent kind {k}. Follow these rules:",
                                system_tokens) for k in range(kinds)]
@@ -74,7 +77,7 @@ def chain_workload(tokens: Tokens, *, kinds: int, system_tokens: int, agents: in
         firsts=[words_to_tokens(tokens, rng, f"Case {i}:", 24) for i in range(agents)],
         followups=[f"Step {s + 2}: go on from your answer, in more detail."
                    for s in range(steps - 1)],
-        max_tokens=max_tokens, system_tokens=tokens.count(systems[0]))
+        max_tokens=max_tokens, system_tokens=tokens.count(systems[0]), in_flight=in_flight)
 
 
 def _hit_rate(counters: dict) -> float | None:
@@ -144,10 +147,8 @@ async def run_fleet_chains(ctx: Context, procs: Processes, cfg: EngineConfig,
             before = await fleet.snapshot()
             order = list(range(len(work.kinds)))
             random.Random(7).shuffle(order)
-            ids = [tid + ".1" * s for tid in (f"a{a}" for a in order) for s in range(work.steps)]
             t0 = time.perf_counter()
-            await producer.submit_many(_chain_tasks(work, order))
-            results = [r async for r in producer.as_completed(ids, timeout_s=ctx.run_timeout_s)]
+            results = await _fleet_agents(producer, work, order, ctx.run_timeout_s)
             wall_s = time.perf_counter() - t0
             after = await fleet.snapshot()
             ok = [r for r in results if r.ok and r.output_tokens == work.max_tokens]
@@ -167,6 +168,31 @@ async def run_fleet_chains(ctx: Context, procs: Processes, cfg: EngineConfig,
             await producer.close()
             await redis.aclose()
             fleet.stop()
+
+
+def _chain_ids(agent: int, steps: int) -> list[str]:
+    return [f"a{agent}" + ".1" * s for s in range(steps)]  # a follow-up's id: parent's + ".1"
+
+
+async def _fleet_agents(producer, work: ChainWorkload, order: list[int],
+                        timeout_s: float) -> list:
+    """Every agent's chain through the fleet: all first steps queued at once, or with
+    `work.in_flight`, that many agents at a time (each starts when one has ended)."""
+    if not work.in_flight:
+        ids = [i for a in order for i in _chain_ids(a, work.steps)]
+        await producer.submit_many(_chain_tasks(work, order))
+        return [r async for r in producer.as_completed(ids, timeout_s=timeout_s)]
+    results: list = []
+    agents = iter(order)  # shared by the loops: each takes the next agent when it is free
+
+    async def one_at_a_time() -> None:
+        for agent in agents:
+            await producer.submit_many(_chain_tasks(work, [agent]))
+            results.extend([r async for r in producer.as_completed(
+                _chain_ids(agent, work.steps), timeout_s=timeout_s)])
+
+    await asyncio.gather(*(one_at_a_time() for _ in range(min(work.in_flight, len(order)))))
+    return results
 
 
 def _per_worker(results) -> dict[str, int]:
@@ -213,8 +239,18 @@ async def run_serve_chains(ctx: Context, procs: Processes, cfg: EngineConfig,
 
             order = list(range(len(work.kinds)))
             random.Random(7).shuffle(order)
+            agents = iter(order)  # with work.in_flight: that many chains at a time
+
+            async def in_turn() -> None:
+                for agent in agents:
+                    await chain(agent)
+
             t0 = time.perf_counter()
-            await asyncio.gather(*(chain(a) for a in order))
+            if work.in_flight:
+                await asyncio.gather(*(in_turn() for _ in range(min(work.in_flight,
+                                                                    len(order)))))
+            else:
+                await asyncio.gather(*(chain(a) for a in order))
             wall_s = time.perf_counter() - t0
             after = [await s.samples(session) for s in group]
         counters = {k: sum(a.get(k, 0.0) - b.get(k, 0.0) for a, b in zip(after, before))
@@ -357,12 +393,15 @@ def offline_main(spec_path: str) -> None:
 async def execute(ctx: Context, procs: Processes, run, cfg: EngineConfig, work: ChainWorkload,
                   bulk: PromptSet, clients: int) -> dict:
     if run.path == "fleet":
-        return await run_fleet_chains(ctx, procs, cfg, work, bulk, workers=run.workers,
-                                      affinity=run.affinity)
-    if run.path == "serve":
-        return await run_serve_chains(ctx, procs, cfg, work, servers=run.workers,
-                                      clients=clients)
-    return await run_offline_chains(ctx, procs, cfg, work, gpus=run.workers)
+        row = await run_fleet_chains(ctx, procs, cfg, work, bulk, workers=run.workers,
+                                     affinity=run.affinity)
+    elif run.path == "serve":
+        row = await run_serve_chains(ctx, procs, cfg, work, servers=run.workers,
+                                     clients=clients)
+    else:
+        return await run_offline_chains(ctx, procs, cfg, work, gpus=run.workers)
+    row["agents_in_flight"] = work.in_flight or len(work.kinds)
+    return row
 
 
 def targets(results: list[dict]) -> list[Check]:

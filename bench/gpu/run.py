@@ -96,6 +96,7 @@ class Sizes(msgspec.Struct, kw_only=True):
     affinity_kinds: int = 200
     affinity_system_tokens: int = 2000
     affinity_agents: int = 1000
+    affinity_in_flight: int = 0  # agents running at once (0: all started at once)
     affinity_steps: int = 4
     affinity_max_tokens: int = 128
     affinity_bulk: int = 4000
@@ -187,7 +188,7 @@ def build_workloads(phases: set[str], tokens: Tokens, sizes: Sizes) -> dict:
         work["chains"] = chain_workload(
             tokens, kinds=sizes.affinity_kinds, system_tokens=sizes.affinity_system_tokens,
             agents=sizes.affinity_agents, steps=sizes.affinity_steps,
-            max_tokens=sizes.affinity_max_tokens)
+            max_tokens=sizes.affinity_max_tokens, in_flight=sizes.affinity_in_flight)
         work["affinity-bulk"] = bulk_workload(tokens, sizes.affinity_bulk, sizes.prompt_tokens,
                                               sizes.max_tokens)
     return work
@@ -423,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="affinity phase: tokens of each kind's system prompt")
     parser.add_argument("--affinity-agents", type=int, default=None,
                         help="affinity phase: agents, each running one chain")
+    parser.add_argument("--affinity-in-flight", type=int, default=None,
+                        help="affinity phase: agents running at once, each starting when "
+                             "one ends (fleet and serve; default: all started at once)")
     parser.add_argument("--merge", default=None,
                         help="an earlier run's results.json: its rows come first, and the "
                              "targets are checked on both (a phase split over two calls)")
@@ -433,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     runs = parse_phases(args.phase or ["bulk"])
     sizes = TINY_SIZES if args.tiny else GPU_SIZES
-    for name in ("kinds", "system_tokens", "agents"):
+    for name in ("kinds", "system_tokens", "agents", "in_flight"):
         value = getattr(args, "affinity_" + name)
         if value is not None:
             sizes = msgspec.structs.replace(sizes, **{"affinity_" + name: value})
