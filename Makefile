@@ -15,7 +15,7 @@ demo: $(STAMP)
 
 test: $(STAMP) redis-server prometheus chromium
 	$(BIN)/agentfleet prepare-model
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2
 
 bench: $(STAMP) redis-server
 	$(BIN)/python -m bench.queue_layer

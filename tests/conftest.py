@@ -30,14 +30,6 @@ def pytest_configure(config):
                                        "the two servers (a test that takes `server` or `redis`)")
 
 
-def pytest_collection_modifyitems(items):
-    # `make test` runs two processes (pytest-xdist, --dist loadgroup): the tests through the
-    # real vLLM engine take all their process's CPU, so they run one after another in one.
-    for item in items:
-        if item.get_closest_marker("engine"):
-            item.add_marker(pytest.mark.xdist_group("engine"))
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_generate_tests(metafunc):
     # As a parametrize mark: it then takes precedence over the fixture's own params.
@@ -67,6 +59,21 @@ def server(request, tmp_path_factory):
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def default_port_lock():
+    """Held by the tests whose commands run without REDIS_URL, and so start the local server
+    on its default port (6399) when it is free: `make test` runs two processes, and a test
+    there sees that port as the one machine-wide thing it is.  A file lock, not an xdist
+    group: pytest 9 ignores xdist 3.8's groups."""
+    import fcntl
+    import tempfile
+    from pathlib import Path
+
+    with open(Path(tempfile.gettempdir()) / "agentfleet-tests-default-port.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture

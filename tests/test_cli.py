@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.timeout(120)
+# Commands without REDIS_URL: the local server's default port (conftest's lock).
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("default_port_lock")]
 
 
 def run_cli(*args: str, home, timeout_s: float = 100) -> subprocess.CompletedProcess:

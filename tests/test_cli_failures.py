@@ -20,7 +20,8 @@ import pytest
 
 from agentfleet.ops.embedded import ServerProcess
 
-pytestmark = pytest.mark.timeout(120)
+# Commands without REDIS_URL: the local server's default port (conftest's lock).
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("default_port_lock")]
 
 DRIVER = r"""
 import atexit, json, os, sys, traceback

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(90)
+# Commands without REDIS_URL: the local server's default port (conftest's lock).
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("default_port_lock")]
 ROOT = Path(__file__).resolve().parent.parent
 
 
