@@ -162,8 +162,13 @@ def models_arg(value: str, settings: Settings, flag: str = "--models") -> list[s
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import faulthandler
+
     from agentfleet.producer.connection import connect
     from agentfleet.workers.worker import Worker, make_engine
+
+    # `kill -USR1 <pid>`: every thread's stack on stderr, for a worker that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     if settings.otel_enabled:
         from agentfleet.workers.otel import configure_from_env

@@ -201,7 +201,9 @@ class VllmEngine:
             if handler is not None:
                 handler.cancel()
             # In a thread: shutdown waits seconds for the engine processes to exit.
+            logger.info("stopping the vLLM engine of %s (%s)", self.spec.name, self.model_version)
             await asyncio.to_thread(self._llm.shutdown)
+            logger.info("stopped the vLLM engine of %s (%s)", self.spec.name, self.model_version)
             self._llm = None
 
     @property
