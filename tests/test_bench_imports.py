@@ -15,3 +15,12 @@ MODULES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
 @pytest.mark.parametrize("module", MODULES)
 def test_benchmark_module_imports(module: str) -> None:
     importlib.import_module(module)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_a_module_its_docstring_runs_has_a_main(module: str) -> None:
+    """`python -m bench.x` in a module's own docstring runs something (bench/gpu's
+    structured_offline lost its main guard for an hour and ran nothing, silently)."""
+    source = (ROOT / Path(*module.split("."))).with_suffix(".py").read_text()
+    if f"python -m {module} " in source or f"python -m {module}\n" in source:
+        assert 'if __name__ == "__main__":' in source, module

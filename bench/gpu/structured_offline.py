@@ -100,3 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / name).write_text(json.dumps(report, indent=1))
     print(f"offline vLLM ({args.backend}): tokens/s against plain {report.get('vs_plain')}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
