@@ -32,6 +32,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import msgspec
@@ -183,16 +184,29 @@ async def _fleet_agents(producer, work: ChainWorkload, order: list[int],
         await producer.submit_many(_chain_tasks(work, order))
         return [r async for r in producer.as_completed(ids, timeout_s=timeout_s)]
     results: list = []
+
+    async def one(agent: int) -> None:
+        await producer.submit_many(_chain_tasks(work, [agent]))
+        results.extend([r async for r in producer.as_completed(
+            _chain_ids(agent, work.steps), timeout_s=timeout_s)])
+
+    await _agents(order, work.in_flight, one)
+    return results
+
+
+async def _agents(order: list[int], in_flight: int, run: Callable[[int], Awaitable]) -> None:
+    """`run(agent)` for every agent: all at once, or `in_flight` at a time (a closed loop:
+    each starts when one has ended)."""
+    if not in_flight:
+        await asyncio.gather(*(run(a) for a in order))
+        return
     agents = iter(order)  # shared by the loops: each takes the next agent when it is free
 
-    async def one_at_a_time() -> None:
+    async def in_turn() -> None:
         for agent in agents:
-            await producer.submit_many(_chain_tasks(work, [agent]))
-            results.extend([r async for r in producer.as_completed(
-                _chain_ids(agent, work.steps), timeout_s=timeout_s)])
+            await run(agent)
 
-    await asyncio.gather(*(one_at_a_time() for _ in range(min(work.in_flight, len(order)))))
-    return results
+    await asyncio.gather(*(in_turn() for _ in range(min(in_flight, len(order)))))
 
 
 def _per_worker(results) -> dict[str, int]:
@@ -239,18 +253,8 @@ async def run_serve_chains(ctx: Context, procs: Processes, cfg: EngineConfig,
 
             order = list(range(len(work.kinds)))
             random.Random(7).shuffle(order)
-            agents = iter(order)  # with work.in_flight: that many chains at a time
-
-            async def in_turn() -> None:
-                for agent in agents:
-                    await chain(agent)
-
             t0 = time.perf_counter()
-            if work.in_flight:
-                await asyncio.gather(*(in_turn() for _ in range(min(work.in_flight,
-                                                                    len(order)))))
-            else:
-                await asyncio.gather(*(chain(a) for a in order))
+            await _agents(order, work.in_flight, chain)
             wall_s = time.perf_counter() - t0
             after = [await s.samples(session) for s in group]
         counters = {k: sum(a.get(k, 0.0) - b.get(k, 0.0) for a, b in zip(after, before))

@@ -13,7 +13,7 @@ from typing import IO
 
 import msgspec
 
-from bench.harness import Processes, child_env, percentiles, portable
+from bench.harness import Processes, all_cpu_s, child_env, cpu_s, percentiles, portable
 from bench.gpu.workload import PromptSet
 
 log = logging.getLogger("bench.gpu")
@@ -113,28 +113,23 @@ def engine_cores() -> dict[int, int]:
     """The running vLLM engine core processes (their title is `VLLM::EngineCore...`): pid to
     the pid of the process that started it (the fleet worker, or offline's driver)."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
-                    stat = (entry / "stat").read_text()
-                    found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
+    for pid, (parent, _) in all_cpu_s().items():
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+                found[pid] = parent
+        except OSError:
+            continue
     return found
 
 
 def cpu_seconds(pids) -> float:
-    """CPU seconds (user + system) the processes have used so far."""
-    import os
-
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) the processes have used so far (the gone ones: none)."""
+    total = 0.0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += cpu_s(pid)
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick
     return total
 
 

@@ -71,7 +71,8 @@ async def alternate(ctx, producer, work: PromptSet) -> dict:
                 py_spy(ctx.out_dir, profile_s)
                 profile_s = 0
         cores = engine_cores()  # the engine core's CPU and its worker's, beside the wall time
-        cpu0, t0 = (cpu_seconds(cores), cpu_seconds(set(cores.values()))), time.perf_counter()
+        workers = set(cores.values())
+        cpu0, t0 = (cpu_seconds(cores), cpu_seconds(workers)), time.perf_counter()
         ids = await producer.submit_many(tasks)
         results, wall_s = await _collect(producer, ids, ctx.run_timeout_s, t0)
         run = summary(wall_s=wall_s, tasks=len(results),
@@ -81,7 +82,7 @@ async def alternate(ctx, producer, work: PromptSet) -> dict:
         run["latency_s"] = percentiles([r.timings.finished - r.timings.enqueued
                                         for r in results if r.timings.finished])
         run["engine_core_cpu_s"] = round(cpu_seconds(cores) - cpu0[0], 1)
-        run["worker_cpu_s"] = round(cpu_seconds(set(cores.values())) - cpu0[1], 1)
+        run["worker_cpu_s"] = round(cpu_seconds(workers) - cpu0[1], 1)
         if kind == "schema":
             run["parsed"] = sum(r.ok for r in results)
             run["constrained_to_end"] = sum("cut by max_tokens" in r.error_message
