@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from agentfleet.ops import localserver
 
@@ -40,21 +39,6 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def ours_on(home: Path, port: int) -> bool:
-    """A server on `port` that keeps this home's data.  Another test's local server may take
-    the default port as soon as ours lets it go (`make test` runs two processes)."""
-    if not port_open(port):
-        return False
-    client = redis.Redis(port=port, socket_timeout=1)
-    try:
-        folder = client.config_get("dir").get("dir")
-    except redis.RedisError:
-        return False  # going away
-    finally:
-        client.close()
-    return folder is not None and Path(folder).resolve() == localserver.data_dir(home).resolve()
-
-
 def wait_for(predicate, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -74,7 +58,7 @@ def alive(pid: int) -> bool:
 
 
 def stopped(home: Path, record: localserver.Record) -> bool:
-    return (not ours_on(home, record.port) and not alive(record.pid)
+    return (not port_open(record.port) and not alive(record.pid)
             and localserver.read_record(localserver.data_dir(home)) is None)
 
 
@@ -149,7 +133,7 @@ def test_sigkill_of_the_keeper_takes_its_server_along(tmp_path):
     server.stdout.readline()
     record = localserver.running(tmp_path)
     os.kill(record.pid, signal.SIGKILL)
-    wait_for(lambda: not ours_on(tmp_path, record.port), 10)  # PR_SET_PDEATHSIG
+    wait_for(lambda: not port_open(record.port), 10)  # PR_SET_PDEATHSIG
     server.terminate()
     server.communicate(timeout=10)
 
