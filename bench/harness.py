@@ -136,15 +136,18 @@ class Child:
 
 def _group_alive(pgid: int) -> bool:
     """True while a live (not zombie) process of group `pgid` remains."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
+    # `with`: an early return otherwise leaves the iterator to the garbage collector,
+    # whose ResourceWarning fails whichever test happens to be running then.
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
     return False
 
 
@@ -417,12 +420,13 @@ def cpu_s(pid: int) -> float:
 def all_cpu_s() -> dict[int, tuple[int, float]]:
     """(parent pid, CPU seconds) of every process on the machine, by pid."""
     found = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = _stat(int(entry.name))
-                found[int(entry.name)] = (int(fields[1]),
-                                          (int(fields[11]) + int(fields[12])) / _TICK)
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    fields = _stat(int(entry.name))
+                    found[int(entry.name)] = (int(fields[1]),
+                                              (int(fields[11]) + int(fields[12])) / _TICK)
     return found
 
 
