@@ -113,6 +113,9 @@ class Producer:
         self._waiters: dict[str, _Waiting] = {}
         self._arrived: dict[str, Result] = {}
         self._listener: asyncio.Task | None = None
+        # Listeners cancelled for a new model, awaited by close(): one dropped unawaited
+        # leaves its reads pending when the loop closes.
+        self._old_listeners: set[asyncio.Task] = set()
         self._last_arrival = 0.0
         self._polling = False
         self._queued: list[tuple[str, tuple, asyncio.Future]] = []  # single submits to write
@@ -145,8 +148,9 @@ class Producer:
             await asyncio.gather(*self._shadows, return_exceptions=True)
         if self._listener is not None:
             self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            self._old_listeners.add(self._listener)
             self._listener = None
+        await asyncio.gather(*self._old_listeners, return_exceptions=True)
         await self.redis.aclose()
 
     # ---- submitting ------------------------------------------------------------------
@@ -614,6 +618,8 @@ class Producer:
             self._listening.add(model)
             if self._listener is not None and not self._listener.done():
                 self._listener.cancel()  # it resumes nowhere: what it read is read again
+                self._old_listeners.add(self._listener)
+                self._listener.add_done_callback(self._old_listeners.discard)
                 self._listener = None
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(
