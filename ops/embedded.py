@@ -366,7 +366,12 @@ class SentinelGroup:
         return f"redis+sentinel://{hosts}/{self.service}"
 
     def start(self) -> str:
-        fast_sync = ["--repl-diskless-sync-delay", "0"]  # either may become the primary
+        # Either may become the primary.  min-replicas-to-write: a primary without a replica in
+        # sync refuses writes (NOREPLICAS, retried by the worker, a BrokerError for a submit),
+        # so an old primary restarted after a failover, a primary again until the Sentinels
+        # demote it, cannot accept a commit that its resync would then drop.
+        fast_sync = ["--repl-diskless-sync-delay", "0",
+                     "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10"]
         primary = ServerProcess(self.data_dir / "primary", binary=self.binary, appendonly=False,
                                 extra_args=fast_sync)
         primary.start()

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
+import redis._parsers.base
 import redis.asyncio as aioredis
 import redis.sentinel
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager
@@ -44,6 +45,16 @@ try:
     import hiredis
 except ImportError:  # the client install: redis-py's own packer
     hiredis = None
+
+
+class NoReplicasError(redis.exceptions.ResponseError):
+    """NOREPLICAS: a primary with `min-replicas-to-write` and too few replicas in sync refuses
+    every write (its replica is down or resyncing, or it is an old primary restarted after a
+    failover, not yet demoted).  A state to wait out, like READONLY: redis-py has no class of
+    its own for it, so the parsers are taught this one."""
+
+
+redis._parsers.base.BaseParser.EXCEPTION_CLASSES.setdefault("NOREPLICAS", NoReplicasError)
 
 
 class _ClosedTransportIsConnectionError:

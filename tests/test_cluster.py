@@ -168,6 +168,44 @@ async def test_a_sentinel_failover_loses_nothing_for_a_waiting_producer_and_a_se
         group.stop()
 
 
+async def test_a_primary_short_of_replicas_refuses_writes_and_the_worker_waits_it_out(
+        tmp_path, settings):
+    """min-replicas-to-write (what the Sentinel group runs with) and no replica in sync: every
+    write is refused with NOREPLICAS.  A submit says so in a BrokerError; the worker's reads,
+    claims and commits wait it out (NoReplicasError is transient) instead of crashing, and
+    serve once a replica is back (here: the setting lifted)."""
+    from agentfleet.ops.embedded import ServerProcess
+    from agentfleet.producer.connection import NoReplicasError
+    from agentfleet.workers.worker import Worker
+
+    server = ServerProcess(tmp_path / "lonely", appendonly=False,
+                           extra_args=["--min-replicas-to-write", "1"])
+    server.start()
+    admin, worker_redis = connect(server.url), connect(server.url)
+    worker = Worker(settings, worker_redis, {"m1": FakeEngine()}, worker_id="w1")
+    run = asyncio.create_task(worker.run(drain_timeout_s=5))
+    producer = Producer(connect(server.url), settings=settings)
+    try:
+        with pytest.raises(NoReplicasError):
+            await admin.set("k", "v")
+        with pytest.raises(BrokerError, match="good replicas"):
+            await producer.submit(model="m1", prompt="refused", idempotency_key="r")
+        await asyncio.sleep(2)  # the worker's loops meet NOREPLICAS meanwhile
+        assert not run.done()
+        await admin.config_set("min-replicas-to-write", 0)
+        await asyncio.wait_for(worker.ready.wait(), 20)
+        result = await producer.wait(await producer.submit(model="m1", prompt="served"),
+                                     timeout_s=20)
+        assert result.ok
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(run, 20)
+        await producer.close()
+        await admin.aclose()
+        await worker_redis.aclose()
+        server.stop()
+
+
 def _sentinel_primary(group):
     try:
         return group.primary()

@@ -74,16 +74,16 @@ class Mover:
             finishing = r.stopping and not r.busy and not r.outbox.items
             try:
                 moved = await self.move_once(0 if finishing else block_ms)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._ensure_group()  # the outbox was deleted (by hand): make it again
-                continue
-            except TRANSIENT as exc:
+            except TRANSIENT as exc:  # first: READONLY and NOREPLICAS are ResponseErrors too
                 log.warning("model %s: moving follow-ups failed (%s); retrying in %.2fs",
                             r.model, exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_group()  # the outbox was deleted (by hand): make it again
                 continue
             backoff_s = 0.05
             if finishing and not moved:

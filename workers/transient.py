@@ -17,14 +17,17 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from agentfleet.producer.connection import NoReplicasError
+
 log = logging.getLogger("agentfleet.worker")
 
 # The server is unreachable or slow: retry with backoff; anything else is a bug or a refusal.
 # A failover looks the same: a cluster without a primary for a slot (CLUSTERDOWN, TRYAGAIN,
 # a slot not covered yet), a demoted primary that refuses writes (READONLY), a promoted replica
-# that lacks a script the client just loaded elsewhere (NOSCRIPT: the next call loads it).
+# that lacks a script the client just loaded elsewhere (NOSCRIPT: the next call loads it), a
+# primary short of in-sync replicas under min-replicas-to-write (NOREPLICAS).
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ClusterError,
-             TryAgainError, SlotNotCoveredError, ReadOnlyError, NoScriptError)
+             TryAgainError, SlotNotCoveredError, ReadOnlyError, NoScriptError, NoReplicasError)
 
 T = TypeVar("T")
 
