@@ -220,6 +220,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     install_event_loop()
     with redis_url(settings) as url:
+        if settings.engine == "vllm":
+            from agentfleet.workers.orphans import start_guardian
+
+            # vLLM's engine processes end with this one even after a SIGKILL (its docstring);
+            # started after the local server, which it leaves alone.
+            start_guardian()
         asyncio.run(run(url))
     return 0
 
