@@ -1,6 +1,6 @@
 """The worker's guardian (workers/orphans.py) without vLLM: a parent SIGKILLed with children
 of three kinds, one that stops on SIGTERM, one that ignores it, and one it had before the
-guardian started (the shared local server's place), which is left alone."""
+guardian started (the shared local server's place), which is left alone with its own child."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import psutil
 PARENT = r"""
 import subprocess, sys, time
 from agentfleet.workers import orphans
-before = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+before = subprocess.Popen([sys.executable, "-c",  # a child of its own later (a server's save)
+    "import subprocess, sys, time; time.sleep(1.5); "
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"])
 guardian = subprocess.Popen([sys.executable, "-c",
     "import os, sys; from agentfleet.workers.orphans import guard; "
-    "sys.exit(guard(os.getppid(), poll_s=0.1, grace_s=1.5))"])
+    "sys.exit(guard(os.getppid(), poll_s=0.1, grace_s=3.0))"])
 time.sleep(0.5)  # the guardian's first look: `before` is exempt
 polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 stubborn = subprocess.Popen([sys.executable, "-c",
@@ -35,27 +37,32 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _wait_gone(pid: int, timeout_s: float) -> float:
-    started = time.monotonic()
+def _wait_gone(pid: int, since: float, timeout_s: float = 15) -> float:
+    """Seconds from `since` until `pid` is gone."""
     while not _gone(pid):
-        assert time.monotonic() - started < timeout_s, f"{pid} still alive"
+        assert time.monotonic() - since < timeout_s, f"{pid} still alive"
         time.sleep(0.05)
-    return time.monotonic() - started
+    return time.monotonic() - since
 
 
 def test_a_killed_parent_s_children_go_and_what_it_had_before_stays():
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     before, guardian, polite, stubborn = map(int, parent.stdout.readline().split())
     try:
-        time.sleep(0.5)  # the guardian has seen both new children
+        while not psutil.Process(before).children():
+            time.sleep(0.05)
+        (before_child,) = psutil.Process(before).children()
+        time.sleep(0.5)  # the guardian has seen the new children
         parent.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
         parent.wait(10)
-        assert _wait_gone(polite, 5) < 1.5  # SIGTERM, at once
-        assert _wait_gone(stubborn, 10) >= 1.0  # SIGKILL, after the grace period
-        _wait_gone(guardian, 5)
-        assert not _gone(before)  # not the guardian's to stop
+        assert _wait_gone(polite, killed) < 3.0  # SIGTERM, at once
+        assert _wait_gone(stubborn, killed) >= 3.0  # SIGKILL, after the grace period
+        _wait_gone(guardian, killed)
+        assert not _gone(before) and not _gone(before_child.pid)  # not the guardian's
     finally:
-        for pid in (before, polite, stubborn, guardian):
+        kids = [] if _gone(before) else [p.pid for p in psutil.Process(before).children()]
+        for pid in [*kids, before, polite, stubborn, guardian]:
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
         if parent.poll() is None:

@@ -24,50 +24,58 @@ POLL_S = 1.0
 GRACE_S = 10.0
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """(parent pid, start time) of every process, by pid: /proc/PID/stat fields 4 and 22.
-    The start time tells a process from a later one that reuses its pid."""
-    found = {}
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # gone meanwhile
-            found[int(entry.name)] = (int(fields[1]), fields[19].decode())
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat, which tells a process from a later one that reuses its
+    pid; None once it is gone (or a zombie: it has ended, its parent has not reaped it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else fields[19].decode()
+
+
+def _children(pid: int) -> list[int]:
+    """`pid`'s children, from each of its threads' /proc children list: the walk costs the
+    size of the worker's tree, not of the host's process table."""
+    found: list[int] = []
+    try:
+        with os.scandir(f"/proc/{pid}/task") as threads:
+            for thread in threads:
+                try:
+                    with open(f"/proc/{pid}/task/{thread.name}/children", "rb") as f:
+                        found += map(int, f.read().split())
+                except OSError:
+                    continue  # the thread ended meanwhile
+    except OSError:
+        pass  # the process ended meanwhile
     return found
 
 
-def descendants(pid: int, processes: dict[int, tuple[int, str]]) -> dict[int, str]:
-    """`pid`'s descendants among `processes`: their start times, by pid."""
-    children: dict[int, list[int]] = {}
-    for p, (ppid, _) in processes.items():
-        children.setdefault(ppid, []).append(p)
-    found, todo = {}, list(children.get(pid, []))
+def descendants(pid: int, skip: set[int] | frozenset[int] = frozenset()) -> dict[int, str]:
+    """`pid`'s live descendants, but for `skip` and theirs: their start times, by pid."""
+    found: dict[int, str] = {}
+    todo = _children(pid)
     while todo:
         p = todo.pop()
-        if p not in found:
-            found[p] = processes[p][1]
-            todo += children.get(p, [])
+        if p not in found and p not in skip and (start := _start_time(p)) is not None:
+            found[p] = start
+            todo += _children(p)
     return found
 
 
 def _alive(known: dict[int, str]) -> dict[int, str]:
-    now = _processes()
-    return {p: start for p, start in known.items() if p in now and now[p][1] == start}
+    return {p: start for p, start in known.items() if _start_time(p) == start}
 
 
 def guard(worker: int, poll_s: float = POLL_S, grace_s: float = GRACE_S) -> int:
     """Watch `worker` (this process's parent) until it is gone, then end what it left."""
     me = os.getpid()
-    exempt = set(descendants(worker, _processes())) - {me}
+    # What the worker had before (and their children: a server's save child) is not ours.
+    exempt = set(descendants(worker, {me})) | {me}
     seen: dict[int, str] = {}
     while os.getppid() == worker:
-        tree = descendants(worker, _processes())
-        seen = {p: start for p, start in tree.items() if p != me and p not in exempt}
+        seen = descendants(worker, exempt)
         time.sleep(poll_s)
     left = _alive(seen)
     if not left:
