@@ -28,7 +28,7 @@ from agentfleet.schemas.settings import Settings
 from agentfleet.schemas.wire import FollowUp, Message, Result, Sampling, Task
 
 QUESTIONS = [
-    "What is the capital of France?",
+    "What is the capital of Japan?",
     "Why is the sky blue?",
     "Name three primary colours.",
     "What does a compiler do?",

@@ -127,10 +127,14 @@ async def producer(fleet):
 TENANTS = ("default", "acme", "globex")
 
 
-def chains(n: int, delay_s: float = 0.0, tag: str = "t") -> list[Task]:
+def chains(n: int, delay_s: float = 0.0, tag: str = "t",
+           second_delay_s: float | None = None) -> list[Task]:
+    """`n` two-step chains; the second step takes `delay_s` too unless `second_delay_s`."""
     meta = {"fake_delay_s": str(delay_s)} if delay_s else {}
+    two = {} if second_delay_s is None else {"fake_delay_s": str(second_delay_s)}
     return [Task(model=MODEL, id=f"{tag}{i}", prompt=f"step one of {tag}{i}", metadata=meta,
-                 idempotency_key=f"{tag}{i}", followups=[FollowUp(prompt="two: {output}")],
+                 idempotency_key=f"{tag}{i}",
+                 followups=[FollowUp(prompt="two: {output}", metadata=two)],
                  tenant=TENANTS[i % len(TENANTS)])
             for i in range(n)]
 
@@ -216,13 +220,15 @@ async def _zero(coro) -> bool:
 @on_cluster_too
 async def test_sigkill_mid_batch_every_task_completes_once(fleet, producer):
     a = fleet.worker("a")
-    roots = await producer.submit_many(chains(60, delay_s=4.0))
+    # Long enough that `a` still holds them once `b` has started on a loaded machine (CI once
+    # took over 4 s); the second steps are quick.
+    roots = await producer.submit_many(chains(60, delay_s=10.0, second_delay_s=0.0))
     await wait_until(lambda: _has_pending(producer.redis, 60))  # a holds every task
     fleet.worker("b")
     await wait_until(lambda: _live_workers(producer.redis, 2))
     a.kill()  # SIGKILL with tasks in its engine
     killed_at = time.time()
-    results = await producer.wait_many(roots, timeout_s=30)
+    results = await producer.wait_many(roots, timeout_s=40)
     assert {r.worker_id for r in results} == {"b"}
     reclaim_s = min(r.timings.read for r in results) - killed_at
     # At most the idle time plus one reclaim window (a quarter of it), with a little slack.

@@ -1,9 +1,10 @@
 """End to end through the real vLLM engine and the real SmolLM2-135M, on the CPU.
 
 One engine serves the whole module (it takes about a minute to start).  The engine runs
-eager: torch.compile costs minutes on a small CPU, and its bf16 kernels round differently
-enough to flip this tiny model's greedy first token for the France question (HF gives
-"The" 0.17 against "L" 0.14).
+eager: torch.compile costs minutes on a small CPU.  The answer checks ask questions whose
+greedy answer is the same in float32 and in bf16 on every CPU kernel we met: on CPUs with
+AMX, vLLM's bf16 kernels flip this tiny model's answer to "What is the capital of France?"
+(HF gives "The" 0.17 against "L" 0.14 for its first token) to "L'Étoile, la Marseillaise".
 """
 
 from __future__ import annotations
@@ -88,12 +89,12 @@ def task(prompt: str | None = None, messages: list[Message] | None = None, **sam
 
 @pytest.mark.timeout(600)
 async def test_chat_message_gets_the_right_answer(engine):
-    question = [Message(role="user", content="What is the capital of France?")]
+    question = [Message(role="user", content="What is the capital of Japan?")]
 
     out = (await run(engine, [("chat", task(messages=question))]))["chat"]
 
     assert out.error_code is None, out.error_message
-    assert "Paris" in out.text
+    assert "Tokyo" in out.text
     assert out.finish_reason in ("stop", "length")
 
 
@@ -117,7 +118,7 @@ async def test_raw_prompt_reports_tokens_and_times(engine):
 @pytest.mark.timeout(600)
 async def test_a_window_tokenizes_in_one_call_as_each_task_would_alone(engine):
     tok = engine._tokenizer
-    question = [Message(role="user", content="What is the capital of France?")]
+    question = [Message(role="user", content="What is the capital of Japan?")]
     chat = tok.apply_chat_template([{"role": "user", "content": question[0].content}],
                                    add_generation_prompt=True, tokenize=False)
 

@@ -7,13 +7,15 @@ and a GPU, invisible to the supervisor that restarts the worker: vLLM's engine c
 watch its parent.  So `agentfleet worker` starts this guardian, a small process of its own:
 it notes the worker's descendants every second, and once the worker is gone (the guardian is
 reparented) it sends SIGTERM to those still alive (vLLM's engine core shuts down on it), then
-SIGKILL to any left after a grace period.  Descendants the worker had before the guardian
-started (the local server `agentfleet worker` may start without REDIS_URL, which others share)
-are left alone.  Run as `python -m agentfleet.workers.orphans WORKER_PID`.
+SIGKILL to any left after a grace period.  Descendants the worker had when it started the
+guardian (the local server `agentfleet worker` may start without REDIS_URL, which others
+share) are left alone, with their own children.  `start_guardian()` starts it; by hand:
+`python -m agentfleet.workers.orphans WORKER_PID --exempt PID,PID`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -68,12 +70,13 @@ def _alive(known: dict[int, str]) -> dict[int, str]:
     return {p: start for p, start in known.items() if _start_time(p) == start}
 
 
-def guard(worker: int, poll_s: float = POLL_S, grace_s: float = GRACE_S) -> int:
-    """Watch `worker` (this process's parent) until it is gone, then end what it left."""
-    me = os.getpid()
-    # What the worker had before (and their children: a server's save child) is not ours.
-    exempt = set(descendants(worker, {me})) | {me}
-    seen: dict[int, str] = {}
+def guard(worker: int, exempt: set[int] | frozenset[int] = frozenset(),
+          poll_s: float = POLL_S, grace_s: float = GRACE_S) -> int:
+    """Watch `worker` (this process's parent) until it is gone, then end what it left, but
+    for `exempt` and their descendants.  Prints "ready" once it watches."""
+    exempt = {*exempt, os.getpid()}
+    seen = descendants(worker, exempt)
+    print("ready", flush=True)
     while os.getppid() == worker:
         seen = descendants(worker, exempt)
         time.sleep(poll_s)
@@ -102,19 +105,33 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 _started: list[subprocess.Popen] = []  # held: a collected Popen warns that it still runs
 
 
-def start_guardian() -> subprocess.Popen:
-    """The guardian of this process (see the module's docstring), started now: what this
-    process has started so far is not its business."""
-    guardian = subprocess.Popen([sys.executable, "-m", "agentfleet.workers.orphans",
-                                 str(os.getpid())], stdin=subprocess.DEVNULL)
+def start_guardian(poll_s: float = POLL_S, grace_s: float = GRACE_S) -> subprocess.Popen:
+    """The guardian of this process (see the module's docstring), watching when this returns.
+    What this process has started so far is not its business: that is decided here, not by
+    the guardian once it has started (by then this process may have started more)."""
+    exempt = ",".join(map(str, descendants(os.getpid())))
+    guardian = subprocess.Popen(
+        [sys.executable, "-m", "agentfleet.workers.orphans", str(os.getpid()),
+         f"--exempt={exempt}", f"--poll-s={poll_s}", f"--grace-s={grace_s}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     _started.append(guardian)
+    with guardian.stdout:  # type: ignore[union-attr]
+        if guardian.stdout.readline() != b"ready\n":  # type: ignore[union-attr]
+            raise RuntimeError(f"the worker's guardian did not start (exit {guardian.wait()})")
     return guardian
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m agentfleet.workers.orphans")
+    parser.add_argument("worker", type=int)
+    parser.add_argument("--exempt", default="", help="comma-separated pids left alone")
+    parser.add_argument("--poll-s", type=float, default=POLL_S)
+    parser.add_argument("--grace-s", type=float, default=GRACE_S)
+    args = parser.parse_args()
     # Ctrl-C reaches the whole foreground group: the guardian outlives it to do its job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return guard(int(sys.argv[1]))
+    exempt = {int(p) for p in args.exempt.split(",") if p}
+    return guard(args.worker, exempt, poll_s=args.poll_s, grace_s=args.grace_s)
 
 
 if __name__ == "__main__":
