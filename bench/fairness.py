@@ -12,8 +12,8 @@ measurements, each on a fresh server:
            waited for a slot, in Redis and in the worker); A's throughput is its results
            per second in the same window.  Then A alone, for the engine's capacity.
   weights  three backlogged tenants with weights 1:2:5 (tenants registry) and prompts of
-           different lengths; each tenant's share of the tokens (prompt + output) that
-           finished in the window.
+           different lengths, queued before the worker starts; each tenant's share of the
+           tokens (prompt + output) that finished in the window.
   layer    the queue layer's throughput with 8 tenants against one, fairness on, on an
            engine of many slots that answers at once (the admission queue on the hot path).
 
@@ -158,7 +158,10 @@ async def weighted(report: Report, url: str, per_tenant: int, window_s: float,
         registry = TenantRegistry(p.redis)
         for tenant, weight in WEIGHTS.items():
             await registry.set(tenant, TenantConfig(weight=weight), who="bench.fairness")
-        await asyncio.sleep(1.5)  # the worker follows the registry within a second
+        # All three backlogs are queued before the worker starts: the shares of steady
+        # state.  (Queued one after the other into a running worker, the first tenant
+        # fills the read-ahead, max_inflight, before the others come, and runs ahead until
+        # that drains: seconds on a loaded machine, longer than a quick run's ramp.)
         ids: dict[str, list[str]] = {}
         for tenant in WEIGHTS:
             words = " ".join(["word"] * PROMPT_WORDS[tenant])
@@ -166,6 +169,9 @@ async def weighted(report: Report, url: str, per_tenant: int, window_s: float,
                 [Task(model=MODEL, tenant=tenant, prompt=f"{words} {i}",
                       sampling=Sampling(max_tokens=8), metadata=_meta(delay_s, rng))
                  for i in range(per_tenant)])
+        report("queued", {})
+        while not any([await p.get_results(t[:64], MODEL) for t in ids.values()]):
+            await asyncio.sleep(0.1)  # the worker is starting
         await asyncio.sleep(2.0)  # past the start: every tenant backlogged in the worker
         wall0 = time.time()
         await asyncio.sleep(window_s)
@@ -238,11 +244,12 @@ def measure_flood(procs: Processes, args) -> dict:
 def measure_weights(procs: Processes, args) -> dict:
     with harness.server("valkey", procs) as srv:
         with procs.scope():
+            tenants = procs.spawn(weighted, srv.url, args.per_tenant, args.share_window_s,
+                                  args.delay_ms / 1000)
+            procs.expect(tenants, "queued", 300)
             procs.expect(procs.spawn(worker, srv.url, args.slots, args.delay_ms / 1000, {},
                                      serving=True), "ready", 60)
-            got = procs.expect(procs.spawn(weighted, srv.url, args.per_tenant,
-                                           args.share_window_s, args.delay_ms / 1000), "done",
-                               args.share_window_s + 300)
+            got = procs.expect(tenants, "done", args.share_window_s + 300)
     total = sum(got["tokens"].values()) or 1
     return {"tokens": got["tokens"],
             "shares": {t: round(v / total, 4) for t, v in got["tokens"].items()}}

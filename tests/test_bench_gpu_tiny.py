@@ -325,5 +325,11 @@ def test_tiny_affinity_phase_on_the_cpu(tmp_path):
     with_affinity = rows[0]
     assert with_affinity["ok"] == with_affinity["tasks"] == 8 * 4, with_affinity
     assert with_affinity["engine_counters"]["prefix_cache_queries"] > 0
-    assert with_affinity["affinity"]["hits"] >= 32 and with_affinity["bulk"]["ok"] == 16
+    # The 8 warm-up and 32 chain tasks, each read from a partition: by its owner (a hit),
+    # or by the other worker once it waited affinity_steal_after_ms (on a loaded machine
+    # the busier CPU engine's partitions are stolen from: 12 of 40 once in CI).
+    counts = with_affinity["affinity"]
+    read = counts["hits"] + counts["steals"] + counts["misses"]
+    assert read >= 40 and counts["hits"] >= read / 2, counts
+    assert with_affinity["bulk"]["ok"] == 16
     assert len(with_affinity["tasks_per_worker"]) == 2

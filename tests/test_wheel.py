@@ -17,6 +17,7 @@ resolution from scratch.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -124,12 +126,17 @@ def requirements(wheel: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def venvs(wheel, request, tmp_path_factory) -> dict[str, Path]:
+def venvs(wheel, request, tmp_path_factory) -> Iterator[dict[str, Path]]:
     """One venv per redis-py range, the wheel installed in each (cached, see above)."""
     cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
     base = cache.mkdir("client-venvs") if cache else tmp_path_factory.mktemp("client-venvs")
     reqs = requirements(wheel)
     made = {}
+    # Under `pytest -n 2` both workers may run this module's tests at once: the venvs are
+    # one worker's until its tests of this module end (two building at once broke each
+    # other's pip; a reinstall under the other's running test would too).
+    lock = (base / "lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     for name, redis_range in REDIS_RANGES.items():
         key = hashlib.sha256(json.dumps([sys.version, redis_range, reqs]).encode()).hexdigest()
         venv = base / f"{name}-{key[:12]}"
@@ -144,7 +151,11 @@ def venvs(wheel, request, tmp_path_factory) -> dict[str, Path]:
         else:  # the requirements are the cached venv's: only the code is new
             run(python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", wheel)
         made[name] = venv
-    return made
+    try:
+        yield made
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
 
 
 def inspect(python: Path | str, env: dict | None = None) -> dict:
