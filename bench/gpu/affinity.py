@@ -225,7 +225,10 @@ async def run_serve_chains(ctx: Context, procs: Processes, cfg: EngineConfig,
     group = [ServeProcess(_on_gpu(ctx, i) if servers > 1 else ctx, procs, cfg)
              for i in range(servers)]
     try:
-        start_s = max(await asyncio.gather(*(server.start() for server in group)))
+        if ctx.gpus and servers > ctx.gpus:  # sharing a GPU: one after the other (fleet_path)
+            start_s = sum([await server.start() for server in group])
+        else:
+            start_s = max(await asyncio.gather(*(server.start() for server in group)))
         turn = itertools.cycle(group)
         limit = asyncio.Semaphore(clients)
         timeout = aiohttp.ClientTimeout(total=ctx.run_timeout_s)
@@ -302,7 +305,7 @@ def _on_gpu(ctx: Context, gpu: int) -> Context:
     """A copy of `ctx` whose children see one GPU (CUDA_VISIBLE_DEVICES), as the fleet's
     workers do (bench/gpu/fleet_path.py)."""
     mine = copy.copy(ctx)
-    mine.env = lambda **extra: ctx.env(**{"CUDA_VISIBLE_DEVICES": str(gpu), **extra})
+    mine.env = lambda **extra: ctx.env(**{"CUDA_VISIBLE_DEVICES": ctx.gpu(gpu), **extra})
     return mine
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -71,6 +72,13 @@ class Context:
         self.run_timeout_s = run_timeout_s
         self.python = sys.executable
         self.log: IO = open(out_dir / "engines.log", "a", buffering=1)
+        self.gpus = _visible_gpus()
+
+    def gpu(self, i: int) -> str:
+        """The GPU of a run's i-th engine (CUDA_VISIBLE_DEVICES): its own where there are
+        enough, else they take turns (two engines at 0.45 of one GPU's memory fit on one:
+        the cache of each is then that of one GPU's engine, its compute shared)."""
+        return str(i % self.gpus if self.gpus else i)
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a child: ours, the repository on PYTHONPATH, offline Hub."""
@@ -83,6 +91,15 @@ class Context:
 
     def banner(self, text: str) -> None:
         self.log.write(f"\n===== {time.strftime('%H:%M:%S')} {text} =====\n")
+
+
+def _visible_gpus() -> int:
+    """NVIDIA GPUs on this machine (`nvidia-smi -L`); 0 where there are none."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
 async def paced(rate_per_s: float, start_s: float, send: Callable[[int], Awaitable],

@@ -28,7 +28,8 @@ _run_seq = 0
 
 
 class FleetWorkers:
-    """`count` worker processes (one GPU each when count > 1) on one model's stream."""
+    """`count` worker processes (one GPU each when count > 1 and there are enough, else
+    taking turns: Context.gpu) on one model's stream."""
 
     def __init__(self, ctx: Context, procs: Processes, env: dict[str, str], count: int,
                  stats_root: Path):
@@ -41,26 +42,38 @@ class FleetWorkers:
         self.snapshots = 0
 
     def start(self) -> None:
-        for i, stats_dir in enumerate(self.stats_dirs):
+        """The first engine on each GPU; wait_ready starts those that share one."""
+        self._launch(range(min(self.count, self.ctx.gpus or self.count)))
+
+    def _launch(self, which: range) -> None:
+        for i in which:
+            stats_dir = self.stats_dirs[i]
             stats_dir.mkdir(parents=True, exist_ok=True)
             env = dict(self.env)
             if self.count > 1:
-                env["CUDA_VISIBLE_DEVICES"] = str(i)
+                env["CUDA_VISIBLE_DEVICES"] = self.ctx.gpu(i)
             argv = [self.ctx.python, "-m", "bench.gpu.fleet_worker", "--stats-dir",
                     str(stats_dir), "--sample-ms", str(self.ctx.sample_ms)]
             self.children.append(self.procs.command(argv, name=f"fleet worker {i}", env=env,
                                                     log=self.ctx.log))
 
     async def wait_ready(self, redis) -> float:
-        """Until every worker heartbeats (its engine has started)."""
+        """Until every worker heartbeats (its engine has started).  Where engines share a
+        GPU (fewer GPUs than workers) each round starts once the one before is up: vLLM
+        sizes its KV cache from the GPU's free memory, which another engine starting at the
+        same time would be taking."""
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.ctx.start_timeout_s
         while time.monotonic() < deadline:
-            if await redis.hlen(keys.workers_key(MODEL_NAME)) >= self.count:
-                return time.perf_counter() - t0
+            started = len(self.children)
+            if await redis.hlen(keys.workers_key(MODEL_NAME)) >= started:
+                if started >= self.count:
+                    return time.perf_counter() - t0
+                self._launch(range(started, min(self.count, started + self.ctx.gpus)))
+                deadline = time.monotonic() + self.ctx.start_timeout_s
             await asyncio.sleep(0.5)
         raise RuntimeError(f"fleet workers not ready within {self.ctx.start_timeout_s:.0f} s:\n"
-                           f"{self.children[0].tail()}")
+                           f"{self.children[-1].tail()}")
 
     async def snapshot(self) -> list[dict]:
         """SIGUSR1 to each worker; their counters once written."""
