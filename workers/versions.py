@@ -133,6 +133,10 @@ class Versions:
     async def follow(self, every_s: float = 1.0) -> None:
         """Reconcile with the registry when it changes; report the runners' load."""
         w = self.worker
+        # The first report at once: with affinity on, the other workers count this one live
+        # from its report (worker._serving), and a report a second late let one of them
+        # take this worker's partitions for that second (tests/test_affinity.py).
+        await self._report_load()
         while not w.draining:
             await asyncio.sleep(every_s)
             try:
