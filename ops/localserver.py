@@ -196,6 +196,7 @@ def _last_line(folder: Path) -> str:
 
 def _leave(users: int, folder: Path) -> None:
     """Stop using the server; the last user stops it rather than wait for the keeper."""
+    before = read_record(folder)
     fcntl.flock(users, fcntl.LOCK_UN)
     try:
         fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -206,9 +207,15 @@ def _leave(users: int, folder: Path) -> None:
         while time.monotonic() < deadline:
             try:
                 fcntl.flock(users, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
             except BlockingIOError:
                 time.sleep(0.02)
+                continue
+            if before is not None and read_record(folder) is None:
+                # The keeper stopped it and let go of the lock: its process is on its way
+                # out (a loaded machine took it a while after the lock: the test saw it).
+                while _alive(before.pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            return
         return
     record = read_record(folder)
     if record is not None and _alive(record.pid):
@@ -233,7 +240,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped by its parent) is gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # ---- the keeper -----------------------------------------------------------------------------
