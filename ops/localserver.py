@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 
 from agentfleet.ops.embedded import ServerProcess, port_free, valkey_binary
 from agentfleet.schemas.errors import FatalConfigError
+from agentfleet.workers.orphans import start_time
 
 log = logging.getLogger("agentfleet.localserver")
 
@@ -240,10 +241,8 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie (exited, not yet reaped by its parent) is gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    # a zombie (exited, not yet reaped by its parent) is gone; without /proc, alive
+    return start_time(pid) is not None or not os.path.isdir("/proc")
 
 
 # ---- the keeper -----------------------------------------------------------------------------

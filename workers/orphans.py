@@ -26,7 +26,7 @@ POLL_S = 1.0
 GRACE_S = 10.0
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """Field 22 of /proc/PID/stat, which tells a process from a later one that reuses its
     pid; None once it is gone (or a zombie: it has ended, its parent has not reaped it)."""
     try:
@@ -60,14 +60,14 @@ def descendants(pid: int, skip: set[int] | frozenset[int] = frozenset()) -> dict
     todo = _children(pid)
     while todo:
         p = todo.pop()
-        if p not in found and p not in skip and (start := _start_time(p)) is not None:
+        if p not in found and p not in skip and (start := start_time(p)) is not None:
             found[p] = start
             todo += _children(p)
     return found
 
 
 def _alive(known: dict[int, str]) -> dict[int, str]:
-    return {p: start for p, start in known.items() if _start_time(p) == start}
+    return {p: start for p, start in known.items() if start_time(p) == start}
 
 
 def guard(worker: int, exempt: set[int] | frozenset[int] = frozenset(),
