@@ -315,11 +315,15 @@ async def test_a_newcomer_is_not_held_for_a_wave_of_a_flood_that_filled_the_read
     await asyncio.sleep(1.0)  # mid-wave
     ids = await producer.submit_many([Task(model="m1", prompt=f"b{i}", tenant="steady")
                                       for i in range(3)])
-    waits = [r.timings.engine_start - r.timings.enqueued
-             for r in await producer.wait_many(ids, timeout_s=10)]
-    # Alone 0.01 to 0.14 s, 0.31 s with the suite's other process on the same 2 cores.
-    assert max(waits) < 0.6, waits  # the rest of this wave: about 1 s
-    assert all(r.ok for r in await producer.wait_many(flood, timeout_s=30))
+    newcomers = await producer.wait_many(ids, timeout_s=10)
+    floods = await producer.wait_many(flood, timeout_s=30)
+    assert all(r.ok for r in floods + newcomers)
+    # Judged against the wave itself, not a clock: alone B waits 0.01 to 0.14 s, but CI's
+    # loaded cores once took 0.74 s, still well inside the wave's remaining second.
+    enqueued = min(r.timings.enqueued for r in newcomers)
+    wave_end = min(r.timings.finished for r in floods if r.timings.engine_start < enqueued)
+    starts = [r.timings.engine_start for r in newcomers]
+    assert max(starts) < wave_end, (starts, wave_end)
 
 
 @pytest.mark.cluster_too
